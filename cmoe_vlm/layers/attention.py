@@ -1,0 +1,122 @@
+"""Causal self-attention: RoPE, GQA, document masking, a KV cache, optional joint decoding.
+
+Joint decoding (spec §5): the layer also receives the token's concept c̄ and adds projections of
+it to its own queries, keys and values:  Q = z W_q + norm(c̄) W_q^c  (same for K, V).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .norm import RMSNorm
+from .rope import apply_rope, rope_angles
+
+
+class KVCache:
+    """Keys/values of one attention layer for a batch, with a separate length per row.
+
+    Stored as (B, capacity, H_kv, Dh); grows by doubling. Rows are written at their own length,
+    so a batch whose rows advance at different rates (the concept model, where only rows that hit a
+    boundary take a step) shares one cache.
+    """
+
+    def __init__(self, batch_size: int, num_kv_heads: int, head_dim: int, device, dtype, capacity: int = 256):
+        self.k = torch.zeros(batch_size, capacity, num_kv_heads, head_dim, device=device, dtype=dtype)
+        self.v = torch.zeros_like(self.k)
+        self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
+
+    def _grow(self, needed: int) -> None:
+        cap = self.k.shape[1]
+        if needed <= cap:
+            return
+        new_cap = max(needed, 2 * cap)
+        pad = (0, 0, 0, 0, 0, new_cap - cap)
+        self.k = F.pad(self.k, pad)
+        self.v = F.pad(self.v, pad)
+
+    def append(self, rows: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Write k, v (b, S, H, Dh) for `rows` (b,) at their current lengths (lengths do not advance:
+        call `advance`). Returns the rows' keys and values up to their new ends, (b, L, H, Dh), and
+        the rows' start offsets (b,)."""
+        start = self.lengths[rows]  # (b,)
+        S = k.shape[1]
+        self._grow(int(start.max()) + S)
+        pos = start[:, None] + torch.arange(S, device=k.device)  # (b, S)
+        self.k[rows[:, None], pos] = k.to(self.k.dtype)
+        self.v[rows[:, None], pos] = v.to(self.v.dtype)
+        end = int(start.max()) + S
+        return self.k[rows, :end], self.v[rows, :end], start
+
+    def advance(self, rows: torch.Tensor, n: torch.Tensor | int) -> None:
+        self.lengths[rows] += n
+
+    def bytes(self) -> int:
+        """Bytes held by the valid entries of all rows."""
+        per_entry = self.k.shape[2] * self.k.shape[3] * self.k.element_size() * 2
+        return int(self.lengths.sum()) * per_entry
+
+
+def document_causal_mask(doc_ids: torch.Tensor) -> torch.Tensor | None:
+    """doc_ids (B, T), padding -1 -> bool mask (B, 1, T, T), True = may attend; None when plain
+    causal attention is exact (every row holds one document followed only by padding)."""
+    if int(doc_ids.max()) <= 0:
+        return None
+    T = doc_ids.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=doc_ids.device).tril()
+    same_doc = doc_ids[:, :, None] == doc_ids[:, None, :]
+    return (same_doc & causal)[:, None]
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, num_heads: int, num_kv_heads: int, rope_theta: float, joint: bool = False):
+        super().__init__()
+        self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
+        self.head_dim = dim // num_heads
+        self.rope_theta = rope_theta
+        q_dim, kv_dim = num_heads * self.head_dim, num_kv_heads * self.head_dim
+        self.split = (q_dim, kv_dim, kv_dim)
+        self.qkv = nn.Linear(dim, q_dim + 2 * kv_dim, bias=False)
+        self.out = nn.Linear(q_dim, dim, bias=False)
+        # Joint decoding: W_q^c, W_k^c, W_v^c shaped like the layer's own, on the pre-normed concept.
+        self.concept_norm = RMSNorm(dim) if joint else None
+        self.concept_qkv = nn.Linear(dim, q_dim + 2 * kv_dim, bias=False) if joint else None
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        concept: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        rows: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """x (B, T, dim), positions (B, T); mask (B, 1, T, T) bool or None for causal;
+        concept (B, T, dim) for joint decoding. With a cache, x holds the next T tokens of `rows`
+        (default all rows) and attends to the cached prefix (one document per row)."""
+        B, T, _ = x.shape
+        qkv = self.qkv(x)
+        if self.concept_qkv is not None:
+            if concept is None:
+                raise ValueError("joint-decoding attention layer needs the token's concept")
+            qkv = qkv + self.concept_qkv(self.concept_norm(concept))
+        q, k, v = qkv.split(self.split, dim=-1)
+        q = q.view(B, T, self.num_heads, self.head_dim)
+        k = k.view(B, T, self.num_kv_heads, self.head_dim)
+        v = v.view(B, T, self.num_kv_heads, self.head_dim)
+        cos, sin = rope_angles(positions, self.head_dim, self.rope_theta)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+
+        is_causal = mask is None
+        if cache is not None:
+            rows = torch.arange(B, device=x.device) if rows is None else rows
+            k, v, start = cache.append(rows, k, v)  # (B, L, H_kv, Dh)
+            L = k.shape[1]
+            q_pos = start[:, None] + torch.arange(T, device=x.device)  # (B, T) index in cache
+            mask = (torch.arange(L, device=x.device)[None, None, :] <= q_pos[:, :, None])[:, None]
+            is_causal = False
+        y = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+            attn_mask=mask, is_causal=is_causal, enable_gqa=self.num_kv_heads != self.num_heads,
+        )  # (B, H, T, Dh)
+        return self.out(y.transpose(1, 2).reshape(B, T, -1))

@@ -1,0 +1,114 @@
+"""Mixture-of-experts feed-forward: SwiGLU experts, top-k softmax router, dropless dispatch.
+
+Dispatch sorts the N·k (token, expert) assignments by expert so each expert's tokens are one
+contiguous slice, runs the experts on their slices (a loop of matmuls over experts, or one
+`torch._grouped_mm` call), and adds the weighted results back with `index_add_`. No token is
+dropped and there is no Python loop over tokens.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import check
+
+
+@dataclass
+class MoEConfig:
+    num_experts: int = 8
+    top_k: int = 2
+    expert_hidden: int = 256          # SwiGLU hidden width of one expert
+    shared_expert_hidden: int = 0     # 0 = no shared expert; else an always-on SwiGLU of this width
+    norm_topk_prob: bool = True       # renormalise the k selected router probabilities to sum to 1
+    impl: Literal["auto", "loop", "grouped"] = "auto"  # auto: grouped_mm on CUDA, loop on CPU
+
+    def __post_init__(self):
+        check(self.num_experts >= 1, "num_experts", self.num_experts, "must be >= 1")
+        check(1 <= self.top_k <= self.num_experts, "top_k", self.top_k,
+              f"must be between 1 and num_experts={self.num_experts}")
+        check(self.expert_hidden >= 1, "expert_hidden", self.expert_hidden, "must be >= 1")
+        check(self.shared_expert_hidden >= 0, "shared_expert_hidden", self.shared_expert_hidden, "must be >= 0")
+
+
+@dataclass
+class MoEStats:
+    """What one MoE layer reports for a forward pass."""
+    lb_loss: torch.Tensor         # () load-balance loss, minimum 1 at uniform routing
+    tokens_per_expert: torch.Tensor  # (E,) assignments per expert
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.w13 = nn.Linear(dim, 2 * hidden, bias=False)
+        self.w2 = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.w13(x).chunk(2, dim=-1)
+        return self.w2(F.silu(gate) * up)
+
+
+class Experts(nn.Module):
+    """E SwiGLU experts with stacked weights, applied to expert-sorted tokens."""
+
+    def __init__(self, num_experts: int, dim: int, hidden: int, impl: str = "auto"):
+        super().__init__()
+        self.impl = impl
+        self.w13 = nn.Parameter(torch.empty(num_experts, dim, 2 * hidden))
+        self.w2 = nn.Parameter(torch.empty(num_experts, hidden, dim))
+        nn.init.normal_(self.w13, std=dim ** -0.5)
+        nn.init.normal_(self.w2, std=hidden ** -0.5)
+
+    def forward(self, x_sorted: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
+        """x_sorted (M, dim) grouped by expert, tokens_per_expert (E,) -> (M, dim)."""
+        impl = self.impl
+        if impl == "auto":
+            impl = "grouped" if x_sorted.is_cuda and hasattr(torch, "_grouped_mm") else "loop"
+        if impl == "grouped":
+            offs = tokens_per_expert.cumsum(0).to(torch.int32)
+            h = torch._grouped_mm(x_sorted, self.w13.to(x_sorted.dtype), offs=offs)
+            gate, up = h.chunk(2, dim=-1)
+            return torch._grouped_mm((F.silu(gate) * up).contiguous(), self.w2.to(x_sorted.dtype), offs=offs)
+        outs = []
+        for e, x_e in enumerate(x_sorted.split(tokens_per_expert.tolist())):
+            gate, up = (x_e @ self.w13[e]).chunk(2, dim=-1)
+            outs.append((F.silu(gate) * up) @ self.w2[e])
+        return torch.cat(outs)
+
+
+class MoE(nn.Module):
+    def __init__(self, dim: int, cfg: MoEConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.router = nn.Linear(dim, cfg.num_experts, bias=False)
+        self.experts = Experts(cfg.num_experts, dim, cfg.expert_hidden, cfg.impl)
+        self.shared = SwiGLU(dim, cfg.shared_expert_hidden) if cfg.shared_expert_hidden else None
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, MoEStats]:
+        """x (..., dim) -> (..., dim), stats."""
+        shape = x.shape
+        x_ND = x.reshape(-1, shape[-1])
+        N, E, K = x_ND.shape[0], self.cfg.num_experts, self.cfg.top_k
+        probs_NE = self.router(x_ND).float().softmax(-1)
+        weights_NK, experts_NK = probs_NE.topk(K, dim=-1)
+        if self.cfg.norm_topk_prob:
+            weights_NK = weights_NK / weights_NK.sum(-1, keepdim=True)
+
+        experts_M = experts_NK.reshape(-1)  # M = N*K assignments
+        order_M = experts_M.argsort(stable=True)
+        token_M = order_M // K
+        tokens_per_expert = torch.bincount(experts_M, minlength=E)
+        y_M = self.experts(x_ND[token_M], tokens_per_expert)
+        y_M = y_M * weights_NK.reshape(-1)[order_M, None].to(y_M.dtype)
+        out_ND = torch.zeros_like(x_ND).index_add_(0, token_M, y_M.to(x_ND.dtype))
+        if self.shared is not None:
+            out_ND = out_ND + self.shared(x_ND)
+
+        # Switch-style balance loss: E · Σ_e (fraction of assignments to e) · (mean prob of e).
+        frac_E = tokens_per_expert.float() / max(N * K, 1)
+        lb_loss = E * (frac_E * probs_NE.mean(0)).sum() if N > 0 else probs_NE.sum() * 0
+        return out_ND.view(shape), MoEStats(lb_loss, tokens_per_expert.detach())

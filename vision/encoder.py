@@ -1,0 +1,177 @@
+"""ViT image encoder built through timm: images in, patch tokens out (prefix tokens dropped).
+
+Any timm ViT-like model (one with a `patch_embed` and `num_prefix_tokens`: vit_*, deit, eva,
+beit, ...) is built with `pretrained=False` and optional size overrides, so the tiny CPU config
+is the same code as a real checkpoint. Weights only ever come from a local file: there is no
+network. Output tokens keep raster order (row by row, left to right), which is the order the LM
+sees them in and the order the 2d image chunking relies on.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import timm
+import torch
+from torch import nn
+
+from cmoe_vlm.config import ConfigError, check, dataclass
+
+
+@dataclass
+class VisionConfig:
+    model_name: str = "vit_tiny_patch16_224"  # any timm ViT-like name
+    # Architecture overrides; None keeps the timm default of `model_name`.
+    img_size: int | None = None
+    patch_size: int | None = None
+    embed_dim: int | None = None
+    depth: int | None = None
+    num_heads: int | None = None
+    dynamic_img_size: bool = False  # accept any input size divisible by the patch size
+    drop_path_rate: float = 0.0
+    # Weights: pretrained=True loads `checkpoint_path` (.safetensors/.pt/.pth); never downloads.
+    pretrained: bool = False
+    checkpoint_path: str | None = None
+    freeze: bool = False  # no gradients, and the ViT stays in eval mode under .train()
+    # Preprocessing (see vision/transforms.py).
+    crop_pct: float | None = None  # None = the model's data config (e.g. 0.9); 1.0 = no crop
+    augment: bool = False  # mild train-time augmentation: random resized crop, no flip, no colour jitter
+
+    def __post_init__(self) -> None:
+        check(bool(self.model_name), "model_name", self.model_name, "must name a timm ViT, e.g. vit_tiny_patch16_224")
+        for name in ("img_size", "patch_size", "embed_dim", "depth", "num_heads"):
+            value = getattr(self, name)
+            check(value is None or value > 0, name, value, "must be > 0, or null for the timm default")
+        if self.img_size is not None and self.patch_size is not None:
+            check(self.img_size % self.patch_size == 0, "img_size", self.img_size,
+                  f"must be a multiple of patch_size={self.patch_size}")
+        if self.embed_dim is not None and self.num_heads is not None:
+            check(self.embed_dim % self.num_heads == 0, "embed_dim", self.embed_dim,
+                  f"must be a multiple of num_heads={self.num_heads}")
+        check(0.0 <= self.drop_path_rate < 1.0, "drop_path_rate", self.drop_path_rate, "must be in [0, 1)")
+        check(not self.pretrained or self.checkpoint_path is not None, "pretrained", self.pretrained,
+              "needs checkpoint_path (a local .safetensors/.pt/.pth file): there is no network to download from")
+        check(self.checkpoint_path is None or self.pretrained, "checkpoint_path", self.checkpoint_path,
+              "is only loaded with pretrained: true (set it, or remove checkpoint_path)")
+        check(self.crop_pct is None or 0.0 < self.crop_pct <= 1.0, "crop_pct", self.crop_pct, "must be in (0, 1], or null")
+
+    def timm_kwargs(self) -> dict:
+        """Keyword arguments for `timm.create_model`: the overrides that are set."""
+        kwargs = {k: getattr(self, k) for k in ("img_size", "patch_size", "embed_dim", "depth", "num_heads")}
+        kwargs = {k: v for k, v in kwargs.items() if v is not None}
+        if self.dynamic_img_size:
+            kwargs["dynamic_img_size"] = True
+        return dict(kwargs, drop_path_rate=self.drop_path_rate)
+
+
+def create_vit(cfg: VisionConfig) -> nn.Module:
+    """The timm model, randomly initialised, with no classifier head; checked to be ViT-like."""
+    if not timm.is_model(cfg.model_name.split(".")[0]):  # a ".tag" suffix names pretrained weights
+        raise ConfigError(f"model_name = {cfg.model_name!r}: not a timm model (see timm.list_models('vit_*'))")
+    vit = timm.create_model(cfg.model_name, pretrained=False, num_classes=0, **cfg.timm_kwargs())
+    patch_embed = getattr(vit, "patch_embed", None)
+    if patch_embed is None or getattr(patch_embed, "grid_size", None) is None or not hasattr(vit, "num_prefix_tokens"):
+        raise ConfigError(
+            f"model_name = {cfg.model_name!r}: not a ViT-like timm model (needs patch_embed.grid_size and "
+            f"num_prefix_tokens, and forward_features returning (N, tokens, D)); got {type(vit).__name__}"
+        )
+    return vit
+
+
+def patch_grid(cfg: VisionConfig) -> tuple[int, int]:
+    """(rows, cols) of patch tokens at the configured image size, without allocating weights."""
+    with torch.device("meta"):
+        vit = create_vit(cfg)
+    return tuple(vit.patch_embed.grid_size)
+
+
+def load_weights(vit: nn.Module, path: str) -> None:
+    """Load a local timm-format checkpoint into `vit`; any key or shape mismatch is a ConfigError.
+
+    The model family's own `checkpoint_filter_fn` runs first (as in timm's pretrained loading), so a
+    real 224-px checkpoint loads into a model with overridden img_size/patch_size (position and
+    patch embeddings are resampled). Classifier-head weights are dropped: the encoder has no head.
+    """
+    if not Path(path).is_file():
+        raise ConfigError(f"checkpoint_path = {path!r}: no such file")
+    state = timm.models.load_state_dict(path)
+    filter_fn = getattr(sys.modules[type(vit).__module__], "checkpoint_filter_fn", None)
+    if filter_fn is not None:
+        state = filter_fn(state, vit)
+    heads = vit.pretrained_cfg.get("classifier") or ()
+    heads = (heads,) if isinstance(heads, str) else tuple(heads)
+    state = {k: v for k, v in state.items() if not any(k == h or k.startswith(h + ".") for h in heads)}
+
+    own = vit.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = [f"{k}: {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+              for k in sorted(set(own) & set(state)) if state[k].shape != own[k].shape]
+    if missing or unexpected or shapes:
+        problems = [f"{label} ({len(keys)}): {', '.join(keys[:5])}{' ...' if len(keys) > 5 else ''}"
+                    for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shapes))
+                    if keys]
+        raise ConfigError(f"checkpoint_path = {path!r}: does not match {type(vit).__name__} "
+                          f"as configured; {'; '.join(problems)}")
+    vit.load_state_dict(state)
+
+
+class VisionEncoder(nn.Module):
+    """images (N, 3, H, W) -> patch tokens (N, P, D_vit), P = rows * cols in raster order."""
+
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.vit = create_vit(cfg)
+        if cfg.pretrained:
+            load_weights(self.vit, cfg.checkpoint_path)
+        if cfg.freeze:
+            self.vit.requires_grad_(False)
+            self.vit.eval()
+
+    @property
+    def img_size(self) -> tuple[int, int]:
+        return tuple(self.vit.patch_embed.img_size)
+
+    @property
+    def patch_size(self) -> tuple[int, int]:
+        return tuple(self.vit.patch_embed.patch_size)
+
+    @property
+    def grid_size(self) -> tuple[int, int]:
+        """(rows, cols) of patch tokens at the configured img_size."""
+        return tuple(self.vit.patch_embed.grid_size)
+
+    @property
+    def num_patches(self) -> int:
+        rows, cols = self.grid_size
+        return rows * cols
+
+    @property
+    def embed_dim(self) -> int:
+        return self.vit.embed_dim
+
+    def grid_for(self, height: int, width: int) -> tuple[int, int]:
+        """(rows, cols) of patch tokens for an input of this size; errors if the model cannot take it."""
+        ph, pw = self.patch_size
+        if not self.cfg.dynamic_img_size and (height, width) != self.img_size:
+            raise ValueError(f"image size {(height, width)} != img_size {self.img_size} "
+                             f"(set vision.dynamic_img_size: true to accept other sizes)")
+        if height % ph or width % pw:
+            raise ValueError(f"image size {(height, width)} is not a multiple of patch_size {(ph, pw)}")
+        return height // ph, width // pw
+
+    def train(self, mode: bool = True) -> VisionEncoder:
+        super().train(mode)
+        if self.cfg.freeze:
+            self.vit.eval()  # frozen: dropout/drop-path stay off
+        return self
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        n, _, height, width = images.shape  # (N, 3, H, W)
+        rows, cols = self.grid_for(height, width)
+        tokens = self.vit.forward_features(images)  # (N, prefix + rows*cols, D)
+        if tokens.dim() != 3 or tokens.shape[1] != self.vit.num_prefix_tokens + rows * cols:
+            raise ValueError(f"{type(self.vit).__name__}.forward_features gave {tuple(tokens.shape)}, expected "
+                             f"({n}, {self.vit.num_prefix_tokens} + {rows}*{cols}, D): not a ViT-like model")
+        return tokens[:, self.vit.num_prefix_tokens:]  # (N, rows*cols, D), raster order
