@@ -30,17 +30,18 @@ def ema_scan(u: torch.Tensor, log_a: torch.Tensor, block: int = 64) -> torch.Ten
     """Solve y_m = a_m · y_{m−1} + u_m (y_0 = 0) for all m in parallel.
 
     u (B, M, D); log_a (B, M) with log_a = −inf where the recurrence resets. Returns y (B, M, D)
-    in u's dtype, computed in fp32.
+    in u's dtype, computed in fp32 (fp64 for fp64 inputs).
     """
     B, M, D = u.shape
     dtype = u.dtype
     if M == 0:
         return u
+    work = torch.promote_types(dtype, torch.float32)
     Q = min(block, max(M, 1))
     nb = -(-M // Q)
     pad = nb * Q - M
-    u = torch.nn.functional.pad(u.float(), (0, 0, 0, pad)).view(B, nb, Q, D)
-    log_a = torch.nn.functional.pad(log_a.float(), (0, pad)).view(B, nb, Q)
+    u = torch.nn.functional.pad(u.to(work), (0, 0, 0, pad)).view(B, nb, Q, D)
+    log_a = torch.nn.functional.pad(log_a.to(work), (0, pad)).view(B, nb, Q)
 
     # Within each block, from a zero state: y_i = Σ_{j<=i} exp(Σ_{k=j+1..i} log a_k) u_j.
     y = torch.exp(_segsum(log_a)) @ u  # (B, nb, Q, D)
@@ -65,14 +66,16 @@ class DechunkModule(nn.Module):
         """c_hat (B, M, d) concept-model outputs; p (B, M) boundary probability of each concept's
         boundary token; reset (B, M) bool, concept starts a document; init (B, d) the previous
         c̄ when continuing from a cache. Returns c̄ (B, M, d)."""
-        p = p.float().clamp(self.p_clamp, 1 - self.p_clamp)
-        u = torch.where(reset[..., None], c_hat.float(), p[..., None] * c_hat.float())
+        out_dtype, work = c_hat.dtype, torch.promote_types(c_hat.dtype, torch.float32)
+        p = p.to(work).clamp(self.p_clamp, 1 - self.p_clamp)
+        c_hat = c_hat.to(work)
+        u = torch.where(reset[..., None], c_hat, p[..., None] * c_hat)
         log_a = torch.where(reset, torch.full_like(p, float("-inf")), torch.log1p(-p))
         if init is not None:  # prepend the carried state as concept 0 (a reset)
-            u = torch.cat([init[:, None].float(), u], dim=1)
+            u = torch.cat([init[:, None].to(work), u], dim=1)
             log_a = torch.cat([log_a.new_full((log_a.shape[0], 1), float("-inf")), log_a], dim=1)
-            return ema_scan(u, log_a, self.block)[:, 1:].to(c_hat.dtype)
-        return ema_scan(u, log_a, self.block).to(c_hat.dtype)
+            return ema_scan(u, log_a, self.block)[:, 1:].to(out_dtype)
+        return ema_scan(u, log_a, self.block).to(out_dtype)
 
 
 def plug_back(c_bar: torch.Tensor, token_index: torch.Tensor) -> torch.Tensor:
@@ -82,4 +85,4 @@ def plug_back(c_bar: torch.Tensor, token_index: torch.Tensor) -> torch.Tensor:
 
 def straight_through_one(c: torch.Tensor) -> torch.Tensor:
     """STE(c): 1 in the forward pass, gradient passed to c unchanged in the backward pass."""
-    return 1.0 + c - c.detach()
+    return 1.0 + (c - c.detach())  # c - c.detach() is exactly 0

@@ -1,0 +1,165 @@
+import warnings
+
+import pytest
+import torch
+
+from cmoe_vlm.chunking import (Boundaries, ChunkConfig, ChunkModule, ChunkingCollapseWarning, CollapseMonitor,
+                               ModalityStats, merge_concepts, ratio_loss, sharpen)
+
+
+@pytest.mark.parametrize("R", [1.5, 2.0, 4.0])
+def test_ratio_loss_is_minimal_at_target(R):
+    def loss_at(rate):
+        n = 1000
+        b = torch.zeros(n, dtype=torch.bool)
+        b[: int(round(rate * n))] = True
+        return ratio_loss(torch.full((n,), rate), b, R).item()
+    rates = [1 / R * f for f in (0.5, 0.8, 1.0, 1.25)] + [0.99]
+    losses = [loss_at(r) for r in rates]
+    assert losses[2] == pytest.approx(1.0, abs=1e-3)
+    assert min(losses) == losses[2]
+
+
+@pytest.mark.parametrize("f,sign", [(0.2, 1), (0.8, -1)])
+def test_ratio_loss_gradient_moves_rate_toward_target(f, sign):
+    # target R=2 -> rate 0.5. Too few boundaries (F=0.2): gradient descent must raise p (dL/dG < 0),
+    # too many (F=0.8): lower p.
+    p = torch.full((100,), f, requires_grad=True)
+    b = torch.arange(100) < int(f * 100)
+    ratio_loss(p, b, 2.0).backward()
+    assert torch.sign(-p.grad.mean()).item() == sign
+
+
+def test_ratio_loss_respects_mask_and_skips_empty_sets():
+    p = torch.tensor([0.9, 0.1, 0.5])
+    b = torch.tensor([True, False, True])
+    m = torch.tensor([True, True, False])
+    assert ratio_loss(p, b, 2.0, m).item() == pytest.approx(ratio_loss(p[:2], b[:2], 2.0).item())
+    assert ratio_loss(p, b, 2.0, torch.zeros(3, dtype=torch.bool)).item() == 0.0
+
+
+def test_sharpen():
+    p = torch.tensor([0.0, 0.3, 0.5, 0.7, 1.0])
+    s = sharpen(p, 6.0)
+    assert s[0] == 0 and s[-1] == 1 and s[2].item() == pytest.approx(1 - 0.5 ** (1 / 6))
+    assert s[1] < 0.3 and s[3] > 0.7
+
+
+def slow_merge(h, b, doc_ids, merge):
+    """Reference: walk the tokens of each row, closing a concept at every boundary."""
+    out = []
+    for r in range(h.shape[0]):
+        concepts, acc, acc_doc = [], torch.zeros_like(h[r, 0]), None
+        for n in range(h.shape[1]):
+            if acc_doc is not None and doc_ids[r, n] != acc_doc:
+                acc = torch.zeros_like(acc)  # a document's unclosed tail belongs to no concept
+            acc_doc = doc_ids[r, n]
+            acc = acc + h[r, n]
+            if b[r, n]:
+                concepts.append(acc if merge == "sum" else h[r, n])
+                acc = torch.zeros_like(acc)
+        out.append(concepts)
+    return out
+
+
+@pytest.mark.parametrize("merge", ["sum", "last"])
+def test_merge_matches_slow_reference_with_documents(merge):
+    torch.manual_seed(0)
+    B, T, d = 3, 40, 4
+    h = torch.randn(B, T, d)
+    doc_ids = torch.zeros(B, T, dtype=torch.long)
+    doc_ids[1, 15:] = 1
+    doc_ids[1, 30:] = 2
+    doc_ids[2, 35:] = -1
+    starts = torch.ones(B, T, dtype=torch.bool)
+    starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+    b = (torch.rand(B, T) < 0.3) | starts
+    b[1, 14] = False  # doc 0 of row 1 ends with an unclosed tail
+    p = torch.rand(B, T)
+    pos = torch.arange(T).expand(B, T)
+    c = merge_concepts(h, Boundaries(p, b), starts, doc_ids, pos, merge)
+    ref = slow_merge(h, b, doc_ids, merge)
+    for r in range(B):
+        n = len(ref[r])
+        assert c.counts[r] == n
+        torch.testing.assert_close(c.x[r, :n], torch.stack(ref[r]))
+        bt = b[r].nonzero().squeeze(1)
+        assert torch.equal(c.positions[r, :n], pos[r, bt]) and torch.equal(c.p[r, :n], p[r, bt])
+        assert torch.equal(c.doc_ids[r, :n], doc_ids[r, bt]) and (c.doc_ids[r, n:] == -1).all()
+        assert torch.equal(c.reset[r, :n], starts[r, bt])
+        assert torch.equal(c.token_index[r], b[r].long().cumsum(0) - 1)
+
+
+def test_chunk_module_forces_document_starts_and_modality_switches():
+    torch.manual_seed(0)
+    cm = ChunkModule(8, ChunkConfig(init="identity")).eval()
+    h = torch.randn(1, 1, 8).expand(1, 12, 8).contiguous()  # identical tokens: cos = 1, p = 0
+    starts = torch.zeros(1, 12, dtype=torch.bool)
+    starts[0, [0, 9]] = True
+    modality = torch.tensor([[0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0, 0]])
+    out = cm(h, starts, modality)
+    assert out.b[0].nonzero().squeeze(1).tolist() == [0, 3, 7, 9]
+    assert out.p[0, 1].item() == pytest.approx(0.0, abs=1e-6)
+    cm_nosplit = ChunkModule(8, ChunkConfig(init="identity", split_at_modality_switch=False)).eval()
+    assert cm_nosplit(h, starts, modality).b[0].nonzero().squeeze(1).tolist() == [0, 9]
+
+
+def test_training_samples_boundaries_and_eval_thresholds():
+    torch.manual_seed(0)
+    cm = ChunkModule(16, ChunkConfig())
+    h = torch.randn(4, 256, 16)
+    starts = torch.zeros(4, 256, dtype=torch.bool)
+    starts[:, 0] = True
+    mod = torch.zeros(4, 256, dtype=torch.long)
+    cm.eval()
+    e = cm(h, starts, mod)
+    assert torch.equal(e.b, (e.p >= 0.5) | starts)
+    cm.train()
+    t = cm(h, starts, mod)
+    assert torch.equal(t.p, e.p)
+    flipped = (t.b != e.b).float().mean().item()
+    assert 0.0 < flipped < 0.25  # sampling from sharpened p flips a few percent
+    cm.cfg.sample_boundaries = False
+    assert torch.equal(cm(h, starts, mod).b, e.b)
+
+
+def test_2d_image_chunking_uses_patch_above_and_stays_causal():
+    torch.manual_seed(0)
+    cm = ChunkModule(8, ChunkConfig(image_chunking="2d")).eval()
+    T = 10  # text, img_start, 2x3 image patches, img_end, text
+    h = torch.randn(1, T, 8, requires_grad=True)
+    modality = torch.tensor([[0, 0, 1, 1, 1, 1, 1, 1, 0, 0]])
+    above = torch.full((1, T), -1)
+    above[0, 5:8] = torch.arange(2, 5)
+    starts = torch.zeros(1, T, dtype=torch.bool)
+    starts[0, 0] = True
+    p2d = cm(h, starts, modality, above_index=above).p
+    p1d = ChunkModule(8, ChunkConfig()).eval()
+    p1d.load_state_dict(cm.state_dict())
+    p_r = p1d(h, starts, modality).p
+    assert (p2d >= p_r - 1e-7).all() and (p2d[0, 5:8] > p_r[0, 5:8]).any()
+    assert torch.equal(p2d[0, :5], p_r[0, :5])
+    # causality: the score of position n depends only on tokens <= n
+    for n in range(T):
+        g, = torch.autograd.grad(p2d[0, n], h, retain_graph=True)
+        assert g[0, n + 1:].abs().sum() == 0
+
+
+def test_collapse_monitor_warns_once_and_reports_windowed_ratio():
+    mon = CollapseMonitor({"all": 2.0}, window=3)
+    ok = ModalityStats(torch.tensor(100), torch.tensor(50), torch.tensor(50.0))
+    collapsed = ModalityStats(torch.tensor(100), torch.tensor(100), torch.tensor(100.0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(3):
+            assert mon.update({"all": ok})["all"] == pytest.approx(2.0)
+    with pytest.warns(ChunkingCollapseWarning, match="every token is a boundary"):
+        for _ in range(3):
+            mon.update({"all": collapsed})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        mon.update({"all": collapsed})  # already reported
+    none_left = ModalityStats(torch.tensor(100), torch.tensor(2), torch.tensor(2.0))
+    with pytest.warns(ChunkingCollapseWarning, match="almost no boundaries"):
+        for _ in range(3):
+            mon.update({"all": none_left})

@@ -1,0 +1,139 @@
+import pytest
+import torch
+
+from cmoe_vlm.chunking import ChunkConfig
+from cmoe_vlm.layers.moe import MoEConfig
+from cmoe_vlm.model import ConceptMoE, ModelConfig, document_positions
+
+
+def tiny(enabled=True, **kw) -> ModelConfig:
+    chunk = ChunkConfig(enabled=enabled, **kw.pop("chunk", {}))
+    base = dict(vocab_size=64, dim=32, num_heads=4, encoder_layers=1, concept_layers=2, decoder_layers=2,
+                moe=MoEConfig(num_experts=4, top_k=2, expert_hidden=32), chunk=chunk)
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+VARIANTS = {
+    "baseline": tiny(False),
+    "conceptmoe": tiny(),
+    "last-merge-gqa": tiny(chunk=dict(merge="last"), num_kv_heads=2),
+    "looped-wide": tiny(loop_layers=1, concept_dim=48, joint_layers=1,
+                        concept_moe=MoEConfig(num_experts=4, top_k=3, expert_hidden=32)),
+}
+
+
+def model_for(name, seed=0):
+    torch.manual_seed(seed)
+    return ConceptMoE(VARIANTS[name]).eval()
+
+
+def packed_docs(B=2, T=48):
+    doc = torch.zeros(B, T, dtype=torch.long)
+    doc[0, 20:] = 1
+    doc[0, 35:] = 2
+    doc[1, 40:] = -1
+    return doc
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("training", [False, True])
+def test_causality(name, packed, training):
+    """Changing tokens after position t changes no logit at positions <= t."""
+    m = model_for(name).train(training)
+    T = 48
+    x = torch.randint(0, 64, (2, T))
+    doc = packed_docs(T=T) if packed else None
+    for t in (0, 7, 21, 36):
+        y = x.clone()
+        y[:, t + 1:] = torch.randint(0, 64, (2, T - t - 1))
+        torch.manual_seed(1)  # same boundary samples in training mode
+        a = m(x, doc_ids=doc).logits
+        torch.manual_seed(1)
+        b = m(y, doc_ids=doc).logits
+        torch.testing.assert_close(a[:, : t + 1], b[:, : t + 1], atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(a[:, t + 1:], b[:, t + 1:])
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_no_attention_across_packed_documents(name):
+    m = model_for(name)
+    x = torch.randint(0, 64, (2, 48))
+    doc = packed_docs()
+    y = x.clone()
+    y[0, :20] = torch.randint(0, 64, (20,))  # change document 0 of row 0 only
+    a, b = m(x, doc_ids=doc).logits, m(y, doc_ids=doc).logits
+    torch.testing.assert_close(a[0, 20:], b[0, 20:], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(a[1], b[1], atol=1e-5, rtol=1e-5)
+    # a packed document behaves exactly as the same document alone at the start of a row
+    alone = m(x[:1, 20:35]).logits
+    torch.testing.assert_close(a[0, 20:35], alone[0], atol=1e-5, rtol=1e-5)
+
+
+def test_document_positions():
+    doc = torch.tensor([[0, 0, 0, 1, 1, 2, -1, -1]])
+    starts, pos = document_positions(doc)
+    assert pos.tolist() == [[0, 1, 2, 0, 1, 0, 0, 1]]
+    assert starts.tolist() == [[True, False, False, True, False, True, True, False]]
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_cached_decoding_matches_full_forward(name):
+    m = model_for(name)
+    x = torch.randint(0, 64, (3, 40))
+    with torch.no_grad():
+        full = m(x).logits
+        for prefill in (1, 17):
+            state = m.new_state(3)
+            outs = [m(x[:, :prefill], state=state).logits]
+            outs += [m(x[:, t:t + 1], state=state).logits for t in range(prefill, 40)]
+            torch.testing.assert_close(torch.cat(outs, 1), full, atol=1e-4, rtol=1e-4)
+        # variable-size continuation spans
+        state = m.new_state(3)
+        outs = [m(x[:, a:b], state=state).logits for a, b in [(0, 5), (5, 6), (6, 30), (30, 40)]]
+        torch.testing.assert_close(torch.cat(outs, 1), full, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["conceptmoe", "looped-wide"])
+def test_concept_cache_holds_one_entry_per_chunk(name):
+    m = model_for(name)
+    x = torch.randint(0, 64, (3, 50))
+    with torch.no_grad():
+        full = m(x)
+        state = m.new_state(3)
+        m(x[:, :10], state=state)
+        for t in range(10, 50):
+            m(x[:, t:t + 1], state=state)
+    chunks = full.boundaries.sum(1)
+    assert (chunks < 50).all() and (chunks > 1).all()
+    for cache in state.concept:
+        assert torch.equal(cache.lengths, chunks)
+    assert torch.equal(state.encoder[0].lengths, torch.full((3,), 50))
+    b = state.cache_bytes()
+    assert b["concept"] < b["decoder"]
+
+
+def test_baseline_has_no_chunking_parts_and_ratio_one():
+    base, cm = ConceptMoE(VARIANTS["baseline"]), ConceptMoE(VARIANTS["conceptmoe"])
+    assert base.chunk is None and base.dechunk is None
+    assert not any("concept_qkv" in n for n, _ in base.named_parameters())
+    assert sum("concept_qkv" in n for n, _ in cm.named_parameters()) == 2  # all decoder layers joint
+    x = torch.randint(0, 64, (2, 16))
+    out = base(x, labels=x)
+    assert out.compression["all"].ratio == 1.0 and out.ratio_loss.item() == 0.0
+    assert out.loss.item() == pytest.approx(out.lm_loss.item() + 0.01 * out.lb_loss.item(), rel=1e-5)
+
+
+def test_losses_and_backward():
+    m = model_for("conceptmoe").train()
+    x = torch.randint(0, 64, (2, 48))
+    labels = x.roll(-1, 1)
+    labels[:, -1] = -100
+    out = m(x, labels=labels, doc_ids=packed_docs())
+    out.loss.backward()
+    assert out.ratio_loss.item() >= 1.0 - 1e-4  # its minimum is 1
+    assert m.chunk.q_proj.weight.grad is not None and m.chunk.q_proj.weight.grad.abs().sum() > 0
+    assert len(out.tokens_per_expert) == 1 + 2 + 2
+    stats = out.compression
+    assert int(stats["all"].tokens) == 88 and int(stats["text"].tokens) == 88 and int(stats["image"].tokens) == 0
