@@ -1,0 +1,84 @@
+"""The experiment config: model, vision, projector, data and training sections of one YAML file."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from data_pipelines.loader import DataConfig
+
+from ..config import ConfigError, apply_overrides, check, from_dict, load_yaml
+from vision import ProjectorConfig, VisionConfig
+
+from ..model import ModelConfig
+from ..vlm import VLMConfig
+
+
+@dataclass
+class TrainConfig:
+    out_dir: str = "runs/tiny"
+    steps: int = 200                       # optimizer steps
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1              # cosine decays to lr · min_lr_ratio
+    warmup_steps: int = 20
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float = 1.0
+    grad_accum: int = 1
+    zero_stage: int = 0
+    ep_size: int = 1                       # expert-parallel group size (DeepSpeed MoE when > 1)
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on GPUs that support it, fp32 on CPU
+    deepspeed_config: str | None = None    # a user's DeepSpeed JSON; its keys override the generated ones
+    seed: int = 0
+    log_every: int = 1
+    tensorboard: bool = True
+    ckpt_every: int = 100
+    keep_last: int = 2
+    resume: bool = True                    # continue from the newest complete checkpoint in out_dir
+    max_nonfinite: int = 5                 # stop after this many consecutive non-finite steps
+    eval_batches: int = 8                  # held-out batches in the end-of-run evaluation
+    heldout_shards: str = ""               # held-out data for evaluation ("" = none)
+
+    def __post_init__(self):
+        check(self.steps >= 1, "steps", self.steps, "must be >= 1")
+        check(self.lr > 0, "lr", self.lr, "must be > 0")
+        check(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", self.min_lr_ratio, "must be in [0, 1]")
+        check(self.warmup_steps >= 0, "warmup_steps", self.warmup_steps, "must be >= 0")
+        check(self.grad_accum >= 1, "grad_accum", self.grad_accum, "must be >= 1")
+        check(self.zero_stage in (0, 1, 2), "zero_stage", self.zero_stage,
+              "must be 0, 1 or 2 (DeepSpeed MoE does not support ZeRO stage 3; use 2 to shard gradients and "
+              "optimizer states)")
+        check(self.ep_size >= 1, "ep_size", self.ep_size, "must be >= 1")
+        check(self.ckpt_every >= 1, "ckpt_every", self.ckpt_every, "must be >= 1")
+        check(self.keep_last >= 1, "keep_last", self.keep_last, "must be >= 1")
+        check(self.max_nonfinite >= 1, "max_nonfinite", self.max_nonfinite, "must be >= 1")
+        check(self.grad_clip >= 0, "grad_clip", self.grad_clip, "must be >= 0 (0 = no clipping)")
+
+
+@dataclass
+class ExperimentConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    vision: VisionConfig = field(default_factory=lambda: VLMConfig().vision)
+    projector: ProjectorConfig = field(default_factory=ProjectorConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self):
+        check(self.data.tokens_per_image == self.vlm.tokens_per_image, "data.tokens_per_image",
+              self.data.tokens_per_image,
+              f"must equal the image tokens the vision and projector configs produce ({self.vlm.tokens_per_image})")
+        check(self.model.vocab_size >= 262 or self.data.tokenizer != "byte", "model.vocab_size",
+              self.model.vocab_size, "must be >= 262 for the built-in byte tokenizer")
+
+    @property
+    def vlm(self) -> VLMConfig:
+        return VLMConfig(model=self.model, vision=self.vision, projector=self.projector)
+
+
+def load_experiment(path: str | Path, overrides: list[str] = ()) -> ExperimentConfig:
+    """Read a YAML experiment config, apply `a.b=value` overrides, validate everything."""
+    data = apply_overrides(load_yaml(path), list(overrides))
+    try:
+        return from_dict(ExperimentConfig, data)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None

@@ -1,0 +1,69 @@
+"""DeepSpeed set-up: distributed environment, generated DeepSpeed config, engine."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+
+import torch
+from torch import nn
+
+from .config import TrainConfig
+from .optim import build_optimizer
+
+
+def setup_distributed() -> tuple[int, int]:
+    """Initialise torch.distributed through DeepSpeed. A plain `python train_vlm.py` run (no launcher)
+    gets a one-process environment; under `deepspeed` the launcher's variables are used.
+    Returns (rank, world_size)."""
+    import deepspeed
+
+    if "RANK" not in os.environ:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=os.environ.get("MASTER_PORT", str(port)))
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    deepspeed.init_distributed(dist_backend=backend, verbose=False)
+    return torch.distributed.get_rank(), torch.distributed.get_world_size()
+
+
+def use_bf16(cfg: TrainConfig) -> bool:
+    if cfg.precision == "fp32":
+        return False
+    supported = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if cfg.precision == "bf16" and not supported:
+        raise RuntimeError("train.precision = bf16 needs a GPU with bf16 support; use fp32 (or auto) on CPU")
+    return supported
+
+
+def deepspeed_config(cfg: TrainConfig, micro_batch: int) -> dict:
+    """The DeepSpeed JSON generated from our config; a user's `deepspeed_config` file overrides keys."""
+    ds = {
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": cfg.grad_accum,
+        "gradient_clipping": cfg.grad_clip,
+        "zero_optimization": {"stage": cfg.zero_stage},
+        "bf16": {"enabled": use_bf16(cfg)},
+        "zero_allow_untested_optimizer": True,  # our AdamW param groups, created below
+        "steps_per_print": 10**9,
+    }
+    if cfg.deepspeed_config:
+        with open(cfg.deepspeed_config) as f:
+            user = json.load(f)
+        stage = user.get("zero_optimization", {}).get("stage", cfg.zero_stage)
+        if stage == 3:
+            raise ValueError(f"{cfg.deepspeed_config}: ZeRO stage 3 is not supported with DeepSpeed MoE; use stage 2")
+        ds.update(user)
+    return ds
+
+
+def build_engine(model: nn.Module, cfg: TrainConfig, micro_batch: int):
+    """Wrap the model in a DeepSpeed engine with our optimizer and schedule."""
+    import deepspeed
+
+    optimizer, scheduler = build_optimizer(model, cfg)
+    engine, optimizer, _, scheduler = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg, micro_batch))
+    return engine, optimizer, scheduler

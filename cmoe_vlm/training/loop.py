@@ -1,0 +1,189 @@
+"""The training loop: packed batches → DeepSpeed engine → losses → logs and checkpoints."""
+from __future__ import annotations
+
+import json
+import math
+import signal
+import time
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from data_pipelines.loader import StreamingLoader
+from vision import build_image_transform
+
+from ..chunking import CollapseMonitor, ModalityStats
+from ..config import to_dict
+from ..vlm import ConceptMoEVLM
+from .checkpoint import Checkpointer
+from .config import ExperimentConfig
+from .engine import build_engine, setup_distributed
+from .metrics import MetricsLogger, flatten
+
+
+class NonFiniteError(RuntimeError):
+    """Too many consecutive steps with a non-finite loss or gradient."""
+
+
+def forever(loader: StreamingLoader) -> Iterator[dict[str, torch.Tensor]]:
+    """Batches across epochs (each epoch reshuffles its shards)."""
+    while True:
+        empty = True
+        for batch in loader:
+            empty = False
+            yield batch
+        if empty:
+            raise RuntimeError(f"data.shards = {loader.cfg.shards!r} yielded no batch in a whole epoch "
+                               f"(skipped: {loader.skipped})")
+
+
+def expert_load(tokens_per_expert: list[torch.Tensor]) -> dict[str, float]:
+    """Max/mean assignments per expert, averaged over MoE layers (1 = perfectly balanced)."""
+    imbalance = [float(c.max()) / max(float(c.float().mean()), 1e-9) for c in tokens_per_expert if c.numel()]
+    return {"max_over_mean": sum(imbalance) / max(len(imbalance), 1)}
+
+
+def grads_finite(model: torch.nn.Module) -> bool:
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    return all(torch.isfinite(g).all() for g in grads)
+
+
+@torch.no_grad()
+def evaluate(model: ConceptMoEVLM, loader: StreamingLoader, max_batches: int) -> dict[str, Any]:
+    """Held-out LM loss, bits per byte-token, and per-modality compression with the eval threshold."""
+    was_training = model.training
+    model.eval()
+    nll = n_tok = 0.0
+    totals: dict[str, list[float]] = {}
+    for i, batch in enumerate(loader):
+        if i >= max_batches:
+            break
+        out = model(**batch)
+        mask = batch["labels"] != -100
+        nll += float(out.lm_loss) * int(mask.sum())
+        n_tok += int(mask.sum())
+        for name, s in out.compression.items():
+            acc = totals.setdefault(name, [0.0, 0.0, 0.0])
+            acc[0] += float(s.tokens)
+            acc[1] += float(s.concepts)
+            acc[2] += float(s.p_sum)
+    model.train(was_training)
+    loss = nll / max(n_tok, 1)
+    compression = {name: {"tokens": int(t), "concepts": int(c), "ratio": t / max(c, 1), "mean_p": p / max(t, 1)}
+                   for name, (t, c, p) in totals.items() if t}
+    return {"lm_loss": loss, "bits_per_token": loss / math.log(2), "predicted_tokens": int(n_tok),
+            "compression": compression}
+
+
+def compression_summary(stats: dict[str, ModalityStats]) -> dict[str, float]:
+    return {f"ratio_{k}": s.ratio for k, s in stats.items() if float(s.tokens)}
+
+
+def train(exp: ExperimentConfig) -> dict[str, Any]:
+    """Train per `exp`; returns the final summary (also written to OUT/summary.json)."""
+    cfg = exp.train
+    rank, world = setup_distributed()
+    out_dir = Path(cfg.out_dir)
+    torch.manual_seed(cfg.seed)
+    model = ConceptMoEVLM(exp.vlm)
+    transform = build_image_transform(model.vision, train=True)
+    data_cfg = exp.data if world == 1 or exp.data.infinite else replace(exp.data, resampled=True)
+    loader = StreamingLoader(data_cfg, image_transform=transform, rank=rank, world_size=world)
+    engine, _, scheduler = build_engine(model, cfg, exp.data.batch_size)
+    ckpt = Checkpointer(out_dir, cfg.keep_last, rank)
+    logger = MetricsLogger(out_dir, enabled=rank == 0, tensorboard=cfg.tensorboard)
+    if rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "config.json").write_text(json.dumps(to_dict(exp), indent=2, default=str))
+
+    step, skipped_steps, consecutive_bad = 0, 0, 0
+    latest = ckpt.latest() if cfg.resume else None
+    if latest is not None:
+        state = ckpt.load(engine, latest)
+        step, skipped_steps = state["step"], state["skipped_steps"]
+        loader.load_state_dict(state["loader"])
+        if rank == 0:
+            print(f"resumed from {latest} at step {step}")
+
+    stop = {"signal": None}
+
+    def on_signal(signum, _frame):
+        stop["signal"] = signum
+
+    old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    monitor = CollapseMonitor(exp.model.chunk.targets() if exp.model.chunk.enabled else {})
+    batches = forever(loader)
+    bar = tqdm(total=cfg.steps, initial=step, disable=rank != 0, desc="train", dynamic_ncols=True)
+    summary: dict[str, Any] = {}
+    t_data = t_step = 0.0
+    try:
+        while step < cfg.steps and stop["signal"] is None:
+            t0 = time.perf_counter()
+            tokens, bad, parts = 0, False, []
+            for _ in range(cfg.grad_accum):
+                t1 = time.perf_counter()
+                batch = next(batches)
+                t_data += time.perf_counter() - t1
+                out = engine(**batch)
+                if not torch.isfinite(out.loss):
+                    bad = True
+                    break
+                engine.backward(out.loss)
+                if cfg.zero_stage == 0 and not grads_finite(engine.module):
+                    bad = True
+                    break
+                engine.step()
+                tokens += int((batch["doc_ids"] >= 0).sum())
+                parts.append(out)
+            if bad:
+                engine.optimizer.zero_grad()
+                skipped_steps += 1
+                consecutive_bad += 1
+                if consecutive_bad >= cfg.max_nonfinite:
+                    raise NonFiniteError(f"{consecutive_bad} consecutive steps had a non-finite loss or gradient "
+                                         f"(step {step}); lower train.lr or check the data")
+                continue
+            consecutive_bad = 0
+            step += 1
+            dt = time.perf_counter() - t0
+            t_step += dt
+            out = parts[-1]
+            windowed = monitor.update(out.compression)
+            metrics = {
+                "loss": float(out.loss), "lm_loss": float(out.lm_loss), "ratio_loss": float(out.ratio_loss),
+                "lb_loss": float(out.lb_loss), "lr": scheduler.get_last_lr()[0],
+                "grad_norm": float(engine.get_global_grad_norm() or 0.0), "tokens_per_s": tokens * world / dt,
+                **compression_summary(out.compression), **{f"ratio_window_{k}": v for k, v in windowed.items()},
+                **flatten("expert_load", expert_load(out.tokens_per_expert)),
+                **flatten("skipped_samples", loader.skipped), "skipped_steps": skipped_steps,
+            }
+            if step % cfg.log_every == 0:
+                logger.log(step, metrics)
+            bar.update(1)
+            bar.set_postfix(loss=f"{metrics['lm_loss']:.3f}", tok_s=f"{metrics['tokens_per_s']:.0f}",
+                            R_txt=f"{metrics.get('ratio_text', 0):.2f}", R_img=f"{metrics.get('ratio_image', 0):.2f}")
+            summary = metrics
+            if step % cfg.ckpt_every == 0 or step == cfg.steps or stop["signal"] is not None:
+                ckpt.save(engine, step, {"loader": loader.state_dict(), "skipped_steps": skipped_steps})
+        if stop["signal"] is not None and step % cfg.ckpt_every and step != cfg.steps:
+            ckpt.save(engine, step, {"loader": loader.state_dict(), "skipped_steps": skipped_steps})
+    finally:
+        bar.close()
+        for s, h in old_handlers.items():
+            signal.signal(s, h)
+
+    summary = {"step": step, "train": summary, "skipped_steps": skipped_steps,
+               "data_wait_fraction": t_data / max(t_step, 1e-9), "interrupted": stop["signal"] is not None}
+    if cfg.heldout_shards and rank == 0 and stop["signal"] is None:
+        eval_cfg = replace(exp.data, shards=cfg.heldout_shards, num_workers=0, shuffle_buffer=0, resampled=False,
+                           steps_per_epoch=None)
+        eval_loader = StreamingLoader(eval_cfg, image_transform=build_image_transform(model.vision, train=False))
+        summary["heldout"] = evaluate(model, eval_loader, cfg.eval_batches)
+    if rank == 0:
+        (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    logger.close()
+    return summary
