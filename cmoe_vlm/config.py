@@ -70,6 +70,11 @@ def _convert(tp: Any, value: Any, name: str) -> Any:
         check(isinstance(value, int) and not isinstance(value, bool), name, value, "must be an integer")
         return value
     if tp is float:
+        if isinstance(value, str):  # PyYAML reads 3e-3 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         check(isinstance(value, (int, float)) and not isinstance(value, bool), name, value, "must be a number")
         return float(value)
     if tp is str:

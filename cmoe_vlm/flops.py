@@ -332,55 +332,78 @@ def propose_efficiency(baseline: ModelConfig, ratio: float, seq_len: int | None 
                      "same depth and experts; concept layers run on N/R concepts")
 
 
-def propose_more_experts(baseline: ModelConfig, ratio: float, seq_len: int | None = None) -> Proposal:
-    """Strategy 1: raise the concept layers' top_k to k' = round(R·k + (R − 1)·A/e)."""
+def _mismatch(match: str, cfg: ModelConfig, baseline: ModelConfig, ratio: float) -> float:
+    """Relative FLOPs mismatch of a candidate: of the concept layers alone (`concept`, the paper's
+    equations) or of the whole model (`model`: chunk, joint-decoding and d→d_c→d overheads included)."""
+    if match == "concept":
+        part = lambda c, r: flops_breakdown(c, r)["concept"]  # noqa: E731
+    elif match == "model":
+        part = flops_per_token
+    else:
+        raise ValueError(f"match = {match!r}: must be 'concept' or 'model'")
+    return part(cfg, ratio) / part(baseline, None) - 1
+
+
+def propose_more_experts(baseline: ModelConfig, ratio: float, seq_len: int | None = None,
+                         match: str = "concept") -> Proposal:
+    """Strategy 1: raise the concept layers' top_k to k' = round(R·k + (R − 1)·A/e).
+
+    match="model" instead takes the k' that best matches the whole model's activated FLOPs, paying
+    for the chunk module and joint decoding out of the concept layers (a smaller k')."""
     _check_baseline(baseline, ratio)
     base = account(baseline, seq_len=seq_len)
     moe, dc = baseline.concept_moe_cfg, baseline.concept_width
     a_over_e = fixed_layer_flops(baseline, dc, moe) / expert_flops(dc, moe)
+    build = lambda k: _with_chunking(baseline, ratio, concept_moe=dataclasses.replace(moe, top_k=k))  # noqa: E731
     k_new = more_experts_top_k(moe.top_k, ratio, a_over_e)
+    how = f"k' = {ratio:g}·{moe.top_k} + {ratio - 1:g}·A/e (A/e = {a_over_e:.2f}) -> top{k_new}"
+    if match != "concept":
+        if moe.num_experts == 1:
+            k_model = 1
+        else:  # FLOPs are affine in top_k: solve with two valid probes, then round
+            f1, f2 = (_mismatch(match, build(k), baseline, ratio) for k in (1, 2))
+            k_model = max(1, int(round(1 - f1 / (f2 - f1))))
+        how += f"; matched to the whole model: top{k_model}"
+        k_new = k_model
     if k_new > moe.num_experts:
         return _no_fit("more_experts", (
-            f"does not fit: k' = R·k + (R−1)·A/e = {ratio:g}·{moe.top_k} + {ratio - 1:g}·{a_over_e:.2f} = {k_new} "
-            f"> num_experts = {moe.num_experts}; adding experts would add total params, which this strategy "
-            f"keeps fixed: use looping or a wider concept model, or a smaller R"))
-    cfg = _with_chunking(baseline, ratio, concept_moe=dataclasses.replace(moe, top_k=k_new))
-    return _proposal("more_experts", cfg, base, ratio,
-                     f"k' = {ratio:g}·{moe.top_k} + {ratio - 1:g}·A/e (A/e = {a_over_e:.2f}) -> top{k_new}")
+            f"does not fit: {how} > num_experts = {moe.num_experts}; adding experts would add total params, "
+            f"which this strategy keeps fixed: use looping or a wider concept model, or a smaller R"))
+    return _proposal("more_experts", build(k_new), base, ratio, how)
 
 
 def propose_looped(baseline: ModelConfig, ratio: float, seq_len: int | None = None,
-                   loop_layers: int | None = None, tolerance: float = 0.025) -> Proposal:
+                   loop_layers: int | None = None, tolerance: float = 0.025, match: str = "concept") -> Proposal:
     """Strategy 2: loop L_loop concept layers and raise top_k to k' > k so that
-    (L_C + L_loop)(A + k'e)/R ≈ L_C(A + ke).
+    (L_C + L_loop)(A + k'e)/R ≈ L_C(A + ke)  (match="model": whole-model FLOPs instead).
 
     Searches L_loop in 1..L_C (or the given `loop_layers`) and k' in k+1..num_experts. Among the pairs
-    whose concept-layer FLOPs match within `tolerance` it takes the most looping (then the closer
-    match); if none does, the closest match. The paper's own pick (top11-loop8) is one of several
-    pairs that fit; pass `loop_layers` to fix the loop and get the matching k'.
+    that match within `tolerance` it takes the most looping (then the closer match); if none does,
+    the closest match. The paper's own pick (top11-loop8) is one of several pairs that fit; pass
+    `loop_layers` to fix the loop and get the matching k'.
     """
     _check_baseline(baseline, ratio)
     base = account(baseline, seq_len=seq_len)
-    moe, dc, L = baseline.concept_moe_cfg, baseline.concept_width, baseline.concept_layers
-    A, e, k = fixed_layer_flops(baseline, dc, moe), expert_flops(dc, moe), moe.top_k
-    target = (L + baseline.loop_layers) * (A + k * e)
+    moe, L, k = baseline.concept_moe_cfg, baseline.concept_layers, baseline.concept_moe_cfg.top_k
+    build = lambda n, kk: _with_chunking(baseline, ratio, loop_layers=n,  # noqa: E731
+                                         concept_moe=dataclasses.replace(moe, top_k=kk))
     loops = [loop_layers] if loop_layers is not None else range(1, L + 1)
     pairs = []  # (relative mismatch, loop, k')
     for n_loop in loops:
         if not 1 <= n_loop <= L:
             raise ValueError(f"loop_layers = {n_loop}: must be between 1 and concept_layers = {L}")
         for k_new in range(k + 1, moe.num_experts + 1):
-            pairs.append((abs((L + n_loop) * (A + k_new * e) / ratio / target - 1), n_loop, k_new))
+            pairs.append((abs(_mismatch(match, build(n_loop, k_new), baseline, ratio)), n_loop, k_new))
     fitting = [p for p in pairs if p[0] <= tolerance]
     best = max(fitting, key=lambda p: (p[1], -p[0])) if fitting else min(pairs, default=None)
     if best is None or best[0] > 0.1:
+        A, e = fixed_layer_flops(baseline, baseline.concept_width, moe), expert_flops(baseline.concept_width, moe)
         why = (f"no top_k in {k + 1}..{moe.num_experts} to choose from" if best is None
                else f"the closest, top{best[2]}-loop{best[1]}, is {100 * best[0]:.0f}% off")
         return _no_fit("looped", f"does not fit: {why} (concept layers {L}, A/e = {A / e:.2f}, R = {ratio:g}); "
                                  f"looping needs R·(A+ke) > A+(k+1)e per looped layer")
     _, n_loop, k_new = best
-    cfg = _with_chunking(baseline, ratio, loop_layers=n_loop, concept_moe=dataclasses.replace(moe, top_k=k_new))
-    return _proposal("looped", cfg, base, ratio, f"top{k_new}-loop{n_loop}")
+    return _proposal("looped", build(n_loop, k_new), base, ratio, f"top{k_new}-loop{n_loop}")
 
 
 def _round_to(x: float, multiple: int) -> int:
@@ -388,51 +411,59 @@ def _round_to(x: float, multiple: int) -> int:
 
 
 def propose_wider(baseline: ModelConfig, ratio: float, seq_len: int | None = None,
-                  scale: float | None = None) -> Proposal:
+                  scale: float | None = None, match: str = "concept") -> Proposal:
     """Strategy 3: concept_dim = s·d rounded to a multiple of 2·num_heads, s = √R by default, and the
-    experts widened to match: expert_hidden is the one that makes a concept layer cost R× the
-    baseline layer per concept (≈ s·h, correcting for the rounding of concept_dim), so per token it
-    costs the same. The concept layers' num_experts is then the one that brings total params closest
-    to the baseline's (and >= top_k)."""
+    experts widened to match: expert_hidden is the one that best matches the FLOPs (≈ s·h; a concept
+    layer then costs ≈ R× the baseline's per concept, 1× per token). The concept layers'
+    num_experts is then the one that brings total params closest to the baseline's (and >= top_k)."""
     _check_baseline(baseline, ratio)
     base = account(baseline, seq_len=seq_len)
     s = math.sqrt(ratio) if scale is None else scale
     moe, d0 = baseline.concept_moe_cfg, baseline.concept_width
     dc = _round_to(s * d0, 2 * baseline.num_heads)
     shared = int(round(s * moe.shared_expert_hidden))
-    target = ratio * sum(layer_flops(baseline, d0, moe).values())  # per concept, per layer
-    probe = dataclasses.replace(moe, shared_expert_hidden=shared)
-    fixed = fixed_layer_flops(baseline, dc, probe)  # router at the baseline's num_experts: a small error
-    hidden = max(1, int(round((target - fixed) / (moe.top_k * 2 * 3 * dc))))
 
-    def build(num_experts: int) -> ModelConfig:
+    def build(num_experts: int, hidden: int) -> ModelConfig:
         cm = dataclasses.replace(moe, num_experts=num_experts, expert_hidden=hidden, shared_expert_hidden=shared)
         return _with_chunking(baseline, ratio, concept_dim=dc if dc != baseline.dim else None, concept_moe=cm)
 
-    # total params are affine in num_experts: solve, then check the neighbours
-    p_lo = total_params(build(moe.top_k))
-    per_expert = total_params(build(moe.top_k + 1)) - p_lo
-    guess = moe.top_k + (base.total_params - p_lo) / per_expert
-    candidates = {max(moe.top_k, int(math.floor(guess))), max(moe.top_k, int(math.ceil(guess)))}
-    n_exp = min(candidates, key=lambda n: abs(total_params(build(n)) - base.total_params))
-    cfg = build(n_exp)
-    note = f"s = {s:.3f}: concept_dim {d0}->{dc}, expert_hidden {moe.expert_hidden}->{hidden}, " \
-           f"experts {moe.num_experts}->{n_exp}"
+    def fit_hidden(num_experts: int) -> int:  # FLOPs are affine in expert_hidden: solve, then round
+        f1, f2 = (_mismatch(match, build(num_experts, h), baseline, ratio) for h in (1, 2))
+        return max(1, int(round(1 - f1 / (f2 - f1))))
+
+    def fit_experts(hidden: int) -> int:  # total params are affine in num_experts: solve, then round
+        k = moe.top_k
+        p1, p2 = (total_params(build(n, hidden)) for n in (k, k + 1))
+        guess = k + (base.total_params - p1) / (p2 - p1)
+        return min({max(k, math.floor(guess)), max(k, math.ceil(guess))},
+                   key=lambda n: abs(total_params(build(n, hidden)) - base.total_params))
+
+    n_exp, hidden = moe.num_experts, moe.expert_hidden
+    for _ in range(3):  # the router's FLOPs depend on num_experts: iterate to a fixed point
+        hidden = fit_hidden(n_exp)
+        n_exp = fit_experts(hidden)
+    cfg = build(n_exp, hidden)
+    note = (f"s = {s:.3f}: concept_dim {d0}->{dc}, expert_hidden {moe.expert_hidden}->{hidden}, "
+            f"experts {moe.num_experts}->{n_exp}")
     if n_exp == moe.top_k and total_params(cfg) > base.total_params * 1.02:
         note += "; cannot shrink further (num_experts = top_k): params above the baseline"
     return _proposal("wider", cfg, base, ratio, note)
 
 
 def propose(baseline: ModelConfig, ratio: float, seq_len: int | None = None,
-            loop_layers: int | None = None) -> list[Proposal]:
-    """The baseline row, the efficiency-oriented variant and the three strategies' proposals."""
+            loop_layers: int | None = None, match: str = "concept") -> list[Proposal]:
+    """The baseline row, the efficiency-oriented variant and the three strategies' proposals.
+
+    match="concept" (default) matches the concept layers' FLOPs as the paper's equations do, so the
+    chunk module and joint decoding come on top (a few % at scale, ~10% on tiny CPU models);
+    match="model" matches the whole model's activated FLOPs."""
     _check_baseline(baseline, ratio)
     base = account(baseline, seq_len=seq_len)
     rows = [Proposal("baseline", baseline, base, 1.0, 0.0, 1.0, 1.0, "chunking off")]
     rows.append(propose_efficiency(baseline, ratio, seq_len))
-    rows.append(propose_more_experts(baseline, ratio, seq_len))
-    rows.append(propose_looped(baseline, ratio, seq_len, loop_layers))
-    rows.append(propose_wider(baseline, ratio, seq_len))
+    rows.append(propose_more_experts(baseline, ratio, seq_len, match=match))
+    rows.append(propose_looped(baseline, ratio, seq_len, loop_layers, match=match))
+    rows.append(propose_wider(baseline, ratio, seq_len, match=match))
     return rows
 
 
@@ -502,6 +533,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="compression R (default: the config's model.chunk.target_ratio)")
     ap.add_argument("--seq-len", type=int, default=None, help="for attention-map FLOPs (default: max_seq_len)")
     ap.add_argument("--loop-layers", type=int, default=None, help="fix the looped strategy's loop_layers")
+    ap.add_argument("--match", choices=("concept", "model"), default="concept",
+                    help="match the concept layers' FLOPs (the paper's equations, default) or the whole model's")
     ap.add_argument("--kv-bytes", type=int, default=2, help="bytes per cached value (default 2, bf16)")
     ap.add_argument("--json", action="store_true", help="print the records as JSON instead of a table")
     args = ap.parse_args(argv)
@@ -524,7 +557,7 @@ def main(argv: list[str] | None = None) -> int:
     if ratio <= 1:
         print(f"error: ratio = {ratio}: must be > 1 (pass --ratio)", file=sys.stderr)
         return 2
-    rows = propose(baseline, ratio, seq_len, args.loop_layers)
+    rows = propose(baseline, ratio, seq_len, args.loop_layers, args.match)
     if given is not None:
         b = rows[0].cost
         rows.insert(1, Proposal("given", cfg, given, given.flops_per_token / b.flops_per_token,

@@ -37,7 +37,7 @@ class TrainConfig:
     resume: bool = True                    # continue from the newest complete checkpoint in out_dir
     max_nonfinite: int = 5                 # stop after this many consecutive non-finite steps
     eval_batches: int = 8                  # held-out batches in the end-of-run evaluation
-    heldout_shards: str = ""               # held-out data for evaluation ("" = none)
+    heldout_shards: str | None = None      # held-out data for the end-of-run evaluation (null = none)
 
     def __post_init__(self):
         check(self.steps >= 1, "steps", self.steps, "must be >= 1")

@@ -154,8 +154,8 @@ def train(exp: ExperimentConfig) -> dict[str, Any]:
             out = parts[-1]
             windowed = monitor.update(out.compression)
             metrics = {
-                "loss": float(out.loss), "lm_loss": float(out.lm_loss), "ratio_loss": float(out.ratio_loss),
-                "lb_loss": float(out.lb_loss), "lr": scheduler.get_last_lr()[0],
+                "loss": out.loss.item(), "lm_loss": out.lm_loss.item(), "ratio_loss": out.ratio_loss.item(),
+                "lb_loss": out.lb_loss.item(), "lr": scheduler.get_last_lr()[0],
                 "grad_norm": float(engine.get_global_grad_norm() or 0.0), "tokens_per_s": tokens * world / dt,
                 **compression_summary(out.compression), **{f"ratio_window_{k}": v for k, v in windowed.items()},
                 **flatten("expert_load", expert_load(out.tokens_per_expert)),

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Create or reuse .venv/ in the repo root with everything cmoe-vlm needs, from nothing.
+# Order matters: torch + torchvision first (pinned: these versions install from local disk on our
+# machines), then DeepSpeed without build isolation (its setup imports torch), then the project.
+# Re-running is cheap: a stamp file records what was installed for the current pyproject.toml.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PY=${PYTHON:-python3}
+TORCH_PINS="torch==2.14.1 torchvision==0.29.1"
+STAMP=.venv/.cmoe-setup-stamp
+WANT="$(sha256sum pyproject.toml scripts/setup_venv.sh | sha256sum | cut -c1-16)"
+
+if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$WANT" ] && .venv/bin/python -c "import torch, deepspeed, timm, webdataset, cmoe_vlm" 2>/dev/null; then
+  exit 0
+fi
+
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+PIP=".venv/bin/python -m pip install --disable-pip-version-check -q"
+echo "[setup] torch + torchvision ($TORCH_PINS)"
+if ! .venv/bin/python -c "import torch, torchvision" 2>/dev/null; then
+  $PIP $TORCH_PINS
+fi
+echo "[setup] deepspeed"
+.venv/bin/python -c "import deepspeed" 2>/dev/null || $PIP --no-build-isolation deepspeed
+echo "[setup] cmoe-vlm (editable) with dev extras"
+$PIP -e ".[dev]"
+echo "$WANT" > "$STAMP"
+echo "[setup] done: $(.venv/bin/python -c 'import torch, deepspeed, timm; print("torch", torch.__version__, "deepspeed", deepspeed.__version__, "timm", timm.__version__)' 2>/dev/null)"

@@ -1,0 +1,128 @@
+"""train_vlm.py end to end on built-in shards: learning, exact resume after kill -9, guards."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from cmoe_vlm.config import ConfigError
+from cmoe_vlm.training.config import load_experiment
+
+from .conftest import overrides
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def read_metrics(out_dir: Path) -> dict[int, dict]:
+    """Last logged record of every step (a resumed run logs some steps again)."""
+    rows = {}
+    for line in (out_dir / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        rows[rec["step"]] = rec
+    return rows
+
+
+def run_train(args: list[str], **kw) -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    return subprocess.Popen([sys.executable, str(ROOT / "train_vlm.py"), str(ROOT / "configs/tiny.yaml"), *args],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+
+
+def test_single_process_run_learns(builtin_data, tmp_path):
+    out = tmp_path / "run"
+    proc = run_train(overrides(builtin_data, out, "train.steps=40", "train.lr=3e-3", "train.eval_batches=2"))
+    log, _ = proc.communicate(timeout=900)
+    assert proc.returncode == 0, log[-3000:]
+    m = read_metrics(out)
+    first = sum(m[s]["lm_loss"] for s in range(1, 6)) / 5
+    last = sum(m[s]["lm_loss"] for s in range(36, 41)) / 5
+    assert last < first - 0.5, (first, last)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["step"] == 40 and summary["skipped_steps"] == 0
+    comp = summary["heldout"]["compression"]
+    assert comp["text"]["tokens"] > 0 and comp["image"]["tokens"] > 0
+    assert sorted(p.name for p in (out / "checkpoints").iterdir() if p.name.startswith("step_")) == ["step_00000040"]
+    for key in ("ratio_window_text", "ratio_window_image", "ratio_all", "tokens_per_s", "grad_norm", "expert_load/max_over_mean", "lr"):
+        assert key in m[40], key
+
+
+def test_kill_and_resume_follows_the_same_trajectory(builtin_data, tmp_path):
+    common = ["train.steps=8", "train.ckpt_every=3", "train.keep_last=5", "data.num_workers=2",
+              "train.heldout_shards="]
+    ref_dir, run_dir = tmp_path / "ref", tmp_path / "killed"
+    ref = run_train(overrides(builtin_data, ref_dir, *common))
+    log, _ = ref.communicate(timeout=900)
+    assert ref.returncode == 0, log[-3000:]
+
+    victim = run_train(overrides(builtin_data, run_dir, *common))
+    deadline = time.time() + 600
+    while time.time() < deadline:  # kill -9 once step 4 is logged (after the step-3 checkpoint)
+        if (run_dir / "metrics.jsonl").exists() and len((run_dir / "metrics.jsonl").read_text().splitlines()) >= 4:
+            break
+        time.sleep(0.05)
+    victim.send_signal(signal.SIGKILL)
+    victim.communicate()
+    assert not (run_dir / "summary.json").exists()
+    done = sorted(p.name for p in (run_dir / "checkpoints").iterdir() if p.name.startswith("step_"))
+    assert done and done[-1] in ("step_00000003", "step_00000006")
+
+    resumed = run_train(overrides(builtin_data, run_dir, *common))
+    log, _ = resumed.communicate(timeout=900)
+    assert resumed.returncode == 0, log[-3000:]
+    assert "resumed from" in log
+    a, b = read_metrics(ref_dir), read_metrics(run_dir)
+    for step in range(1, 9):
+        for key in ("loss", "lm_loss", "ratio_loss", "lb_loss", "ratio_all"):
+            assert a[step][key] == b[step][key], (step, key, a[step][key], b[step][key])
+
+
+def test_nonfinite_steps_are_skipped_and_counted(builtin_data, tmp_path, monkeypatch):
+    from cmoe_vlm.training import loop
+    from cmoe_vlm.vlm import ConceptMoEVLM
+
+    real_forward = ConceptMoEVLM.forward
+    calls = {"n": 0}
+
+    def flaky_forward(self, *args, **kwargs):
+        out = real_forward(self, *args, **kwargs)
+        calls["n"] += 1
+        if self.training and calls["n"] in (3, 4):
+            out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(ConceptMoEVLM, "forward", flaky_forward)
+    exp = load_experiment(ROOT / "configs/tiny.yaml",
+                          overrides(builtin_data, tmp_path / "nan", "train.steps=4", "data.num_workers=0",
+                                    "train.heldout_shards="))
+    summary = loop.train(exp)
+    assert summary["step"] == 4 and summary["skipped_steps"] == 2
+    m = read_metrics(tmp_path / "nan")
+    assert m[4]["skipped_steps"] == 2 and all(torch.isfinite(torch.tensor(r["loss"])) for r in m.values())
+
+    calls["n"] = -10**9  # every call from now on is non-finite: the run must stop with a clear error
+    monkeypatch.setattr(ConceptMoEVLM, "forward", lambda self, *a, **k: _nan(real_forward(self, *a, **k)))
+    exp = load_experiment(ROOT / "configs/tiny.yaml",
+                          overrides(builtin_data, tmp_path / "nan2", "train.steps=4", "data.num_workers=0",
+                                    "train.heldout_shards=", "train.max_nonfinite=3"))
+    with pytest.raises(loop.NonFiniteError, match="3 consecutive steps"):
+        loop.train(exp)
+
+
+def _nan(out):
+    out.loss = out.loss * float("nan")
+    return out
+
+
+def test_config_errors_name_the_field(tmp_path):
+    with pytest.raises(ConfigError, match="train.zero_stage = 3: .*use 2"):
+        load_experiment(ROOT / "configs/tiny.yaml", ["train.zero_stage=3"])
+    with pytest.raises(ConfigError, match="data.tokens_per_image"):
+        load_experiment(ROOT / "configs/tiny.yaml", ["projector.reduction=1"])
+    proc = subprocess.run([sys.executable, str(ROOT / "train_vlm.py"), str(ROOT / "configs/tiny.yaml"),
+                           "model.chunk.target_ratio=0.5"], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 2 and "model.chunk.target_ratio = 0.5" in proc.stderr
