@@ -1,0 +1,13 @@
+"""Data pipeline: shards → documents → packed rows → batches (see each module's docstring).
+
+    tokenizer.py  ByteTokenizer / HFTokenizer, load_tokenizer
+    sequence.py   build_sequence: one document → ids, modality, images (the one layout rule)
+    packing.py    RowPacker, collate_rows: the batch dict the model consumes
+    shards.py     shard format, writer (+ CLI), decode_sample
+    builtin.py    built-in PIL-drawn data (+ CLI)
+    loader.py     DataConfig, StreamingLoader with exact resume
+    errors.py     SkipCounter: bad input skipped and counted by reason
+
+Import from the modules (`from data_pipelines.loader import StreamingLoader`): the package itself
+imports nothing, so `python -m data_pipelines.shards` and `.builtin` run cleanly.
+"""

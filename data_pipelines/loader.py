@@ -1,0 +1,347 @@
+"""Streaming loader: webdataset shards → documents → packed rows → batches, with exact resume.
+
+Pipeline order (as open_clip): list shards → shuffle them with a seed from (seed, pass) → split
+by rank → split by worker → read tar → shuffle buffer → decode (PIL) → tokenise and build the
+sequence (`sequence.build_sequence`) → pack rows (`packing.RowPacker`) → batch. Bad samples and
+shards are skipped and counted (`errors.SkipCounter`); `StreamingLoader.skipped` sums them.
+
+A "pass" is one sweep of a worker over its share of a shuffled shard list.
+- Finite mode (default): one loader epoch = pass `epoch`; iteration ends when every worker has
+  finished; the next `iter()` starts the next epoch with a new shard order.
+- Step mode (`steps_per_epoch` set): every rank yields exactly `steps_per_epoch` batches per
+  epoch; workers stream on across passes (each pass reshuffled), so ranks with different shard
+  counts never wait on one another. Required when world_size > 1 (or use `resampled`).
+- Resampled mode: each worker draws shards with replacement (seeded by seed, rank, worker, pass):
+  an infinite stream; combine with `steps_per_epoch` to end epochs.
+
+Exact resume. The shuffle buffer is filled from one shard at a time and its random generator is
+seeded by (seed, pass, rank, worker, shard index), so replaying a shard from its start reproduces
+its sample order; mixing across shards comes from the shard shuffle. A worker's position is
+therefore the cursor (pass, shard index, sample index within the shuffled shard) of the next
+document, plus a token offset when the packer had split that document. Each worker yields
+(batch, state) pairs; the main process keeps the latest state per worker and which worker comes
+next (torch's DataLoader takes workers round-robin; a resumed loader rotates worker slots so that
+order continues). Replaying skips the samples before the cursor without decoding them, so skip
+counts are not counted twice. Resume needs the same seed, world size, rank and num_workers.
+"""
+from __future__ import annotations
+
+import glob
+import os
+import random
+import tarfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import webdataset as wds
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from webdataset.tariterators import group_by_keys, tar_file_iterator
+
+from cmoe_vlm.config import check
+from data_pipelines.errors import BadSample, SkipCounter, merge_counts
+from data_pipelines.packing import RowPacker, collate_rows
+from data_pipelines.sequence import Sequence, build_sequence
+from data_pipelines.shards import decode_sample
+from data_pipelines.tokenizer import Tokenizer, load_tokenizer
+
+ImageTransform = Callable[[Any], torch.Tensor]  # PIL image → (3, H, W)
+Cursor = tuple[int, int, int]  # (pass, shard index in the worker's plan, sample index in the shard)
+MAX_EMPTY_PASSES = 100  # an endless stream gives up after this many passes in a row without a document
+
+
+@dataclass
+class DataConfig:
+    shards: str = ""  # brace pattern, a folder of *.tar, or pipe: URLs; join several with '::'
+    seq_len: int = 1024
+    batch_size: int = 8
+    num_workers: int = 2
+    shuffle_buffer: int = 1000  # samples; 0 keeps the order within each shard
+    seed: int = 0
+    resampled: bool = False
+    steps_per_epoch: int | None = None
+    tokenizer: str = "byte"  # "byte" or a local Hugging Face tokenizer folder
+    image_size: int = 64
+    tokens_per_image: int = 16
+
+    def __post_init__(self) -> None:
+        check(self.batch_size >= 1, "batch_size", self.batch_size, "must be >= 1")
+        check(self.num_workers >= 0, "num_workers", self.num_workers, "must be >= 0")
+        check(self.shuffle_buffer >= 0, "shuffle_buffer", self.shuffle_buffer, "must be >= 0")
+        check(self.steps_per_epoch is None or self.steps_per_epoch >= 1, "steps_per_epoch",
+              self.steps_per_epoch, "must be >= 1 or null")
+        check(self.image_size >= 1, "image_size", self.image_size, "must be >= 1")
+        check(self.tokens_per_image >= 1, "tokens_per_image", self.tokens_per_image, "must be >= 1")
+        check(self.seq_len >= self.tokens_per_image + 2, "seq_len", self.seq_len,
+              f"must be >= tokens_per_image + 2 = {self.tokens_per_image + 2} (a whole image block per row)")
+
+    @property
+    def infinite(self) -> bool:
+        return self.resampled or self.steps_per_epoch is not None
+
+
+def default_image_transform(image_size: int) -> ImageTransform:
+    """Resize to a square, to tensor, normalise with mean = std = 0.5: PIL → (3, S, S) in [-1, 1]."""
+    from torchvision import transforms
+
+    return transforms.Compose([
+        transforms.Lambda(lambda img: img.convert("RGB")),
+        transforms.Resize((image_size, image_size)),
+        transforms.ToTensor(),
+        transforms.Normalize([0.5] * 3, [0.5] * 3),
+    ])
+
+
+def list_shards(spec: str) -> list[str]:
+    """Shard URLs from a folder (its *.tar, sorted), a brace pattern or pipe: URLs ('::'-joined)."""
+    check(bool(spec), "shards", spec, "must name shards: a brace pattern, a folder of *.tar or pipe: URLs")
+    if os.path.isdir(spec):
+        urls = sorted(glob.glob(os.path.join(spec, "*.tar")))
+    else:
+        urls = wds.shardlists.expand_urls(spec)
+    check(bool(urls), "shards", spec, "matches no shard (a folder needs *.tar files)")
+    return urls
+
+
+def read_tar(url: str) -> Iterator[dict[str, Any]]:
+    """Raw samples ({'__key__', ext: bytes, ...}) of one tar shard, in file order."""
+    stream = wds.gopen(url, "rb")
+    try:
+        files = ({**f, "__url__": url} for f in tar_file_iterator(stream))
+        yield from group_by_keys(files)
+    finally:
+        stream.close()
+
+
+def shuffled_shard(url: str, rng: random.Random, buffer_size: int, counter: SkipCounter) -> Iterator[dict[str, Any]]:
+    """Samples of one shard through a shuffle buffer; a shard error is counted after its samples."""
+    buffer: list[dict[str, Any]] = []
+    error: BadSample | None = None
+    read = 0
+    try:
+        for raw in read_tar(url):
+            read += 1
+            buffer.append(raw)
+            if len(buffer) > buffer_size:
+                yield _pop_random(buffer, rng)
+    except FileNotFoundError as e:
+        error = BadSample("missing_shard", str(e))
+    except (tarfile.TarError, OSError, ValueError) as e:
+        error = BadSample("unreadable_shard" if read == 0 else "truncated_shard", f"{type(e).__name__}: {e}")
+    while buffer:
+        yield _pop_random(buffer, rng)
+    if error is not None:
+        counter.skip(error.reason, url, error.detail)
+
+
+def _pop_random(buffer: list[Any], rng: random.Random) -> Any:
+    i = rng.randrange(len(buffer))
+    buffer[i], buffer[-1] = buffer[-1], buffer[i]
+    return buffer.pop()
+
+
+class WorkerStream:
+    """The documents and batches of one (rank, worker): deterministic from its cursor."""
+
+    def __init__(self, cfg: DataConfig, shards: list[str], tokenizer: Tokenizer, transform: ImageTransform,
+                 rank: int, world_size: int, worker: int, num_workers: int):
+        self.cfg, self.shards, self.tokenizer, self.transform = cfg, shards, tokenizer, transform
+        self.rank, self.world_size, self.worker, self.num_workers = rank, world_size, worker, num_workers
+
+    def plan(self, pass_index: int) -> list[str]:
+        """The shards this worker reads in pass `pass_index`, in order."""
+        seed = self.cfg.seed
+        if self.cfg.resampled:
+            rng = random.Random(f"{seed}-resample-{pass_index}-{self.rank}-{self.worker}")
+            return [rng.choice(self.shards) for _ in range(max(1, len(self.shards) // (self.world_size * self.num_workers)))]
+        order = list(self.shards)
+        random.Random(f"{seed}-{pass_index}").shuffle(order)
+        return order[self.rank::self.world_size][self.worker::self.num_workers]
+
+    def documents(self, cursor: Cursor, counter: SkipCounter) -> Iterator[tuple[Cursor, Sequence]]:
+        """(cursor, sequence) of every good sample from `cursor` on: one pass, or endless passes."""
+        pass_index, shard_index, sample_index = cursor
+        empty_passes = 0
+        while True:
+            plan = self.plan(pass_index)
+            found = False
+            for s in range(shard_index, len(plan)):
+                rng = random.Random(f"{self.cfg.seed}-{pass_index}-{self.rank}-{self.worker}-{s}")
+                for i, raw in enumerate(shuffled_shard(plan[s], rng, self.cfg.shuffle_buffer, counter)):
+                    if i < sample_index:
+                        continue  # replaying up to the cursor: no decoding, nothing counted
+                    seq = self._build(raw, counter, (pass_index, s, i))
+                    if seq is not None:
+                        found = True
+                        yield (pass_index, s, i), seq
+                sample_index = 0
+            if not self.cfg.infinite:
+                return
+            empty_passes = 0 if found else empty_passes + 1
+            if empty_passes == MAX_EMPTY_PASSES:
+                raise RuntimeError(f"rank {self.rank} worker {self.worker}: no readable sample in {MAX_EMPTY_PASSES} "
+                                   f"passes over its shards; skip counts: {counter.as_dict()}")
+            pass_index, shard_index = pass_index + 1, 0
+
+    def _build(self, raw: dict[str, Any], counter: SkipCounter, cursor: Cursor) -> Sequence | None:
+        """Decode, transform images, build the sequence; None (counted) for a bad sample.
+
+        Images are transformed with torch's default CPU generator seeded from (seed, rank, worker,
+        cursor), so random augmentations drawn from it repeat exactly on resume; its previous state
+        is restored afterwards."""
+        try:
+            pieces = decode_sample(raw)
+        except BadSample as e:
+            counter.skip(e.reason, f"{raw.get('__url__')}:{raw.get('__key__')}", e.detail)
+            return None
+        if any(not isinstance(p, str) for p in pieces):
+            rng = torch.default_generator  # torch.manual_seed would also seed CUDA: 100x slower
+            saved = rng.get_state()
+            rng.manual_seed(hash((self.cfg.seed, self.rank, self.worker, *cursor)) & 0xFFFF_FFFF)
+            try:
+                pieces = [p if isinstance(p, str) else self.transform(p) for p in pieces]
+            finally:
+                rng.set_state(saved)
+        return build_sequence(pieces, self.tokenizer, self.cfg.tokens_per_image)
+
+    def batches(self, state: dict[str, Any]) -> Iterator[tuple[dict[str, torch.Tensor] | None, dict[str, Any]]]:
+        """(batch, state after it); ends (finite mode) with (None, final state)."""
+        counter = SkipCounter(state["skipped"])
+        docs = self.documents(tuple(state["cursor"]), counter)
+        packer = RowPacker(self.cfg.seq_len, self.tokenizer.pad_id)
+        if state["offset"]:
+            tag, seq = next(docs)
+            if list(tag) != list(state["cursor"]):
+                raise RuntimeError(f"cannot resume: the document at {state['cursor']} is gone (found {tag}); "
+                                   "have the shards changed?")
+            packer.resume_with(tag, seq, state["offset"])
+        image_shape = (3, self.cfg.image_size, self.cfg.image_size)
+        rows = []
+
+        def snapshot() -> dict[str, Any]:
+            if packer.pending is not None:
+                (p, s, i), offset = packer.pending
+            else:
+                (p, s, i), offset = packer.last_tag, 0
+                i += 1
+            return {"worker": self.worker, "cursor": [p, s, i], "offset": offset, "skipped": counter.as_dict()}
+
+        for row in packer.rows(docs):
+            rows.append(row)
+            if len(rows) == self.cfg.batch_size:
+                yield collate_rows(rows, image_shape), snapshot()
+                rows = []
+        if rows:
+            yield collate_rows(rows, image_shape), snapshot()
+        yield None, {**(snapshot() if packer.last_tag is not None else state), "skipped": counter.as_dict()}
+
+
+def initial_worker_state(worker: int, pass_index: int) -> dict[str, Any]:
+    return {"worker": worker, "cursor": [pass_index, 0, 0], "offset": 0, "skipped": {}}
+
+
+class _WorkerDataset(IterableDataset):
+    """Runs one WorkerStream per DataLoader worker; slot i plays logical worker (i + rotation) % W."""
+
+    def __init__(self, streams: list[WorkerStream], states: list[dict[str, Any]], rotation: int):
+        self.streams, self.states, self.rotation = streams, states, rotation
+
+    def __iter__(self) -> Iterator[tuple[dict[str, torch.Tensor] | None, dict[str, Any]]]:
+        info = get_worker_info()
+        worker = ((info.id if info else 0) + self.rotation) % len(self.streams)
+        return self.streams[worker].batches(self.states[worker])
+
+
+class StreamingLoader:
+    """Iterable of packed batches (see `packing` for the dict) with `state_dict`/`load_state_dict`."""
+
+    def __init__(self, cfg: DataConfig, tokenizer: Tokenizer | None = None, image_transform: ImageTransform | None = None,
+                 rank: int = 0, world_size: int = 1):
+        check(0 <= rank < world_size, "rank", rank, f"must be in [0, world_size = {world_size})")
+        check(world_size == 1 or cfg.infinite, "steps_per_epoch", cfg.steps_per_epoch,
+              "must be set (or resampled: true) when world_size > 1, so that every rank runs the same steps")
+        self.cfg, self.rank, self.world_size = cfg, rank, world_size
+        self.tokenizer = tokenizer or load_tokenizer(cfg.tokenizer)
+        transform = image_transform or default_image_transform(cfg.image_size)
+        self.num_streams = max(1, cfg.num_workers)
+        shards = list_shards(cfg.shards)
+        check(not cfg.infinite or cfg.resampled or len(shards) >= world_size * self.num_streams, "num_workers",
+              cfg.num_workers, f"too many: {len(shards)} shards cannot feed world_size {world_size} x "
+              f"{self.num_streams} workers in an endless stream (use fewer workers, more shards or resampled)")
+        self.streams = [WorkerStream(cfg, shards, self.tokenizer, transform, rank, world_size, w, self.num_streams)
+                        for w in range(self.num_streams)]
+        self.epoch, self.step, self.next_worker = 0, 0, 0
+        self.worker_states = self._fresh_states()
+        self.past_skipped: dict[str, int] = {}
+
+    def _fresh_states(self) -> list[dict[str, Any]]:
+        pass_index = 0 if self.cfg.infinite else self.epoch
+        return [initial_worker_state(w, pass_index) for w in range(self.num_streams)]
+
+    @property
+    def skipped(self) -> dict[str, int]:
+        """Skipped inputs by reason, summed over workers and epochs (for the training log)."""
+        return merge_counts([self.past_skipped] + [s["skipped"] for s in self.worker_states])
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        """The rest of the current epoch. Batches are held back by one so that a worker's end marker
+        is seen before its last batch is yielded: the state after an epoch's last batch already
+        points at the next epoch."""
+        dataset = _WorkerDataset(self.streams, [dict(s) for s in self.worker_states], self.next_worker)
+        if self.cfg.num_workers == 0:
+            source = iter(dataset)
+        else:
+            # Its own generator: creating workers must not consume the caller's (training) RNG.
+            generator = torch.Generator().manual_seed(self.cfg.seed)
+            source = iter(DataLoader(dataset, batch_size=None, num_workers=self.cfg.num_workers, generator=generator))
+        held: tuple[dict[str, torch.Tensor], dict[str, Any]] | None = None
+        for batch, state in source:
+            if batch is None:  # a worker's final state (finite mode)
+                if held is not None and held[1]["worker"] == state["worker"]:
+                    held = (held[0], state)
+                else:
+                    self.worker_states[state["worker"]] = state
+                continue
+            if held is not None:
+                epoch = self.epoch
+                yield self._advance(*held, last=False)
+                if self.epoch != epoch:
+                    return
+            held = (batch, state)
+        if self.cfg.infinite:
+            raise RuntimeError("an infinite data stream ended")
+        if held is not None:
+            yield self._advance(*held, last=True)
+        else:
+            self._end_epoch()
+
+    def _advance(self, batch: dict[str, torch.Tensor], state: dict[str, Any], last: bool) -> dict[str, torch.Tensor]:
+        """Account for `batch` (from the worker in `state`) being handed out."""
+        self.worker_states[state["worker"]] = state
+        self.next_worker = (state["worker"] + 1) % self.num_streams
+        self.step += 1
+        if last or self.step == self.cfg.steps_per_epoch:
+            self._end_epoch()
+        return batch
+
+    def _end_epoch(self) -> None:
+        self.epoch, self.step = self.epoch + 1, 0
+        if not self.cfg.infinite:  # the next epoch is the next pass: workers start over
+            self.past_skipped = self.skipped
+            self.worker_states, self.next_worker = self._fresh_states(), 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "epoch": self.epoch, "step": self.step, "next_worker": self.next_worker,
+            "workers": [dict(s) for s in self.worker_states], "past_skipped": dict(self.past_skipped),
+            "seed": self.cfg.seed, "rank": self.rank, "world_size": self.world_size, "num_workers": self.num_streams,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for name, mine in (("seed", self.cfg.seed), ("rank", self.rank), ("world_size", self.world_size),
+                           ("num_workers", self.num_streams)):
+            check(state[name] == mine, name, mine, f"must equal the saved loader state's {name} = {state[name]} to resume")
+        self.epoch, self.step, self.next_worker = state["epoch"], state["step"], state["next_worker"]
+        self.worker_states = [dict(s) for s in state["workers"]]
+        self.past_skipped = dict(state["past_skipped"])

@@ -1,0 +1,130 @@
+"""Greedy packing of documents into fixed-length rows, and rows into the model's batch dict.
+
+Rows of `seq_len` tokens are filled with documents in stream order. A document longer than the
+space left is split: the part that fits ends the row, the rest starts the next row as a new
+document (new doc id, no bos). A split never falls inside an image block (<img_start> ..
+<img_end>): it moves to just before the block, and the row is padded at its end.
+
+Batch dict (B rows, T = seq_len, N = images in the batch):
+    input_ids  (B, T) int64  image positions hold image_id, padding holds pad_id
+    modality   (B, T) int64  0 text, 1 image
+    doc_ids    (B, T) int64  0, 1, 2, ... per document in the row; -1 on padding
+    labels     (B, T) int64  already shifted: next token if it is text in the same doc, else -100
+    images     (N, 3, H, W) float  row-major order; N * tokens_per_image == (modality == 1).sum()
+    num_images (B,) int64    images per row
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from data_pipelines.sequence import TEXT, Sequence, shift_labels
+
+
+@dataclass
+class Row:
+    """One packed row under construction (unpadded)."""
+
+    input_ids: list[int] = field(default_factory=list)
+    modality: list[int] = field(default_factory=list)
+    doc_ids: list[int] = field(default_factory=list)
+    images: list[Any] = field(default_factory=list)
+    num_docs: int = 0
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    def add(self, seq: Sequence, start: int, end: int) -> None:
+        """Append tokens [start, end) of `seq` as a new document of this row."""
+        self.input_ids.extend(seq.input_ids[start:end])
+        self.modality.extend(seq.modality[start:end])
+        self.doc_ids.extend([self.num_docs] * (end - start))
+        self.images.extend(img for img, (s, _) in zip(seq.images, seq.image_spans) if start <= s < end)
+        self.num_docs += 1
+
+    def pad_to(self, length: int, pad_id: int) -> Row:
+        n = length - len(self)
+        self.input_ids.extend([pad_id] * n)
+        self.modality.extend([TEXT] * n)
+        self.doc_ids.extend([-1] * n)
+        return self
+
+
+def split_point(seq: Sequence, limit: int) -> int:
+    """Largest cut <= limit that does not fall inside an image block."""
+    for start, end in seq.image_spans:
+        if start < limit < end:
+            return start
+    return limit
+
+
+class RowPacker:
+    """Turns a stream of (tag, Sequence) into full rows; remembers where it stands.
+
+    After each yielded row, `pending` is (tag, offset) of the document whose tokens from `offset`
+    on are not yet packed, or None when the document tagged `last_tag` was consumed completely.
+    The loader stores these tags (stream positions) to resume exactly.
+    """
+
+    def __init__(self, seq_len: int, pad_id: int):
+        self.seq_len = seq_len
+        self.pad_id = pad_id
+        self.pending: tuple[Any, int] | None = None
+        self.last_tag: Any = None
+        self._pending_seq: Sequence | None = None
+
+    def resume_with(self, tag: Any, seq: Sequence, offset: int) -> None:
+        """Start with the remainder (from `offset`) of a document split by an earlier run."""
+        self.pending, self._pending_seq = (tag, offset), seq
+
+    def rows(self, docs: Iterator[tuple[Any, Sequence]]) -> Iterator[Row]:
+        row = Row()
+        while True:
+            if self.pending is None:
+                nxt = next(docs, None)
+                if nxt is None:
+                    break
+                self.pending, self._pending_seq = (nxt[0], 0), nxt[1]
+            (tag, offset), seq = self.pending, self._pending_seq
+            end = len(seq)
+            if end - offset > self.seq_len - len(row):
+                end = split_point(seq, offset + self.seq_len - len(row))
+                if end == offset and len(row) == 0:
+                    raise ValueError(f"an image block of {tag} does not fit in seq_len = {self.seq_len}")
+            if end > offset:
+                row.add(seq, offset, end)
+            if end == len(seq):
+                self.pending, self._pending_seq, self.last_tag = None, None, tag
+            else:
+                self.pending = (tag, end)
+            if end < len(seq) or len(row) == self.seq_len:
+                yield row.pad_to(self.seq_len, self.pad_id)
+                row = Row()
+        if len(row):
+            yield row.pad_to(self.seq_len, self.pad_id)
+
+
+def collate_rows(rows: list[Row], image_shape: tuple[int, int, int]) -> dict[str, torch.Tensor]:
+    """Stack equal-length rows into the batch dict; images must already be tensors (3, H, W)."""
+    input_ids = torch.tensor([r.input_ids for r in rows], dtype=torch.long)  # (B, T)
+    modality = torch.tensor([r.modality for r in rows], dtype=torch.long)  # (B, T)
+    doc_ids = torch.tensor([r.doc_ids for r in rows], dtype=torch.long)  # (B, T)
+    images = [img for r in rows for img in r.images]
+    return {
+        "input_ids": input_ids,
+        "modality": modality,
+        "doc_ids": doc_ids,
+        "labels": shift_labels(input_ids, modality, doc_ids),
+        "images": torch.stack(images) if images else torch.zeros(0, *image_shape),  # (N, 3, H, W)
+        "num_images": torch.tensor([len(r.images) for r in rows], dtype=torch.long),  # (B,)
+    }
+
+
+def sequence_batch(seq: Sequence, image_shape: tuple[int, int, int]) -> dict[str, torch.Tensor]:
+    """A batch of one unpadded row holding `seq` alone (evaluation, generation prompts)."""
+    row = Row()
+    row.add(seq, 0, len(seq))
+    return collate_rows([row], image_shape)

@@ -1,0 +1,327 @@
+"""The shard format (webdataset tars), its writer with a CLI, and the sample decoder.
+
+Layout: one sample = the tar members sharing a key (`{key}.{ext}`); keys are 9-digit indices,
+never containing a dot. Four sample kinds:
+
+    caption      {key}.jpg|png|webp + {key}.txt (+ {key}.json metadata, e.g. from img2dataset)
+    qa           {key}.png + {key}.json = {"question": ..., "answer": ...}
+    interleaved  {key}.json = {"pieces": [{"text": "..."}, {"image": "0.png"}, ...]}
+                 + {key}.0.png, {key}.1.jpg, ... (each "image" names the member's extension)
+    text         {key}.txt
+
+`decode_sample` maps a sample to document pieces (str or PIL image): caption → [image, caption];
+qa → [image, "Question: q Answer: a"]; interleaved → its pieces; text → [text].
+
+Writer sources (CLI `python -m data_pipelines.shards SOURCE INPUT --out DIR`):
+    img2dataset  a folder (searched recursively) of NNNN.jpg + NNNN.txt (+ NNNN.json)
+    pairs        JSONL of {"image": path, "text": caption}
+    interleaved  JSONL of {"pieces": [{"text": ...} | {"image": path}]}
+                 or OBELICS-style {"texts": [str|null], "images": [path|null]}
+    text         JSONL of {"text": ...}
+Image paths in JSONL are relative to the JSONL file's folder. Inputs that cannot be used are
+skipped and listed with their reason in `DIR/manifest.json` beside per-shard sample counts.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import webdataset as wds
+from PIL import Image
+from tqdm import tqdm
+
+from data_pipelines.errors import BadSample
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+MANIFEST = "manifest.json"
+Piece = str | Image.Image
+
+
+# ----------------------------------------------------------------------------- reading samples
+
+def qa_prompt(question: str) -> str:
+    return f"Question: {question} Answer:"
+
+
+def qa_text(question: str, answer: str) -> str:
+    return f"{qa_prompt(question)} {answer}"
+
+
+def decode_image(data: bytes) -> Image.Image:
+    try:
+        img = Image.open(io.BytesIO(data))
+        img.load()
+        return img.convert("RGB")
+    except Exception as e:  # PIL raises many types for corrupt or truncated files
+        raise BadSample("bad_image", f"{type(e).__name__}: {e}") from None
+
+
+def decode_text(data: bytes, reason: str = "missing_caption") -> str:
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise BadSample("bad_caption", str(e)) from None
+    if not text.strip():
+        raise BadSample(reason, "empty text")
+    return text
+
+
+def decode_json(data: bytes) -> dict[str, Any]:
+    try:
+        obj = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise BadSample("bad_json", str(e)) from None
+    if not isinstance(obj, dict):
+        raise BadSample("bad_json", f"top level is {type(obj).__name__}, expected an object")
+    return obj
+
+
+def _image_field(fields: dict[str, bytes]) -> str | None:
+    return next((ext for ext in IMAGE_EXTS if ext in fields), None)
+
+
+def _interleaved_pieces(meta: dict[str, Any], fields: dict[str, bytes]) -> list[Piece]:
+    pieces = meta["pieces"]
+    if not isinstance(pieces, list) or not pieces:
+        raise BadSample("bad_json", "'pieces' must be a non-empty list")
+    out: list[Piece] = []
+    for i, piece in enumerate(pieces):
+        if isinstance(piece, dict) and isinstance(piece.get("text"), str):
+            out.append(piece["text"])
+        elif isinstance(piece, dict) and isinstance(piece.get("image"), str):
+            if piece["image"] not in fields:
+                raise BadSample("missing_image", f"pieces[{i}] names {piece['image']!r}, not in the sample")
+            out.append(decode_image(fields[piece["image"]]))
+        else:
+            raise BadSample("bad_json", f"pieces[{i}] must be {{'text': str}} or {{'image': str}}")
+    return out
+
+
+def decode_sample(raw: dict[str, Any]) -> list[Piece]:
+    """Pieces of one webdataset sample (see the module docstring); raises BadSample."""
+    fields = {k: v for k, v in raw.items() if not k.startswith("__")}
+    if not any(len(v) for v in fields.values()):
+        raise BadSample("empty_sample", "no members" if not fields else "all members are empty")
+    image_key = _image_field(fields)
+    if "txt" in fields:
+        if image_key is None:
+            return [decode_text(fields["txt"], reason="empty_sample")]
+        caption = decode_text(fields["txt"])
+        return [decode_image(fields[image_key]), caption]
+    if "json" in fields:
+        meta = decode_json(fields["json"])
+        if "pieces" in meta:
+            return _interleaved_pieces(meta, fields)
+        if "question" in meta and "answer" in meta:
+            if image_key is None:
+                raise BadSample("missing_image", "qa sample without an image")
+            return [decode_image(fields[image_key]), qa_text(str(meta["question"]), str(meta["answer"]))]
+        if image_key is not None:
+            raise BadSample("missing_caption", "image with metadata but no .txt")
+        raise BadSample("bad_json", "expected 'pieces' or 'question'/'answer'")
+    if image_key is not None:
+        raise BadSample("missing_caption", "image without .txt")
+    raise BadSample("empty_sample", f"no usable members in {sorted(fields)}")
+
+
+# ----------------------------------------------------------------------------- sources
+
+@dataclass
+class Skipped:
+    """An input that the writer could not turn into a sample."""
+
+    input: str
+    reason: str
+    detail: str = ""
+
+
+Sample = dict[str, bytes]  # extension → bytes, without __key__
+SourceItem = Sample | Skipped
+
+
+def _ext(path: Path) -> str:
+    ext = path.suffix.lower().lstrip(".")
+    return "jpg" if ext == "jpeg" else ext
+
+
+def read_image_file(path: Path) -> tuple[str, bytes]:
+    """(extension, bytes) of an image file that decodes; raises BadSample."""
+    if not path.is_file():
+        raise BadSample("missing_image", str(path))
+    data = path.read_bytes()
+    decode_image(data)
+    if _ext(path) not in IMAGE_EXTS:
+        raise BadSample("bad_image", f"unsupported extension {path.suffix!r} (use {', '.join(IMAGE_EXTS)})")
+    return _ext(path), data
+
+
+def img2dataset_folder(folder: str | Path) -> Iterator[SourceItem]:
+    """Samples from a folder in img2dataset layout: NNNN.jpg + NNNN.txt (+ NNNN.json)."""
+    stems: dict[Path, dict[str, Path]] = {}
+    for path in sorted(Path(folder).rglob("*")):
+        if path.is_file() and (_ext(path) in IMAGE_EXTS or _ext(path) in ("txt", "json")):
+            stems.setdefault(path.with_suffix(""), {})[_ext(path)] = path
+    for stem, files in stems.items():
+        try:
+            image = next((files[e] for e in IMAGE_EXTS if e in files), None)
+            if image is None:
+                raise BadSample("missing_image", "no image file")
+            if "txt" not in files:
+                raise BadSample("missing_caption", "no .txt file")
+            ext, data = read_image_file(image)
+            sample = {ext: data, "txt": decode_text(files["txt"].read_bytes()).encode("utf-8")}
+            if "json" in files:
+                decode_json(files["json"].read_bytes())
+                sample["json"] = files["json"].read_bytes()
+            yield sample
+        except BadSample as e:
+            yield Skipped(str(stem), e.reason, e.detail)
+
+
+def _jsonl(path: str | Path) -> Iterator[tuple[str, dict[str, Any] | Skipped]]:
+    for n, line in enumerate(Path(path).read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+        where = f"{path}:{n}"
+        if not line.strip():
+            continue
+        try:
+            yield where, decode_json(line.encode("utf-8"))
+        except BadSample as e:
+            yield where, Skipped(where, e.reason, e.detail)
+
+
+def jsonl_pairs(path: str | Path) -> Iterator[SourceItem]:
+    """Samples from JSONL lines {"image": path, "text": caption}."""
+    root = Path(path).parent
+    for where, obj in _jsonl(path):
+        if isinstance(obj, Skipped):
+            yield obj
+            continue
+        try:
+            if not isinstance(obj.get("text"), str) or not obj["text"].strip():
+                raise BadSample("missing_caption", "'text' missing or empty")
+            if not isinstance(obj.get("image"), str):
+                raise BadSample("missing_image", "'image' missing")
+            ext, data = read_image_file(root / obj["image"])
+            yield {ext: data, "txt": obj["text"].encode("utf-8")}
+        except BadSample as e:
+            yield Skipped(where, e.reason, e.detail)
+
+
+def _obelics_pieces(obj: dict[str, Any]) -> list[dict[str, str]]:
+    texts, images = obj.get("texts"), obj.get("images")
+    if not isinstance(texts, list) or not isinstance(images, list) or len(texts) != len(images):
+        raise BadSample("bad_json", "need 'pieces', or 'texts' and 'images' lists of equal length")
+    return [{"text": t} if t is not None else {"image": i} for t, i in zip(texts, images) if (t, i) != (None, None)]
+
+
+def jsonl_interleaved(path: str | Path) -> Iterator[SourceItem]:
+    """Samples from JSONL interleaved documents (ordered text pieces and image paths)."""
+    root = Path(path).parent
+    for where, obj in _jsonl(path):
+        if isinstance(obj, Skipped):
+            yield obj
+            continue
+        try:
+            pieces = obj["pieces"] if "pieces" in obj else _obelics_pieces(obj)
+            if not isinstance(pieces, list) or not pieces:
+                raise BadSample("empty_sample", "no pieces")
+            sample: Sample = {}
+            stored: list[dict[str, str]] = []
+            for i, piece in enumerate(pieces):
+                if isinstance(piece, dict) and isinstance(piece.get("text"), str):
+                    stored.append({"text": piece["text"]})
+                elif isinstance(piece, dict) and isinstance(piece.get("image"), str):
+                    ext, data = read_image_file(root / piece["image"])
+                    name = f"{sum('image' in p for p in stored)}.{ext}"
+                    sample[name] = data
+                    stored.append({"image": name})
+                else:
+                    raise BadSample("bad_json", f"pieces[{i}] must be {{'text': str}} or {{'image': path}}")
+            sample["json"] = json.dumps({"pieces": stored}, ensure_ascii=False).encode("utf-8")
+            yield sample
+        except BadSample as e:
+            yield Skipped(where, e.reason, e.detail)
+
+
+def jsonl_text(path: str | Path) -> Iterator[SourceItem]:
+    """Samples from JSONL lines {"text": document}."""
+    for where, obj in _jsonl(path):
+        if isinstance(obj, Skipped):
+            yield obj
+        elif not isinstance(obj.get("text"), str) or not obj["text"].strip():
+            yield Skipped(where, "empty_sample", "'text' missing or empty")
+        else:
+            yield {"txt": obj["text"].encode("utf-8")}
+
+
+SOURCES = {"img2dataset": img2dataset_folder, "pairs": jsonl_pairs, "interleaved": jsonl_interleaved, "text": jsonl_text}
+
+
+# ----------------------------------------------------------------------------- writer
+
+def write_shards(
+    items: Iterable[SourceItem],
+    out_dir: str | Path,
+    maxcount: int = 1000,
+    maxsize: float = 1e9,
+    total: int | None = None,
+    desc: str = "writing shards",
+) -> dict[str, Any]:
+    """Write samples to `out_dir/shard-NNNNNN.tar` and `out_dir/manifest.json`; returns the manifest.
+
+    Tar members get mtime 0, so the same samples always give byte-identical shards.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    per_shard: Counter[str] = Counter()
+    skipped: list[dict[str, str]] = []
+    writer = wds.ShardWriter(str(out / "shard-%06d.tar"), maxcount=maxcount, maxsize=maxsize, verbose=0, mtime=0.0)
+    try:
+        for item in tqdm(items, total=total, desc=desc, unit="sample", leave=False):
+            if isinstance(item, Skipped):
+                skipped.append({"input": item.input, "reason": item.reason, "detail": item.detail})
+                continue
+            writer.write({"__key__": f"{sum(per_shard.values()):09d}", **item})
+            per_shard[Path(writer.fname).name] += 1
+    finally:
+        writer.close()
+    for tar in out.glob("shard-*.tar"):  # ShardWriter opens its first shard even when nothing comes
+        if per_shard[tar.name] == 0:
+            tar.unlink()
+    shards = [{"path": name, "samples": n, "bytes": (out / name).stat().st_size} for name, n in sorted(per_shard.items())]
+    manifest = {
+        "samples": sum(per_shard.values()),
+        "bytes": sum(s["bytes"] for s in shards),
+        "shards": shards,
+        "skipped_counts": dict(sorted(Counter(s["reason"] for s in skipped).items())),
+        "skipped": skipped,
+    }
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    return manifest
+
+
+def load_manifest(shard_dir: str | Path) -> dict[str, Any]:
+    return json.loads((Path(shard_dir) / MANIFEST).read_text())
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("source", choices=sorted(SOURCES), help="input kind")
+    parser.add_argument("input", help="folder (img2dataset) or JSONL file")
+    parser.add_argument("--out", required=True, help="output folder for shard-NNNNNN.tar + manifest.json")
+    parser.add_argument("--maxcount", type=int, default=1000, help="max samples per shard")
+    parser.add_argument("--maxsize", type=float, default=1e9, help="max bytes per shard")
+    args = parser.parse_args(argv)
+    manifest = write_shards(SOURCES[args.source](args.input), args.out, args.maxcount, args.maxsize)
+    print(f"{manifest['samples']} samples, {manifest['bytes']} bytes in {len(manifest['shards'])} shards; "
+          f"skipped {manifest['skipped_counts'] or 0} → {Path(args.out) / MANIFEST}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,132 @@
+"""ConceptMoEVLM: interleaving, no loss on images, forced switches, causality with images, 2D chunking."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cmoe_vlm.chunking import ChunkConfig
+from cmoe_vlm.layers.moe import MoEConfig
+from cmoe_vlm.model import ModelConfig
+from cmoe_vlm.vlm import ConceptMoEVLM, VLMConfig, above_patch_index, image_run_index
+from data_pipelines.packing import Row, collate_rows
+from data_pipelines.sequence import build_sequence
+from data_pipelines.tokenizer import ByteTokenizer
+from vision import ProjectorConfig, VisionConfig
+
+TOK = ByteTokenizer()
+
+
+def vlm_config(**chunk) -> VLMConfig:
+    return VLMConfig(
+        model=ModelConfig(dim=48, num_heads=4, encoder_layers=1, concept_layers=1, decoder_layers=1,
+                          moe=MoEConfig(num_experts=4, top_k=2, expert_hidden=48), chunk=ChunkConfig(**chunk)),
+        vision=VisionConfig(img_size=32, patch_size=8, embed_dim=48, depth=1, num_heads=3, crop_pct=1.0),
+        projector=ProjectorConfig(reduction=1),  # 4x4 = 16 tokens per image
+    )
+
+
+def batch_of(docs: list[list], cfg: VLMConfig, seq_len: int = 160) -> dict:
+    """Pack each document (text pieces and image tensors) into its own row."""
+    rows = []
+    for pieces in docs:
+        seq = build_sequence(pieces, TOK, cfg.tokens_per_image)
+        row = Row()
+        row.add(seq, 0, len(seq))
+        rows.append(row.pad_to(seq_len, TOK.pad_id))
+    return collate_rows(rows, (3, 32, 32))
+
+
+def image(seed: int) -> torch.Tensor:
+    return torch.randn(3, 32, 32, generator=torch.Generator().manual_seed(seed))
+
+
+DOCS = [  # images at the start, in the middle, at the end, and several per sample
+    [image(0), "a red square above a blue circle"],
+    ["two pictures: ", image(1), " and ", image(2), " side by side"],
+    ["the last picture is", image(3)],
+]
+
+
+@pytest.fixture
+def model():
+    torch.manual_seed(0)
+    return ConceptMoEVLM(vlm_config()).eval()
+
+
+def test_image_tokens_are_written_in_order_and_get_no_lm_loss(model):
+    batch = batch_of(DOCS, model.cfg)
+    assert batch["images"].shape[0] == 4 and batch["num_images"].tolist() == [1, 2, 1]
+    mod = batch["modality"]
+    assert int((mod == 1).sum()) == 4 * 16
+    # no label ever asks to predict an image position
+    targets_image = torch.zeros_like(mod, dtype=torch.bool)
+    targets_image[:, :-1] = mod[:, 1:] == 1
+    assert (batch["labels"][targets_image] == -100).all()
+    # the LM loss is the cross-entropy over text targets only
+    out = model(**batch)
+    mask = batch["labels"] != -100
+    ref = F.cross_entropy(out.logits[mask], batch["labels"][mask])
+    torch.testing.assert_close(out.lm_loss, ref)
+    # the embedding holds the projected patches, image by image, in raster order
+    x = model.embed(batch["input_ids"], mod, batch["images"])
+    feats = model.projector(model.vision(batch["images"]), model.vision.grid_size)
+    torch.testing.assert_close(x[1][mod[1] == 1].view(2, 16, -1), feats[1:3])
+    assert out.compression["image"].tokens == 64 and out.compression["text"].tokens == int(
+        ((mod == 0) & (batch["doc_ids"] >= 0)).sum())
+
+
+def test_wrong_image_count_is_a_clear_error(model):
+    batch = batch_of(DOCS, model.cfg)
+    with pytest.raises(ValueError, match="64 image positions but 3 images"):
+        model(**{**batch, "images": batch["images"][:3]})
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_boundaries_forced_at_every_modality_switch(model, training):
+    model.train(training)
+    batch = batch_of(DOCS, model.cfg)
+    out = model(**batch)
+    mod = batch["modality"]
+    switch = torch.zeros_like(mod, dtype=torch.bool)
+    switch[:, 1:] = mod[:, 1:] != mod[:, :-1]
+    assert switch.sum() == 8
+    assert out.boundaries[switch].all() and (out.boundary_probs[switch] == 1).all()
+
+
+@pytest.mark.parametrize("image_chunking", ["raster", "2d"])
+def test_causality_with_images(image_chunking):
+    torch.manual_seed(0)
+    model = ConceptMoEVLM(vlm_config(image_chunking=image_chunking)).eval()
+    batch = batch_of([DOCS[1]], model.cfg)
+    base = model(**batch).logits
+    mod = batch["modality"][0]
+    first_img2 = int((mod == 1).nonzero()[16])  # first patch of the second image
+    changed = {**batch, "images": batch["images"].clone()}
+    changed["images"][1] = image(99)  # a later image
+    later = model(**changed).logits
+    torch.testing.assert_close(base[:, :first_img2], later[:, :first_img2], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(base[:, first_img2:], later[:, first_img2:])
+    ids = batch["input_ids"].clone()
+    t = first_img2 + 20  # later text
+    ids[0, t] = (ids[0, t] + 1) % 256
+    later_text = model(**{**batch, "input_ids": ids}).logits
+    torch.testing.assert_close(base[:, :t], later_text[:, :t], atol=1e-5, rtol=1e-5)
+
+
+def test_2d_neighbour_indices():
+    mod = torch.tensor([[0, 0, 1, 1, 1, 1, 1, 1, 0, 1, 1, 1, 1, 1, 1, 0]])
+    assert image_run_index(mod).tolist() == [[-1, -1, 0, 1, 2, 3, 4, 5, -1, 0, 1, 2, 3, 4, 5, -1]]
+    above = above_patch_index(mod, grid_cols=3)  # two 2x3 images
+    assert above.tolist() == [[-1, -1, -1, -1, -1, 2, 3, 4, -1, -1, -1, -1, 9, 10, 11, -1]]
+
+
+def test_cached_prefill_with_image_then_text_decoding(model):
+    batch = batch_of([DOCS[1]], model.cfg, seq_len=80)
+    n = int((batch["doc_ids"][0] >= 0).sum())
+    with torch.no_grad():
+        full = model(**{k: v[:, :n] if v.dim() == 2 else v for k, v in batch.items()}).logits
+        state = model.new_state(1)
+        split = 58  # both images (positions 15-32 and 38-55) lie inside the prefill span
+        pre = model(batch["input_ids"][:, :split], batch["modality"][:, :split], batch["images"], state=state).logits
+        steps = [model(batch["input_ids"][:, t:t + 1], batch["modality"][:, t:t + 1], state=state).logits
+                 for t in range(split, n)]
+    torch.testing.assert_close(torch.cat([pre, *steps], 1), full, atol=1e-4, rtol=1e-4)
