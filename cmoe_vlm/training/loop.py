@@ -18,6 +18,7 @@ from vision import build_image_transform
 
 from ..chunking import CollapseMonitor, ModalityStats
 from ..config import to_dict
+from ..export import save_pretrained
 from ..vlm import ConceptMoEVLM
 from .checkpoint import Checkpointer
 from .config import ExperimentConfig
@@ -184,6 +185,8 @@ def train(exp: ExperimentConfig) -> dict[str, Any]:
         eval_loader = StreamingLoader(eval_cfg, image_transform=build_image_transform(model.vision, train=False))
         summary["heldout"] = evaluate(model, eval_loader, cfg.eval_batches)
     if rank == 0:
+        if stop["signal"] is None:
+            summary["exported"] = str(save_pretrained(engine.module, out_dir / "final", tokenizer=exp.data.tokenizer))
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     logger.close()
     return summary

@@ -130,3 +130,20 @@ def test_cached_prefill_with_image_then_text_decoding(model):
         steps = [model(batch["input_ids"][:, t:t + 1], batch["modality"][:, t:t + 1], state=state).logits
                  for t in range(split, n)]
     torch.testing.assert_close(torch.cat([pre, *steps], 1), full, atol=1e-4, rtol=1e-4)
+
+
+def test_save_and_load_pretrained_roundtrip(model, tmp_path):
+    import json
+
+    from cmoe_vlm.export import load_pretrained, save_pretrained
+
+    batch = batch_of(DOCS, model.cfg)
+    save_pretrained(model, tmp_path / "m")
+    loaded, meta = load_pretrained(tmp_path / "m")
+    assert meta["tokens_per_image"] == 16 and not loaded.training
+    torch.testing.assert_close(loaded(**batch).logits, model(**batch).logits, rtol=0, atol=0)
+    # a config from an older version (a field it did not have yet) still loads, with the default
+    cfg = json.loads((tmp_path / "m/config.json").read_text())
+    del cfg["vlm"]["model"]["chunk"]["image_chunking"]
+    (tmp_path / "m/config.json").write_text(json.dumps(cfg))
+    assert load_pretrained(tmp_path / "m")[0].cfg.model.chunk.image_chunking == "raster"

@@ -1,0 +1,56 @@
+"""Self-contained model folders: `config.json` + `model.safetensors`, loadable without DeepSpeed.
+
+    save_pretrained(model, "runs/tiny/final", tokenizer="byte")
+    model, info = load_pretrained("runs/tiny/final")
+
+`config.json` holds the VLM config (model, vision, projector) and what is needed to rebuild the
+inputs (tokenizer spec, tokens per image). Configs written by older versions load: missing fields
+take their defaults.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_model, save_model
+
+from .config import from_dict, to_dict
+from .vlm import ConceptMoEVLM, VLMConfig
+
+FORMAT, VERSION = "cmoe-vlm", 1
+
+
+def save_pretrained(model: ConceptMoEVLM, out_dir: str | Path, tokenizer: str = "byte",
+                    extra: dict[str, Any] | None = None) -> Path:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {"format": FORMAT, "version": VERSION, "vlm": to_dict(model.cfg), "tokenizer": tokenizer,
+            "tokens_per_image": model.cfg.tokens_per_image, **(extra or {})}
+    tmp = out / "model.safetensors.tmp"
+    save_model(model, str(tmp))
+    tmp.replace(out / "model.safetensors")
+    (out / "config.json").write_text(json.dumps(meta, indent=2))
+    return out
+
+
+def load_pretrained(path: str | Path, device: str | torch.device = "cpu") -> tuple[ConceptMoEVLM, dict[str, Any]]:
+    """Rebuild the model from a folder written by `save_pretrained`; returns (model in eval mode, config.json)."""
+    path = Path(path)
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(f"{path}: no config.json; expected a folder written by save_pretrained "
+                                f"(training writes one to <out_dir>/final)")
+    meta = json.loads((path / "config.json").read_text())
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{path}/config.json: format {meta.get('format')!r} is not {FORMAT!r}")
+    cfg = from_dict(VLMConfig, meta["vlm"])
+    # The ViT's weights come from model.safetensors: do not look for its original checkpoint file.
+    cfg = replace(cfg, vision=replace(cfg.vision, pretrained=False, checkpoint_path=None))
+    model = ConceptMoEVLM(cfg)
+    missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{path}/model.safetensors does not match its config: missing {sorted(missing)[:5]}, "
+                         f"unexpected {sorted(unexpected)[:5]}")
+    return model.to(device).eval(), meta
