@@ -1,6 +1,8 @@
 # cmoe-vlm: the two quick-start targets (each sets up .venv/ first), plus a few helpers.
 PY := .venv/bin/python
 export PYTHONWARNINGS ?= ignore::DeprecationWarning
+# OpenMP threads spin-wait by default: on a shared 2-core machine that costs several x (measured)
+export OMP_WAIT_POLICY ?= PASSIVE
 export DS_ACCELERATOR ?= $(if $(shell command -v nvidia-smi 2>/dev/null),cuda,cpu)
 
 .PHONY: setup demo test test-fast bench flops clean

@@ -4,8 +4,8 @@
 
 This is the linear recurrence y_m = a_m y_{m−1} + u_m with a = 1 − P, u = P·ĉ. `ema_scan`
 computes it in parallel: blocks of Q concepts are solved with a Q×Q matrix of decays built from
-segment sums of log a (no global exp(−cumsum), which overflows), and the block-end states are
-chained with the same construction one level up.
+segment sums of log a (no global exp(−cumsum), which overflows), and the block-end states, which
+follow the same recurrence, are chained by calling the scan on them recursively.
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ def _segsum(log_a: torch.Tensor) -> torch.Tensor:
     return x.masked_fill(~strict.logical_or(torch.eye(L, dtype=torch.bool, device=log_a.device)), float("-inf"))
 
 
-def ema_scan(u: torch.Tensor, log_a: torch.Tensor, block: int = 64) -> torch.Tensor:
+def ema_scan(u: torch.Tensor, log_a: torch.Tensor, block: int = 32) -> torch.Tensor:
     """Solve y_m = a_m · y_{m−1} + u_m (y_0 = 0) for all m in parallel.
 
     u (B, M, D); log_a (B, M) with log_a = −inf where the recurrence resets. Returns y (B, M, D)
@@ -45,19 +45,20 @@ def ema_scan(u: torch.Tensor, log_a: torch.Tensor, block: int = 64) -> torch.Ten
 
     # Within each block, from a zero state: y_i = Σ_{j<=i} exp(Σ_{k=j+1..i} log a_k) u_j.
     y = torch.exp(_segsum(log_a)) @ u  # (B, nb, Q, D)
-    # Chain the blocks: s_c = exp(Σ_{k in c} log a_k) s_{c−1} + y_c[last], solved the same way.
-    decay_in = log_a.cumsum(-1)  # (B, nb, Q): log of the decay from block start through i
-    block_log_a = decay_in[..., -1]  # (B, nb)
-    states = torch.exp(_segsum(block_log_a)) @ y[:, :, -1]  # (B, nb, D) state at end of each block
-    prev = torch.cat([torch.zeros_like(states[:, :1]), states[:, :-1]], dim=1)  # (B, nb, D)
-    y = y + torch.exp(decay_in)[..., None] * prev[:, :, None]
+    if nb > 1:
+        # The block-end states obey the same recurrence, s_c = exp(Σ_{k in c} log a_k) s_{c−1} + y_c[last]:
+        # solve it recursively (O(M) overall), then add each block's incoming state, decayed.
+        decay_in = log_a.cumsum(-1)  # (B, nb, Q): log of the decay from block start through i
+        states = ema_scan(y[:, :, -1], decay_in[..., -1], block)  # (B, nb, D)
+        prev = torch.cat([torch.zeros_like(states[:, :1]), states[:, :-1]], dim=1)
+        y = torch.addcmul(y, torch.exp(decay_in)[..., None], prev[:, :, None])
     return y.reshape(B, nb * Q, D)[:, :M].to(dtype)
 
 
 class DechunkModule(nn.Module):
     """Smooths concept outputs with their boundary confidence and plugs them back into tokens."""
 
-    def __init__(self, p_clamp: float = 1e-4, block: int = 64):
+    def __init__(self, p_clamp: float = 1e-4, block: int = 32):
         super().__init__()
         self.p_clamp, self.block = p_clamp, block
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_file, save_file
 
 from .config import from_dict, to_dict
 from .vlm import ConceptMoEVLM, VLMConfig
@@ -24,13 +24,16 @@ FORMAT, VERSION = "cmoe-vlm", 1
 
 
 def save_pretrained(model: ConceptMoEVLM, out_dir: str | Path, tokenizer: str = "byte",
-                    extra: dict[str, Any] | None = None) -> Path:
+                    extra: dict[str, Any] | None = None, state: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write `model` (or `state`, its weights in the plain layout, e.g. gathered from expert-parallel
+    ranks) with its config."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     meta = {"format": FORMAT, "version": VERSION, "vlm": to_dict(model.cfg), "tokenizer": tokenizer,
             "tokens_per_image": model.cfg.tokens_per_image, **(extra or {})}
     tmp = out / "model.safetensors.tmp"
-    save_model(model, str(tmp))
+    state = model.state_dict() if state is None else state
+    save_file({k: v.detach().cpu().clone().contiguous() for k, v in state.items()}, str(tmp))
     tmp.replace(out / "model.safetensors")
     (out / "config.json").write_text(json.dumps(meta, indent=2))
     return out
@@ -49,7 +52,7 @@ def load_pretrained(path: str | Path, device: str | torch.device = "cpu") -> tup
     # The ViT's weights come from model.safetensors: do not look for its original checkpoint file.
     cfg = replace(cfg, vision=replace(cfg.vision, pretrained=False, checkpoint_path=None))
     model = ConceptMoEVLM(cfg)
-    missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=False)
+    missing, unexpected = model.load_state_dict(load_file(str(path / "model.safetensors")), strict=False)
     if missing or unexpected:
         raise ValueError(f"{path}/model.safetensors does not match its config: missing {sorted(missing)[:5]}, "
                          f"unexpected {sorted(unexpected)[:5]}")

@@ -121,6 +121,13 @@ class InferenceState:
     def num_concepts(self) -> torch.Tensor:
         return self.concept[0].lengths
 
+    def select(self, rows: torch.Tensor) -> None:
+        """Keep only `rows` (b,) of the batch, in that order (e.g. drop rows that finished generating)."""
+        for cache in self.encoder + self.concept + self.decoder:
+            cache.select(rows)
+        for name in ("num_tokens", "last_h", "last_modality", "carry", "c_bar"):
+            setattr(self, name, getattr(self, name)[rows])
+
     def cache_bytes(self) -> dict[str, int]:
         return {name: sum(c.bytes() for c in caches)
                 for name, caches in (("encoder", self.encoder), ("concept", self.concept), ("decoder", self.decoder))}
@@ -205,6 +212,11 @@ class ConceptMoE(nn.Module):
         inputs_embeds (B, T, d) replaces input_ids (the VLM passes text and image embeddings);
         above_index (B, T) is the position of the patch above each image patch (−1 if none), used by
         2D image chunking. Returns logits and, with labels, the losses.
+
+        With `state`, each row holds one document: doc_ids (B, T) is 0 for the row's next tokens and
+        −1 for padding after them (rows of a span may differ in length, e.g. prompts of different
+        lengths; a row may have none). Padding enters no cache, opens no concept and leaves the
+        carried state alone; its logits are meaningless.
         """
         x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
         B, T, _ = x.shape
@@ -214,11 +226,10 @@ class ConceptMoE(nn.Module):
             starts, positions = document_positions(doc_ids)
             mask = document_causal_mask(doc_ids)
         else:
-            if doc_ids is not None and int(doc_ids.max()) > 0:
-                raise ValueError("cached decoding takes one document per row")
+            lengths = self._span_lengths(doc_ids, B, T, x.device)
             positions = state.num_tokens[:, None] + torch.arange(T, device=x.device)
-            starts = positions == 0
-            doc_ids = torch.zeros(B, T, dtype=torch.long, device=x.device)
+            doc_ids = torch.where(torch.arange(T, device=x.device) < lengths[:, None], 0, -1)
+            starts = (positions == 0) & (doc_ids >= 0)
             mask = None
         valid = doc_ids >= 0
         expert_counts: list[torch.Tensor] = []
@@ -241,9 +252,11 @@ class ConceptMoE(nn.Module):
         else:
             bnd = self.chunk(h, starts, modality, state.last_h if state else None,
                              state.last_modality if state else None, above_index)
+            if state is not None:  # padded tail tokens of a span open no concept and add no content
+                bnd.b = bnd.b & valid
             p, b = bnd.p, bnd.b
-            cpt = merge_concepts(h, bnd, starts, doc_ids, positions, self.cfg.chunk.merge,
-                                 carry=state.carry if state else None)
+            cpt = merge_concepts(h if state is None else h * valid[..., None], bnd, starts, doc_ids, positions,
+                                 self.cfg.chunk.merge, carry=state.carry if state else None)
             xc = cpt.x if self.concept_in is None else self.concept_in(cpt.x)
             if state is None:
                 c_hat = run(schedule, xc, cpt.positions, document_causal_mask(cpt.doc_ids), None)
@@ -266,10 +279,12 @@ class ConceptMoE(nn.Module):
 
         if state is not None:
             for cache in state.encoder + state.decoder + ([] if self.chunk else state.concept):
-                cache.advance(torch.arange(B, device=x.device), T)
-            state.num_tokens += T
-            state.last_h = h[:, -1]
-            state.last_modality = modality[:, -1]
+                cache.advance(torch.arange(B, device=x.device), lengths)
+            state.num_tokens += lengths
+            has, last = lengths > 0, (lengths - 1).clamp_min(0)
+            state.last_h = torch.where(has[:, None], h.gather(1, last[:, None, None].expand(-1, 1, h.shape[-1]))[:, 0],
+                                       state.last_h)
+            state.last_modality = torch.where(has, modality.gather(1, last[:, None])[:, 0], state.last_modality)
 
         out = ModelOutput(logits=logits, tokens_per_expert=expert_counts, boundary_probs=p, boundaries=b,
                           compression=compression_stats(p, b, modality, valid))
@@ -281,6 +296,19 @@ class ConceptMoE(nn.Module):
             out.loss = (out.lm_loss + self.cfg.chunk.ratio_loss_weight * out.ratio_loss
                         + self.cfg.lb_loss_weight * out.lb_loss)
         return out
+
+    @staticmethod
+    def _span_lengths(doc_ids: torch.Tensor | None, B: int, T: int, device) -> torch.Tensor:
+        """Valid tokens per row of a cached span: doc_ids 0 for tokens, −1 for padding at the row's end."""
+        if doc_ids is None:
+            return torch.full((B,), T, dtype=torch.long, device=device)
+        if int(doc_ids.max()) > 0:
+            raise ValueError("cached decoding takes one document per row (doc_ids 0, or −1 for tail padding)")
+        valid = doc_ids >= 0
+        lengths = valid.sum(1)
+        if not torch.equal(valid, torch.arange(T, device=device) < lengths[:, None]):
+            raise ValueError("cached decoding: padding (doc_ids −1) must come after a row's tokens")
+        return lengths
 
     def _concept_step(self, schedule, xc, cpt, state: InferenceState, run) -> torch.Tensor:
         """Run the concept model on the new concepts of the rows that have any, with their caches."""

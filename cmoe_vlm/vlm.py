@@ -76,6 +76,12 @@ class ConceptMoEVLM(nn.Module):
         if n_images:
             feats = self.projector(self.vision(images), self.vision.grid_size)  # (N, P, d)
             x = x.masked_scatter(slots[..., None], feats.to(x.dtype))
+        elif self.training and torch.is_grad_enabled():
+            # A text-only batch still runs the vision tower once, on a blank image, at zero weight:
+            # every parameter then gets a gradient, so data-parallel ranks (ZeRO's gradient buckets)
+            # reduce the same tensors whether or not their batch held images.
+            blank = x.new_zeros(1, 3, *self.vision.img_size)
+            x = x + 0.0 * self.projector(self.vision(blank), self.vision.grid_size).sum().to(x.dtype)
         return x
 
     def forward(

@@ -38,15 +38,26 @@ class KVCache:
     def append(self, rows: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Write k, v (b, S, H, Dh) for `rows` (b,) at their current lengths (lengths do not advance:
         call `advance`). Returns the rows' keys and values up to their new ends, (b, L, H, Dh), and
-        the rows' start offsets (b,)."""
+        the rows' start offsets (b,). `rows` must be distinct and increasing (all rows: arange)."""
         start = self.lengths[rows]  # (b,)
         S = k.shape[1]
-        self._grow(int(start.max()) + S)
-        pos = start[:, None] + torch.arange(S, device=k.device)  # (b, S)
-        self.k[rows[:, None], pos] = k.to(self.k.dtype)
-        self.v[rows[:, None], pos] = v.to(self.v.dtype)
         end = int(start.max()) + S
+        self._grow(end)
+        all_rows = rows.numel() == self.k.shape[0]  # distinct and increasing: then rows == arange(B)
+        if all_rows and int(start.min()) == end - S:  # every row at the same length: a slice write
+            self.k[:, end - S:end] = k.to(self.k.dtype)
+            self.v[:, end - S:end] = v.to(self.v.dtype)
+        else:
+            pos = start[:, None] + torch.arange(S, device=k.device)  # (b, S)
+            self.k[rows[:, None], pos] = k.to(self.k.dtype)
+            self.v[rows[:, None], pos] = v.to(self.v.dtype)
+        if all_rows:  # views, not copies of the whole cache (decode reads it every step)
+            return self.k[:, :end], self.v[:, :end], start
         return self.k[rows, :end], self.v[rows, :end], start
+
+    def select(self, rows: torch.Tensor) -> None:
+        """Keep only `rows` (b,), in that order (drop finished rows of a batch)."""
+        self.k, self.v, self.lengths = self.k[rows], self.v[rows], self.lengths[rows]
 
     def advance(self, rows: torch.Tensor, n: torch.Tensor | int) -> None:
         self.lengths[rows] += n
@@ -112,9 +123,15 @@ class Attention(nn.Module):
             rows = torch.arange(B, device=x.device) if rows is None else rows
             k, v, start = cache.append(rows, k, v)  # (B, L, H_kv, Dh)
             L = k.shape[1]
-            q_pos = start[:, None] + torch.arange(T, device=x.device)  # (B, T) index in cache
-            mask = (torch.arange(L, device=x.device)[None, None, :] <= q_pos[:, :, None])[:, None]
-            is_causal = False
+            first, last = int(start.min()), int(start.max())
+            if last == 0:  # every row starts empty (prefill): plain causal, no dense (T, T) mask
+                mask, is_causal = None, True
+            elif T == 1 and first == last:  # one new token per row, all rows equally long: all keys valid
+                mask, is_causal = None, False
+            else:
+                q_pos = start[:, None] + torch.arange(T, device=x.device)  # (B, T) index in cache
+                mask = (torch.arange(L, device=x.device)[None, None, :] <= q_pos[:, :, None])[:, None]
+                is_causal = False
         y = F.scaled_dot_product_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
             attn_mask=mask, is_causal=is_causal, enable_gqa=self.num_kv_heads != self.num_heads,

@@ -74,9 +74,10 @@ class Experts(nn.Module):
             gate, up = h.chunk(2, dim=-1)
             return torch._grouped_mm((F.silu(gate) * up).contiguous(), self.w2.to(x_sorted.dtype), offs=offs)
         outs = []
-        for e, x_e in enumerate(x_sorted.split(tokens_per_expert.tolist())):
-            gate, up = (x_e @ self.w13[e]).chunk(2, dim=-1)
-            outs.append((F.silu(gate) * up) @ self.w2[e])
+        # unbind, not self.w13[e]: indexing makes backward write a full (E, d, 2h) zero gradient per expert
+        for x_e, w13, w2 in zip(x_sorted.split(tokens_per_expert.tolist()), self.w13.unbind(0), self.w2.unbind(0)):
+            gate, up = (x_e @ w13).chunk(2, dim=-1)
+            outs.append((F.silu(gate) * up) @ w2)
         return torch.cat(outs)
 
 

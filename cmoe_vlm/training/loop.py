@@ -23,6 +23,7 @@ from ..vlm import ConceptMoEVLM
 from .checkpoint import Checkpointer
 from .config import ExperimentConfig
 from .engine import build_engine, setup_distributed
+from .expert_parallel import plain_state_dict, swap_in_deepspeed_moe
 from .metrics import MetricsLogger, flatten
 
 
@@ -91,6 +92,10 @@ def train(exp: ExperimentConfig) -> dict[str, Any]:
     out_dir = Path(cfg.out_dir)
     torch.manual_seed(cfg.seed)
     model = ConceptMoEVLM(exp.vlm)
+    if cfg.ep_size > 1:
+        if world % cfg.ep_size:
+            raise ValueError(f"train.ep_size = {cfg.ep_size} must divide the number of processes ({world})")
+        swap_in_deepspeed_moe(model.lm, cfg.ep_size)
     transform = build_image_transform(model.vision, train=True)
     data_cfg = exp.data if world == 1 or exp.data.infinite else replace(exp.data, resampled=True)
     loader = StreamingLoader(data_cfg, image_transform=transform, rank=rank, world_size=world)
@@ -179,14 +184,16 @@ def train(exp: ExperimentConfig) -> dict[str, Any]:
 
     summary = {"step": step, "train": summary, "skipped_steps": skipped_steps,
                "data_wait_fraction": t_data / max(t_step, 1e-9), "interrupted": stop["signal"] is not None}
-    if cfg.heldout_shards and rank == 0 and stop["signal"] is None:
+    if cfg.heldout_shards and stop["signal"] is None:  # every rank: expert-parallel layers are collective
         eval_cfg = replace(exp.data, shards=cfg.heldout_shards, num_workers=0, shuffle_buffer=0, resampled=False,
                            steps_per_epoch=None)
         eval_loader = StreamingLoader(eval_cfg, image_transform=build_image_transform(model.vision, train=False))
         summary["heldout"] = evaluate(model, eval_loader, cfg.eval_batches)
+    if stop["signal"] is None:
+        state = plain_state_dict(engine.module)  # collective: gathers expert-parallel shards
+        if rank == 0:
+            summary["exported"] = str(save_pretrained(engine.module, out_dir / "final", exp.data.tokenizer, state=state))
     if rank == 0:
-        if stop["signal"] is None:
-            summary["exported"] = str(save_pretrained(engine.module, out_dir / "final", tokenizer=exp.data.tokenizer))
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     logger.close()
     return summary

@@ -1,0 +1,139 @@
+"""Evaluate one or more checkpoints side by side.
+
+    python -m cmoe_vlm.eval --model runs/base/final --model runs/cmoe/final --suite builtin --out eval/
+    python -m cmoe_vlm.eval --model DIR --suite my_suite/ --out eval/ --no-long-context
+    python -m cmoe_vlm.eval --model DIR --suite none --out eval/ --lengths 1024 2048 --samples 5
+
+--suite: `builtin` (written to OUT/suite from the built-in held-out split), a suite folder or
+YAML (see cmoe_vlm/eval/tasks.py), a single <type>*.jsonl file, or `none`.
+Long-context probes (passkey, needle; cmoe_vlm/eval/long_context.py) run unless
+--no-long-context. Held-out compression per modality (eval threshold) is measured on
+--compression-samples built-in held-out samples (0 = skip).
+
+Writes OUT/results.json (everything, per model), OUT/results.md (one column per model), and per
+model OUT/<name>/long_context/{long_context.json,.md,heatmap_*.png} and predictions.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from .long_context import DEFAULT_DEPTHS, PROBES, run_probes, write_report
+from .runner import ModelRunner
+from .tasks import HEADLINE, load_suite, run_task
+
+
+def model_name(folder: str) -> str:
+    p = Path(folder)
+    return p.parent.name if p.name == "final" else p.name
+
+
+def compression_on_builtin(runner: ModelRunner, n: int) -> dict[str, float]:
+    from ..inspect import analyse, load_samples, summarise
+
+    summary = summarise(analyse(runner, load_samples(["builtin"], n)), runner.model.cfg.image_grid)
+    return {m: summary["modalities"][m]["ratio"] for m in ("all", "text", "image")}
+
+
+def evaluate_model(folder: str, suite: list | None, out: Path, args: argparse.Namespace) -> dict[str, Any]:
+    runner = ModelRunner.load(folder, batch_size=args.batch_size)
+    name = model_name(folder)
+    res: dict[str, Any] = {"dir": str(folder), "params": sum(p.numel() for p in runner.model.parameters()),
+                           "chunking": runner.model.cfg.model.chunk.enabled, "tasks": {}}
+    t0 = time.perf_counter()
+    for task in suite or []:
+        t = time.perf_counter()
+        res["tasks"][task.name] = run_task(runner, task, args.limit)
+        res["tasks"][task.name]["seconds"] = round(time.perf_counter() - t, 1)
+        print(f"[{name}] {task.name}: {res['tasks'][task.name].get(HEADLINE[task.type])}", flush=True)
+    if args.compression_samples:
+        res["compression"] = compression_on_builtin(runner, args.compression_samples)
+    if not args.no_long_context:
+        lc = run_probes(runner, tuple(args.probes), args.lengths, tuple(args.depths), args.samples, args.seed)
+        res["long_context"] = lc
+        res["long_context_files"] = write_report(lc, out / name / "long_context", label=name)
+        print(f"[{name}] long context: " + ", ".join(f"{p} {v['accuracy']:.2f}" for p, v in lc["summary"].items()),
+              flush=True)
+    res["seconds"] = round(time.perf_counter() - t0, 1)
+    return res
+
+
+def markdown(results: dict[str, dict[str, Any]]) -> str:
+    names = list(results)
+    lines = ["| | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+
+    def row(label: str, vals: list[Any], fmt: str = "{:.3f}") -> None:
+        lines.append(f"| {label} | " + " | ".join("–" if v is None else fmt.format(v) for v in vals) + " |")
+
+    row("parameters", [r["params"] for r in results.values()], "{:,}")
+    row("chunking", [r["chunking"] for r in results.values()], "{}")
+    tasks = {t: v["type"] for r in results.values() for t, v in r["tasks"].items()}
+    for t, kind in tasks.items():
+        metrics = {"multiple_choice": ["acc", "acc_norm"], "vqa": ["exact_match"],
+                   "caption": ["cider", "bleu4", "rouge_l"], "perplexity": ["bits_per_byte"]}[kind]
+        for m in metrics:
+            vals = [r["tasks"].get(t, {}).get(m) for r in results.values()]
+            n = next(r["tasks"][t]["n"] for r in results.values() if t in r["tasks"])
+            suffix = " (lower is better)" if m == "bits_per_byte" else ""
+            chance = next((r["tasks"][t].get("chance") for r in results.values() if t in r["tasks"]), None)
+            extra = f", chance {chance:.2f}" if chance and m == "acc" else ""
+            row(f"{t} {m} (n={n}{extra}){suffix}", vals)
+    for m in ("all", "text", "image"):
+        if any("compression" in r for r in results.values()):
+            row(f"held-out compression ratio, {m}", [r.get("compression", {}).get(m) for r in results.values()], "{:.2f}")
+    probes = {p for r in results.values() for p in r.get("long_context", {}).get("summary", {})}
+    for p in sorted(probes):
+        lengths = next(r["long_context"]["lengths"] for r in results.values() if "long_context" in r)
+        for n in lengths:
+            row(f"{p} accuracy @ {n} tokens (mean over depths)",
+                [r.get("long_context", {}).get("summary", {}).get(p, {}).get("by_length", {}).get(str(n))
+                 for r in results.values()], "{:.2f}")
+        row(f"{p} answer-token accuracy (all cells)",
+            [r.get("long_context", {}).get("summary", {}).get(p, {}).get("token_accuracy") for r in results.values()],
+            "{:.2f}")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m cmoe_vlm.eval", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", action="append", required=True, help="checkpoint folder; repeat for side by side")
+    ap.add_argument("--suite", default="builtin", help="builtin | suite folder/YAML | <type>*.jsonl | none")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--limit", type=int, default=None, help="records per task (default: all)")
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--no-long-context", action="store_true")
+    ap.add_argument("--probes", nargs="+", default=list(PROBES), choices=PROBES)
+    ap.add_argument("--lengths", nargs="+", type=int, default=None,
+                    help="context lengths in tokens (default 1024, 2048, ... up to max_seq_len)")
+    ap.add_argument("--depths", nargs="+", type=float, default=list(DEFAULT_DEPTHS))
+    ap.add_argument("--samples", type=int, default=3, help="probe samples per (length, depth) cell")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--compression-samples", type=int, default=32)
+    args = ap.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    names = [model_name(m) for m in args.model]
+    if len(set(names)) != len(names):
+        raise SystemExit(f"two --model folders have the same name {names}: give them distinct folder names")
+    if args.suite == "none":
+        suite = None
+    elif args.suite == "builtin":
+        from .builtin_suite import write_builtin_suite
+        suite = load_suite(write_builtin_suite(out / "suite"))
+    else:
+        suite = load_suite(args.suite)
+    results = {model_name(m): evaluate_model(m, suite, out, args) for m in args.model}
+    (out / "results.json").write_text(json.dumps({"suite": args.suite, "models": results}, indent=2))
+    md = markdown(results)
+    (out / "results.md").write_text(md)
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,213 @@
+"""Long-context probes generated on the fly: passkey retrieval and needle in a haystack.
+
+For every context length L (tokens, default 1024, 2048, ... up to the model's max_seq_len) and
+depth d (0 = the needle right after the opening line, 1 = just before the question), `samples`
+prompts are built with a fresh random key each, seeded by (seed, probe, L, d, i):
+
+    passkey  the built-in training format: "There is a pass key hidden in this text. " + filler with
+             "The pass key is 48213. Remember it. 48213 is the pass key. " inserted at depth d,
+             then "What is the pass key? The pass key is" → " 48213".
+    needle   a haystack of multiplication tables (the other built-in long-text kind) with
+             "The secret number of the <word> is 7291." inserted at depth d, then
+             "What is the secret number of the <word>? The secret number of the <word> is" → " 7291".
+
+Scoring: the prompt + answer go through one forward pass. `accuracy` counts a sample as solved
+when every answer token is the argmax given the correct tokens before it, which is exactly when
+greedy decoding (`generate`, temperature 0) would produce the answer (the cached and uncached
+forwards agree, see tests/cmoe_vlm/test_generation.py); `digit_accuracy` gives partial credit per
+answer token, `answer_logprob` the answer's log-likelihood. `greedy_check=k` also decodes the first
+k samples of each cell with `generate` and records any disagreement (there should be none).
+
+Outputs (`run_probes` + `write_report`): JSON with every cell, a markdown table, and a heatmap PNG
+per probe (length × depth, colour = accuracy).
+"""
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from data_pipelines.builtin import FILLER, WORDS
+from data_pipelines.sequence import Sequence
+
+from .runner import ModelRunner
+
+PROBES = ("passkey", "needle")
+DEFAULT_DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
+
+
+def default_lengths(max_seq_len: int, start: int = 1024) -> list[int]:
+    """1K, 2K, 4K, ... up to max_seq_len (which is included even if not a power of two)."""
+    out, n = [], start
+    while n < max_seq_len:
+        out.append(n)
+        n *= 2
+    return out + [max_seq_len]
+
+
+def _tables(rng: random.Random) -> str:
+    a = rng.randint(2, 12)
+    return "\n".join([f"Table of {a}:"] + [f"{a} times {b} is {a * b}." for b in range(1, 11)]) + "\n"
+
+
+@dataclass
+class ProbeItem:
+    prompt: str   # ends right before the answer
+    answer: str   # with its leading space
+    key: str
+
+
+def make_probe(probe: str, length: int, depth: float, rng: random.Random, tokenizer) -> ProbeItem:
+    """A prompt + answer of about `length` tokens (bos included) with the needle at `depth`."""
+    if probe == "passkey":
+        key = str(rng.randint(10000, 99999))
+        head = "There is a pass key hidden in this text. "
+        needle = f"The pass key is {key}. Remember it. {key} is the pass key. "
+        tail = "What is the pass key? The pass key is"
+        filler = lambda: FILLER  # noqa: E731
+    elif probe == "needle":
+        key, word = str(rng.randint(1000, 9999)), rng.choice(WORDS)
+        head = "Here are some tables.\n"
+        needle = f"The secret number of the {word} is {key}.\n"
+        tail = f"What is the secret number of the {word}? The secret number of the {word} is"
+        filler = lambda: _tables(rng)  # noqa: E731
+    else:
+        raise ValueError(f"probe {probe!r}: expected one of {PROBES}")
+    answer = f" {key}"
+    fixed = 1 + sum(len(tokenizer.encode(s)) for s in (head, needle, tail, answer))
+    budget = length - fixed
+    if budget < 0:
+        raise ValueError(f"{probe} at length {length}: the probe alone needs {fixed} tokens")
+    hay: list[str] = []
+    used = 0
+    while True:  # whole filler pieces, then a partial one to hit the length exactly
+        piece = filler()
+        n = len(tokenizer.encode(piece))
+        if used + n > budget:
+            ids = tokenizer.encode(piece)[:budget - used]
+            hay.append(tokenizer.decode(ids))
+            break
+        hay.append(piece)
+        used += n
+    text = "".join(hay)
+    # place the needle at a filler boundary nearest to the requested depth
+    cuts = [0] + [i + 1 for i, ch in enumerate(text) if ch in ".\n" and i + 1 < len(text)] + [len(text)]
+    at = min(cuts, key=lambda c: abs(c - depth * len(text)))
+    sep = "" if at == 0 or text[at - 1] in " \n" else " "
+    prompt = head + text[:at] + sep + needle + text[at:].lstrip(" ") + ("" if text.endswith((" ", "\n")) else " ") + tail
+    return ProbeItem(prompt, answer, key)
+
+
+@torch.no_grad()
+def score_items(runner: ModelRunner, items: list[ProbeItem]) -> list[dict[str, Any]]:
+    """Forced scoring of each answer: solved (greedy would produce it), per-token accuracy, logprob."""
+    out = []
+    for it in items:  # one at a time: long rows, and memory grows with length²
+        seq = runner.sequence([it.prompt])
+        ans = runner.tok.encode(it.answer)
+        n_ctx = len(seq)
+        full = Sequence(input_ids=seq.input_ids + ans, modality=seq.modality + [0] * len(ans))
+        runner._check_len(len(full), "probe")
+        logits, _ = runner._logits([full])
+        logp = F.log_softmax(logits[0, n_ctx - 1:n_ctx - 1 + len(ans)], dim=-1)
+        target = torch.tensor(ans)
+        hit = logp.argmax(-1) == target
+        out.append({"solved": bool(hit.all()), "token_accuracy": float(hit.float().mean()),
+                    "answer_logprob": float(logp.gather(1, target[:, None]).sum()),
+                    "tokens": len(full)})
+    return out
+
+
+def run_probes(runner: ModelRunner, probes: tuple[str, ...] = PROBES, lengths: list[int] | None = None,
+               depths: tuple[float, ...] = DEFAULT_DEPTHS, samples: int = 3, seed: int = 0,
+               greedy_check: int = 0) -> dict[str, Any]:
+    """Accuracy per (probe, length, depth). Lengths above the model's max_seq_len are an error."""
+    lengths = lengths or default_lengths(runner.max_len)
+    too_long = [n for n in lengths if n > runner.max_len]
+    if too_long:
+        raise ValueError(f"lengths {too_long} exceed the model's max_seq_len = {runner.max_len}")
+    cells = []
+    for probe in probes:
+        for length in lengths:
+            for depth in depths:
+                rng = random.Random(f"{seed}-{probe}-{length}-{depth}")
+                items = [make_probe(probe, length, depth, rng, runner.tok) for _ in range(samples)]
+                scores = score_items(runner, items)
+                cell = {"probe": probe, "length": length, "depth": depth, "n": samples,
+                        "accuracy": sum(s["solved"] for s in scores) / samples,
+                        "token_accuracy": sum(s["token_accuracy"] for s in scores) / samples,
+                        "answer_logprob": sum(s["answer_logprob"] for s in scores) / samples}
+                if greedy_check:
+                    gen = runner.generate([[it.prompt] for it in items[:greedy_check]],
+                                          max_new_tokens=len(runner.tok.encode(items[0].answer)))
+                    cell["greedy"] = [g for g in gen]
+                    cell["greedy_disagreements"] = sum((g == it.answer) != s["solved"]
+                                                       for g, it, s in zip(gen, items, scores))
+                cells.append(cell)
+    summary = {}
+    for probe in probes:
+        pc = [c for c in cells if c["probe"] == probe]
+        summary[probe] = {"accuracy": sum(c["accuracy"] for c in pc) / len(pc),
+                          "token_accuracy": sum(c["token_accuracy"] for c in pc) / len(pc),
+                          "by_length": {str(n): sum(c["accuracy"] for c in pc if c["length"] == n) / len(depths)
+                                        for n in lengths}}
+    return {"lengths": list(lengths), "depths": list(depths), "samples": samples, "seed": seed,
+            "summary": summary, "cells": cells}
+
+
+def markdown_table(results: dict[str, Any], probe: str, metric: str = "accuracy") -> str:
+    depths, lengths = results["depths"], results["lengths"]
+    rows = [f"| {probe} {metric} | " + " | ".join(f"depth {d:g}" for d in depths) + " | mean |",
+            "|---|" + "---|" * (len(depths) + 1)]
+    for n in lengths:
+        vals = [next(c[metric] for c in results["cells"] if c["probe"] == probe and c["length"] == n
+                     and c["depth"] == d) for d in depths]
+        rows.append(f"| {n} | " + " | ".join(f"{v:.2f}" for v in vals) + f" | {sum(vals) / len(vals):.2f} |")
+    return "\n".join(rows)
+
+
+def heatmap(results: dict[str, Any], probe: str, path: Path, title: str = "", metric: str = "accuracy") -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    depths, lengths = results["depths"], results["lengths"]
+    grid = [[next(c[metric] for c in results["cells"] if c["probe"] == probe and c["length"] == n and c["depth"] == d)
+             for n in lengths] for d in depths]
+    fig, ax = plt.subplots(figsize=(1.2 + 1.1 * len(lengths), 1.2 + 0.6 * len(depths)))
+    im = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
+    for i, row in enumerate(grid):
+        for j, v in enumerate(row):
+            ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=8)
+    ax.set_xticks(range(len(lengths)), [str(n) for n in lengths])
+    ax.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths])
+    ax.set_xlabel("context length (tokens)")
+    ax.set_ylabel("needle depth (0% = start)")
+    ax.set_title(title or f"{probe}: {metric} ({results['samples']} samples per cell)", fontsize=9)
+    fig.colorbar(im, ax=ax, label=metric)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def write_report(results: dict[str, Any], out_dir: str | Path, label: str = "") -> dict[str, str]:
+    """JSON + markdown + one heatmap PNG per probe under out_dir; returns the written paths."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "long_context.json").write_text(json.dumps(results, indent=2))
+    probes = list(results["summary"])
+    md = "\n\n".join(markdown_table(results, p) for p in probes)
+    (out / "long_context.md").write_text(md + "\n")
+    paths = {"json": str(out / "long_context.json"), "markdown": str(out / "long_context.md")}
+    for p in probes:
+        title = f"{label + ': ' if label else ''}{p} accuracy ({results['samples']} samples per cell)"
+        paths[f"heatmap_{p}"] = str(heatmap(results, p, out / f"heatmap_{p}.png", title))
+    return paths

@@ -1,0 +1,173 @@
+"""One loaded checkpoint, ready to score and generate: the layer every evaluation goes through.
+
+    runner = ModelRunner.load("runs/tiny/final")
+    runner.loglikelihood([[image, "Question: What colour is the circle? Answer:"]], [" red"])
+    runner.generate([[image, "Question: How many squares? Answer:"]], max_new_tokens=8)
+    runner.text_nll("some long text")              # summed over windows of max_seq_len
+
+Prompts are lists of pieces (text or PIL images), laid out exactly as in training by
+`data_pipelines.sequence.build_sequence` (bos, no eos). Scoring batches rows of different lengths
+left-aligned with padding at the end (doc_ids = −1), which no real token attends to. Generation is
+`cmoe_vlm.generation.generate` (greedy, KV cache). The tasks, the long-context probes and the
+harness adapters (lm-eval, lmms-eval) all call these methods, so they agree by construction.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence as SequenceABC
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from data_pipelines.sequence import Sequence, build_sequence
+from data_pipelines.tokenizer import Tokenizer, load_tokenizer
+
+from ..export import load_pretrained
+from ..generation import generate, prompt_batch
+from ..vlm import ConceptMoEVLM
+
+Pieces = list[Any]  # str | PIL.Image.Image | image tensor (3, H, W)
+
+
+@dataclass
+class Scored:
+    """Log-likelihood of a continuation given its context."""
+
+    logprob: float    # sum over the continuation's tokens (natural log)
+    is_greedy: bool   # every continuation token is the argmax at its position
+    num_tokens: int
+
+
+def _batches(items: list[Any], size: int) -> Iterator[list[Any]]:
+    for i in range(0, len(items), size):
+        yield items[i:i + size]
+
+
+class ModelRunner:
+    """A `ConceptMoEVLM` in eval mode with its tokenizer and image transform."""
+
+    def __init__(self, model: ConceptMoEVLM, tokenizer: Tokenizer, batch_size: int = 8, name: str = "model"):
+        from vision import build_image_transform
+
+        self.model = model.eval()
+        self.tok = tokenizer
+        self.batch_size = batch_size
+        self.name = name
+        self.tokens_per_image = model.cfg.tokens_per_image
+        self.max_len = model.cfg.model.max_seq_len
+        self.transform = build_image_transform(model.vision, train=False)
+        self.device = next(model.parameters()).device
+
+    @classmethod
+    def load(cls, folder: str | Path, device: str = "cpu", batch_size: int = 8) -> ModelRunner:
+        model, meta = load_pretrained(folder, device=device)
+        tok = load_tokenizer(meta.get("tokenizer", "byte"))
+        if meta.get("tokens_per_image", model.cfg.tokens_per_image) != model.cfg.tokens_per_image:
+            raise ValueError(f"{folder}: tokens_per_image {meta['tokens_per_image']} in config.json does not match "
+                             f"the model's {model.cfg.tokens_per_image}")
+        return cls(model, tok, batch_size, name=Path(folder).as_posix())
+
+    # ------------------------------------------------------------------ sequences
+    def sequence(self, pieces: Pieces, add_eos: bool = False) -> Sequence:
+        """Pieces -> token sequence (bos first; images transformed to tensors)."""
+        pieces = [p if isinstance(p, (str, torch.Tensor)) else self.transform(p.convert("RGB")) for p in pieces]
+        return build_sequence(pieces, self.tok, self.tokens_per_image, add_bos=True, add_eos=add_eos)
+
+    def _check_len(self, n: int, what: str) -> None:
+        if n > self.max_len:
+            raise ValueError(f"{what} has {n} tokens, more than the model's max_seq_len = {self.max_len}")
+
+    @torch.no_grad()
+    def _logits(self, seqs: list[Sequence]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        batch = prompt_batch(self.model, seqs)
+        out = self.model(batch["input_ids"], modality=batch["modality"], images=batch.get("images"),
+                         doc_ids=batch["doc_ids"])
+        return out.logits.float(), batch
+
+    # ------------------------------------------------------------------ scoring
+    def loglikelihood(self, contexts: list[Pieces], continuations: list[str]) -> list[Scored]:
+        """log P(continuation | context) for each pair. An empty continuation is an error."""
+        if len(contexts) != len(continuations):
+            raise ValueError(f"{len(contexts)} contexts but {len(continuations)} continuations")
+        items = []
+        for i, (ctx, cont) in enumerate(zip(contexts, continuations)):
+            seq = self.sequence(ctx)
+            cont_ids = self.tok.encode(cont)
+            if not cont_ids:
+                raise ValueError(f"request {i}: the continuation {cont!r} encodes to no tokens")
+            n_ctx = len(seq)
+            seq.input_ids += cont_ids
+            seq.modality += [0] * len(cont_ids)
+            self._check_len(len(seq), f"request {i} (context + continuation)")
+            items.append((seq, n_ctx, cont_ids))
+        return self._score(items)
+
+    def loglikelihood_tokens(self, pairs: list[tuple[list[int], list[int]]]) -> list[Scored]:
+        """Text-only scoring of token ids: (context ids, continuation ids) per request. The context
+        is used as given (include bos yourself); it must not be empty."""
+        items = []
+        for i, (ctx, cont) in enumerate(pairs):
+            if not ctx or not cont:
+                raise ValueError(f"request {i}: empty context or continuation")
+            ids = list(ctx) + list(cont)
+            self._check_len(len(ids), f"request {i}")
+            items.append((Sequence(input_ids=ids, modality=[0] * len(ids)), len(ctx), list(cont)))
+        return self._score(items)
+
+    def _score(self, items: list[tuple[Sequence, int, list[int]]]) -> list[Scored]:
+        results: list[Scored] = []
+        for chunk in _batches(items, self.batch_size):
+            logits, _ = self._logits([s for s, _, _ in chunk])
+            logp = F.log_softmax(logits, dim=-1)
+            for r, (_, n_ctx, cont_ids) in enumerate(chunk):
+                pos = torch.arange(n_ctx - 1, n_ctx - 1 + len(cont_ids), device=logp.device)
+                target = torch.tensor(cont_ids, device=logp.device)
+                lp = logp[r, pos]  # (n_cont, V)
+                results.append(Scored(float(lp.gather(1, target[:, None]).sum()),
+                                      bool((lp.argmax(-1) == target).all()), len(cont_ids)))
+        return results
+
+    def text_nll(self, text: str) -> tuple[float, int]:
+        """(summed NLL in nats, predicted tokens) of a text document, in windows of max_seq_len.
+
+        The first token after bos is predicted from bos alone; a text longer than one window is
+        cut into consecutive windows, each starting again from bos (no overlap)."""
+        ids = self.tok.encode(text)
+        if not ids:
+            raise ValueError("text_nll: empty text")
+        step = self.max_len - 1
+        windows = [[self.tok.bos_id] + ids[i:i + step] for i in range(0, len(ids), step)]
+        nll, n = 0.0, 0
+        for chunk in _batches(windows, self.batch_size):
+            seqs = [Sequence(input_ids=w, modality=[0] * len(w)) for w in chunk]
+            logits, _ = self._logits(seqs)
+            logp = F.log_softmax(logits, dim=-1)
+            for r, w in enumerate(chunk):
+                target = torch.tensor(w[1:], device=logp.device)
+                nll -= float(logp[r, :len(w) - 1].gather(1, target[:, None]).sum())
+                n += len(w) - 1
+        return nll, n
+
+    # ------------------------------------------------------------------ generation
+    def generate(self, prompts: list[Pieces], max_new_tokens: int, stop: SequenceABC[str] = ()) -> list[str]:
+        """Greedy continuations (KV cache), cut at eos and at the first of the `stop` strings."""
+        seqs = [self.sequence(p) for p in prompts]
+        for i, s in enumerate(seqs):
+            self._check_len(len(s) + max_new_tokens, f"prompt {i} + max_new_tokens")
+        texts: list[str] = []
+        for chunk in _batches(seqs, self.batch_size):
+            for ids in generate(self.model, chunk, max_new_tokens, stop_ids=(self.tok.eos_id,)):
+                texts.append(cut_at_stop(self.tok.decode(ids), stop))
+        return texts
+
+
+def cut_at_stop(text: str, stop: SequenceABC[str]) -> str:
+    cuts = [text.index(s) for s in stop if s and s in text]
+    return text[:min(cuts)] if cuts else text
+
+
+def bits_per_byte(nll_nats: float, num_bytes: int) -> float:
+    return nll_nats / math.log(2) / max(num_bytes, 1)

@@ -1,0 +1,96 @@
+"""Expert parallelism through DeepSpeed MoE: same numbers as our MoE, and a real 2-process run."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from cmoe_vlm.layers.moe import MoE, MoEConfig
+from cmoe_vlm.training.engine import setup_distributed
+from cmoe_vlm.training.expert_parallel import DeepSpeedMoE, plain_state_dict, swap_in_deepspeed_moe
+
+from .conftest import overrides
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize("top_k,shared", [(1, 0), (2, 0), (3, 16)])
+def test_deepspeed_moe_matches_our_moe(top_k, shared):
+    setup_distributed()
+    torch.manual_seed(0)
+    ours = MoE(16, MoEConfig(num_experts=4, top_k=top_k, expert_hidden=24, shared_expert_hidden=shared,
+                             norm_topk_prob=top_k > 1))
+    ds = DeepSpeedMoE(ours, ep_size=1)
+    ds.layer.set_deepspeed_parallelism()
+    x = torch.randn(2, 9, 16)
+    y_ours, s_ours = ours(x)
+    y_ds, s_ds = ds(x)
+    torch.testing.assert_close(y_ds, y_ours, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(s_ds.lb_loss, s_ours.lb_loss, atol=1e-6, rtol=1e-5)
+    assert torch.equal(s_ds.tokens_per_expert.long(), s_ours.tokens_per_expert)
+    # weights come back in our layout
+    back = ds.plain_state()
+    for key, value in ours.state_dict().items():
+        torch.testing.assert_close(back[key], value)
+
+
+def test_swap_keeps_the_model_state_in_plain_layout():
+    setup_distributed()
+    from cmoe_vlm.chunking import ChunkConfig
+    from cmoe_vlm.model import ConceptMoE, ModelConfig
+
+    torch.manual_seed(0)
+    model = ConceptMoE(ModelConfig(vocab_size=64, dim=32, num_heads=4, encoder_layers=1, concept_layers=1,
+                                   decoder_layers=1, moe=MoEConfig(num_experts=4, top_k=2, expert_hidden=32),
+                                   chunk=ChunkConfig())).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randint(0, 64, (2, 20))
+    ref = model(x).logits
+    assert swap_in_deepspeed_moe(model, ep_size=1) == 3
+    for mod in model.modules():
+        if isinstance(mod, DeepSpeedMoE):
+            mod.layer.set_deepspeed_parallelism()
+    torch.testing.assert_close(model(x).logits, ref, atol=1e-5, rtol=1e-4)
+    after = plain_state_dict(model)
+    assert after.keys() == before.keys()
+    for k in before:
+        torch.testing.assert_close(after[k], before[k])
+
+
+def deepspeed_cmd(*args: str) -> list[str]:
+    return [str(Path(sys.executable).parent / "deepspeed"), *args]
+
+
+@pytest.mark.slow
+def test_two_process_expert_parallel_zero2_run_exports_all_experts(builtin_data, tmp_path):
+    """`deepspeed --num_gpus 2` on CPU: ep_size=2, ZeRO-2, chunking on (uneven concept counts per rank)."""
+    out = tmp_path / "ep2"
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    env["DS_ACCELERATOR"] = "cpu"
+    args = overrides(builtin_data, out, "train.steps=4", "train.ckpt_every=2", "train.ep_size=2",
+                     "train.zero_stage=2", "train.eval_batches=1", "data.num_workers=0")
+    proc = subprocess.run(deepspeed_cmd("--num_gpus", "2", "--master_port", "29631", str(ROOT / "train_vlm.py"),
+                                        str(ROOT / "configs/tiny.yaml"), *args),
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["step"] == 4 and summary["skipped_steps"] == 0
+
+    # DeepSpeed's checkpoint holds one file per global expert: both ranks' experts were saved
+    ckpt = out / "checkpoints" / "step_00000004"
+    expert_files = sorted(p.name for p in ckpt.glob("layer_0_expert_*_model_states.pt"))
+    assert len(expert_files) == 4, expert_files
+
+    # the export gathers every rank's experts into the plain layout and loads in one process (ep_size=1)
+    from cmoe_vlm.export import load_pretrained
+    model, _ = load_pretrained(out / "final")
+    w13 = model.lm.encoder[0].moe.experts.w13  # (4, d, 2h): experts 0-1 from rank 0, 2-3 from rank 1
+    saved = torch.load(ckpt / "layer_0_expert_3_mp_rank_00_model_states.pt", weights_only=False)
+    w = next(v for k, v in saved.items() if k.endswith("w13.weight"))
+    torch.testing.assert_close(w13[3], w.T.float())
+    assert not torch.allclose(w13[1], w13[3])
+    x = torch.randint(0, 256, (1, 32))
+    assert torch.isfinite(model(x).logits).all()
