@@ -5,7 +5,8 @@
 
 `config.json` holds the VLM config (model, vision, projector) and what is needed to rebuild the
 inputs (tokenizer spec, tokens per image). Configs written by older versions load: missing fields
-take their defaults.
+take their defaults. The folder is also a transformers folder (`model_type: cmoe_vlm`):
+`AutoModelForCausalLM.from_pretrained(folder)` works once `cmoe_vlm` is imported (see `hf.py`).
 """
 from __future__ import annotations
 
@@ -29,7 +30,8 @@ def save_pretrained(model: ConceptMoEVLM, out_dir: str | Path, tokenizer: str = 
     ranks) with its config."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    meta = {"format": FORMAT, "version": VERSION, "vlm": to_dict(model.cfg), "tokenizer": tokenizer,
+    meta = {"format": FORMAT, "version": VERSION, "model_type": "cmoe_vlm",  # also a transformers folder
+            "architectures": ["ConceptMoEForCausalLM"], "vlm": to_dict(model.cfg), "tokenizer": tokenizer,
             "tokens_per_image": model.cfg.tokens_per_image, **(extra or {})}
     tmp = out / "model.safetensors.tmp"
     state = model.state_dict() if state is None else state

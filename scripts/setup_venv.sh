@@ -25,12 +25,5 @@ echo "[setup] deepspeed"
 .venv/bin/python -c "import deepspeed" 2>/dev/null || $PIP --no-build-isolation deepspeed
 echo "[setup] cmoe-vlm (editable) with dev extras"
 $PIP -e ".[dev]"
-echo "[setup] building DeepSpeed's CPU comm op once (it is JIT-compiled on first use)"
-.venv/bin/python - <<'PY' || echo "[setup] warning: could not pre-build the op; it will be built on first use"
-import deepspeed.ops
-from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder
-if deepspeed.ops.__compatible_ops__.get(ShareMemCommBuilder.NAME, False):
-    ShareMemCommBuilder().load(verbose=False)
-PY
 echo "$WANT" > "$STAMP"
 echo "[setup] done: $(.venv/bin/python -c 'import torch, deepspeed, timm; print("torch", torch.__version__, "deepspeed", deepspeed.__version__, "timm", timm.__version__)' 2>/dev/null)"

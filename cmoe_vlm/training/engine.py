@@ -4,9 +4,6 @@ from __future__ import annotations
 import json
 import os
 import socket
-import time
-import warnings
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -15,29 +12,18 @@ from .config import TrainConfig
 from .optim import build_optimizer
 
 
-def clear_stale_extension_locks(max_age_s: float = 300.0) -> None:
-    """Remove torch JIT-extension build locks left by a killed build.
-
-    DeepSpeed loads its CPU shared-memory comm op through torch's extension builder at every
-    start; the builder waits forever on a `lock` file that a killed build left behind. A build
-    takes well under a minute, so a lock older than `max_age_s` is stale."""
-    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR", Path.home() / ".cache" / "torch_extensions"))
-    for lock in root.glob("**/lock"):
-        try:
-            if time.time() - lock.stat().st_mtime > max_age_s:
-                warnings.warn(f"removing a stale torch extension build lock: {lock}")
-                lock.unlink()
-        except FileNotFoundError:
-            pass
-
-
 def setup_distributed() -> tuple[int, int]:
     """Initialise torch.distributed through DeepSpeed. A plain `python train_vlm.py` run (no launcher)
     gets a one-process environment; under `deepspeed` the launcher's variables are used.
     Returns (rank, world_size)."""
     import deepspeed
 
-    clear_stale_extension_locks()
+    if not torch.cuda.is_available() and os.environ.get("CMOE_DS_SHM_COMM") != "1":
+        # On CPU DeepSpeed JIT-builds and loads a shared-memory allreduce op at every start, behind
+        # torch's extension file lock; concurrent or killed starts left runs waiting on that lock
+        # forever (seen here). gloo's allreduce does the job; CMOE_DS_SHM_COMM=1 restores the op.
+        import deepspeed.ops
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     if "RANK" not in os.environ:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))

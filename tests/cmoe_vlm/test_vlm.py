@@ -147,3 +147,32 @@ def test_save_and_load_pretrained_roundtrip(model, tmp_path):
     del cfg["vlm"]["model"]["chunk"]["image_chunking"]
     (tmp_path / "m/config.json").write_text(json.dumps(cfg))
     assert load_pretrained(tmp_path / "m")[0].cfg.model.chunk.image_chunking == "raster"
+
+
+def test_transformers_auto_classes_load_the_export(model, tmp_path):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    import cmoe_vlm  # noqa: F401  registers the Auto classes
+    from cmoe_vlm.export import save_pretrained
+    from cmoe_vlm.hf import ConceptMoEForCausalLM
+
+    save_pretrained(model, tmp_path / "m")
+    assert AutoConfig.from_pretrained(tmp_path / "m").model_type == "cmoe_vlm"
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
+    assert isinstance(hf, ConceptMoEForCausalLM)
+    hf.eval()
+    batch = batch_of(DOCS, model.cfg)
+    ours = model(**batch)
+    theirs = hf(batch["input_ids"], modality=batch["modality"], images=batch["images"], doc_ids=batch["doc_ids"],
+                labels=batch["input_ids"].masked_fill(batch["doc_ids"] < 0, -100))
+    torch.testing.assert_close(theirs.logits, ours.logits, rtol=0, atol=0)  # custom inits untouched, weights loaded
+    # transformers-style (unshifted) labels are shifted onto exactly our targets: same total loss
+    torch.testing.assert_close(theirs.loss, ours.loss)
+    # greedy generate through GenerationMixin (no cache) on a text prompt
+    prompt = torch.tensor([[TOK.bos_id, *TOK.encode("a red")]])
+    gen = hf.generate(prompt, max_new_tokens=4, do_sample=False, use_cache=False)
+    step = prompt
+    for _ in range(4):
+        nxt = model(step).logits[:, -1].argmax(-1, keepdim=True)
+        step = torch.cat([step, nxt], 1)
+    assert torch.equal(gen[:, : step.shape[1]], step)
