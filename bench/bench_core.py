@@ -24,6 +24,7 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP; see the docstring
 
 import argparse
+import resource
 import dataclasses
 import json
 import platform
@@ -211,6 +212,34 @@ def bench_train_step(baseline: ModelConfig, ratio: float, token_counts: list[int
             "conceptmoe_config": dataclasses.asdict(prop.config), "match": match}
 
 
+def bench_vlm_step(batch: int, seq_len: int, images_per_row: int, reps: int) -> dict:
+    """Tiny VLM (configs/tiny.yaml): ViT + projector + ConceptMoE forward+backward on interleaved rows."""
+    from cmoe_vlm.training.config import load_experiment
+    from cmoe_vlm.vlm import ConceptMoEVLM
+
+    exp = load_experiment(Path(__file__).resolve().parents[1] / "configs/tiny.yaml")
+    torch.manual_seed(0)
+    model = ConceptMoEVLM(exp.vlm).train()
+    P = exp.vlm.tokens_per_image
+    ids = torch.randint(0, 256, (batch, seq_len))
+    modality = torch.zeros(batch, seq_len, dtype=torch.long)
+    for k in range(images_per_row):  # images spread over each row, wrapped by marker tokens
+        start = 1 + k * seq_len // images_per_row
+        modality[:, start:start + P] = 1
+    images = torch.randn(batch * images_per_row, 3, exp.vision.img_size, exp.vision.img_size)
+    labels = ids.masked_fill(modality == 1, -100)
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        model(ids, modality=modality, images=images, labels=labels).loss.backward()
+
+    times = interleaved({"vlm": step}, reps)["vlm"]
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # MiB (Linux reports KiB)
+    return {"batch": batch, "seq_len": seq_len, "images_per_row": images_per_row, "tokens_per_image": P,
+            "params": sum(p.numel() for p in model.parameters()), "fwd_bwd_ms": 1e3 * med(times),
+            "tokens_per_s": batch * seq_len / med(times), "peak_rss_mib": rss}
+
+
 # ---------------------------------------------------------------------------------------------
 def print_tables(res: dict) -> None:
     print("\n(a) MoE fwd+bwd vs dense SwiGLU at equal activated FLOPs")
@@ -233,6 +262,9 @@ def print_tables(res: dict) -> None:
     for r in ts["rows"]:
         print(f"{r['tokens']:>6} {r['baseline_ms']:>8.0f} {r['conceptmoe_ms']:>8.0f} {r['conceptmoe_over_baseline']:>9.3f} "
               f"{r['achieved_ratio']:>7.2f} {r['flops_ratio_at_achieved']:>6.3f} {r['attn_map_ratio_at_achieved']:>6.3f}")
+    v = res["vlm_step"]
+    print(f"\n(d) tiny VLM fwd+bwd, {v['batch']}x{v['seq_len']} tokens, {v['images_per_row']} images/row: "
+          f"{v['fwd_bwd_ms']:.0f} ms ({v['tokens_per_s']:.0f} tokens/s), peak RSS {v['peak_rss_mib']:.0f} MiB")
     print("\ntargets")
     for name, t in res["targets"].items():
         print(f"  {name}: {t['value']:.3f} (target {t['op']} {t['target']}) -> {'PASS' if t['pass'] else 'MISS'}")
@@ -265,6 +297,9 @@ def main(argv: list[str] | None = None) -> int:
     print("dechunk done", flush=True)
     res["train_step"] = bench_train_step(bench_baseline_config(q), 2.0, [512, 1024] if q else [2048, 4096],
                                          reps=2 if q else 6, match=args.match)
+    res["vlm_step"] = bench_vlm_step(batch=2 if q else 8, seq_len=256 if q else 512, images_per_row=2,
+                                     reps=2 if q else 5)
+    print("vlm step done", flush=True)
     res["meta"]["wall_s"] = time.perf_counter() - t_start
     res["meta"]["loadavg_end"] = os.getloadavg()
 
