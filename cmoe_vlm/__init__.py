@@ -1,5 +1,5 @@
 """cmoe-vlm: vision-language models on ConceptMoE (learned chunking of tokens into concepts in an MoE LM).
 
-Importing the package registers the model with transformers' Auto classes (`cmoe_vlm.hf`).
+`import cmoe_vlm.hf` registers the model with transformers' Auto classes (kept out of the package
+import: transformers takes seconds to import).
 """
-from . import hf  # noqa: F401  (registers AutoConfig / AutoModelForCausalLM for model_type "cmoe_vlm")

@@ -222,12 +222,16 @@ class Concepts:
 
 
 def merge_concepts(h: torch.Tensor, bnd: Boundaries, starts: torch.Tensor, doc_ids: torch.Tensor,
-                   positions: torch.Tensor, merge: str, carry: torch.Tensor | None = None) -> Concepts:
-    """Group tokens into concepts. h (B, T, d); starts, doc_ids, positions (B, T).
+                   positions: torch.Tensor, merge: str, modality: torch.Tensor | None = None,
+                   carry: torch.Tensor | None = None, carry_modality: torch.Tensor | None = None) -> Concepts:
+    """Group tokens into concepts. h (B, T, d); starts, doc_ids, positions, modality (B, T).
 
-    `sum`: concept m = Σ h_n over (φ(m−1), φ(m)] within the boundary's document (scatter_add);
-    `last`: concept m = h_{φ(m)}. `carry` (B, d): content before this span not yet closed by a
-    boundary (decoding with a cache), added to the first concept of the span.
+    `sum`: concept m = Σ h_n over the tokens of (φ(m−1), φ(m)] that share the boundary token's
+    document and modality (scatter_add). The forced boundary at a modality switch closes a concept
+    at the switch's first token; the other modality's tokens just before it (the unclosed tail of
+    the previous run) join no concept, so no concept mixes text and image. `last`: concept m =
+    h_{φ(m)}. `carry` (B, d) of `carry_modality` (B,): content before this span not yet closed by
+    a boundary (decoding with a cache), added to the span's first concept when the modality matches.
     """
     B, T, d = h.shape
     b = bnd.b
@@ -249,6 +253,10 @@ def merge_concepts(h: torch.Tensor, bnd: Boundaries, starts: torch.Tensor, doc_i
         content = closed - b.long()             # (B, T) the concept whose content holds token n
         doc_ext = torch.cat([doc_M, doc_M.new_full((B, 1), -2)], dim=1)  # (B, M+1)
         inside = (content < counts[:, None]) & (doc_ext.gather(1, content) == doc_ids)
+        if modality is not None:
+            mod_M = modality.gather(1, bpos_M)
+            mod_ext = torch.cat([mod_M, mod_M.new_full((B, 1), -2)], dim=1)
+            inside &= mod_ext.gather(1, content) == modality
         target = torch.where(inside, content, M)
         x = torch.zeros(B, M + 1, d, dtype=h.dtype, device=h.device)
         x = x.scatter_add(1, target[..., None].expand(B, T, d), h)[:, :M]
@@ -256,7 +264,8 @@ def merge_concepts(h: torch.Tensor, bnd: Boundaries, starts: torch.Tensor, doc_i
         if carry is not None:
             has = counts > 0
             if M:
-                x = torch.cat([x[:, :1] + carry[:, None] * has[:, None, None], x[:, 1:]], dim=1)
+                joins = has if carry_modality is None or modality is None else has & (mod_M[:, 0] == carry_modality)
+                x = torch.cat([x[:, :1] + carry[:, None] * joins[:, None, None], x[:, 1:]], dim=1)
             tail = tail + carry * (~has)[:, None]
     return Concepts(
         x=x,

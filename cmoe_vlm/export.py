@@ -6,7 +6,7 @@
 `config.json` holds the VLM config (model, vision, projector) and what is needed to rebuild the
 inputs (tokenizer spec, tokens per image). Configs written by older versions load: missing fields
 take their defaults. The folder is also a transformers folder (`model_type: cmoe_vlm`):
-`AutoModelForCausalLM.from_pretrained(folder)` works once `cmoe_vlm` is imported (see `hf.py`).
+`AutoModelForCausalLM.from_pretrained(folder)` works once `cmoe_vlm.hf` is imported.
 """
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 
 The export folder (`cmoe_vlm.export.save_pretrained`) is a transformers folder: its config.json
 carries `model_type: cmoe_vlm` next to our own fields, and model.safetensors holds the weights
-under the same names `ConceptMoEForCausalLM` uses. Importing `cmoe_vlm` registers the classes.
+under the same names `ConceptMoEForCausalLM` uses. `import cmoe_vlm.hf` registers the classes.
 
 Labels follow the transformers convention here (unshifted: the model shifts them, within a
 document, and never asks to predict an image position); `ConceptMoEVLM` itself takes them

@@ -256,7 +256,8 @@ class ConceptMoE(nn.Module):
                 bnd.b = bnd.b & valid
             p, b = bnd.p, bnd.b
             cpt = merge_concepts(h if state is None else h * valid[..., None], bnd, starts, doc_ids, positions,
-                                 self.cfg.chunk.merge, carry=state.carry if state else None)
+                                 self.cfg.chunk.merge, modality, carry=state.carry if state else None,
+                                 carry_modality=state.last_modality if state else None)
             xc = cpt.x if self.concept_in is None else self.concept_in(cpt.x)
             if state is None:
                 c_hat = run(schedule, xc, cpt.positions, document_causal_mask(cpt.doc_ids), None)

@@ -23,7 +23,7 @@ if ! .venv/bin/python -c "import torch, torchvision" 2>/dev/null; then
 fi
 echo "[setup] deepspeed"
 .venv/bin/python -c "import deepspeed" 2>/dev/null || $PIP --no-build-isolation deepspeed
-echo "[setup] cmoe-vlm (editable) with dev extras"
-$PIP -e ".[dev]"
+echo "[setup] cmoe-vlm (editable) with dev and eval extras"
+$PIP -e ".[dev,eval]"
 echo "$WANT" > "$STAMP"
 echo "[setup] done: $(.venv/bin/python -c 'import torch, deepspeed, timm; print("torch", torch.__version__, "deepspeed", deepspeed.__version__, "timm", timm.__version__)' 2>/dev/null)"

@@ -79,27 +79,39 @@ def make_probe(probe: str, length: int, depth: float, rng: random.Random, tokeni
     else:
         raise ValueError(f"probe {probe!r}: expected one of {PROBES}")
     answer = f" {key}"
-    fixed = 1 + sum(len(tokenizer.encode(s)) for s in (head, needle, tail, answer))
+    fixed = 1 + sum(len(tokenizer.encode(s)) for s in (head, needle, tail, answer)) + 2  # + 2 separators
     budget = length - fixed
     if budget < 0:
         raise ValueError(f"{probe} at length {length}: the probe alone needs {fixed} tokens")
-    hay: list[str] = []
-    used = 0
-    while True:  # whole filler pieces, then a partial one to hit the length exactly
-        piece = filler()
-        n = len(tokenizer.encode(piece))
-        if used + n > budget:
-            ids = tokenizer.encode(piece)[:budget - used]
-            hay.append(tokenizer.decode(ids))
+
+    def take(n_tokens: int) -> str:
+        """Whole filler pieces, then a partial one: about n_tokens of haystack."""
+        hay, used = [], 0
+        while used < n_tokens:
+            ids = tokenizer.encode(filler())
+            hay.append(tokenizer.decode(ids[:n_tokens - used]))
+            used += min(len(ids), n_tokens - used)
+        return "".join(hay)
+
+    def build(text: str) -> str:
+        # the needle goes at a sentence/line boundary of the haystack nearest to the requested depth
+        cuts = [0] + [i + 1 for i, ch in enumerate(text) if ch in ".\n" and i + 1 < len(text)] + [len(text)]
+        at = min(cuts, key=lambda c: abs(c - depth * len(text)))
+        left, right = text[:at].rstrip(" "), text[at:].strip(" ")
+        join = lambda s: s + ("" if not s or s.endswith("\n") else " ")  # noqa: E731
+        return head + join(left) + needle + join(right) + tail
+
+    text = take(budget)
+    for attempt in range(8):  # separators depend on where the needle lands: adjust the haystack's end
+        prompt = build(text)   # (then its start) until the probe has exactly `length` tokens
+        diff = length - 1 - len(tokenizer.encode(prompt + answer))
+        if diff == 0:
             break
-        hay.append(piece)
-        used += n
-    text = "".join(hay)
-    # place the needle at a filler boundary nearest to the requested depth
-    cuts = [0] + [i + 1 for i, ch in enumerate(text) if ch in ".\n" and i + 1 < len(text)] + [len(text)]
-    at = min(cuts, key=lambda c: abs(c - depth * len(text)))
-    sep = "" if at == 0 or text[at - 1] in " \n" else " "
-    prompt = head + text[:at] + sep + needle + text[at:].lstrip(" ") + ("" if text.endswith((" ", "\n")) else " ") + tail
+        ids = tokenizer.encode(text)
+        if attempt < 4:
+            text = text + take(diff) if diff > 0 else tokenizer.decode(ids[:diff])
+        else:
+            text = take(diff) + text if diff > 0 else tokenizer.decode(ids[-diff:])
     return ProbeItem(prompt, answer, key)
 
 

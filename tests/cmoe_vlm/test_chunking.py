@@ -45,15 +45,16 @@ def test_sharpen():
     assert s[1] < 0.3 and s[3] > 0.7
 
 
-def slow_merge(h, b, doc_ids, merge):
+def slow_merge(h, b, doc_ids, merge, modality):
     """Reference: walk the tokens of each row, closing a concept at every boundary."""
     out = []
     for r in range(h.shape[0]):
-        concepts, acc, acc_doc = [], torch.zeros_like(h[r, 0]), None
+        concepts, acc, acc_key = [], torch.zeros_like(h[r, 0]), None
         for n in range(h.shape[1]):
-            if acc_doc is not None and doc_ids[r, n] != acc_doc:
-                acc = torch.zeros_like(acc)  # a document's unclosed tail belongs to no concept
-            acc_doc = doc_ids[r, n]
+            key = (int(doc_ids[r, n]), int(modality[r, n]))
+            if acc_key is not None and key != acc_key:
+                acc = torch.zeros_like(acc)  # an unclosed tail of another document or modality joins no concept
+            acc_key = key
             acc = acc + h[r, n]
             if b[r, n]:
                 concepts.append(acc if merge == "sum" else h[r, n])
@@ -75,10 +76,14 @@ def test_merge_matches_slow_reference_with_documents(merge):
     starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
     b = (torch.rand(B, T) < 0.3) | starts
     b[1, 14] = False  # doc 0 of row 1 ends with an unclosed tail
+    modality = torch.zeros(B, T, dtype=torch.long)
+    modality[0, 10:18] = 1  # an image inside row 0: boundaries forced at both switches
+    b[0, [10, 18]] = True
+    b[0, 9] = False  # text tail before the image: joins no concept
     p = torch.rand(B, T)
     pos = torch.arange(T).expand(B, T)
-    c = merge_concepts(h, Boundaries(p, b), starts, doc_ids, pos, merge)
-    ref = slow_merge(h, b, doc_ids, merge)
+    c = merge_concepts(h, Boundaries(p, b), starts, doc_ids, pos, merge, modality)
+    ref = slow_merge(h, b, doc_ids, merge, modality)
     for r in range(B):
         n = len(ref[r])
         assert c.counts[r] == n

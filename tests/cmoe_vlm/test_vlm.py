@@ -152,7 +152,7 @@ def test_save_and_load_pretrained_roundtrip(model, tmp_path):
 def test_transformers_auto_classes_load_the_export(model, tmp_path):
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    import cmoe_vlm  # noqa: F401  registers the Auto classes
+    import cmoe_vlm.hf  # noqa: F401  registers the Auto classes
     from cmoe_vlm.export import save_pretrained
     from cmoe_vlm.hf import ConceptMoEForCausalLM
 
@@ -176,3 +176,21 @@ def test_transformers_auto_classes_load_the_export(model, tmp_path):
         nxt = model(step).logits[:, -1].argmax(-1, keepdim=True)
         step = torch.cat([step, nxt], 1)
     assert torch.equal(gen[:, : step.shape[1]], step)
+
+
+def test_no_concept_mixes_text_and_image(model):
+    """Spec §7: with sum merge, every concept's content is all text or all image."""
+    from cmoe_vlm.chunking import merge_concepts
+    from cmoe_vlm.model import document_positions
+
+    batch = batch_of(DOCS, model.cfg)
+    mod, doc = batch["modality"], batch["doc_ids"]
+    out = model.train()(**batch)  # sampled boundaries: tails before switches are common
+    starts, pos = document_positions(doc)
+    from cmoe_vlm.chunking import Boundaries
+    onehot = torch.nn.functional.one_hot(mod, 2).float()  # content "vector" = (text count, image count)
+    cpt = merge_concepts(onehot, Boundaries(out.boundary_probs, out.boundaries), starts, doc, pos, "sum", mod)
+    valid = cpt.doc_ids >= 0
+    mixed = (cpt.x[..., 0] > 0) & (cpt.x[..., 1] > 0) & valid
+    assert not mixed.any()
+    assert (cpt.x[..., 1][valid] > 0).sum() >= 4  # image concepts exist

@@ -1,0 +1,418 @@
+"""Inference latency of ConceptMoE vs the baseline MoE (issue 8), on CPU, beside the FLOPs model.
+
+Measures, for the baseline MoE and ConceptMoE at R = 1.5, 2, 4, both same-depth (efficiency-oriented:
+chunking on, nothing reallocated; `flops.propose_efficiency`) and FLOPs-matched (quality-oriented:
+`flops.propose_more_experts`, falling back to looping, then a wider concept model, when the extra
+experts do not fit):
+
+- prefill time of one sequence of N tokens (one cached forward, `generation.prefill`), N = 1K..32K;
+- per-token decode time at KV length L (`generation.decode_step`, batch 1), L = the same lengths,
+  continuing from the state the prefill at L left;
+- KV-cache bytes per token, measured from `InferenceState.cache_bytes()` after the prefill;
+
+and shows each measured speedup over the baseline beside the one the FLOPs model predicts
+(`cmoe_vlm.flops`): prefill time ∝ activated FLOPs·N + causal attention-map FLOPs; decode time per
+token ∝ activated FLOPs per token + attention FLOPs of one new query against L keys (concept
+layers: L/R keys on 1/R of the steps). At batch 1 in fp32 with plain multi-head attention each
+weight and each cached value is read once per 2 FLOPs, so this is also the bytes-moved model.
+
+**Boundaries are set, not learned (benchmark only).** An untrained chunk module puts boundaries
+at p ≈ 0.5 (R ≈ 2, at random places). To run each config at its R exactly, this script wraps the
+chunk module's forward (`force_every_rth_boundary`, here, not in the model): it still computes
+p (the projections cost what they cost), then replaces b with "token n is a boundary iff
+⌊n/R⌋ > ⌊(n−1)/R⌋" (n = absolute position; token 0 always), so exactly ⌈N/R⌉ of N tokens are
+boundaries and decode meets a boundary on every R-th step on average. Output says so.
+
+Model: dim 64, 1 encoder + 6 concept + 1 decoder layers (the concept model is the bulk, as in the
+paper), 16 experts top-2. The dim is small because this CPU gives ~20 GFLOP/s on 2 threads: the
+baseline's 32K-token prefill at dim 256 would alone take ~4 minutes. Speedups depend on the
+FLOPs split, which the prediction follows; `--dim` changes it.
+
+Timing: torch.set_num_threads(2), OMP_WAIT_POLICY=PASSIVE (see bench_core.py), a warm-up, then
+repetitions interleaved across configs (the order rotates every repetition) and medians; the load
+average before and after is recorded. The full run takes ~6-10 minutes; `--quick` (N = 256..1K)
+under a minute. Writes latency.json, latency.md (paper-style tables) and latency.png to --out.
+
+    python bench/bench_latency.py [--out bench/results/latency] [--quick]
+"""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP; see bench_core.py
+
+import argparse
+import dataclasses
+import json
+import platform
+import statistics
+import sys
+import time
+from fractions import Fraction
+from pathlib import Path
+
+import torch
+
+from cmoe_vlm import flops
+from cmoe_vlm.chunking import ChunkConfig
+from cmoe_vlm.generation import decode_step, prefill
+from cmoe_vlm.layers.moe import MoEConfig
+from cmoe_vlm.model import ConceptMoE, InferenceState, ModelConfig
+
+RATIOS = (1.5, 2.0, 4.0)
+TARGETS = {"prefill_16k_r2": 1.8, "decode_16k_r2": 1.5, "fraction_of_prediction_16k_up": 0.85}
+
+
+# ---------------------------------------------------------------------------------------------
+# Configs
+def baseline_config(dim: int, max_len: int) -> ModelConfig:
+    return ModelConfig(
+        vocab_size=262, dim=dim, num_heads=max(1, dim // 64), encoder_layers=1, concept_layers=6, decoder_layers=1,
+        moe=MoEConfig(num_experts=16, top_k=2, expert_hidden=2 * dim), chunk=ChunkConfig(enabled=False),
+        max_seq_len=max_len)
+
+
+def bench_configs(base: ModelConfig) -> list[dict]:
+    """[{name, kind, ratio, config, note}] for the baseline and the six ConceptMoE configs."""
+    rows = [{"name": "baseline", "kind": "baseline", "ratio": 1.0, "config": base, "note": "chunking off"}]
+    for R in RATIOS:
+        p = flops.propose_efficiency(base, R)
+        rows.append({"name": f"same-depth R={R:g}", "kind": "same-depth", "ratio": R, "config": p.config,
+                     "note": p.note})
+    for R in RATIOS:
+        for propose in (flops.propose_more_experts, flops.propose_looped, flops.propose_wider):
+            p = propose(base, R)
+            if p.config is not None:
+                break
+        rows.append({"name": f"FLOPs-matched R={R:g}", "kind": "flops-matched", "ratio": R, "config": p.config,
+                     "note": f"{p.strategy}: {p.note}"})
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# Deterministic boundaries (benchmark only)
+def boundary_pattern(positions: torch.Tensor, ratio: float) -> torch.Tensor:
+    """b_n = 1 iff ⌊n/R⌋ > ⌊(n−1)/R⌋, n = absolute position (token 0 always): ⌈N/R⌉ boundaries in N."""
+    r = Fraction(ratio).limit_denominator(64)
+    n = positions
+    return (n == 0) | ((n * r.denominator) // r.numerator != ((n - 1) * r.denominator) // r.numerator)
+
+
+def force_every_rth_boundary(model: ConceptMoE, ratio: float) -> None:
+    """Wrap `model.forward` and `model.chunk.forward` (this instance only) so that the chunk module
+    keeps computing p but its boundaries follow `boundary_pattern` (document starts stay forced)."""
+    offset: dict[str, torch.Tensor | None] = {"n0": None}
+    model_forward, chunk_forward = model.forward, model.chunk.forward
+
+    def forward(*args, state: InferenceState | None = None, **kwargs):
+        offset["n0"] = None if state is None else state.num_tokens.clone()
+        return model_forward(*args, state=state, **kwargs)
+
+    def chunk(h, starts, *args, **kwargs):
+        bnd = chunk_forward(h, starts, *args, **kwargs)
+        B, T = h.shape[:2]
+        n0 = offset["n0"] if offset["n0"] is not None else torch.zeros(B, dtype=torch.long, device=h.device)
+        bnd.b = boundary_pattern(n0[:, None] + torch.arange(T, device=h.device), ratio) | starts
+        return bnd
+
+    model.forward, model.chunk.forward = forward, chunk
+
+
+def build_model(entry: dict, seed: int = 0) -> ConceptMoE:
+    torch.manual_seed(seed)
+    m = ConceptMoE(entry["config"]).eval()
+    if m.chunk is not None:
+        force_every_rth_boundary(m, entry["ratio"])
+    return m
+
+
+# ---------------------------------------------------------------------------------------------
+# Predictions (FLOPs model)
+def predicted_prefill_flops(cfg: ModelConfig, ratio: float, n: int) -> float:
+    R = ratio if cfg.chunk.enabled else None
+    return flops.flops_per_token(cfg, R) * n + flops.attention_map_flops(cfg, n, R, causal=True)
+
+
+def predicted_decode_flops(cfg: ModelConfig, ratio: float, kv_len: int) -> float:
+    """One new token at KV length L: dense attention-map FLOPs over L, divided by L, is 4·L·width per
+    token-level layer and 4·(L/R)·width/R per concept layer (run on 1/R of the steps)."""
+    R = ratio if cfg.chunk.enabled else None
+    return flops.flops_per_token(cfg, R) + flops.attention_map_flops(cfg, kv_len, R, causal=False) / kv_len
+
+
+# ---------------------------------------------------------------------------------------------
+# Measurement
+def loadavg() -> list[float]:
+    try:
+        return list(os.getloadavg())
+    except OSError:
+        return []
+
+
+def text_batch(n: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    ids = torch.randint(0, 256, (1, n), generator=torch.Generator().manual_seed(seed))
+    return {"input_ids": ids, "modality": torch.zeros_like(ids), "doc_ids": torch.zeros_like(ids),
+            "lengths": torch.tensor([n])}
+
+
+def snapshot(state: InferenceState) -> dict:
+    caches = state.encoder + state.concept + state.decoder
+    return {"lengths": [c.lengths.clone() for c in caches], "num_tokens": state.num_tokens.clone()}
+
+
+def restore(state: InferenceState, snap: dict) -> None:
+    """Back to the KV length the prefill left (the entries written since are overwritten next time)."""
+    for c, n in zip(state.encoder + state.concept + state.decoder, snap["lengths"]):
+        c.lengths = n.clone()
+    state.num_tokens = snap["num_tokens"].clone()
+
+
+def run_length(models: dict[str, ConceptMoE], n: int, prefill_reps: int, decode_reps: int, steps: int) -> dict:
+    """Interleaved prefill and decode timings of every model at length n."""
+    names = list(models)
+    batch = text_batch(n)
+    prefill_t = {k: [] for k in names}
+    states = {}
+    with torch.no_grad():
+        for rep in range(prefill_reps):
+            order = names[rep % len(names):] + names[:rep % len(names)]
+            for k in order:
+                t0 = time.perf_counter()
+                state, _ = prefill(models[k], batch)
+                prefill_t[k].append(time.perf_counter() - t0)
+                states[k] = state
+        kv = {k: {part: b / n for part, b in states[k].cache_bytes().items()} for k in names}
+        concepts = {k: int(states[k].num_concepts[0]) for k in names}
+        tok = torch.tensor([65])
+        snaps = {}
+        for k in names:  # warm-up: the first step grows the caches (one-time copy), then rewind
+            snaps[k] = snapshot(states[k])
+            for _ in range(2):
+                decode_step(models[k], states[k], tok)
+            restore(states[k], snaps[k])
+        decode_t = {k: [] for k in names}
+        for rep in range(decode_reps):
+            order = names[rep % len(names):] + names[:rep % len(names)]
+            for k in order:
+                t0 = time.perf_counter()
+                for _ in range(steps):
+                    decode_step(models[k], states[k], tok)
+                decode_t[k].append((time.perf_counter() - t0) / steps)
+                restore(states[k], snaps[k])
+    return {"prefill": prefill_t, "decode": decode_t, "kv": kv, "concepts": concepts}
+
+
+def warmup(models: dict[str, ConceptMoE]) -> None:
+    batch = text_batch(256, seed=1)
+    with torch.no_grad():
+        for m in models.values():
+            state, logits = prefill(m, batch)
+            for _ in range(3):
+                decode_step(m, state, logits.argmax(-1))
+
+
+# ---------------------------------------------------------------------------------------------
+# Reporting
+def fmt_x(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2f}×"
+
+
+def pct(x: float) -> str:
+    return f"{100 * (x - 1):+.0f}%"
+
+
+def markdown(result: dict) -> str:
+    cfgs = [c["name"] for c in result["configs"]]
+    others = cfgs[1:]
+    out = [f"# ConceptMoE inference latency (CPU, {result['meta']['threads']} threads)", "",
+           result["meta"]["boundaries"], "",
+           "Cells: measured speedup over the baseline (paper-style % gain) · FLOPs-model prediction · "
+           "measured / predicted.", ""]
+    for phase, title, unit in (("prefill", "Prefill (one sequence of N tokens)", "ms"),
+                               ("decode", "Decode (per token, batch 1, KV length L)", "ms/token")):
+        rows = [r for r in result[phase]]
+        lengths = sorted({r["length"] for r in rows})
+        out += [f"## {title}", "", "| " + " | ".join(["N" if phase == "prefill" else "L", f"baseline {unit}"] + others)
+                + " |", "|" + "---|" * (2 + len(others))]
+        for n in lengths:
+            by = {r["config"]: r for r in rows if r["length"] == n}
+            cells = [f"{n // 1024}K" if n >= 1024 else str(n), f"{1e3 * by['baseline']['median_s']:.1f}"]
+            for c in others:
+                r = by[c]
+                cells.append(f"{fmt_x(r['speedup'])} ({pct(r['speedup'])}) · pred {fmt_x(r['predicted_speedup'])}"
+                             f" · {100 * r['fraction_of_prediction']:.0f}%")
+            out.append("| " + " | ".join(cells) + " |")
+        out.append("")
+    out += ["## KV-cache bytes per token (fp32, measured from InferenceState.cache_bytes() after the prefill "
+            f"at {result['kv_length']} tokens)", "",
+            "| config | encoder | concept | decoder | total | concept / baseline's | 1/R | total / baseline's "
+            "| FLOPs-model total |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in result["kv_bytes_per_token"]:
+        out.append(f"| {r['config']} | {r['encoder']:.0f} | {r['concept']:.0f} | {r['decoder']:.0f} | {r['total']:.0f} "
+                   f"| {r['concept_vs_baseline']:.3f} | {1 / r['ratio']:.3f} | {r['total_vs_baseline']:.3f} "
+                   f"| {r['predicted_total']:.0f} |")
+    out += ["", "## Configs", "", "| config | R | concept top_k | experts | loop | concept dim | total params "
+            "| FLOPs/token (attn map excl.) | note |", "|---|---|---|---|---|---|---|---|---|"]
+    for c in result["configs"]:
+        out.append(f"| {c['name']} | {c['ratio']:g} | {c['concept_top_k']} | {c['concept_experts']} | {c['loop_layers']} "
+                   f"| {c['concept_dim']} | {c['total_params'] / 1e6:.2f}M | {c['flops_per_token'] / 1e6:.2f}M "
+                   f"| {c['note']} |")
+    t = result["targets"]
+    out += ["", "## Targets", ""] + [f"- {k}: {v}" for k, v in t.items()]
+    m = result["meta"]
+    out += ["", f"Load average before {m['loadavg_before']}, after {m['loadavg_after']}; "
+            f"wall time {m['wall_s']:.0f} s; torch {m['torch']}; {m['platform']}."]
+    return "\n".join(out) + "\n"
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(17, 5))
+    names = [c["name"] for c in result["configs"]][1:]
+    colors = {n: f"C{i}" for i, n in enumerate(names)}
+    for ax, phase in zip(axes[:2], ("prefill", "decode")):
+        for n in names:
+            rows = sorted((r for r in result[phase] if r["config"] == n), key=lambda r: r["length"])
+            x = [r["length"] for r in rows]
+            style = "-" if n.startswith("same") else "-."
+            ax.plot(x, [r["speedup"] for r in rows], style, marker="o", color=colors[n], label=f"{n} measured")
+            ax.plot(x, [r["predicted_speedup"] for r in rows], ":", color=colors[n], alpha=0.7)
+        ax.axhline(1.0, color="grey", lw=0.8)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("tokens (prefill N)" if phase == "prefill" else "KV length L")
+        ax.set_ylabel("speedup over baseline (dotted: FLOPs model)")
+        ax.set_title(f"{phase}: measured vs predicted")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    ax = axes[2]
+    kv = result["kv_bytes_per_token"]
+    ax.bar(range(len(kv)), [r["encoder"] + r["decoder"] for r in kv], label="encoder + decoder")
+    ax.bar(range(len(kv)), [r["concept"] for r in kv], bottom=[r["encoder"] + r["decoder"] for r in kv],
+           label="concept model")
+    ax.set_xticks(range(len(kv)), [r["config"].replace(" R=", "\nR=") for r in kv], fontsize=7)
+    ax.set_ylabel("KV-cache bytes per token (fp32)")
+    ax.set_title("memory")
+    ax.legend(fontsize=8)
+    fig.suptitle("ConceptMoE latency vs baseline MoE on CPU (boundaries set every R-th token, benchmark only)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default="bench/results/latency", help="output folder")
+    ap.add_argument("--quick", action="store_true", help="smoke run: lengths 256..1K, few repetitions (<60 s)")
+    ap.add_argument("--dim", type=int, default=64, help="model width (heads of 64 dims)")
+    ap.add_argument("--lengths", type=str, default=None, help="comma-separated lengths (default 1K..32K)")
+    ap.add_argument("--steps", type=int, default=12, help="decode steps per timed repetition (12: whole periods "
+                                                          "of the R = 1.5, 2, 4 boundary patterns)")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(2)
+    t_start = time.time()
+    lengths = [256, 512, 1024] if args.quick else [1024 * 2 ** i for i in range(6)]
+    if args.lengths:
+        lengths = [int(x) for x in args.lengths.split(",")]
+    # repetitions per length: long prefills are the budget (the 32K baseline alone is ~half a minute)
+    def reps(n: int) -> tuple[int, int]:
+        if args.quick:
+            return 2, 3
+        return (5, 5) if n <= 4096 else (3, 5) if n <= 8192 else (2, 5) if n <= 16384 else (1, 5)
+
+    base = baseline_config(args.dim, max(lengths) + 1024)
+    entries = bench_configs(base)
+    models = {e["name"]: build_model(e) for e in entries}
+    load_before = loadavg()
+    print(f"{len(entries)} configs, lengths {lengths}; boundaries forced every R-th token (benchmark only)", flush=True)
+    warmup(models)
+
+    prefill_rows, decode_rows, kv_rows = [], [], []
+    base_cfg = entries[0]["config"]
+    for n in lengths:
+        t0 = time.time()
+        pr, dr = reps(n)
+        res = run_length(models, n, pr, dr, 1 if args.quick else args.steps)
+        for phase, rows, pred in (("prefill", prefill_rows, predicted_prefill_flops),
+                                  ("decode", decode_rows, predicted_decode_flops)):
+            base_med = statistics.median(res[phase]["baseline"])
+            base_pred = pred(base_cfg, 1.0, n)
+            for e in entries:
+                times = res[phase][e["name"]]
+                med = statistics.median(times)
+                speed = base_med / med
+                p = base_pred / pred(e["config"], e["ratio"], n)
+                rows.append({"config": e["name"], "length": n, "times_s": times, "median_s": med,
+                             "speedup": speed, "predicted_speedup": p, "fraction_of_prediction": speed / p,
+                             "concepts": res["concepts"][e["name"]]})
+        if n == max(lengths):
+            kv_base = res["kv"]["baseline"]
+            for e in entries:
+                kv = res["kv"][e["name"]]
+                kv_rows.append({
+                    "config": e["name"], "ratio": e["ratio"], **kv, "total": sum(kv.values()),
+                    "concept_vs_baseline": kv["concept"] / kv_base["concept"],
+                    "total_vs_baseline": sum(kv.values()) / sum(kv_base.values()),
+                    "predicted_total": flops.kv_cache_bytes_per_token(
+                        e["config"], e["ratio"] if e["config"].chunk.enabled else None, bytes_per_value=4),
+                    "achieved_ratio": n / res["concepts"][e["name"]]})
+        line = "  ".join(f"{r['config']}: {r['speedup']:.2f}x/{r['predicted_speedup']:.2f}x"
+                         for r in prefill_rows if r["length"] == n and r["config"] != "baseline")
+        dline = "  ".join(f"{r['config']}: {r['speedup']:.2f}x/{r['predicted_speedup']:.2f}x"
+                          for r in decode_rows if r["length"] == n and r["config"] != "baseline")
+        print(f"N={n} ({time.time() - t0:.0f}s)\n  prefill {line}\n  decode  {dline}", flush=True)
+
+    def pick(rows, name, n):
+        return next((r for r in rows if r["config"] == name and r["length"] == n), None)
+
+    targets = {}
+    n16 = 16384 if 16384 in lengths else max(lengths)
+    r2p, r2d = pick(prefill_rows, "same-depth R=2", n16), pick(decode_rows, "same-depth R=2", n16)
+    targets[f"prefill speedup at {n16}, same-depth R=2 (target >= {TARGETS['prefill_16k_r2']})"] = round(r2p["speedup"], 3)
+    targets[f"decode speedup at KV {n16}, same-depth R=2 (target >= {TARGETS['decode_16k_r2']})"] = round(r2d["speedup"], 3)
+    long = [r for r in prefill_rows + decode_rows if r["length"] >= n16 and r["config"] != "baseline"]
+    fr = {f"{'prefill' if r in prefill_rows else 'decode'} {r['config']} @{r['length']}": round(r["fraction_of_prediction"], 3)
+          for r in long}
+    targets[f"measured / predicted at >= {n16} (target >= {TARGETS['fraction_of_prediction_16k_up']})"] = fr
+    targets["concept KV bytes / baseline's concept KV bytes (target ~1/R)"] = {
+        r["config"]: round(r["concept_vs_baseline"], 3) for r in kv_rows if r["config"] != "baseline"}
+
+    result = {
+        "meta": {
+            "threads": torch.get_num_threads(), "torch": torch.__version__, "platform": platform.platform(),
+            "python": sys.version.split()[0], "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+            "quick": args.quick, "loadavg_before": load_before, "loadavg_after": loadavg(),
+            "wall_s": time.time() - t_start, "decode_steps_per_rep": 1 if args.quick else args.steps,
+            "boundaries": "Boundaries are set deterministically for this benchmark (every R-th token by absolute "
+                          "position, token 0 always; the chunk module still computes p): a latency benchmark "
+                          "must run at the R it reports, which an untrained chunker (R ~ 2 at random places) "
+                          "does not give. Medians of interleaved repetitions.",
+            "prediction": "FLOPs model (cmoe_vlm.flops): prefill ∝ activated FLOPs·N + causal attention-map FLOPs; "
+                          "decode ∝ activated FLOPs/token + one query's attention over L keys (concept layers: "
+                          "L/R keys, 1/R of steps); at batch 1, fp32, MHA this is proportional to bytes moved.",
+        },
+        "configs": [{"name": e["name"], "kind": e["kind"], "ratio": e["ratio"], "note": e["note"],
+                     **{k: v for k, v in flops.Proposal("x", e["config"], flops.account(
+                         e["config"], e["ratio"] if e["config"].chunk.enabled else None,
+                         max(lengths))).summary().items() if k in (
+                         "concept_top_k", "concept_experts", "loop_layers", "concept_dim", "total_params",
+                         "flops_per_token")},
+                     "model_config": dataclasses.asdict(e["config"])} for e in entries],
+        "kv_length": max(lengths),
+        "prefill": prefill_rows, "decode": decode_rows, "kv_bytes_per_token": kv_rows, "targets": targets,
+    }
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "latency.json").write_text(json.dumps(result, indent=1))
+    (out / "latency.md").write_text(markdown(result))
+    plot(result, out / "latency.png")
+    print(markdown(result))
+    print(f"wrote {out}/latency.json, latency.md, latency.png in {time.time() - t_start:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

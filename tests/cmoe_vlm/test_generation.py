@@ -1,0 +1,226 @@
+"""Generation: cached == uncached token for token, variable-length batches, images, one concept-cache
+entry per chunk, stop ids, seeded sampling, streaming order, and the latency benchmark's smoke run."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from cmoe_vlm.chunking import ChunkConfig
+from cmoe_vlm.generation import (decode_step, generate, generate_text, generate_with_state, prefill, prompt_batch,
+                                 sample_next)
+from cmoe_vlm.layers.moe import MoEConfig
+from cmoe_vlm.model import ConceptMoE, ModelConfig
+from cmoe_vlm.vlm import ConceptMoEVLM, VLMConfig
+from data_pipelines.sequence import build_sequence
+from data_pipelines.tokenizer import ByteTokenizer
+from vision import ProjectorConfig, VisionConfig
+
+TOK = ByteTokenizer()
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models: one thread. On a shared 2-core machine OpenMP's spin-waiting made every small op
+    wait for a descheduled second thread (a 24-token generation took 18 s instead of 0.8 s)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def lm_config(enabled=True, **kw) -> ModelConfig:
+    chunk = ChunkConfig(enabled=enabled, **kw.pop("chunk", {}))
+    base = dict(vocab_size=TOK.vocab_size, dim=32, num_heads=4, encoder_layers=1, concept_layers=2,
+                decoder_layers=1, moe=MoEConfig(num_experts=4, top_k=2, expert_hidden=32), chunk=chunk)
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+VARIANTS = {
+    "baseline": dict(enabled=False),
+    "sum": dict(),
+    "last-gqa": dict(chunk=dict(merge="last"), num_kv_heads=2),
+    "looped-wide": dict(loop_layers=1, concept_dim=48),
+}
+
+
+def vlm(name="sum", seed=0, **chunk) -> ConceptMoEVLM:
+    kw = dict(VARIANTS[name])
+    kw["chunk"] = {**kw.get("chunk", {}), **chunk}
+    cfg = VLMConfig(model=lm_config(**kw),
+                    vision=VisionConfig(img_size=32, patch_size=8, embed_dim=48, depth=1, num_heads=3, crop_pct=1.0),
+                    projector=ProjectorConfig(reduction=1))  # 16 tokens per image
+    torch.manual_seed(seed)
+    return ConceptMoEVLM(cfg).double().eval()  # fp64: greedy ties cannot flip between the two paths
+
+
+def image(seed: int) -> torch.Tensor:
+    return torch.randn(3, 32, 32, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+def seq(*pieces):
+    return build_sequence(list(pieces), TOK, 16, add_bos=True, add_eos=False)
+
+
+TEXT_PROMPTS = [seq("hello"), seq("a much longer prompt than the first one, with more words"), seq("x")]
+IMAGE_PROMPTS = [seq(image(0), "a red square"), seq("two: ", image(1), " and ", image(2), " done"),
+                 seq("caption", image(3))]
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+@pytest.mark.parametrize("prompts", ["text", "image"])
+def test_cached_generation_equals_uncached(name, prompts):
+    m = vlm(name)
+    p = TEXT_PROMPTS if prompts == "text" else IMAGE_PROMPTS
+    fast = generate(m, p, 24)
+    ref = generate(m, p, 24, use_cache=False)
+    assert fast == ref
+    assert all(len(t) == 24 for t in fast)
+    # each row of a batch generates what it generates alone
+    for i, s in enumerate(p):
+        assert generate(m, [s], 24) == [fast[i]]
+
+
+def test_batch_dict_prompts_and_bare_lm():
+    m = vlm("sum")
+    batch = prompt_batch(m, IMAGE_PROMPTS)
+    assert batch["doc_ids"][0].tolist().count(-1) == batch["input_ids"].shape[1] - len(IMAGE_PROMPTS[0])
+    as_dict = {k: v for k, v in batch.items() if k != "lengths"}
+    assert generate(m, as_dict, 8) == generate(m, IMAGE_PROMPTS, 8)
+    lm = m.lm  # a bare ConceptMoE takes text prompts
+    assert generate(lm, TEXT_PROMPTS, 8) == generate(lm, TEXT_PROMPTS, 8, use_cache=False)
+    with pytest.raises(ValueError, match="text-only"):
+        generate(lm, IMAGE_PROMPTS, 4)
+
+
+@pytest.mark.parametrize("name", ["sum", "last-gqa", "looped-wide"])
+def test_concept_cache_holds_one_entry_per_chunk(name):
+    m = vlm(name)
+    out, state = generate_with_state(m, IMAGE_PROMPTS, 20, stop_ids=[7, 11, 13])
+    # a full forward over prompt + output, row by row, gives the chunks
+    for i, (s, new) in enumerate(zip(IMAGE_PROMPTS, out)):
+        ids = torch.tensor([s.input_ids + new])
+        mod = torch.tensor([s.modality + [0] * len(new)])
+        imgs = torch.stack(s.images)
+        with torch.no_grad():
+            res = m(ids, modality=mod, images=imgs)
+        chunks = int(res.boundaries.sum())
+        assert 1 < chunks < ids.shape[1]
+        for cache in state.concept:
+            assert int(cache.lengths[i]) == chunks
+        for cache in state.encoder + state.decoder:
+            assert int(cache.lengths[i]) == ids.shape[1]
+        assert int(state.num_tokens[i]) == ids.shape[1]
+    # per layer and per unit of width, the concept caches hold 1/R of the token caches' bytes
+    b, c = state.cache_bytes(), m.cfg.model
+    per_concept = b["concept"] / (len(state.concept) * c.concept_width)
+    per_token = b["encoder"] / (len(state.encoder) * c.dim)
+    chunks_total = sum(int(cache.lengths.sum()) for cache in state.concept[:1])
+    tokens_total = int(state.num_tokens.sum())
+    assert per_concept == pytest.approx(per_token * chunks_total / tokens_total)
+    assert per_concept < per_token
+
+
+def test_padded_span_matches_unpadded():
+    """A cached span with tail padding leaves exactly the state the unpadded span leaves."""
+    torch.manual_seed(0)
+    lm = ConceptMoE(lm_config()).double().eval()
+    x = torch.randint(0, 256, (2, 30))
+    doc = torch.zeros_like(x)
+    doc[0, 18:] = -1
+    with torch.no_grad():
+        st = lm.new_state(2)
+        lm(x, doc_ids=doc, state=st)
+        alone = lm.new_state(1)
+        lm(x[:1, :18], state=alone)
+        for a, b in zip(st.encoder + st.concept + st.decoder, alone.encoder + alone.concept + alone.decoder):
+            n = int(b.lengths[0])
+            assert int(a.lengths[0]) == n
+            torch.testing.assert_close(a.k[0, :n], b.k[0, :n])
+        for f in ("last_h", "carry", "c_bar", "num_tokens"):
+            torch.testing.assert_close(getattr(st, f)[0], getattr(alone, f)[0])
+        # and the next token continues identically
+        nxt = torch.tensor([[5], [6]])
+        ya = lm(nxt, state=st).logits[0]
+        yb = lm(nxt[:1], state=alone).logits[0]
+        torch.testing.assert_close(ya, yb)
+        with pytest.raises(ValueError, match="padding"):
+            bad = torch.zeros_like(x)
+            bad[0, 3] = -1
+            lm(x, doc_ids=bad, state=lm.new_state(2))
+
+
+def test_stop_ids_and_max_new_tokens():
+    m = vlm("sum")
+    free = generate(m, TEXT_PROMPTS, 16)
+    stop = free[1][5]  # the 6th token of row 1
+    out = generate(m, TEXT_PROMPTS, 16, stop_ids=[stop])
+    for row, ref in zip(out, free):
+        cut = ref.index(stop) if stop in ref else len(ref)
+        assert row == ref[:cut] and stop not in row
+    assert len(out[1]) == 5
+    assert generate(m, TEXT_PROMPTS, 16, stop_ids=[stop], use_cache=False) == out
+    assert generate(m, TEXT_PROMPTS, 0) == [[], [], []]
+    assert generate(m, TEXT_PROMPTS, 1) == [r[:1] for r in free]
+
+
+def test_sampling_is_reproducible_with_a_seed():
+    m = vlm("sum")
+    kw = dict(temperature=1.0, top_p=0.9, top_k=50)
+    a = generate(m, TEXT_PROMPTS, 16, seed=3, **kw)
+    assert a == generate(m, TEXT_PROMPTS, 16, seed=3, **kw)
+    assert a != generate(m, TEXT_PROMPTS, 16, seed=4, **kw)
+    assert a != generate(m, TEXT_PROMPTS, 16)  # not greedy
+    assert a == generate(m, TEXT_PROMPTS, 16, seed=3, use_cache=False, **kw)
+    stop = a[0][3]  # rows finishing early do not shift the other rows' samples
+    b = generate(m, TEXT_PROMPTS, 16, seed=3, stop_ids=[stop], **kw)
+    assert b[1][:len(b[1])] == a[1][:len(b[1])]
+
+
+def test_sample_next_filters():
+    logits = torch.tensor([[0.0, 1.0, 2.0, 3.0]]).repeat(200, 1)
+    u = torch.rand(200, generator=torch.Generator().manual_seed(0))
+    assert set(sample_next(logits, 1.0, 1.0, 2, u).tolist()) == {2, 3}
+    # top_p = 0.5: token 3 alone has 64% of the mass
+    assert set(sample_next(logits, 1.0, 0.5, 0, u).tolist()) == {3}
+    assert set(sample_next(logits, 1.0, 1.0, 0, u).tolist()) == {0, 1, 2, 3}
+    assert sample_next(logits, 0.0, 1.0, 0, None).tolist() == [3] * 200
+
+
+def test_streaming_callback_order():
+    m = vlm("sum")
+    seen = []
+    out = generate(m, TEXT_PROMPTS, 6, stream=lambda r, t: seen.append((r, t)))
+    expected = [(r, out[r][s]) for s in range(6) for r in range(3)]
+    assert seen == expected
+
+
+def test_generate_text_and_prefill_decode_steps():
+    m = vlm("sum")
+    text = generate_text(m, TOK, ["look: ", image(5), " it is"], max_new_tokens=8)
+    assert isinstance(text, str)
+    ids = generate(m, [seq("look: ", image(5), " it is")], 8, stop_ids=[TOK.eos_id])[0]
+    assert text == TOK.decode(ids)
+    # prefill + decode_step are the building blocks: the cache sizes follow the chunks
+    batch = prompt_batch(m, TEXT_PROMPTS)
+    state, logits = prefill(m, batch)
+    assert state.num_tokens.tolist() == batch["lengths"].tolist()
+    logits2 = decode_step(m, state, logits.argmax(-1))
+    assert logits2.shape == (3, TOK.vocab_size)
+
+
+def test_latency_bench_quick_smoke(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_latency.py"), "--quick", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=90, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads((tmp_path / "latency.json").read_text())
+    assert {"prefill", "decode", "kv_bytes_per_token", "configs"} <= set(data)
+    assert (tmp_path / "latency.md").exists() and (tmp_path / "latency.png").exists()
+    names = {c["name"] for c in data["configs"]}
+    assert "baseline" in names and any(n.startswith("same-depth") for n in names)
