@@ -13,6 +13,10 @@ setup:
 ## Main job: built-in shards -> train the tiny ConceptMoE VLM -> evaluate -> compression report.
 demo: setup
 	$(PY) train_vlm.py configs/tiny.yaml --builtin $(ARGS)
+	$(PY) -m cmoe_vlm.eval --model runs/tiny/final --suite builtin --out runs/tiny/eval --limit 16 \
+		--lengths 256 512 --samples 2
+	$(PY) -m cmoe_vlm.inspect --model runs/tiny/final --data data/builtin/heldout --out runs/tiny/inspect \
+		--num-samples 32 --show 2
 
 ## The whole test suite (what CI runs).
 test: setup

@@ -214,7 +214,10 @@ def summarise(samples: list[SampleChunks], grid: tuple[int, int]) -> dict[str, A
         per_mod[name] = entry
     for s in samples:
         for start, end, closed in s.chunks():
-            mixed += len(set(s.modality[start:end].tolist())) > 1
+            # a concept's content is the tokens of its span in its boundary token's modality; the other
+            # modality's tail just before a switch joins no concept (cmoe_vlm.chunking.merge_concepts)
+            if closed:
+                mixed += int((s.modality[start:end] != s.modality[end - 1]).sum())
             open_tail += not closed
     # per-image extremes (spec §12: whole images flip between one chunk and all boundaries)
     P = grid[0] * grid[1]
@@ -241,7 +244,7 @@ def summarise(samples: list[SampleChunks], grid: tuple[int, int]) -> dict[str, A
         raise AssertionError(f"compression recomputed from the boundary masks disagrees with the model's own "
                              f"statistics for {mismatch}: {reported} vs masks")
     return {"num_samples": len(samples), "modalities": per_mod, "model_reported": reported,
-            "chunks_spanning_both_modalities": mixed, "open_tail_chunks": open_tail, "image_grid": list(grid)}
+            "tokens_left_out_before_modality_switch": mixed, "open_tail_chunks": open_tail, "image_grid": list(grid)}
 
 
 # ----------------------------------------------------------------------------- text views
@@ -536,7 +539,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{m:>5}: ratio {mods[m]['ratio']:.2f} (per sample {sp['mean']:.2f} ± {sp['std']:.2f}, "
                   f"{sp['min']:.2f}-{sp['max']:.2f}), mean p {mods[m]['mean_p']:.2f}, "
                   f"chunk length {mods[m]['chunk_length']['mean']:.2f}")
-    print(f"chunks spanning text and image: {summary['chunks_spanning_both_modalities']}")
+    print(f"tokens joining no concept (the other modality's tail before a switch): "
+          f"{summary['tokens_left_out_before_modality_switch']}")
     print(f"wrote {args.out}/compression.json, samples.html and PNGs")
     return 0
 
