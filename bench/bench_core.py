@@ -104,14 +104,14 @@ def bench_moe(tokens: int, dim: int, experts: int, top_k: int, hidden: int, reps
 
 # ---------------------------------------------------------------------------------------------
 # (b) dechunk scan vs loop
-def ema_loop(u: torch.Tensor, log_a: torch.Tensor) -> torch.Tensor:
+def ema_loop(u: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     """Reference: y_m = a_m · y_{m−1} + u_m, one concept at a time (a = 0 resets), batched over rows.
 
     `unbind` rather than `u[:, m]`: indexing would make the backward O(M²) (each select's backward
     writes a full-size zero gradient), 33 s instead of ~0.5 s at 8K; this is the fast loop."""
     y = torch.zeros_like(u[:, 0])
     out = []
-    for u_m, a_m in zip(u.unbind(1), log_a.exp().unbind(1)):
+    for u_m, a_m in zip(u.unbind(1), a.unbind(1)):
         y = a_m[:, None] * y + u_m
         out.append(y)
     return torch.stack(out, dim=1)
@@ -124,20 +124,20 @@ def bench_dechunk(concepts: int, dim: int, reps_scan: int, reps_loop: int) -> di
     reset[:, 0] = True
     c_hat = torch.randn(1, concepts, dim)
     u = torch.where(reset[..., None], c_hat, p[..., None] * c_hat)
-    log_a = torch.where(reset, torch.full_like(p, float("-inf")), torch.log1p(-p))
+    a = torch.where(reset, torch.zeros_like(p), 1 - p)  # the decay a (0 = reset)
     g = torch.randn_like(u)
-    err = (ema_scan(u, log_a) - ema_loop(u, log_a)).abs().max().item()
+    err = (ema_scan(u, a) - ema_loop(u, a)).abs().max().item()
 
     def fwd(fn):
         def run():
             with torch.no_grad():
-                fn(u, log_a)
+                fn(u, a)
         return run
 
     def fwdbwd(fn):
         def run():
             ui = u.detach().requires_grad_()
-            fn(ui, log_a).backward(g)
+            fn(ui, a).backward(g)
         return run
 
     # the loop is slow: time it fewer times, but still interleaved with the scan

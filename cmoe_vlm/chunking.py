@@ -37,6 +37,8 @@ class ChunkConfig:
     sharpen_tau: float = 6.0
     split_at_modality_switch: bool = True  # force a boundary where text turns to image and back
     image_chunking: Literal["raster", "2d"] = "raster"
+    force_all_boundaries: bool = False     # every token a boundary (p = 1): R = 1, for lossless-conversion checks
+    dechunk_update: bool = False           # dechunk the concept model's update ĉ − x, not ĉ (converted models)
 
     def __post_init__(self):
         for name in ("target_ratio", "text_ratio", "image_ratio"):
@@ -69,6 +71,18 @@ def ratio_loss(p: torch.Tensor, b: torch.Tensor, target: float, mask: torch.Tens
     f = b.float().mean().detach()
     g = p.float().mean()
     return R / (R - 1) * ((R - 1) * f * g + (1 - f) * (1 - g))
+
+
+def ramped_targets(targets: dict[str, float], step: int, ramp_steps: int) -> dict[str, float]:
+    """Ratio targets at optimizer step `step` (0-based) of a linear ramp from R = 1 to `targets`.
+
+    R_s = 1 + (R − 1) · min(1, s / ramp_steps): 1 at step 0 (no ratio loss), R from step ramp_steps on.
+    ramp_steps = 0 means no ramp. Used when continuing to train a converted model (spec §2, conversion).
+    """
+    if ramp_steps <= 0:
+        return dict(targets)
+    frac = min(1.0, max(step, 0) / ramp_steps)
+    return {name: 1.0 + (r - 1.0) * frac for name, r in targets.items()}
 
 
 @dataclass
@@ -195,7 +209,7 @@ class ChunkModule(nn.Module):
             p_above = ((1 - (q * k_above).sum(-1)) / 2).clamp(0, 1)
             p = torch.where(has_above, torch.maximum(p, p_above), p)
 
-        forced = starts.clone()
+        forced = torch.ones_like(starts) if self.cfg.force_all_boundaries else starts.clone()
         if self.cfg.split_at_modality_switch:
             forced |= modality != torch.cat([prev_modality, modality[:, :-1]], dim=1)
         p = torch.where(forced, torch.ones_like(p), p)

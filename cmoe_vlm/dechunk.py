@@ -2,10 +2,13 @@
 
     c̄_1 = ĉ_1,   c̄_m = P_m · ĉ_m + (1 − P_m) · c̄_{m−1}    (reset at every document start)
 
-This is the linear recurrence y_m = a_m y_{m−1} + u_m with a = 1 − P, u = P·ĉ. `ema_scan`
-computes it in parallel: blocks of Q concepts are solved with a Q×Q matrix of decays built from
-segment sums of log a (no global exp(−cumsum), which overflows), and the block-end states, which
-follow the same recurrence, are chained by calling the scan on them recursively.
+This is the linear recurrence y_m = a_m y_{m−1} + u_m with a = 1 − P (0 at a reset), u = P·ĉ.
+`ema_scan` solves it as a blocked scan: the M concepts are cut into blocks of Q; the Q positions
+of a block are stepped through with elementwise ops applied to all M/Q blocks at once, the
+block-end states (which obey the same recurrence) are chained by calling the scan on them
+recursively, and each block then adds its incoming state times the decay from its start (a
+cumulative product of a ∈ [0, 1]: no exp(−cumsum), nothing overflows). Work is O(M·D) in
+O(Q·log_Q M) vectorised steps. The backward pass is the same recurrence run in reverse.
 """
 from __future__ import annotations
 
@@ -13,52 +16,57 @@ import torch
 from torch import nn
 
 
-def _segsum(log_a: torch.Tensor) -> torch.Tensor:
-    """log_a (..., L) -> (..., L, L) with out[i, j] = Σ_{k=j+1..i} log_a[k] for j <= i, −inf above.
-
-    Built by a masked cumsum rather than a difference of cumsums, so −inf entries (resets) give
-    exact zeros after exp and no inf − inf.
-    """
-    L = log_a.shape[-1]
-    x = log_a[..., None].expand(*log_a.shape, L)  # x[..., i, j] = log_a[i]
-    strict = torch.ones(L, L, dtype=torch.bool, device=log_a.device).tril(-1)
-    x = x.masked_fill(~strict, 0.0).cumsum(dim=-2)
-    return x.masked_fill(~strict.logical_or(torch.eye(L, dtype=torch.bool, device=log_a.device)), float("-inf"))
-
-
-def ema_scan(u: torch.Tensor, log_a: torch.Tensor, block: int = 32) -> torch.Tensor:
-    """Solve y_m = a_m · y_{m−1} + u_m (y_0 = 0) for all m in parallel.
-
-    u (B, M, D); log_a (B, M) with log_a = −inf where the recurrence resets. Returns y (B, M, D)
-    in u's dtype, computed in fp32 (fp64 for fp64 inputs).
-    """
+def _scan(u: torch.Tensor, a: torch.Tensor, block: int) -> torch.Tensor:
+    """y_m = a_m y_{m−1} + u_m (y_0 = 0). u (B, M, D), a (B, M) -> y (B, M, D); no autograd."""
     B, M, D = u.shape
-    dtype = u.dtype
-    if M == 0:
-        return u
-    work = torch.promote_types(dtype, torch.float32)
-    Q = min(block, max(M, 1))
+    Q = max(1, min(block, M))
     nb = -(-M // Q)
     pad = nb * Q - M
-    u = torch.nn.functional.pad(u.to(work), (0, 0, 0, pad)).view(B, nb, Q, D)
-    log_a = torch.nn.functional.pad(log_a.to(work), (0, pad)).view(B, nb, Q)
-
-    # Within each block, from a zero state: y_i = Σ_{j<=i} exp(Σ_{k=j+1..i} log a_k) u_j.
-    y = torch.exp(_segsum(log_a)) @ u  # (B, nb, Q, D)
+    u = torch.nn.functional.pad(u, (0, 0, 0, pad)).view(B, nb, Q, D)
+    a = torch.nn.functional.pad(a, (0, pad), value=1.0).view(B, nb, Q)
+    y = torch.empty_like(u)
+    acc = y[:, :, 0] = u[:, :, 0]
+    for i in range(1, Q):  # Q steps, each over all nb blocks
+        acc = y[:, :, i] = torch.addcmul(u[:, :, i], a[:, :, i, None], acc)
     if nb > 1:
-        # The block-end states obey the same recurrence, s_c = exp(Σ_{k in c} log a_k) s_{c−1} + y_c[last]:
-        # solve it recursively (O(M) overall), then add each block's incoming state, decayed.
-        decay_in = log_a.cumsum(-1)  # (B, nb, Q): log of the decay from block start through i
-        states = ema_scan(y[:, :, -1], decay_in[..., -1], block)  # (B, nb, D)
+        decay = a.cumprod(-1)  # (B, nb, Q): decay from the block's start through position i
+        states = _scan(y[:, :, -1], decay[..., -1], block)  # (B, nb, D) state at each block's end
         prev = torch.cat([torch.zeros_like(states[:, :1]), states[:, :-1]], dim=1)
-        y = torch.addcmul(y, torch.exp(decay_in)[..., None], prev[:, :, None])
-    return y.reshape(B, nb * Q, D)[:, :M].to(dtype)
+        y = torch.addcmul(y, decay[..., None], prev[:, :, None])
+    return y.reshape(B, nb * Q, D)[:, :M]
+
+
+class _EMAScan(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, u: torch.Tensor, a: torch.Tensor, block: int) -> torch.Tensor:
+        y = _scan(u, a, block)
+        ctx.save_for_backward(a, y)
+        ctx.block = block
+        return y
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        a, y = ctx.saved_tensors
+        # G_m = dL/dy_m in total = g_m + a_{m+1} G_{m+1}: the recurrence, reversed.
+        a_next = torch.cat([a[:, 1:], torch.zeros_like(a[:, :1])], dim=1)
+        G = _scan(g.flip(1), a_next.flip(1), ctx.block).flip(1)
+        y_prev = torch.cat([torch.zeros_like(y[:, :1]), y[:, :-1]], dim=1)
+        return G, (G * y_prev).sum(-1), None
+
+
+def ema_scan(u: torch.Tensor, a: torch.Tensor, block: int = 16) -> torch.Tensor:
+    """Solve y_m = a_m · y_{m−1} + u_m (y_0 = 0) for all m. u (B, M, D); a (B, M) in [0, 1]
+    (0 resets the recurrence). Returns y (B, M, D) in u's dtype, computed in fp32 (fp64 for fp64)."""
+    if u.shape[1] == 0:
+        return u
+    work = torch.promote_types(u.dtype, torch.float32)
+    return _EMAScan.apply(u.to(work), a.to(work), block).to(u.dtype)
 
 
 class DechunkModule(nn.Module):
     """Smooths concept outputs with their boundary confidence and plugs them back into tokens."""
 
-    def __init__(self, p_clamp: float = 1e-4, block: int = 32):
+    def __init__(self, p_clamp: float = 1e-4, block: int = 16):
         super().__init__()
         self.p_clamp, self.block = p_clamp, block
 
@@ -71,12 +79,12 @@ class DechunkModule(nn.Module):
         p = p.to(work).clamp(self.p_clamp, 1 - self.p_clamp)
         c_hat = c_hat.to(work)
         u = torch.where(reset[..., None], c_hat, p[..., None] * c_hat)
-        log_a = torch.where(reset, torch.full_like(p, float("-inf")), torch.log1p(-p))
+        a = torch.where(reset, torch.zeros_like(p), 1 - p)
         if init is not None:  # prepend the carried state as concept 0 (a reset)
             u = torch.cat([init[:, None].to(work), u], dim=1)
-            log_a = torch.cat([log_a.new_full((log_a.shape[0], 1), float("-inf")), log_a], dim=1)
-            return ema_scan(u, log_a, self.block)[:, 1:].to(out_dtype)
-        return ema_scan(u, log_a, self.block).to(out_dtype)
+            a = torch.cat([a.new_zeros(a.shape[0], 1), a], dim=1)
+            return ema_scan(u, a, self.block)[:, 1:].to(out_dtype)
+        return ema_scan(u, a, self.block).to(out_dtype)
 
 
 def plug_back(c_bar: torch.Tensor, token_index: torch.Tensor) -> torch.Tensor:

@@ -12,9 +12,8 @@ paper-scale config that would never fit in memory here. Conventions:
   concept layers in execution order (looped layers count again, `cfg.concept_schedule()`) and the
   d→d_c→d maps of a wider concept model. Token-level work is not: encoder and decoder layers, the
   chunk module's q/k projections, joint-decoding projections and the LM head.
-- The dechunk EMA is a linear recurrence, O(d) per concept, and is not counted. Its blocked
-  parallel scan (`ema_scan`) does spend 2·Q·d extra multiply-add FLOPs per concept (Q = block
-  size, 64) as an implementation choice; FlopCounterMode sees them as a `bmm` under `dechunk`.
+- The dechunk EMA is a linear recurrence, O(d) per concept, and is not counted (its blocked scan,
+  `ema_scan`, does elementwise work only).
 - Activated params: every parameter a token touches (embedding row and LM head included, see
   `activated_params_non_embedding` without them); a routed MoE layer counts its top_k experts.
 

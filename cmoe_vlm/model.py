@@ -159,6 +159,7 @@ class ConceptMoE(nn.Module):
         self.dechunk = DechunkModule() if cfg.chunk.enabled else None
         self.norm = RMSNorm(d)
         self.lm_head = nn.Linear(d, cfg.vocab_size, bias=False)
+        self.ratio_targets: dict[str, float] | None = None  # set_ratio_targets; None = the config's
         self.reset_parameters()
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
@@ -264,7 +265,10 @@ class ConceptMoE(nn.Module):
             else:
                 c_hat = self._concept_step(schedule, xc, cpt, state, run)
             c_hat = c_hat if self.concept_out is None else self.concept_out(c_hat)
-            c_bar = self.dechunk(c_hat, cpt.p, cpt.reset, init=state.c_bar if state else None)
+            if self.cfg.chunk.dechunk_update:  # converted models: only the concept layers' residual update
+                c_hat = c_hat - cpt.x
+            # A boundary with p = 1 (forced) ends the EMA exactly: c̄_m = ĉ_m, as a reset, not 1 − 1e−4.
+            c_bar = self.dechunk(c_hat, cpt.p, cpt.reset | (cpt.p >= 1), init=state.c_bar if state else None)
             token_index = cpt.token_index
             if state is not None:  # index 0 = the concept carried in from before this span
                 c_bar = torch.cat([state.c_bar[:, None], c_bar], dim=1)
@@ -328,8 +332,20 @@ class ConceptMoE(nn.Module):
         if self.chunk is None:
             return p.sum() * 0
         sets = {"all": valid, "text": valid & (modality == TEXT), "image": valid & (modality == IMAGE)}
-        losses = [ratio_loss(p, b, target, sets[name]) for name, target in self.cfg.chunk.targets().items()]
+        losses = [ratio_loss(p, b, target, sets[name]) for name, target in self.current_ratio_targets().items()]
         return torch.stack(losses).sum()
+
+    def current_ratio_targets(self) -> dict[str, float]:
+        """Token set -> target R the ratio loss uses now: the config's, unless set_ratio_targets changed them."""
+        return dict(self.ratio_targets) if self.ratio_targets is not None else self.cfg.chunk.targets()
+
+    def set_ratio_targets(self, targets: dict[str, float] | None) -> None:
+        """Override the ratio-loss targets (e.g. a ramp from R = 1 while continuing a converted model);
+        None restores the config's. Keys must be the config's token sets ("all", or "text"/"image")."""
+        if targets is not None and set(targets) != set(self.cfg.chunk.targets()):
+            raise ValueError(f"ratio targets {sorted(targets)} do not match the config's token sets "
+                             f"{sorted(self.cfg.chunk.targets())}")
+        self.ratio_targets = None if targets is None else dict(targets)
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

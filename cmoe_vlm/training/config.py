@@ -38,6 +38,8 @@ class TrainConfig:
     max_nonfinite: int = 5                 # stop after this many consecutive non-finite steps
     eval_batches: int = 8                  # held-out batches in the end-of-run evaluation
     heldout_shards: str | None = None      # held-out data for the end-of-run evaluation (null = none)
+    init_from: str | None = None           # start from an export's weights (e.g. cmoe_vlm.convert output)
+    ratio_ramp_steps: int = 0              # ramp the chunk's target R linearly from 1 over this many steps
 
     def __post_init__(self):
         check(self.steps >= 1, "steps", self.steps, "must be >= 1")
@@ -52,6 +54,7 @@ class TrainConfig:
         check(self.ckpt_every >= 1, "ckpt_every", self.ckpt_every, "must be >= 1")
         check(self.keep_last >= 1, "keep_last", self.keep_last, "must be >= 1")
         check(self.max_nonfinite >= 1, "max_nonfinite", self.max_nonfinite, "must be >= 1")
+        check(self.ratio_ramp_steps >= 0, "ratio_ramp_steps", self.ratio_ramp_steps, "must be >= 0 (0 = no ramp)")
         check(self.grad_clip >= 0, "grad_clip", self.grad_clip, "must be >= 0 (0 = no clipping)")
 
 

@@ -16,9 +16,9 @@ from tqdm import tqdm
 from data_pipelines.loader import StreamingLoader
 from vision import build_image_transform
 
-from ..chunking import CollapseMonitor, ModalityStats
+from ..chunking import CollapseMonitor, ModalityStats, ramped_targets
 from ..config import to_dict
-from ..export import save_pretrained
+from ..export import load_pretrained, save_pretrained
 from ..vlm import ConceptMoEVLM
 from .checkpoint import Checkpointer
 from .config import ExperimentConfig
@@ -85,6 +85,17 @@ def compression_summary(stats: dict[str, ModalityStats]) -> dict[str, float]:
     return {f"ratio_{k}": s.ratio for k, s in stats.items() if float(s.tokens)}
 
 
+def load_initial_weights(model: ConceptMoEVLM, path: str) -> None:
+    """Copy an export's weights (e.g. a converted model) into `model`; the configs must build the same model."""
+    src, _ = load_pretrained(path)
+    want, have = to_dict(model.cfg.model), to_dict(src.cfg.model)
+    diff = sorted(k for k in set(want) | set(have) if want.get(k) != have.get(k))
+    if diff:
+        raise ValueError(f"train.init_from = {path}: its model config differs in {', '.join(diff)}; build the same "
+                         f"model (a converted export lists the overrides in {path}/train_overrides.txt)")
+    model.load_state_dict(src.state_dict())
+
+
 def train(exp: ExperimentConfig) -> dict[str, Any]:
     """Train per `exp`; returns the final summary (also written to OUT/summary.json)."""
     cfg = exp.train
@@ -92,6 +103,8 @@ def train(exp: ExperimentConfig) -> dict[str, Any]:
     out_dir = Path(cfg.out_dir)
     torch.manual_seed(cfg.seed)
     model = ConceptMoEVLM(exp.vlm)
+    if cfg.init_from:  # a checkpoint in out_dir, when resuming, overrides these weights
+        load_initial_weights(model, cfg.init_from)
     if cfg.ep_size > 1:
         if world % cfg.ep_size:
             raise ValueError(f"train.ep_size = {cfg.ep_size} must divide the number of processes ({world})")
@@ -125,10 +138,14 @@ def train(exp: ExperimentConfig) -> dict[str, Any]:
     batches = forever(loader)
     bar = tqdm(total=cfg.steps, initial=step, disable=rank != 0, desc="train", dynamic_ncols=True)
     summary: dict[str, Any] = {}
-    t_data = t_step = 0.0
+    t_data = t_step = t_after = 0.0  # data wait (inside steps), step time, logging + checkpoints after steps
     try:
         while step < cfg.steps and stop["signal"] is None:
             t0 = time.perf_counter()
+            if exp.model.chunk.enabled and cfg.ratio_ramp_steps:  # a function of the step: resumes exactly
+                targets = ramped_targets(exp.model.chunk.targets(), step, cfg.ratio_ramp_steps)
+                model.lm.set_ratio_targets(targets)
+                monitor.targets = targets
             tokens, bad, parts = 0, False, []
             for _ in range(cfg.grad_accum):
                 t1 = time.perf_counter()
@@ -157,6 +174,7 @@ def train(exp: ExperimentConfig) -> dict[str, Any]:
             step += 1
             dt = time.perf_counter() - t0
             t_step += dt
+            t1 = time.perf_counter()
             out = parts[-1]
             windowed = monitor.update(out.compression)
             metrics = {
@@ -166,6 +184,8 @@ def train(exp: ExperimentConfig) -> dict[str, Any]:
                 **compression_summary(out.compression), **{f"ratio_window_{k}": v for k, v in windowed.items()},
                 **flatten("expert_load", expert_load(out.tokens_per_expert)),
                 **flatten("skipped_samples", loader.skipped), "skipped_steps": skipped_steps,
+                **({f"target_ratio_{k}": v for k, v in model.lm.current_ratio_targets().items()}
+                   if exp.model.chunk.enabled else {}),
             }
             if step % cfg.log_every == 0:
                 logger.log(step, metrics)
@@ -175,6 +195,7 @@ def train(exp: ExperimentConfig) -> dict[str, Any]:
             summary = metrics
             if step % cfg.ckpt_every == 0 or step == cfg.steps or stop["signal"] is not None:
                 ckpt.save(engine, step, {"loader": loader.state_dict(), "skipped_steps": skipped_steps})
+            t_after += time.perf_counter() - t1
         if stop["signal"] is not None and step % cfg.ckpt_every and step != cfg.steps:
             ckpt.save(engine, step, {"loader": loader.state_dict(), "skipped_steps": skipped_steps})
     finally:
@@ -183,7 +204,10 @@ def train(exp: ExperimentConfig) -> dict[str, Any]:
             signal.signal(s, h)
 
     summary = {"step": step, "train": summary, "skipped_steps": skipped_steps,
-               "data_wait_fraction": t_data / max(t_step, 1e-9), "interrupted": stop["signal"] is not None}
+               "data_wait_fraction": t_data / max(t_step, 1e-9),
+               # the loop's own cost (data wait, metrics, logging, checkpoints) as a share of wall time
+               "loop_overhead_fraction": (t_data + t_after) / max(t_step + t_after, 1e-9),
+               "interrupted": stop["signal"] is not None}
     if cfg.heldout_shards and stop["signal"] is None:  # every rank: expert-parallel layers are collective
         eval_cfg = replace(exp.data, shards=cfg.heldout_shards, num_workers=0, shuffle_buffer=0, resampled=False,
                            steps_per_epoch=None)

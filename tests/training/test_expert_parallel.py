@@ -94,3 +94,27 @@ def test_two_process_expert_parallel_zero2_run_exports_all_experts(builtin_data,
     assert not torch.allclose(w13[1], w13[3])
     x = torch.randint(0, 256, (1, 32))
     assert torch.isfinite(model(x).logits).all()
+
+
+@pytest.mark.slow
+def test_two_node_launch_on_loopback(builtin_data, tmp_path):
+    """DeepSpeed's own multi-node launcher, two 'nodes' on this machine (spec §12): --no_ssh, one
+    launcher per node rank, expert parallelism across the nodes."""
+    out = tmp_path / "nodes"
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("127.0.0.1 slots=1\n127.0.0.2 slots=1\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    env["DS_ACCELERATOR"] = "cpu"
+    args = overrides(builtin_data, out, "train.steps=3", "train.ckpt_every=3", "train.ep_size=2",
+                     "train.zero_stage=1", "train.eval_batches=1", "data.num_workers=0")
+    procs = [subprocess.Popen(deepspeed_cmd("--hostfile", str(hostfile), "--no_ssh", "--num_nodes", "2", "--num_gpus",
+                                            "1", "--node_rank", str(r), "--master_addr", "127.0.0.1", "--master_port",
+                                            "29641", str(ROOT / "train_vlm.py"), str(ROOT / "configs/tiny.yaml"), *args),
+                              cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for r in (0, 1)]
+    logs = [p.communicate(timeout=1200)[0] for p in procs]
+    for p, log in zip(procs, logs):
+        assert p.returncode == 0, log[-4000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["step"] == 3 and (out / "final" / "model.safetensors").exists()
+    assert len(list((out / "checkpoints" / "step_00000003").glob("zero_pp_rank_*_optim_states.pt"))) == 2

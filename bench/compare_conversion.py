@@ -1,0 +1,178 @@
+#!/usr/bin/env python
+"""Continual-training conversion, end to end (issue 9): baseline → convert → continue, side by side.
+
+    python bench/compare_conversion.py [--quick] [--out bench/results/conversion]
+
+1. trains a baseline MoE (chunking off) on the built-in data;
+2. converts its final export with `cmoe_vlm.convert` for each strategy (default: more experts and
+   looped concept layers), activated FLOPs matched at the target R;
+3. continues training the baseline and every converted model for the same number of steps on the
+   same data (same packed rows per step, so the same token budget), the converted ones with the
+   target R ramped from 1 (`train.ratio_ramp_steps`);
+4. writes `OUT/conversion.md` and `OUT/conversion.json` (held-out LM loss, its gap to the continued
+   baseline, achieved compression, FLOPs ratio, last train losses) and `OUT/conversion_loss.png`.
+
+`--quick` shrinks the model and the step counts so the whole thing runs in a couple of minutes on
+2 CPU cores: a smoke test of the pipeline, not a result.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from cmoe_vlm.convert import convert, overrides_for  # noqa: E402
+from cmoe_vlm.export import load_pretrained, save_pretrained  # noqa: E402
+from cmoe_vlm.training.config import load_experiment  # noqa: E402
+from cmoe_vlm.training.loop import train  # noqa: E402
+from data_pipelines.builtin import write_builtin_dataset  # noqa: E402
+
+QUICK = ["model.dim=64", "model.moe.expert_hidden=64", "model.moe.num_experts=8", "model.encoder_layers=1",
+         "model.concept_layers=2", "model.decoder_layers=1", "vision.depth=1", "vision.embed_dim=48",
+         "data.seq_len=256", "data.batch_size=4", "data.shuffle_buffer=50", "data.num_workers=0"]
+
+
+def read_metrics(run: Path) -> list[dict]:
+    return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
+
+
+def moving_average(xs: list[float], n: int) -> list[float]:
+    out, acc = [], 0.0
+    for i, x in enumerate(xs):
+        acc += x - (xs[i - n] if i >= n else 0.0)
+        out.append(acc / min(i + 1, n))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default="configs/tiny.yaml")
+    ap.add_argument("--out", default="bench/results/conversion")
+    ap.add_argument("--quick", action="store_true", help="tiny model, few steps: a smoke test of the pipeline")
+    ap.add_argument("--base-steps", type=int, default=None, help="baseline pre-training steps (default 400; quick 30)")
+    ap.add_argument("--cont-steps", type=int, default=None, help="continued-training steps (default 300; quick 20)")
+    ap.add_argument("--ramp-steps", type=int, default=None, help="R ramp length (default cont-steps/4)")
+    ap.add_argument("--ratio", type=float, default=1.5, help="target R of the converted models")
+    ap.add_argument("--encoder-layers", type=int, default=None, help="default: the config's")
+    ap.add_argument("--decoder-layers", type=int, default=None, help="default: the config's")
+    ap.add_argument("--strategies", default="more_experts,looped", help="comma-separated: more_experts,looped,none")
+    ap.add_argument("--cont-lr", type=float, default=None, help="continued-training LR (default: half the config's)")
+    ap.add_argument("--ratio-loss-weight", type=float, default=None, help="default: the config's")
+    ap.add_argument("overrides", nargs="*", help="extra key=value overrides for every run")
+    args = ap.parse_args(argv)
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    base_steps = args.base_steps or (30 if args.quick else 400)
+    cont_steps = args.cont_steps or (20 if args.quick else 300)
+    ramp = args.ramp_steps if args.ramp_steps is not None else cont_steps // 4
+    data_root = out / "data"
+    if not (data_root / "train" / "manifest.json").exists():
+        small = dict(num_train=300, num_heldout=40, maxcount=60, text_chars=1500) if args.quick else {}
+        write_builtin_dataset(data_root, **small)
+    common = (QUICK if args.quick else []) + [
+        f"data.shards={data_root / 'train'}", f"train.heldout_shards={data_root / 'heldout'}",
+        "train.tensorboard=false", "train.resume=false", f"train.ckpt_every={10 ** 6}", *args.overrides]
+    probe = load_experiment(args.config, common)
+    cont_lr = args.cont_lr or probe.train.lr / 2
+    n_enc = args.encoder_layers if args.encoder_layers is not None else probe.model.encoder_layers
+    n_dec = args.decoder_layers if args.decoder_layers is not None else probe.model.decoder_layers
+    timings: dict[str, float] = {}
+
+    def run(name: str, extra: list[str]) -> dict:
+        t0 = time.perf_counter()
+        summary = train(load_experiment(args.config, common + extra + [f"train.out_dir={out / name}"]))
+        timings[name] = time.perf_counter() - t0
+        return summary
+
+    print(f"== baseline pre-training: {base_steps} steps")
+    run("baseline", ["model.chunk.enabled=false", f"train.steps={base_steps}"])
+    base_export = out / "baseline" / "final"
+    baseline, meta = load_pretrained(base_export)
+
+    cont = [f"train.steps={cont_steps}", f"train.lr={cont_lr}", f"train.warmup_steps={max(1, cont_steps // 20)}"]
+    runs = {"baseline continued": ("baseline_continued", ["model.chunk.enabled=false",
+                                                          f"train.init_from={base_export}"] + cont, None)}
+    flops_rows = {"baseline continued": None}
+    for strategy in [s for s in args.strategies.split(",") if s]:
+        try:
+            model, rows = convert(baseline, n_enc, n_dec, strategy, args.ratio)
+        except ValueError as e:
+            print(f"== {strategy}: skipped ({e})")
+            continue
+        conv_dir = out / f"converted_{strategy}"
+        save_pretrained(model, conv_dir, meta.get("tokenizer", "byte"))
+        over = overrides_for(model.cfg)
+        if args.ratio_loss_weight is not None:
+            over.append(f"model.chunk.ratio_loss_weight={args.ratio_loss_weight}")
+        name = f"converted {strategy}"
+        runs[name] = (f"{strategy}_continued", over + [f"train.init_from={conv_dir}",
+                                                       f"train.ratio_ramp_steps={ramp}"] + cont, rows[1])
+        flops_rows[name] = rows[1]
+        print(f"== converted ({strategy}): {rows[1].note}, FLOPs/token ×{rows[1].flops_ratio:.3f} of the baseline")
+
+    results = {}
+    for name, (folder, extra, row) in runs.items():
+        print(f"== {name}: {cont_steps} steps")
+        summary = run(folder, extra)
+        metrics = read_metrics(out / folder)
+        held = summary.get("heldout", {})
+        tail = [m["lm_loss"] for m in metrics[-max(1, cont_steps // 10):]]
+        cfg = load_experiment(args.config, common + extra).model
+        results[name] = {
+            "run": folder, "heldout_lm_loss": held.get("lm_loss"),
+            "heldout_ratio": held.get("compression", {}).get("all", {}).get("ratio"),
+            "train_lm_loss_last": sum(tail) / len(tail), "concept_top_k": cfg.concept_moe_cfg.top_k,
+            "loop_layers": cfg.loop_layers, "target_ratio": cfg.chunk.target_ratio if cfg.chunk.enabled else 1.0,
+            "flops_ratio": row.flops_ratio if row else 1.0, "seconds": timings[folder],
+            "tokens": cont_steps * probe.data.batch_size * probe.data.seq_len,
+            "curve": [(m["step"], m["lm_loss"]) for m in metrics],
+        }
+    ref = results["baseline continued"]["heldout_lm_loss"]
+    for r in results.values():
+        r["gap_pct"] = 100 * (r["heldout_lm_loss"] / ref - 1) if ref and r["heldout_lm_loss"] else None
+
+    head = ("| run | concept top_k | loop | target R | held-out R | FLOPs/tok ×base | held-out LM loss | "
+            "vs baseline | last train LM loss | time (s) |")
+    lines = [f"# Conversion comparison ({'quick smoke test' if args.quick else 'full'})", "",
+             f"config {args.config}{' + quick overrides' if args.quick else ''}; baseline pre-training "
+             f"{base_steps} steps; continued {cont_steps} steps each (≈{results['baseline continued']['tokens']} "
+             f"token slots); R ramped 1 → {args.ratio} over {ramp} steps; continued LR {cont_lr:g}; "
+             f"split {n_enc} encoder / {n_dec} decoder layers.", "", head,
+             "|" + "---|" * (head.count("|") - 1)]
+    fmt = lambda x, f: "-" if x is None else format(x, f)  # noqa: E731
+    for name, r in results.items():
+        lines.append(f"| {name} | {r['concept_top_k']} | {r['loop_layers']} | {r['target_ratio']:g} | "
+                     f"{fmt(r['heldout_ratio'], '.2f')} | {r['flops_ratio']:.3f} | {fmt(r['heldout_lm_loss'], '.4f')} | "
+                     f"{fmt(r['gap_pct'], '+.2f')}% | {r['train_lm_loss_last']:.4f} | {r['seconds']:.0f} |")
+    (out / "conversion.md").write_text("\n".join(lines) + "\n")
+    (out / "conversion.json").write_text(json.dumps({"args": vars(args), "results": results,
+                                                     "flops": {k: v.summary() if v else None
+                                                               for k, v in flops_rows.items()}}, indent=2))
+    print("\n".join(lines))
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, r in results.items():
+        steps, losses = zip(*r["curve"])
+        ax.plot(steps, moving_average(list(losses), max(1, cont_steps // 20)), label=name)
+    if ramp:
+        ax.axvline(ramp, color="gray", ls=":", lw=1, label=f"R ramp ends ({ramp})")
+    ax.set_xlabel("continued-training step")
+    ax.set_ylabel("train LM loss (moving average)")
+    ax.set_title(f"Continual training after conversion, R = {args.ratio:g}")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "conversion_loss.png", dpi=120)
+    print(f"wrote {out / 'conversion.md'}, {out / 'conversion.json'}, {out / 'conversion_loss.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
