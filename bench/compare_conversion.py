@@ -32,7 +32,7 @@ from cmoe_vlm.training.loop import train  # noqa: E402
 from data_pipelines.builtin import write_builtin_dataset  # noqa: E402
 
 QUICK = ["model.dim=64", "model.moe.expert_hidden=64", "model.moe.num_experts=8", "model.encoder_layers=1",
-         "model.concept_layers=2", "model.decoder_layers=1", "vision.depth=1", "vision.embed_dim=48",
+         "model.concept_layers=4", "model.decoder_layers=1", "vision.depth=1", "vision.embed_dim=48",
          "data.seq_len=256", "data.batch_size=4", "data.shuffle_buffer=50", "data.num_workers=0"]
 
 
@@ -57,8 +57,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cont-steps", type=int, default=None, help="continued-training steps (default 300; quick 20)")
     ap.add_argument("--ramp-steps", type=int, default=None, help="R ramp length (default cont-steps/4)")
     ap.add_argument("--ratio", type=float, default=1.5, help="target R of the converted models")
-    ap.add_argument("--encoder-layers", type=int, default=None, help="default: the config's")
-    ap.add_argument("--decoder-layers", type=int, default=None, help="default: the config's")
+    ap.add_argument("--encoder-layers", type=int, default=1,
+                    help="baseline layers that become the encoder (default 1: tiny stacks need >= 3 concept "
+                         "layers for looping to fit at R = 1.5)")
+    ap.add_argument("--decoder-layers", type=int, default=1, help="baseline layers that become the decoder (default 1)")
     ap.add_argument("--strategies", default="more_experts,looped", help="comma-separated: more_experts,looped,none")
     ap.add_argument("--cont-lr", type=float, default=None, help="continued-training LR (default: half the config's)")
     ap.add_argument("--ratio-loss-weight", type=float, default=None, help="default: the config's")
@@ -79,14 +81,15 @@ def main(argv: list[str] | None = None) -> int:
         "train.tensorboard=false", "train.resume=false", f"train.ckpt_every={10 ** 6}", *args.overrides]
     probe = load_experiment(args.config, common)
     cont_lr = args.cont_lr or probe.train.lr / 2
-    n_enc = args.encoder_layers if args.encoder_layers is not None else probe.model.encoder_layers
-    n_dec = args.decoder_layers if args.decoder_layers is not None else probe.model.decoder_layers
+    n_enc, n_dec = args.encoder_layers, args.decoder_layers
     timings: dict[str, float] = {}
 
     def run(name: str, extra: list[str]) -> dict:
         t0 = time.perf_counter()
         summary = train(load_experiment(args.config, common + extra + [f"train.out_dir={out / name}"]))
         timings[name] = time.perf_counter() - t0
+        if summary.get("interrupted"):  # train() turns SIGINT/SIGTERM into a checkpoint and a clean return
+            raise SystemExit(f"{name}: interrupted; stopping the comparison")
         return summary
 
     print(f"== baseline pre-training: {base_steps} steps")
@@ -147,7 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     fmt = lambda x, f: "-" if x is None else format(x, f)  # noqa: E731
     for name, r in results.items():
         lines.append(f"| {name} | {r['concept_top_k']} | {r['loop_layers']} | {r['target_ratio']:g} | "
-                     f"{fmt(r['heldout_ratio'], '.2f')} | {r['flops_ratio']:.3f} | {fmt(r['heldout_lm_loss'], '.4f')} | "
+                     f"{fmt(r['heldout_ratio'], '.2f')} | {r['flops_ratio']:.3f} | "
+                     f"{fmt(r['heldout_lm_loss'], '.4f')} | "
                      f"{fmt(r['gap_pct'], '+.2f')}% | {r['train_lm_loss_last']:.4f} | {r['seconds']:.0f} |")
     (out / "conversion.md").write_text("\n".join(lines) + "\n")
     (out / "conversion.json").write_text(json.dumps({"args": vars(args), "results": results,

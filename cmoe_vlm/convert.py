@@ -14,9 +14,13 @@ concept model. Weights are copied unchanged; what is new:
   at the decoder's depth) decoder attention layers, so they change nothing at the start;
 - compute reallocation chosen with `flops.py` so the activated FLOPs match the baseline at the
   target R (`--match concept`, default: the concept layers, the paper's equations, so the chunk
-  module and joint decoding come on top and show in the table; `--match model`: the whole model): `more_experts` raises the concept layers' top_k (same expert weights, larger k),
-  `looped` loops some concept layers (shared weights) and raises top_k, `none` keeps both; the
-  before/after table is printed.
+  module and joint decoding come on top and show in the table; `--match model`: the whole model):
+  `more_experts` raises the concept layers' top_k (same expert weights, larger k), `looped` loops
+  some concept layers (shared weights) and raises top_k, `none` keeps both; the before/after table
+  is printed. Tiny stacks leave little room for looping: a loop must pay for itself with R·(A+ke)
+  > A+(k+1)e, so at R = 1.5 it needs several concept layers (see flops.propose_looped).
+
+Merge `sum` is lossless at R = 1 too (a one-token concept is its token), and is allowed.
 
 Lossless start (tested in tests/cmoe_vlm/test_convert.py). The baseline's decoder receives the
 output of its middle layers, y = x + Δ(x) (they are residual blocks, Δ = the sum of their updates).
@@ -36,6 +40,10 @@ by design (the extra compute the reallocation buys).
 
 Continual training: `train_vlm.py CONFIG $(cat OUT/train_overrides.txt) train.init_from=OUT
 train.ratio_ramp_steps=N` loads the converted weights and ramps the target R from 1 to its value.
+Caveat: R = 1 is the ratio loss's target at the ramp's start, not the chunker's state: identity
+W_q/W_k give p_n = (1 − cos(h_n, h_{n−1}))/2, often < 0.5, so without forced boundaries the
+converted model starts with R > 1 and the ramp's small targets pull p up towards every-token
+boundaries first (see bench/compare_conversion.py for what that costs).
 """
 from __future__ import annotations
 
