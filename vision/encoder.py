@@ -29,7 +29,7 @@ class VisionConfig:
     num_heads: int | None = None
     dynamic_img_size: bool = False  # accept any input size divisible by the patch size
     drop_path_rate: float = 0.0
-    # Weights: pretrained=True loads `checkpoint_path` (.safetensors/.pt/.pth); never downloads.
+    # Weights: `pretrained: true` loads `checkpoint_path` (.safetensors/.pt/.pth); never downloads.
     pretrained: bool = False
     checkpoint_path: str | None = None
     freeze: bool = False  # no gradients, and the ViT stays in eval mode under .train()

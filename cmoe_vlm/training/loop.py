@@ -49,9 +49,13 @@ def expert_load(tokens_per_expert: list[torch.Tensor]) -> dict[str, float]:
     return {"max_over_mean": sum(imbalance) / max(len(imbalance), 1)}
 
 
-def grads_finite(model: torch.nn.Module) -> bool:
+def grad_norm(model: torch.nn.Module) -> float | None:
+    """Global L2 norm of the gradients held on the parameters, before clipping (ZeRO-0, where
+    DeepSpeed reports none); None when no parameter has a gradient."""
     grads = [p.grad for p in model.parameters() if p.grad is not None]
-    return all(torch.isfinite(g).all() for g in grads)
+    if not grads:
+        return None
+    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])))
 
 
 @torch.no_grad()
@@ -146,7 +150,7 @@ def train(exp: ExperimentConfig) -> dict[str, Any]:
                 targets = ramped_targets(exp.model.chunk.targets(), step, cfg.ratio_ramp_steps)
                 model.lm.set_ratio_targets(targets)
                 monitor.targets = targets
-            tokens, bad, parts = 0, False, []
+            tokens, bad, parts, norm = 0, False, [], None
             for _ in range(cfg.grad_accum):
                 t1 = time.perf_counter()
                 batch = next(batches)
@@ -156,9 +160,11 @@ def train(exp: ExperimentConfig) -> dict[str, Any]:
                     bad = True
                     break
                 engine.backward(out.loss)
-                if cfg.zero_stage == 0 and not grads_finite(engine.module):
-                    bad = True
-                    break
+                if cfg.zero_stage == 0:
+                    norm = grad_norm(engine.module)
+                    if norm is not None and not math.isfinite(norm):
+                        bad = True
+                        break
                 engine.step()
                 tokens += int((batch["doc_ids"] >= 0).sum())
                 parts.append(out)
@@ -180,13 +186,17 @@ def train(exp: ExperimentConfig) -> dict[str, Any]:
             metrics = {
                 "loss": out.loss.item(), "lm_loss": out.lm_loss.item(), "ratio_loss": out.ratio_loss.item(),
                 "lb_loss": out.lb_loss.item(), "lr": scheduler.get_last_lr()[0],
-                "grad_norm": float(engine.get_global_grad_norm() or 0.0), "tokens_per_s": tokens * world / dt,
+                "tokens_per_s": tokens * world / dt,
                 **compression_summary(out.compression), **{f"ratio_window_{k}": v for k, v in windowed.items()},
                 **flatten("expert_load", expert_load(out.tokens_per_expert)),
                 **flatten("skipped_samples", loader.skipped), "skipped_steps": skipped_steps,
                 **({f"target_ratio_{k}": v for k, v in model.lm.current_ratio_targets().items()}
                    if exp.model.chunk.enabled else {}),
             }
+            if norm is None:  # ZeRO-1/2: DeepSpeed computes the norm while stepping
+                norm = engine.get_global_grad_norm()
+            if norm is not None:
+                metrics["grad_norm"] = float(norm)
             if step % cfg.log_every == 0:
                 logger.log(step, metrics)
             bar.update(1)
