@@ -5,6 +5,7 @@ import json
 import math
 import signal
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -114,7 +115,15 @@ def train(exp: ExperimentConfig) -> dict[str, Any]:
             raise ValueError(f"train.ep_size = {cfg.ep_size} must divide the number of processes ({world})")
         swap_in_deepspeed_moe(model.lm, cfg.ep_size)
     transform = build_image_transform(model.vision, train=True)
-    data_cfg = exp.data if world == 1 or exp.data.infinite else replace(exp.data, resampled=True)
+    data_cfg = exp.data
+    if world > 1 and not exp.data.infinite:
+        # Every rank must run the same number of steps; without data.steps_per_epoch that needs
+        # resampled shards. Say so rather than change the sampling silently.
+        data_cfg = replace(exp.data, resampled=True)
+        if rank == 0:
+            warnings.warn(f"{world} processes and no data.steps_per_epoch: streaming shards resampled (with "
+                          f"replacement) so that every rank runs the same steps; set data.steps_per_epoch to "
+                          f"keep epoch order", stacklevel=2)
     loader = StreamingLoader(data_cfg, image_transform=transform, rank=rank, world_size=world)
     engine, _, scheduler = build_engine(model, cfg, exp.data.batch_size)
     ckpt = Checkpointer(out_dir, cfg.keep_last, rank)

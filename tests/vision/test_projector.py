@@ -1,5 +1,4 @@
 """Projector: shapes, raster order of reduced tokens against a slow reference, errors, step time."""
-import time
 
 import pytest
 import torch
@@ -70,17 +69,12 @@ def test_tokens_per_image_matches_model():
         tokens_per_image(VisionConfig(), ProjectorConfig(reduction=4))
 
 
-def test_encoder_projector_step_time(capsys):
+def test_backward_reaches_every_encoder_and_projector_parameter():
+    """Timing lives in bench/bench_core.py (vlm_step); here: the trainable path is connected."""
     torch.manual_seed(0)
     enc = VisionEncoder(VisionConfig(**TINY)).train()
     proj = Projector(ProjectorConfig(reduction=2), enc.embed_dim, 128)
-    images = torch.randn(16, 3, 64, 64)
-    proj(enc(images), enc.grid_size).square().mean().backward()  # warm-up
-    steps = 5
-    start = time.perf_counter()
-    for _ in range(steps):
-        proj(enc(images), enc.grid_size).square().mean().backward()
-    ms = (time.perf_counter() - start) / steps * 1e3
-    with capsys.disabled():
-        print(f"\nvision step (16 x 64px, ViT d=96 depth=2 + mlp projector r=2): {ms:.1f} ms fwd+bwd, "
-              f"{torch.get_num_threads()} threads")
+    proj(enc(torch.randn(4, 3, 64, 64)), enc.grid_size).square().mean().backward()
+    for name, p in [*enc.named_parameters(), *proj.named_parameters()]:
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+        assert p.grad.abs().sum() > 0, name
