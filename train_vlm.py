@@ -38,8 +38,10 @@ def main(argv: list[str] | None = None) -> int:
         if not all((root / split / "manifest.json").exists() for split in ("train", "heldout")):
             write_builtin_dataset(root, image_size=exp.data.image_size)
 
+    from cmoe_vlm.training.engine import shutdown_distributed
     from cmoe_vlm.training.loop import train
     summary = train(exp)
+    shutdown_distributed()
     print(json.dumps(summary, indent=2))
     return 0
 

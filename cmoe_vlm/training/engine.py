@@ -35,6 +35,16 @@ def setup_distributed() -> tuple[int, int]:
     return torch.distributed.get_rank(), torch.distributed.get_world_size()
 
 
+def shutdown_distributed() -> None:
+    """Wait for every rank, then tear the process group down. Exiting with gloo's threads still
+    alive aborted a rank at interpreter exit ('terminate called without an active exception')."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def use_bf16(cfg: TrainConfig) -> bool:
     if cfg.precision == "fp32":
         return False
