@@ -94,6 +94,8 @@ class ModelConfig:
 
 @dataclass
 class ModelOutput:
+    """Logits always; the losses and the compression record unless this was a cached forward
+    without labels (decoding), which skips them."""
     logits: torch.Tensor                       # (B, T, V)
     loss: torch.Tensor | None = None           # lm + λ_ratio · ratio + λ_lb · lb
     lm_loss: torch.Tensor | None = None
@@ -291,8 +293,10 @@ class ConceptMoE(nn.Module):
                                        state.last_h)
             state.last_modality = torch.where(has, modality.gather(1, last[:, None])[:, 0], state.last_modality)
 
-        out = ModelOutput(logits=logits, tokens_per_expert=expert_counts, boundary_probs=p, boundaries=b,
-                          compression=compression_stats(p, b, modality, valid))
+        out = ModelOutput(logits=logits, tokens_per_expert=expert_counts, boundary_probs=p, boundaries=b)
+        if state is not None and labels is None:  # cached decoding: skip the bookkeeping nobody reads
+            return out
+        out.compression = compression_stats(p, b, modality, valid)
         out.lb_loss = torch.stack(lb_losses).mean() if lb_losses else logits.sum() * 0
         out.ratio_loss = self._ratio_loss(p, b, modality, valid)
         if labels is not None:

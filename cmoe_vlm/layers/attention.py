@@ -16,44 +16,48 @@ from .rope import apply_rope, rope_angles
 class KVCache:
     """Keys/values of one attention layer for a batch, with a separate length per row.
 
-    Stored as (B, capacity, H_kv, Dh); grows by doubling. Rows are written at their own length,
-    so a batch whose rows advance at different rates (the concept model, where only rows that hit a
-    boundary take a step) shares one cache.
+    Stored as (B, H_kv, capacity, Dh), the layout attention reads: a prefix [:, :, :L] keeps unit
+    stride within each head, so decoding attends to it in place (the (B, L, H, Dh) layout made the
+    CPU attention kernel 2x slower at 16K keys). Grows by doubling. Rows are written at their own
+    length, so a batch whose rows advance at different rates (the concept model, where only rows
+    that hit a boundary take a step) shares one cache.
     """
 
     def __init__(self, batch_size: int, num_kv_heads: int, head_dim: int, device, dtype, capacity: int = 256):
-        self.k = torch.zeros(batch_size, capacity, num_kv_heads, head_dim, device=device, dtype=dtype)
+        self.k = torch.zeros(batch_size, num_kv_heads, capacity, head_dim, device=device, dtype=dtype)
         self.v = torch.zeros_like(self.k)
         self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
 
     def _grow(self, needed: int) -> None:
-        cap = self.k.shape[1]
+        cap = self.k.shape[2]
         if needed <= cap:
             return
         new_cap = max(needed, 2 * cap)
-        pad = (0, 0, 0, 0, 0, new_cap - cap)
+        pad = (0, 0, 0, new_cap - cap)
         self.k = F.pad(self.k, pad)
         self.v = F.pad(self.v, pad)
 
     def append(self, rows: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Write k, v (b, S, H, Dh) for `rows` (b,) at their current lengths (lengths do not advance:
-        call `advance`). Returns the rows' keys and values up to their new ends, (b, L, H, Dh), and
+        """Write k, v (b, H, S, Dh) for `rows` (b,) at their current lengths (lengths do not advance:
+        call `advance`). Returns the rows' keys and values up to their new ends, (b, H, L, Dh), and
         the rows' start offsets (b,). `rows` must be distinct and increasing (all rows: arange)."""
         start = self.lengths[rows]  # (b,)
-        S = k.shape[1]
+        S = k.shape[2]
         end = int(start.max()) + S
         self._grow(end)
         all_rows = rows.numel() == self.k.shape[0]  # distinct and increasing: then rows == arange(B)
         if all_rows and int(start.min()) == end - S:  # every row at the same length: a slice write
-            self.k[:, end - S:end] = k.to(self.k.dtype)
-            self.v[:, end - S:end] = v.to(self.v.dtype)
+            self.k[:, :, end - S:end] = k.to(self.k.dtype)
+            self.v[:, :, end - S:end] = v.to(self.v.dtype)
         else:
             pos = start[:, None] + torch.arange(S, device=k.device)  # (b, S)
-            self.k[rows[:, None], pos] = k.to(self.k.dtype)
-            self.v[rows[:, None], pos] = v.to(self.v.dtype)
+            r = rows[:, None]
+            # advanced indices (b, S) around the head slice put their dims first: write (b, S, H, Dh)
+            self.k[r, :, pos] = k.transpose(1, 2).to(self.k.dtype)
+            self.v[r, :, pos] = v.transpose(1, 2).to(self.v.dtype)
         if all_rows:  # views, not copies of the whole cache (decode reads it every step)
-            return self.k[:, :end], self.v[:, :end], start
-        return self.k[rows, :end], self.v[rows, :end], start
+            return self.k[:, :, :end], self.v[:, :, :end], start
+        return self.k[rows, :, :end], self.v[rows, :, :end], start
 
     def select(self, rows: torch.Tensor) -> None:
         """Keep only `rows` (b,), in that order (drop finished rows of a batch)."""
@@ -64,7 +68,7 @@ class KVCache:
 
     def bytes(self) -> int:
         """Bytes held by the valid entries of all rows."""
-        per_entry = self.k.shape[2] * self.k.shape[3] * self.k.element_size() * 2
+        per_entry = self.k.shape[1] * self.k.shape[3] * self.k.element_size() * 2
         return int(self.lengths.sum()) * per_entry
 
 
@@ -114,15 +118,15 @@ class Attention(nn.Module):
         q, k, v = qkv.split(self.split, dim=-1)
         q = q.view(B, T, self.num_heads, self.head_dim)
         k = k.view(B, T, self.num_kv_heads, self.head_dim)
-        v = v.view(B, T, self.num_kv_heads, self.head_dim)
         cos, sin = rope_angles(positions, self.head_dim, self.rope_theta)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = apply_rope(q, cos, sin).transpose(1, 2), apply_rope(k, cos, sin).transpose(1, 2)  # (B, H, T, Dh)
+        v = v.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
 
         is_causal = mask is None
         if cache is not None:
             rows = torch.arange(B, device=x.device) if rows is None else rows
-            k, v, start = cache.append(rows, k, v)  # (B, L, H_kv, Dh)
-            L = k.shape[1]
+            k, v, start = cache.append(rows, k, v)  # (B, H_kv, L, Dh)
+            L = k.shape[2]
             first, last = int(start.min()), int(start.max())
             if last == 0:  # every row starts empty (prefill): plain causal, no dense (T, T) mask
                 mask, is_causal = None, True
@@ -133,7 +137,6 @@ class Attention(nn.Module):
                 mask = (torch.arange(L, device=x.device)[None, None, :] <= q_pos[:, :, None])[:, None]
                 is_causal = False
         y = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-            attn_mask=mask, is_causal=is_causal, enable_gqa=self.num_kv_heads != self.num_heads,
+            q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=self.num_kv_heads != self.num_heads,
         )  # (B, H, T, Dh)
         return self.out(y.transpose(1, 2).reshape(B, T, -1))

@@ -73,11 +73,15 @@ class Experts(nn.Module):
             h = torch._grouped_mm(x_sorted, self.w13.to(x_sorted.dtype), offs=offs)
             gate, up = h.chunk(2, dim=-1)
             return torch._grouped_mm((F.silu(gate) * up).contiguous(), self.w2.to(x_sorted.dtype), offs=offs)
-        outs = []
-        # unbind, not self.w13[e]: indexing makes backward write a full (E, d, 2h) zero gradient per expert
-        for x_e, w13, w2 in zip(x_sorted.split(tokens_per_expert.tolist()), self.w13.unbind(0), self.w2.unbind(0)):
-            gate, up = (x_e @ w13).chunk(2, dim=-1)
-            outs.append((F.silu(gate) * up) @ w2)
+        counts = tokens_per_expert.tolist()
+        outs = [x_sorted.new_empty(0, self.w2.shape[-1])]
+        # unbind, not self.w13[e]: indexing makes backward write a full (E, d, 2h) zero gradient per expert.
+        # Experts without tokens are skipped: at decode (one token, k of E experts busy) their empty
+        # matmuls were most of the layer's time.
+        for x_e, w13, w2, n in zip(x_sorted.split(counts), self.w13.unbind(0), self.w2.unbind(0), counts):
+            if n:
+                gate, up = (x_e @ w13).chunk(2, dim=-1)
+                outs.append((F.silu(gate) * up) @ w2)
         return torch.cat(outs)
 
 

@@ -1,5 +1,6 @@
 """RMSNorm."""
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -10,6 +11,6 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (y * self.weight.float()).to(x.dtype)
+        """Computed in fp32 (fp64 for fp64 inputs), returned in x's dtype; one fused op."""
+        work = torch.promote_types(x.dtype, torch.float32)
+        return F.rms_norm(x.to(work), self.weight.shape, self.weight.to(work), self.eps).to(x.dtype)

@@ -141,7 +141,7 @@ def test_padded_span_matches_unpadded():
         for a, b in zip(st.encoder + st.concept + st.decoder, alone.encoder + alone.concept + alone.decoder):
             n = int(b.lengths[0])
             assert int(a.lengths[0]) == n
-            torch.testing.assert_close(a.k[0, :n], b.k[0, :n])
+            torch.testing.assert_close(a.k[0, :, :n], b.k[0, :, :n])
         for f in ("last_h", "carry", "c_bar", "num_tokens"):
             torch.testing.assert_close(getattr(st, f)[0], getattr(alone, f)[0])
         # and the next token continues identically
