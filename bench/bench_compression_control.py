@@ -28,7 +28,9 @@ def main() -> None:
     ap.add_argument("--out", default="bench/results/compression_control.json")
     ap.add_argument("--data", default="data/builtin", help="built-in dataset root (written if missing)")
     ap.add_argument("--steps", type=int, default=200)
-    ap.add_argument("--variant", action="append", default=[], help="name=key=value[,key=value]; default: the built-in set")
+    ap.add_argument("--variant", action="append", default=[],
+                    help="name=key=value[,key=value] (name= alone: no overrides); default: the built-in set")
+    ap.add_argument("--seeds", type=int, default=1, help="runs per variant (train.seed 0..N-1)")
     args = ap.parse_args()
 
     from cmoe_vlm.training.config import load_experiment
@@ -38,22 +40,24 @@ def main() -> None:
     root = Path(args.data)
     if not (root / "train" / "manifest.json").exists():
         write_builtin_dataset(root)
-    variants = {v.split("=", 1)[0]: v.split("=", 1)[1].split(",") for v in args.variant} or VARIANTS
+    variants = {v.split("=", 1)[0]: [x for x in v.partition("=")[2].split(",") if x] for v in args.variant}
     results = {}
-    for name, extra in variants.items():
-        out = Path(args.out).parent / f"compression_control_{name}"
-        exp = load_experiment("configs/tiny.yaml", SMALL + extra + [
-            f"train.steps={args.steps}", f"data.shards={root / 'train'}", f"train.heldout_shards={root / 'heldout'}",
-            f"train.out_dir={out}"])
-        summary = train(exp)
-        last = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][-1]
-        held = summary["heldout"]["compression"]
-        results[name] = {"overrides": extra,
-                         "train_window20": {k: last.get(f"ratio_window_{k}") for k in ("text", "image")},
-                         "heldout_eval": {k: held[k]["ratio"] for k in ("text", "image") if k in held},
-                         "heldout_image_tokens": held.get("image", {}).get("tokens", 0),
-                         "heldout_lm_loss": summary["heldout"]["lm_loss"]}
-        print(name, json.dumps(results[name]))
+    for name, extra in (variants or VARIANTS).items():
+        for seed in range(args.seeds):
+            key = name if args.seeds == 1 else f"{name}/seed{seed}"
+            out = Path(args.out).parent / f"compression_control_{key.replace('/', '_')}"
+            exp = load_experiment("configs/tiny.yaml", SMALL + extra + [
+                f"train.steps={args.steps}", f"train.seed={seed}", f"data.shards={root / 'train'}",
+                f"train.heldout_shards={root / 'heldout'}", f"train.out_dir={out}"])
+            summary = train(exp)
+            last = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][-1]
+            held = summary["heldout"]["compression"]
+            results[key] = {"overrides": extra, "seed": seed,
+                            "train_window20": {k: last.get(f"ratio_window_{k}") for k in ("text", "image")},
+                            "heldout_eval": {k: held[k]["ratio"] for k in ("text", "image") if k in held},
+                            "heldout_image_tokens": held.get("image", {}).get("tokens", 0),
+                            "heldout_lm_loss": summary["heldout"]["lm_loss"]}
+            print(key, json.dumps(results[key]), flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"targets": {"text": 1.5, "image": 3.0}, "steps": args.steps,
                                           "results": results}, indent=2))

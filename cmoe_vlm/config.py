@@ -9,6 +9,7 @@ unknown keys by name and checking types; each dataclass then range-checks its ow
 from __future__ import annotations
 
 import dataclasses
+import json
 import types
 import typing
 from dataclasses import dataclass, field
@@ -109,6 +110,22 @@ def from_dict(cls: type[T], data: dict[str, Any] | None, prefix: str = "") -> T:
 def to_dict(cfg: Any) -> dict[str, Any]:
     """Plain-data form of a (nested) dataclass config, suitable for YAML/JSON."""
     return dataclasses.asdict(cfg)
+
+
+def to_overrides(cfg: Any, prefix: str) -> list[str]:
+    """`prefix.a.b=value` lines (values as JSON, which `apply_overrides` parses back) that set every
+    field of the dataclass config `cfg`: how a script hands a config it built to `load_experiment`."""
+    out: list[str] = []
+
+    def walk(path: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{path}.{k}", v)
+        else:
+            out.append(f"{path}={json.dumps(list(value) if isinstance(value, tuple) else value)}")
+
+    walk(prefix, to_dict(cfg))
+    return out
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:

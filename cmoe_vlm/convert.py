@@ -56,7 +56,7 @@ from typing import Any
 import torch
 
 from . import flops
-from .config import to_dict
+from .config import to_overrides
 from .export import load_pretrained, save_pretrained
 from .model import ModelConfig
 from .vlm import ConceptMoEVLM, VLMConfig
@@ -170,19 +170,7 @@ def convert(baseline: ConceptMoEVLM, encoder_layers: int, decoder_layers: int, s
 
 def overrides_for(cfg: VLMConfig) -> list[str]:
     """`model.* vision.* projector.*` key=value overrides that make an experiment config build this model."""
-    out: list[str] = []
-
-    def walk(prefix: str, value: Any) -> None:
-        if isinstance(value, dict):
-            for k, v in value.items():
-                walk(f"{prefix}.{k}", v)
-        else:
-            out.append(f"{prefix}={json.dumps(list(value) if isinstance(value, tuple) else value)}")
-
-    data = to_dict(cfg)
-    for section in ("model", "vision", "projector"):
-        walk(section, data[section])
-    return out
+    return [line for section in ("model", "vision", "projector") for line in to_overrides(getattr(cfg, section), section)]
 
 
 def main(argv: list[str] | None = None) -> int:

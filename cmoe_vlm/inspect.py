@@ -210,7 +210,11 @@ def summarise(samples: list[SampleChunks], grid: tuple[int, int]) -> dict[str, A
                                   "max": max(lengths, default=0),
                                   "histogram": {str(k): lengths[k] for k in sorted(lengths)}},
                  "boundary_prob": {"bin_edges": [round(float(x), 3) for x in P_BINS], "counts": hist.tolist(),
-                                   "fraction_at_or_above_0.5": float((probs_all >= 0.5).mean()) if probs_all.size else 0.0}}
+                                   "fraction_at_or_above_0.5": float((probs_all >= 0.5).mean()) if probs_all.size else 0.0,
+                                   # tokens whose decision a small change of p flips: a knife edge, where
+                                   # the eval-time (thresholded) ratio swings far from the training one
+                                   "fraction_within_0.05_of_0.5":
+                                       float((np.abs(probs_all - 0.5) < 0.05).mean()) if probs_all.size else 0.0}}
         per_mod[name] = entry
     for s in samples:
         for start, end, closed in s.chunks():
@@ -221,15 +225,15 @@ def summarise(samples: list[SampleChunks], grid: tuple[int, int]) -> dict[str, A
             open_tail += not closed
     # per-image extremes (spec §12: whole images flip between one chunk and all boundaries)
     P = grid[0] * grid[1]
-    per_image = []
+    per_image, p_std = [], []
     for s in samples:
-        k = 0
         for start in np.flatnonzero((s.modality == IMAGE) & (np.r_[TEXT, s.modality[:-1]] != IMAGE)):
-            b = s.boundary[start:start + P]
-            per_image.append(int(b.sum()))
-            k += 1
+            per_image.append(int(s.boundary[start:start + P].sum()))
+            p_std.append(float(s.p[start + 1:start + P].std()))  # the first patch is a forced boundary
     if per_image:
         per_mod["image"]["per_image_boundaries"] = _spread([float(x) for x in per_image])
+        # how differently the chunker scores the patches of one image: near 0 = all-or-nothing images
+        per_mod["image"]["within_image_p_std"] = _spread(p_std)
         per_mod["image"]["images_one_chunk"] = sum(x <= 1 for x in per_image)
         per_mod["image"]["images_all_boundaries"] = sum(x == P for x in per_image)
         per_mod["image"]["images"] = len(per_image)

@@ -17,11 +17,13 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import math
 import random
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from data_pipelines.shards import Sample, write_shards
@@ -45,9 +47,27 @@ def _plural(n: int, word: str) -> str:
     return f"{n} {word}" + ("" if n == 1 else "s")
 
 
+def textured_background(rng: random.Random, size: int, dark: bool) -> Image.Image:
+    """A linear gradient between two random dark (or light) colours in a random direction, plus
+    pixel noise: like a photo's background, no two patches are identical, but neighbours are close.
+    (Flat backgrounds made every background patch the same token, so a learned chunker could only
+    merge or split all of them at once: whole-image steps in the compression rate.)"""
+    lo, hi = (10, 70) if dark else (200, 250)
+    c0 = np.array([rng.randint(lo, hi) for _ in range(3)], dtype=np.float32)
+    c1 = np.array([rng.randint(lo, hi) for _ in range(3)], dtype=np.float32)
+    angle = rng.uniform(0, 2 * math.pi)
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / max(size - 1, 1)
+    t = (math.cos(angle) * xx + math.sin(angle) * yy)
+    t = (t - t.min()) / max(float(t.max() - t.min()), 1e-6)
+    noise = np.random.default_rng(rng.getrandbits(32)).normal(0, 6, (size, size, 3))
+    pixels = c0 + (c1 - c0) * t[..., None] + noise
+    return Image.fromarray(pixels.clip(0, 255).astype(np.uint8), "RGB")
+
+
 def draw_scene(rng: random.Random, size: int) -> tuple[Image.Image, list[tuple[str, str]]]:
-    """1-2 kinds of shapes, 1-4 of each, in distinct cells of a 4x4 grid. Returns (image, [(colour, shape)])."""
-    img = Image.new("RGB", (size, size), (20, 20, 20))
+    """1-2 kinds of shapes, 1-4 of each, in distinct cells of a 4x4 grid, on a textured dark
+    background. Returns (image, [(colour, shape)])."""
+    img = textured_background(rng, size, dark=True)
     draw = ImageDraw.Draw(img)
     groups = rng.sample([(c, s) for c in COLOURS for s in SHAPES], rng.choice((1, 2)))
     objects = [g for g in groups for _ in range(rng.randint(1, 4))]
@@ -69,7 +89,7 @@ def draw_text_image(rng: random.Random, size: int) -> tuple[Image.Image, str, st
     """A word or 3-digit number in a colour. Returns (image, text, colour)."""
     text = rng.choice(WORDS) if rng.random() < 0.5 else str(rng.randint(100, 999))
     colour = rng.choice(list(COLOURS))
-    img = Image.new("RGB", (size, size), (245, 245, 245))
+    img = textured_background(rng, size, dark=False)
     font = ImageFont.load_default(size=max(8, size // 4))
     draw = ImageDraw.Draw(img)
     draw.text((rng.randint(1, size // 3), rng.randint(1, size // 2)), text, font=font, fill=COLOURS[colour])

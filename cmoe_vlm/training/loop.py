@@ -177,6 +177,10 @@ def train(exp: ExperimentConfig) -> dict[str, Any]:
                 engine.step()
                 tokens += int((batch["doc_ids"] >= 0).sum())
                 parts.append(out)
+            if not bad and cfg.zero_stage > 0 and not engine.was_step_applied():
+                # ZeRO-1/2: the gradients live in DeepSpeed's partitions; its step finds a non-finite
+                # global norm (all-reduced over ranks, so every rank agrees) and skips the update
+                bad = True
             if bad:
                 engine.optimizer.zero_grad()
                 skipped_steps += 1
@@ -209,8 +213,10 @@ def train(exp: ExperimentConfig) -> dict[str, Any]:
             if step % cfg.log_every == 0:
                 logger.log(step, metrics)
             bar.update(1)
+            # compression pooled over the monitor's window: a batch without images has no image ratio
+            r = {short: metrics.get(f"ratio_window_{k}") for short, k in (("R_txt", "text"), ("R_img", "image"))}
             bar.set_postfix(loss=f"{metrics['lm_loss']:.3f}", tok_s=f"{metrics['tokens_per_s']:.0f}",
-                            R_txt=f"{metrics.get('ratio_text', 0):.2f}", R_img=f"{metrics.get('ratio_image', 0):.2f}")
+                            **{k: "-" if v is None else f"{v:.2f}" for k, v in r.items()})
             summary = metrics
             if step % cfg.ckpt_every == 0 or step == cfg.steps or stop["signal"] is not None:
                 ckpt.save(engine, step, {"loader": loader.state_dict(), "skipped_steps": skipped_steps})

@@ -99,3 +99,22 @@ def test_sample_chunks_bookkeeping():
     assert s.chunk_id.tolist() == [0, 1, 1, 2, 2, 3, 4]
     assert s.counts() == {"all": (7, 4), "text": (4, 2), "image": (3, 2)}
     assert "|" in ins.ansi_view(s, list("abcdefg"), color=False)
+
+
+def test_knife_edge_diagnostics():
+    """Within-image p spread and the share of p near the threshold, recomputed with numpy."""
+    grid, P = (2, 2), 4
+    flat = np.array([0.2, 1.0, 0.49, 0.49, 0.49, 0.3])      # text, then an all-alike image, then text
+    varied = np.array([0.6, 1.0, 0.1, 0.9, 0.52, 0.45])
+    samples = [ins.SampleChunks(input_ids=list(range(6)), modality=np.array([0, 1, 1, 1, 1, 0]), p=p,
+                                boundary=p >= 0.5, images=[]) for p in (flat, varied)]
+    for s in samples:
+        s.boundary[0] = True
+        s.reported = s.counts()  # what the model would report for these masks
+    mod = ins.summarise(samples, grid)["modalities"]
+    stds = [float(p[2:1 + P].std()) for p in (flat, varied)]  # the forced first patch excluded
+    assert mod["image"]["within_image_p_std"]["min"] == pytest.approx(0.0)
+    assert mod["image"]["within_image_p_std"]["max"] == pytest.approx(max(stds))
+    img_p = np.concatenate([flat[1:5], varied[1:5]])
+    assert mod["image"]["boundary_prob"]["fraction_within_0.05_of_0.5"] == pytest.approx(
+        float((np.abs(img_p - 0.5) < 0.05).mean()))

@@ -115,6 +115,46 @@ def test_nonfinite_steps_are_skipped_and_counted(builtin_data, tmp_path, monkeyp
         loop.train(exp)
 
 
+class _NaNGradient(torch.autograd.Function):
+    """Identity forward; a NaN gradient backward: a finite loss whose gradients are not."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * float("nan")
+
+
+@pytest.mark.parametrize("zero_stage", [0, 2])
+def test_nonfinite_gradient_steps_are_skipped(builtin_data, tmp_path, monkeypatch, zero_stage):
+    """The loss is finite but the gradients are NaN: on ZeRO-0 our own norm check, on ZeRO-2
+    DeepSpeed's partitioned-gradient norm; either way no update is applied and the step is counted."""
+    from cmoe_vlm.training import loop
+    from cmoe_vlm.vlm import ConceptMoEVLM
+
+    real_forward = ConceptMoEVLM.forward
+    calls = {"n": 0}
+
+    def forward(self, *args, **kwargs):
+        out = real_forward(self, *args, **kwargs)
+        calls["n"] += 1
+        if self.training and calls["n"] == 3:
+            out.loss = _NaNGradient.apply(out.loss)
+        return out
+
+    monkeypatch.setattr(ConceptMoEVLM, "forward", forward)
+    exp = load_experiment(ROOT / "configs/tiny.yaml",
+                          overrides(builtin_data, tmp_path / "g", "train.steps=3", "data.num_workers=0",
+                                    "train.heldout_shards=", f"train.zero_stage={zero_stage}"))
+    summary = loop.train(exp)
+    assert summary["step"] == 3 and summary["skipped_steps"] == 1
+    from cmoe_vlm.export import load_pretrained
+    model, _ = load_pretrained(tmp_path / "g" / "final")  # a NaN update would have poisoned the weights
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
 def _nan(out):
     out.loss = out.loss * float("nan")
     return out
