@@ -6,7 +6,8 @@ chunking on, nothing reallocated; `flops.propose_efficiency`) and FLOPs-matched 
 experts do not fit):
 
 - prefill time of one sequence of N tokens (one cached forward, `generation.prefill`), N = 1K..32K;
-- per-token decode time at KV length L (`generation.decode_step`, batch 1), L = the same lengths,
+- per-token decode time at KV length L (`generation.decode_step`, batch 1; `--decode-batch B`
+  decodes B copies of the sequence together), L = the same lengths,
   continuing from the state the prefill at L left;
 - KV-cache bytes per token, measured from `InferenceState.cache_bytes()` after the prefill;
 
@@ -167,8 +168,10 @@ def restore(state: InferenceState, snap: dict) -> None:
     state.num_tokens = snap["num_tokens"].clone()
 
 
-def run_length(models: dict[str, ConceptMoE], n: int, prefill_reps: int, decode_reps: int, steps: int) -> dict:
-    """Interleaved prefill and decode timings of every model at length n."""
+def run_length(models: dict[str, ConceptMoE], n: int, prefill_reps: int, decode_reps: int, steps: int,
+               decode_batch: int = 1) -> dict:
+    """Interleaved prefill and decode timings of every model at length n. Decode runs `decode_batch`
+    rows, copies of the prefilled one (per-step costs that do not grow with rows are shared)."""
     names = list(models)
     batch = text_batch(n)
     prefill_t = {k: [] for k in names}
@@ -183,7 +186,9 @@ def run_length(models: dict[str, ConceptMoE], n: int, prefill_reps: int, decode_
                 states[k] = state
         kv = {k: {part: b / n for part, b in states[k].cache_bytes().items()} for k in names}
         concepts = {k: int(states[k].num_concepts[0]) for k in names}
-        tok = torch.tensor([65])
+        for k in names:
+            states[k].select(torch.zeros(decode_batch, dtype=torch.long))
+        tok = torch.full((decode_batch,), 65)
         snaps = {}
         for k in names:  # warm-up: the first step grows the caches (one-time copy), then rewind
             snaps[k] = snapshot(states[k])
@@ -229,7 +234,7 @@ def markdown(result: dict) -> str:
            "Cells: measured speedup over the baseline (paper-style % gain) · FLOPs-model prediction · "
            "measured / predicted.", ""]
     for phase, title, unit in (("prefill", "Prefill (one sequence of N tokens)", "ms"),
-                               ("decode", "Decode (per token, batch 1, KV length L)", "ms/token")):
+                               ("decode", f"Decode (per step, batch {result['meta']['decode_batch']}, KV length L)", "ms/step")):
         rows = [r for r in result[phase]]
         lengths = sorted({r["length"] for r in rows})
         out += [f"## {title}", "", "| " + " | ".join(["N" if phase == "prefill" else "L", f"baseline {unit}"] + others)
@@ -314,6 +319,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--configs", type=str, default=None,
                     help="comma-separated config names to run besides the baseline, e.g. 'same-depth R=2' "
                          "(default: all seven)")
+    ap.add_argument("--decode-batch", type=int, default=1,
+                    help="rows decoded together (copies of the prefilled sequence); times are per step")
     args = ap.parse_args(argv)
     torch.set_num_threads(2)
     t_start = time.time()
@@ -344,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
     for n in lengths:
         t0 = time.time()
         pr, dr = reps(n)
-        res = run_length(models, n, pr, dr, 1 if args.quick else args.steps)
+        res = run_length(models, n, pr, dr, 1 if args.quick else args.steps, args.decode_batch)
         for phase, rows, pred in (("prefill", prefill_rows, predicted_prefill_flops),
                                   ("decode", decode_rows, predicted_decode_flops)):
             base_med = statistics.median(res[phase]["baseline"])
@@ -398,6 +405,7 @@ def main(argv: list[str] | None = None) -> int:
             "python": sys.version.split()[0], "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
             "quick": args.quick, "loadavg_before": load_before, "loadavg_after": loadavg(),
             "wall_s": time.time() - t_start, "decode_steps_per_rep": 1 if args.quick else args.steps,
+            "decode_batch": args.decode_batch,
             "boundaries": "Boundaries are set deterministically for this benchmark (every R-th token by absolute "
                           "position, token 0 always; the chunk module still computes p): a latency benchmark "
                           "must run at the R it reports, which an untrained chunker (R ~ 2 at random places) "
