@@ -216,7 +216,8 @@ def test_generate_text_and_prefill_decode_steps():
 
 def test_latency_bench_quick_smoke(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_latency.py"), "--quick", "--out", str(tmp_path)],
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_latency.py"), "--quick", "--out", str(tmp_path),
+                           "--decode-batch", "2"],
                           capture_output=True, text=True, timeout=90, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     data = json.loads((tmp_path / "latency.json").read_text())
