@@ -26,7 +26,11 @@ VARIANTS = {"paper_lambda1": [], "lambda3": ["model.chunk.ratio_loss_weight=3.0"
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="bench/results/compression_control.json")
-    ap.add_argument("--data", default="data/builtin", help="built-in dataset root (written if missing)")
+    ap.add_argument("--data", default="data/builtin_control",
+                    help="built-in dataset root (written if missing, with --text-chars long text documents)")
+    ap.add_argument("--text-chars", type=int, default=300,
+                    help="length of the built-in text documents: short ones leave images a larger share of "
+                         "the tokens, so a 20-step window holds enough image tokens to judge ±10%%")
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--variant", action="append", default=[],
                     help="name=key=value[,key=value] (name= alone: no overrides); default: the built-in set")
@@ -39,7 +43,7 @@ def main() -> None:
 
     root = Path(args.data)
     if not (root / "train" / "manifest.json").exists():
-        write_builtin_dataset(root)
+        write_builtin_dataset(root, text_chars=args.text_chars)
     variants = {v.split("=", 1)[0]: [x for x in v.partition("=")[2].split(",") if x] for v in args.variant}
     results = {}
     for name, extra in (variants or VARIANTS).items():
@@ -50,10 +54,13 @@ def main() -> None:
                 f"train.steps={args.steps}", f"train.seed={seed}", f"data.shards={root / 'train'}",
                 f"train.heldout_shards={root / 'heldout'}", f"train.out_dir={out}"])
             summary = train(exp)
-            last = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][-1]
+            rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+            window = {k: (sum(r.get(f"tokens_{k}", 0) for r in rows[-20:]),
+                          sum(r.get(f"concepts_{k}", 0) for r in rows[-20:])) for k in ("text", "image")}
             held = summary["heldout"]["compression"]
             results[key] = {"overrides": extra, "seed": seed,
-                            "train_window20": {k: last.get(f"ratio_window_{k}") for k in ("text", "image")},
+                            "train_window20": {k: t / max(c, 1) for k, (t, c) in window.items()},
+                            "train_window20_tokens": {k: t for k, (t, _) in window.items()},
                             "heldout_eval": {k: held[k]["ratio"] for k in ("text", "image") if k in held},
                             "heldout_image_tokens": held.get("image", {}).get("tokens", 0),
                             "heldout_lm_loss": summary["heldout"]["lm_loss"]}

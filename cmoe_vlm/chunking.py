@@ -31,6 +31,7 @@ class ChunkConfig:
     text_ratio: float = 1.5                # per_modality mode: R for text tokens
     image_ratio: float = 3.0               # per_modality mode: R for image tokens
     ratio_loss_weight: float = 0.03        # λ (paper: 0.03; short runs need more, spec §12)
+    ratio_integral: float = 0.0            # [ours] integral gain of the ratio control (0 = the paper's loss alone)
     merge: Literal["sum", "last"] = "sum"  # concept content: sum of its tokens, or its boundary token
     init: Literal["random", "identity"] = "random"  # W_q, W_k initialisation
     sample_boundaries: bool = True         # training: sample b ~ Bernoulli(sharpen(p)); False: threshold
@@ -44,6 +45,7 @@ class ChunkConfig:
         for name in ("target_ratio", "text_ratio", "image_ratio"):
             check(getattr(self, name) >= 1.0, name, getattr(self, name), "must be >= 1 (1 = no compression)")
         check(self.ratio_loss_weight >= 0, "ratio_loss_weight", self.ratio_loss_weight, "must be >= 0")
+        check(self.ratio_integral >= 0, "ratio_integral", self.ratio_integral, "must be >= 0 (0 = off)")
         check(self.sharpen_tau >= 1, "sharpen_tau", self.sharpen_tau, "must be >= 1 (1 = no sharpening)")
 
     def targets(self) -> dict[str, float]:

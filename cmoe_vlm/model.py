@@ -162,6 +162,9 @@ class ConceptMoE(nn.Module):
         self.norm = RMSNorm(d)
         self.lm_head = nn.Linear(d, cfg.vocab_size, bias=False)
         self.ratio_targets: dict[str, float] | None = None  # set_ratio_targets; None = the config's
+        if cfg.chunk.enabled and cfg.chunk.ratio_integral > 0:
+            # integral term of the ratio control, one per token set; a buffer, so checkpoints keep it
+            self.register_buffer("ratio_mu", torch.zeros(len(cfg.chunk.targets())))
         self.reset_parameters()
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
@@ -336,8 +339,24 @@ class ConceptMoE(nn.Module):
         if self.chunk is None:
             return p.sum() * 0
         sets = {"all": valid, "text": valid & (modality == TEXT), "image": valid & (modality == IMAGE)}
-        losses = [ratio_loss(p, b, target, sets[name]) for name, target in self.current_ratio_targets().items()]
+        losses = []
+        for i, (name, target) in enumerate(self.current_ratio_targets().items()):
+            loss = ratio_loss(p, b, target, sets[name])
+            if self.cfg.chunk.ratio_integral > 0 and target > 1 and sets[name].any():
+                loss = loss + self._ratio_integral_term(i, p[sets[name]], b[sets[name]], target)
+            losses.append(loss)
         return torch.stack(losses).sum()
+
+    def _ratio_integral_term(self, i: int, p: torch.Tensor, b: torch.Tensor, target: float) -> torch.Tensor:
+        """μ_i · G, with μ_i += η · (R·F − 1) after every training forward (F = boundary fraction of
+        this batch, G = mean p). The paper's loss pulls G with a gradient ∝ (R·F − 1), so another
+        steady force on p (the LM loss preferring fewer image boundaries, say) leaves the ratio off
+        target; μ accumulates that steady error until it cancels the force (a PI controller's I)."""
+        term = self.ratio_mu[i].clone() * p.float().mean()  # a copy: μ is updated in place below
+        if self.training and torch.is_grad_enabled():
+            with torch.no_grad():
+                self.ratio_mu[i] += self.cfg.chunk.ratio_integral * (target * b.float().mean() - 1)
+        return term
 
     def current_ratio_targets(self) -> dict[str, float]:
         """Token set -> target R the ratio loss uses now: the config's, unless set_ratio_targets changed them."""

@@ -87,7 +87,11 @@ def evaluate(model: ConceptMoEVLM, loader: StreamingLoader, max_batches: int) ->
 
 
 def compression_summary(stats: dict[str, ModalityStats]) -> dict[str, float]:
-    return {f"ratio_{k}": s.ratio for k, s in stats.items() if float(s.tokens)}
+    out = {}
+    for k, s in stats.items():
+        if float(s.tokens):
+            out[f"ratio_{k}"], out[f"tokens_{k}"], out[f"concepts_{k}"] = s.ratio, int(s.tokens), int(s.concepts)
+    return out
 
 
 def load_initial_weights(model: ConceptMoEVLM, path: str) -> None:
@@ -205,6 +209,8 @@ def train(exp: ExperimentConfig) -> dict[str, Any]:
                 **flatten("skipped_samples", loader.skipped), "skipped_steps": skipped_steps,
                 **({f"target_ratio_{k}": v for k, v in model.lm.current_ratio_targets().items()}
                    if exp.model.chunk.enabled else {}),
+                **({f"ratio_integral_{k}": float(mu) for k, mu in zip(exp.model.chunk.targets(), model.lm.ratio_mu)}
+                   if hasattr(model.lm, "ratio_mu") else {}),
             }
             if norm is None:  # ZeRO-1/2: DeepSpeed computes the norm while stepping
                 norm = engine.get_global_grad_norm()

@@ -137,3 +137,37 @@ def test_losses_and_backward():
     assert len(out.tokens_per_expert) == 1 + 2 + 2
     stats = out.compression
     assert int(stats["all"].tokens) == 88 and int(stats["text"].tokens) == 88 and int(stats["image"].tokens) == 0
+
+
+def test_ratio_integral_accumulates_the_rate_error_and_adds_mu_times_mean_p():
+    from cmoe_vlm.chunking import IMAGE, TEXT, ratio_loss
+
+    torch.manual_seed(0)
+    eta = 0.5
+    cfg = tiny(chunk=dict(ratio_mode="per_modality", text_ratio=2.0, image_ratio=3.0, ratio_integral=eta,
+                          sample_boundaries=False))
+    model = ConceptMoE(cfg).train()
+    x = torch.randint(0, 64, (2, 40))
+    modality = torch.zeros_like(x)
+    modality[:, 10:26] = IMAGE
+    labels = torch.randint(0, 64, x.shape)
+    assert model.ratio_mu.tolist() == [0.0, 0.0] and "ratio_mu" in model.state_dict()
+    mu = torch.tensor([0.3, -0.2])
+    model.ratio_mu.copy_(mu)
+
+    out = model(x, labels=labels, modality=modality)
+    p, b = out.boundary_probs, out.boundaries
+    sets = {"text": modality == TEXT, "image": modality == IMAGE}
+    targets = {"text": 2.0, "image": 3.0}
+    paper = sum(ratio_loss(p, b, targets[k], sets[k]) for k in sets)
+    extra = sum(mu[i] * p[sets[k]].mean() for i, k in enumerate(sets))
+    torch.testing.assert_close(out.ratio_loss, paper + extra)
+    want = mu + eta * torch.tensor([targets[k] * b[sets[k]].float().mean() - 1 for k in sets])
+    torch.testing.assert_close(model.ratio_mu, want)
+
+    out.loss.backward()  # the μ·G term reaches the chunk projections
+    assert model.chunk.q_proj.weight.grad.abs().sum() > 0
+    model.eval()
+    with torch.no_grad():
+        model(x, labels=labels, modality=modality)
+    torch.testing.assert_close(model.ratio_mu, want)  # evaluation leaves the controller alone
