@@ -49,9 +49,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
-from typing import Any
 
 import torch
 
