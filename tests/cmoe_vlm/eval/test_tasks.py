@@ -17,18 +17,6 @@ def suite(tmp_path_factory):
     return {t.name: t for t in load_suite(path)}
 
 
-def shuffled(task: Task, tmp_path, seed: int = 0) -> Task:
-    """The same records with the answer indices permuted across records (the image no longer decides)."""
-    recs = task.records()
-    answers = [r["answer"] for r in recs]
-    random.Random(seed).shuffle(answers)
-    path = tmp_path / f"{task.name}_shuffled.jsonl"
-    with path.open("w") as f:
-        for r, a in zip(recs, answers):
-            f.write(json.dumps(dict(r, image=str(task.data.parent / r["image"]), answer=a)) + "\n")
-    return Task(task.name + "_shuffled", task.type, path, task.options)
-
-
 def test_suite_files(suite):
     assert set(suite) == {"mc_caption", "mc_colour", "mc_count", "vqa", "caption", "text"}
     for t in suite.values():
@@ -38,6 +26,34 @@ def test_suite_files(suite):
             assert all(0 <= r["answer"] < len(r["choices"]) and len(set(r["choices"])) == len(r["choices"]) for r in recs)
     assert parse_scene("2 red circles and 1 blue square.") == [(2, "red", "circle"), (1, "blue", "square")]
     assert parse_scene('The word "cat" written in red.') is None
+
+
+def test_multiple_choice_solves_what_the_model_learned_and_fails_on_wrong_labels(runner, tmp_path):
+    """A task the trained tiny model can solve: the next word of the built-in filler text (which every
+    long text document repeats). With the labels shuffled across records it must fall to chance."""
+    from data_pipelines.builtin import FILLER
+
+    words = (FILLER * 3).split()
+    vocab = sorted({w.strip(".") for w in words})
+    rng = random.Random(0)
+    right, wrong = tmp_path / "multiple_choice_filler.jsonl", tmp_path / "multiple_choice_filler_wrong.jsonl"
+    recs = []
+    for i in range(len(words) // 3, len(words)):
+        answer = words[i].strip(".")
+        choices = [answer] + rng.sample([w for w in vocab if w != answer], 3)
+        rng.shuffle(choices)
+        recs.append({"prompt": "There is a pass key hidden in this text. " + " ".join(words[:i]),
+                     "choices": choices, "answer": choices.index(answer)})
+    labels = [r["answer"] for r in recs]
+    rng.shuffle(labels)
+    right.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    wrong.write_text("".join(json.dumps(dict(r, answer=a)) + "\n" for r, a in zip(recs, labels)))
+    ok = run_task(runner, Task("filler", "multiple_choice", right))
+    bad = run_task(runner, Task("filler_shuffled", "multiple_choice", wrong))
+    assert ok["n"] == bad["n"] >= 20 and ok["chance"] == 0.25
+    assert ok["acc"] >= 0.8, ok
+    assert bad["acc"] <= 0.5, bad
+    print(f"filler MC: acc {ok['acc']:.2f}, shuffled labels {bad['acc']:.2f} (n={ok['n']}, chance 0.25)")
 
 
 def test_generation_tasks_and_perplexity(runner, suite):
