@@ -225,3 +225,26 @@ def test_latency_bench_quick_smoke(tmp_path):
     assert (tmp_path / "latency.md").exists() and (tmp_path / "latency.png").exists()
     names = {c["name"] for c in data["configs"]}
     assert "baseline" in names and any(n.startswith("same-depth") for n in names)
+
+
+def test_prefill_speedup_script_on_exports(tmp_path):
+    """bench/prefill_speedup.py on two exports: the reference's speedup is 1, a baseline's ratio is
+    1, and a chunked model reports the ratio its own boundaries give on that text."""
+    from cmoe_vlm.export import save_pretrained
+    from cmoe_vlm.training.config import load_experiment
+
+    small = ["model.dim=32", "model.moe.expert_hidden=32", "vision.depth=1"]
+    folders = []
+    for name, extra in (("base", ["model.chunk.enabled=false"]), ("cmoe", [])):
+        torch.manual_seed(0)
+        folders.append(str(save_pretrained(ConceptMoEVLM(load_experiment(ROOT / "configs/tiny.yaml", small + extra).vlm),
+                                           tmp_path / name)))
+    out = tmp_path / "prefill.json"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "prefill_speedup.py"), "--model", folders[0],
+                           "--model", folders[1], "--length", "300", "--reps", "1", "--out", str(out)],
+                          capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {Path(r["model"]).name: r for r in json.loads(out.read_text())["rows"]}
+    assert rows["base"]["speedup"] == 1.0 and rows["base"]["ratio"] == 1.0
+    assert 1.0 < rows["cmoe"]["ratio"] < 300 and rows["cmoe"]["median_s"] > 0
