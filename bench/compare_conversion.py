@@ -64,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--strategies", default="more_experts,looped", help="comma-separated: more_experts,looped,none")
     ap.add_argument("--cont-lr", type=float, default=None, help="continued-training LR (default: half the config's)")
     ap.add_argument("--ratio-loss-weight", type=float, default=None, help="default: the config's")
+    ap.add_argument("--reuse-baseline", action="store_true",
+                    help="skip pre-training when OUT/baseline/final exists (e.g. to try longer continuations)")
     ap.add_argument("overrides", nargs="*", help="extra key=value overrides for every run")
     args = ap.parse_args(argv)
 
@@ -92,9 +94,12 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"{name}: interrupted; stopping the comparison")
         return summary
 
-    print(f"== baseline pre-training: {base_steps} steps")
-    run("baseline", ["model.chunk.enabled=false", f"train.steps={base_steps}"])
     base_export = out / "baseline" / "final"
+    if args.reuse_baseline and (base_export / "config.json").exists():
+        print(f"== baseline pre-training: reusing {base_export}")
+    else:
+        print(f"== baseline pre-training: {base_steps} steps")
+        run("baseline", ["model.chunk.enabled=false", f"train.steps={base_steps}"])
     baseline, meta = load_pretrained(base_export)
 
     cont = [f"train.steps={cont_steps}", f"train.lr={cont_lr}", f"train.warmup_steps={max(1, cont_steps // 20)}"]
