@@ -81,10 +81,9 @@ def bench_configs(base: ModelConfig) -> list[dict]:
         rows.append({"name": f"same-depth R={R:g}", "kind": "same-depth", "ratio": R, "config": p.config,
                      "note": p.note})
     for R in RATIOS:
-        for propose in (flops.propose_more_experts, flops.propose_looped, flops.propose_wider):
-            p = propose(base, R)
-            if p.config is not None:
-                break
+        p = flops.propose_flops_matched(base, R)
+        if p.config is None:
+            raise SystemExit(f"no FLOPs-matched ConceptMoE fits the benchmark baseline at R={R}: {p.note}")
         rows.append({"name": f"FLOPs-matched R={R:g}", "kind": "flops-matched", "ratio": R, "config": p.config,
                      "note": f"{p.strategy}: {p.note}"})
     return rows

@@ -32,17 +32,6 @@ from cmoe_vlm.training.loop import train  # noqa: E402
 from data_pipelines.builtin import write_builtin_dataset  # noqa: E402
 
 
-def flops_matched(baseline, ratio: float) -> flops.Proposal:
-    """The first strategy that fits: more experts, looped concept layers, wider concept model."""
-    notes = []
-    for propose in (flops.propose_more_experts, flops.propose_looped, flops.propose_wider):
-        p = propose(baseline, ratio)
-        if p.config is not None:
-            return p
-        notes.append(p.note)
-    raise SystemExit(f"no FLOPs-matched ConceptMoE fits this baseline at R={ratio}: {notes}")
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="configs/tiny.yaml")
@@ -62,7 +51,9 @@ def main(argv: list[str] | None = None) -> int:
     common = [f"data.shards={data / 'train'}", f"train.heldout_shards={data / 'heldout'}", f"train.steps={args.steps}",
               "train.tensorboard=false", "train.resume=false", *args.overrides]
     base = load_experiment(args.config, common + ["model.chunk.enabled=false"]).model
-    proposal = flops_matched(base, args.ratio)
+    proposal = flops.propose_flops_matched(base, args.ratio)
+    if proposal.config is None:
+        raise SystemExit(f"no FLOPs-matched ConceptMoE fits this baseline at R={args.ratio}: {proposal.note}")
     cmoe = [line for line in to_overrides(proposal.config, "model") if not line.startswith("model.chunk.")]
     cmoe += ["model.chunk.enabled=true", "model.chunk.ratio_mode=joint", f"model.chunk.target_ratio={args.ratio}"]
     runs = {"baseline": ["model.chunk.enabled=false"], "conceptmoe": cmoe}

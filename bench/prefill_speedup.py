@@ -57,7 +57,6 @@ def main(argv: list[str] | None = None) -> int:
     models = {}
     for folder in args.model:
         vlm, meta = load_pretrained(folder)
-        vlm.lm.cfg.max_seq_len = max(vlm.lm.cfg.max_seq_len, args.length)
         models[folder] = vlm.eval()
     ids = text_ids(args.length, load_tokenizer(meta.get("tokenizer", "byte")), args.text)
     batch = {"input_ids": ids, "modality": torch.zeros_like(ids), "doc_ids": torch.zeros_like(ids),

@@ -449,6 +449,19 @@ def propose_wider(baseline: ModelConfig, ratio: float, seq_len: int | None = Non
     return _proposal("wider", cfg, base, ratio, note)
 
 
+def propose_flops_matched(baseline: ModelConfig, ratio: float, seq_len: int | None = None) -> Proposal:
+    """The first strategy that fits: more experts, else looped concept layers, else a wider concept
+    model (the quality-oriented ConceptMoE for a baseline). If none fits, a no-fit Proposal whose
+    note gives every strategy's reason."""
+    notes = []
+    for proposer in (propose_more_experts, propose_looped, propose_wider):
+        p = proposer(baseline, ratio, seq_len)
+        if p.config is not None:
+            return p
+        notes.append(p.note)
+    return _no_fit("flops_matched", "; ".join(notes))
+
+
 def propose(baseline: ModelConfig, ratio: float, seq_len: int | None = None,
             loop_layers: int | None = None, match: str = "concept") -> list[Proposal]:
     """The baseline row, the efficiency-oriented variant and the three strategies' proposals.

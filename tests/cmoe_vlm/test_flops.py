@@ -314,3 +314,15 @@ def test_bench_core_quick_smoke(tmp_path):
     assert set(data["targets"]) == {"moe_over_dense", "dechunk_speedup_8k", "dechunk_speedup_8k_fwdbwd",
                                     "train_step_ratio_4k"}
     assert all(isinstance(t["pass"], bool) for t in data["targets"].values())
+
+
+def test_flops_matched_takes_the_first_strategy_that_fits():
+    for base, R in ((small_cpu(), 2.0), (small(chunk=OFF, moe=MoEConfig(num_experts=4, top_k=2, expert_hidden=32)), 2.0),
+                    (small(chunk=OFF, moe=MoEConfig(num_experts=2, top_k=2, expert_hidden=32)), 4.0)):
+        tried = [f(base, R) for f in (flops.propose_more_experts, flops.propose_looped, flops.propose_wider)]
+        first = next((p for p in tried if p.config is not None), None)
+        got = flops.propose_flops_matched(base, R)
+        if first is None:
+            assert got.config is None and all(p.note in got.note for p in tried)
+        else:
+            assert (got.strategy, got.config) == (first.strategy, first.config)
