@@ -75,18 +75,6 @@ def ratio_loss(p: torch.Tensor, b: torch.Tensor, target: float, mask: torch.Tens
     return R / (R - 1) * ((R - 1) * f * g + (1 - f) * (1 - g))
 
 
-def ramped_targets(targets: dict[str, float], step: int, ramp_steps: int) -> dict[str, float]:
-    """Ratio targets at optimizer step `step` (0-based) of a linear ramp from R = 1 to `targets`.
-
-    R_s = 1 + (R − 1) · min(1, s / ramp_steps): 1 at step 0 (no ratio loss), R from step ramp_steps on.
-    ramp_steps = 0 means no ramp. Used when continuing to train a converted model (spec §2, conversion).
-    """
-    if ramp_steps <= 0:
-        return dict(targets)
-    frac = min(1.0, max(step, 0) / ramp_steps)
-    return {name: 1.0 + (r - 1.0) * frac for name, r in targets.items()}
-
-
 @dataclass
 class ModalityStats:
     """Compression of one token set in one batch (tensors, so they can be all-reduced)."""

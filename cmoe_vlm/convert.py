@@ -39,11 +39,14 @@ The start is lossless for `--strategy none` only: raising top_k or looping chang
 by design (the extra compute the reallocation buys).
 
 Continual training: `train_vlm.py CONFIG $(cat OUT/train_overrides.txt) train.init_from=OUT
-train.ratio_ramp_steps=N` loads the converted weights and ramps the target R from 1 to its value.
-Caveat: R = 1 is the ratio loss's target at the ramp's start, not the chunker's state: identity
-W_q/W_k give p_n = (1 − cos(h_n, h_{n−1}))/2, often < 0.5, so without forced boundaries the
-converted model starts with R > 1 and the ramp's small targets pull p up towards every-token
-boundaries first (see bench/compare_conversion.py for what that costs).
+train.ratio_ramp_steps=N` loads the converted weights and ramps the achieved R from 1 to its target
+over N steps: at step s every token is also made a boundary (p = 1) with probability 1 − s/N, so the
+first steps run the baseline's computation (every token its own concept) and compression is let in
+gradually, while the ratio loss steers the chunker's own boundaries to the target from step 0.
+(Ramping the ratio loss's *target* from 1 instead does neither: identity W_q/W_k give
+p_n = (1 − cos(h_n, h_{n−1}))/2, mostly < 0.5, so the converted model starts at R ≈ 4.6 on text, and
+the loss's scale R/(R − 1) makes targets near 1 pull with a gradient norm of ~20 — measured in
+bench/compare_conversion.py runs, where it cost the first ~100 steps.)
 """
 from __future__ import annotations
 

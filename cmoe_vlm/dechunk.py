@@ -75,16 +75,28 @@ class DechunkModule(nn.Module):
         """c_hat (B, M, d) concept-model outputs; p (B, M) boundary probability of each concept's
         boundary token; reset (B, M) bool, concept starts a document; init (B, d) the previous
         c̄ when continuing from a cache. Returns c̄ (B, M, d)."""
-        out_dtype, work = c_hat.dtype, torch.promote_types(c_hat.dtype, torch.float32)
+        out_dtype = c_hat.dtype
+        u, a = self._coefficients(c_hat, p, reset)
+        if init is not None:  # prepend the carried state as concept 0 (a reset)
+            u = torch.cat([init[:, None].to(u.dtype), u], dim=1)
+            a = torch.cat([a.new_zeros(a.shape[0], 1), a], dim=1)
+            return ema_scan(u, a, self.block)[:, 1:].to(out_dtype)
+        return ema_scan(u, a, self.block).to(out_dtype)
+
+    def step(self, c_hat: torch.Tensor, p: torch.Tensor, reset: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
+        """One concept per row (decoding): c_hat (B, d), p (B,), reset (B,), prev (B, d) the previous
+        c̄ -> c̄ (B, d). The same arithmetic as `forward` with init = prev and M = 1."""
+        u, a = self._coefficients(c_hat, p, reset)
+        return torch.addcmul(u, a[..., None], prev.to(u.dtype)).to(c_hat.dtype)
+
+    def _coefficients(self, c_hat: torch.Tensor, p: torch.Tensor, reset: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The recurrence's u = P·ĉ and a = 1 − P (ĉ and 0 at a reset), in fp32 (fp64 for fp64)."""
+        work = torch.promote_types(c_hat.dtype, torch.float32)
         p = p.to(work).clamp(self.p_clamp, 1 - self.p_clamp)
         c_hat = c_hat.to(work)
         u = torch.where(reset[..., None], c_hat, p[..., None] * c_hat)
         a = torch.where(reset, torch.zeros_like(p), 1 - p)
-        if init is not None:  # prepend the carried state as concept 0 (a reset)
-            u = torch.cat([init[:, None].to(work), u], dim=1)
-            a = torch.cat([a.new_zeros(a.shape[0], 1), a], dim=1)
-            return ema_scan(u, a, self.block)[:, 1:].to(out_dtype)
-        return ema_scan(u, a, self.block).to(out_dtype)
+        return u, a
 
 
 def plug_back(c_bar: torch.Tensor, token_index: torch.Tensor) -> torch.Tensor:

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .chunking import (ChunkConfig, ChunkModule, ModalityStats, TEXT, IMAGE, compression_stats, merge_concepts,
+from .chunking import (Boundaries, ChunkConfig, ChunkModule, ModalityStats, TEXT, IMAGE, compression_stats, merge_concepts,
                        ratio_loss)
 from .config import check
 from .dechunk import DechunkModule, plug_back, straight_through_one
@@ -24,6 +24,7 @@ from .layers.attention import KVCache, document_causal_mask
 from .layers.block import Block
 from .layers.moe import MoEConfig
 from .layers.norm import RMSNorm
+from .layers.rope import rope_angles
 
 
 @dataclass
@@ -161,7 +162,7 @@ class ConceptMoE(nn.Module):
         self.dechunk = DechunkModule() if cfg.chunk.enabled else None
         self.norm = RMSNorm(d)
         self.lm_head = nn.Linear(d, cfg.vocab_size, bias=False)
-        self.ratio_targets: dict[str, float] | None = None  # set_ratio_targets; None = the config's
+        self.forced_boundary_prob = 0.0  # training forwards: extra random boundaries (the conversion ramp)
         if cfg.chunk.enabled and cfg.chunk.ratio_integral > 0:
             # integral term of the ratio control, one per token set; a buffer, so checkpoints keep it
             self.register_buffer("ratio_mu", torch.zeros(len(cfg.chunk.targets())))
@@ -171,7 +172,7 @@ class ConceptMoE(nn.Module):
 
     def _block(self, dim: int, moe: MoEConfig, joint: bool = False) -> Block:
         c = self.cfg
-        return Block(dim, c.num_heads, c.kv_heads, c.rope_theta, moe, joint=joint)
+        return Block(dim, c.num_heads, c.kv_heads, moe, joint=joint)
 
     def reset_parameters(self) -> None:
         """Normal(0, init_std) everywhere; residual output projections scaled by 1/sqrt(2·depth)."""
@@ -241,55 +242,45 @@ class ConceptMoE(nn.Module):
         expert_counts: list[torch.Tensor] = []
         lb_losses: list[torch.Tensor] = []
 
-        def run(blocks, h, pos, m, caches, concept=None, rows=None):
+        def run(blocks, h, rope, m, caches, concept=None, rows=None):
             for i, blk in enumerate(blocks):
-                h, st = blk(h, pos, m, concept, caches[i] if caches else None, rows)
+                h, st = blk(h, rope, m, concept, caches[i] if caches else None, rows)
                 lb_losses.append(st.lb_loss)
                 expert_counts.append(st.tokens_per_expert)
             return h
 
-        h = run(self.encoder, x, positions, mask, state.encoder if state else None)
+        rope = self._rope(positions, self.cfg.dim)  # computed once, used by every token-level layer
+        h = run(self.encoder, x, rope, mask, state.encoder if state else None)
         schedule = [self.concept[i] for i in self.cfg.concept_schedule()]
         if self.chunk is None:
-            z = run(schedule, h, positions, mask, state.concept if state else None)
+            z = run(schedule, h, rope, mask, state.concept if state else None)
             concept_tok = None
             p = torch.ones(B, T, device=x.device)
             b = torch.ones(B, T, dtype=torch.bool, device=x.device)
+            chunker = Boundaries(p, b)
         else:
             bnd = self.chunk(h, starts, modality, state.last_h if state else None,
                              state.last_modality if state else None, above_index)
             if state is not None:  # padded tail tokens of a span open no concept and add no content
                 bnd.b = bnd.b & valid
+            chunker = bnd  # the ratio loss steers the chunker's own boundaries
+            if self.training and self.forced_boundary_prob > 0:
+                bnd = self._force_random_boundaries(bnd, valid)
             p, b = bnd.p, bnd.b
-            cpt = merge_concepts(h if state is None else h * valid[..., None], bnd, starts, doc_ids, positions,
-                                 self.cfg.chunk.merge, modality, carry=state.carry if state else None,
-                                 carry_modality=state.last_modality if state else None)
-            xc = cpt.x if self.concept_in is None else self.concept_in(cpt.x)
-            if state is None:
-                c_hat = run(schedule, xc, cpt.positions, document_causal_mask(cpt.doc_ids), None)
+            if state is not None and T == 1:  # decoding: one token per row
+                concept_tok = self._concept_token_step(schedule, h * valid[..., None], bnd, modality, positions,
+                                                       state, run)
             else:
-                c_hat = self._concept_step(schedule, xc, cpt, state, run)
-            c_hat = c_hat if self.concept_out is None else self.concept_out(c_hat)
-            if self.cfg.chunk.dechunk_update:  # converted models: only the concept layers' residual update
-                c_hat = c_hat - cpt.x
-            # A boundary with p = 1 (forced) ends the EMA exactly: c̄_m = ĉ_m, as a reset, not 1 − 1e−4.
-            c_bar = self.dechunk(c_hat, cpt.p, cpt.reset | (cpt.p >= 1), init=state.c_bar if state else None)
-            token_index = cpt.token_index
-            if state is not None:  # index 0 = the concept carried in from before this span
-                c_bar = torch.cat([state.c_bar[:, None], c_bar], dim=1)
-                token_index = token_index + 1
-            concept_tok = plug_back(c_bar, token_index)  # (B, T, d)
+                concept_tok = self._concepts(schedule, h, bnd, starts, doc_ids, positions, modality, valid, state,
+                                             run)
             confidence = torch.where(b, p, 1 - p)
             z = h + concept_tok * straight_through_one(confidence)[..., None]
-            if state is not None:
-                state.carry = cpt.tail
-                state.c_bar = c_bar.gather(1, cpt.counts[:, None, None].expand(-1, 1, c_bar.shape[-1]))[:, 0]
-        y = run(self.decoder, z, positions, mask, state.decoder if state else None, concept=concept_tok)
+        y = run(self.decoder, z, rope, mask, state.decoder if state else None, concept=concept_tok)
         logits = self.lm_head(self.norm(y))
 
         if state is not None:
             for cache in state.encoder + state.decoder + ([] if self.chunk else state.concept):
-                cache.advance(torch.arange(B, device=x.device), lengths)
+                cache.advance(lengths)
             state.num_tokens += lengths
             has, last = lengths > 0, (lengths - 1).clamp_min(0)
             state.last_h = torch.where(has[:, None], h.gather(1, last[:, None, None].expand(-1, 1, h.shape[-1]))[:, 0],
@@ -301,7 +292,7 @@ class ConceptMoE(nn.Module):
             return out
         out.compression = compression_stats(p, b, modality, valid)
         out.lb_loss = torch.stack(lb_losses).mean() if lb_losses else logits.sum() * 0
-        out.ratio_loss = self._ratio_loss(p, b, modality, valid)
+        out.ratio_loss = self._ratio_loss(chunker.p, chunker.b, modality, valid)
         if labels is not None:
             out.lm_loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), labels.reshape(-1),
                                           ignore_index=-100)
@@ -322,25 +313,80 @@ class ConceptMoE(nn.Module):
             raise ValueError("cached decoding: padding (doc_ids −1) must come after a row's tokens")
         return lengths
 
-    def _concept_step(self, schedule, xc, cpt, state: InferenceState, run) -> torch.Tensor:
-        """Run the concept model on the new concepts of the rows that have any, with their caches."""
+    def _rope(self, positions: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return rope_angles(positions, width // self.cfg.num_heads, self.cfg.rope_theta)
+
+    def _concepts(self, schedule, h, bnd, starts, doc_ids, positions, modality, valid,
+                  state: InferenceState | None, run) -> torch.Tensor:
+        """Merge → concept model → dechunk for a whole span (training, prefill). Returns each token's
+        smoothed concept c̄ (B, T, d); with a state, also updates its carry and c̄."""
+        cpt = merge_concepts(h if state is None else h * valid[..., None], bnd, starts, doc_ids, positions,
+                             self.cfg.chunk.merge, modality, carry=state.carry if state else None,
+                             carry_modality=state.last_modality if state else None)
+        xc = cpt.x if self.concept_in is None else self.concept_in(cpt.x)
+        if state is None:
+            rope = self._rope(cpt.positions, self.cfg.concept_width)
+            c_hat = run(schedule, xc, rope, document_causal_mask(cpt.doc_ids), None)
+        else:
+            c_hat = self._concept_step(schedule, xc, cpt.counts, cpt.positions, state, run)
+        c_hat = c_hat if self.concept_out is None else self.concept_out(c_hat)
+        if self.cfg.chunk.dechunk_update:  # converted models: only the concept layers' residual update
+            c_hat = c_hat - cpt.x
+        # A boundary with p = 1 (forced) ends the EMA exactly: c̄_m = ĉ_m, as a reset, not 1 − 1e−4.
+        c_bar = self.dechunk(c_hat, cpt.p, cpt.reset | (cpt.p >= 1), init=state.c_bar if state else None)
+        if state is None:
+            return plug_back(c_bar, cpt.token_index)
+        c_bar = torch.cat([state.c_bar[:, None], c_bar], dim=1)  # index 0 = the concept carried in
+        state.carry = cpt.tail
+        state.c_bar = c_bar.gather(1, cpt.counts[:, None, None].expand(-1, 1, c_bar.shape[-1]))[:, 0]
+        return plug_back(c_bar, cpt.token_index + 1)
+
+    def _concept_token_step(self, schedule, h, bnd, modality, positions, state: InferenceState, run) -> torch.Tensor:
+        """`_concepts` for one token per row (decoding), without the (B, M) bookkeeping of a span:
+        h (B, 1, d) with padding rows zeroed, bnd.b already False for them. A row whose token is a
+        boundary closes a concept (carry + token under `sum` merge), runs it through the concept
+        model and takes one EMA step; the others add the token to the carry and keep c̄.
+        Returns c̄ (B, 1, d); the same values as the span path (tests/cmoe_vlm/test_generation.py)."""
+        b, h1 = bnd.b[:, 0], h[:, 0]
+        if self.cfg.chunk.merge == "sum":
+            joins = state.last_modality == modality[:, 0]  # no concept mixes modalities
+            x = h1 + state.carry * joins[:, None]
+            state.carry = torch.where(b[:, None], torch.zeros_like(h1), state.carry + h1)
+        else:
+            x = h1
+        x = x[:, None]  # (B, 1, d)
+        xc = x if self.concept_in is None else self.concept_in(x)
+        c_hat = self._concept_step(schedule, xc, b.long(), positions, state, run)
+        c_hat = c_hat if self.concept_out is None else self.concept_out(c_hat)
+        if self.cfg.chunk.dechunk_update:
+            c_hat = c_hat - x
+        p = bnd.p[:, 0]
+        c_bar = self.dechunk.step(c_hat[:, 0], p, p >= 1, state.c_bar)
+        state.c_bar = torch.where(b[:, None], c_bar, state.c_bar)
+        return state.c_bar[:, None]
+
+    def _concept_step(self, schedule, xc, counts, positions, state: InferenceState, run) -> torch.Tensor:
+        """Run the concept model on the new concepts (xc (B, M, dc), the first counts (B,) of each row,
+        at positions (B, M)) of the rows that have any, with their caches."""
         c_hat = torch.zeros_like(xc)
-        rows = (cpt.counts > 0).nonzero().squeeze(1)
+        rows = (counts > 0).nonzero().squeeze(1)
         if rows.numel() == 0:
             return c_hat
-        h = xc[rows]
-        pos = cpt.positions[rows]
+        all_rows = rows.numel() == xc.shape[0]
+        h = xc if all_rows else xc[rows]
+        rope = self._rope(positions if all_rows else positions[rows], self.cfg.concept_width)
+        rows = None if all_rows else rows
         for blk, cache in zip(schedule, state.concept):
-            h = run([blk], h, pos, None, [cache], rows=rows)
-            cache.advance(rows, cpt.counts[rows])
-        return c_hat.index_copy(0, rows, h)
+            h = run([blk], h, rope, None, [cache], rows=rows)
+            cache.advance(counts if rows is None else counts[rows], rows)
+        return h if rows is None else c_hat.index_copy(0, rows, h)
 
     def _ratio_loss(self, p, b, modality, valid) -> torch.Tensor:
         if self.chunk is None:
             return p.sum() * 0
         sets = {"all": valid, "text": valid & (modality == TEXT), "image": valid & (modality == IMAGE)}
         losses = []
-        for i, (name, target) in enumerate(self.current_ratio_targets().items()):
+        for i, (name, target) in enumerate(self.cfg.chunk.targets().items()):
             loss = ratio_loss(p, b, target, sets[name])
             if self.cfg.chunk.ratio_integral > 0 and target > 1 and sets[name].any():
                 loss = loss + self._ratio_integral_term(i, p[sets[name]], b[sets[name]], target)
@@ -358,17 +404,14 @@ class ConceptMoE(nn.Module):
                 self.ratio_mu[i] += self.cfg.chunk.ratio_integral * (target * b.float().mean() - 1)
         return term
 
-    def current_ratio_targets(self) -> dict[str, float]:
-        """Token set -> target R the ratio loss uses now: the config's, unless set_ratio_targets changed them."""
-        return dict(self.ratio_targets) if self.ratio_targets is not None else self.cfg.chunk.targets()
-
-    def set_ratio_targets(self, targets: dict[str, float] | None) -> None:
-        """Override the ratio-loss targets (e.g. a ramp from R = 1 while continuing a converted model);
-        None restores the config's. Keys must be the config's token sets ("all", or "text"/"image")."""
-        if targets is not None and set(targets) != set(self.cfg.chunk.targets()):
-            raise ValueError(f"ratio targets {sorted(targets)} do not match the config's token sets "
-                             f"{sorted(self.cfg.chunk.targets())}")
-        self.ratio_targets = None if targets is None else dict(targets)
+    def _force_random_boundaries(self, bnd: Boundaries, valid: torch.Tensor) -> Boundaries:
+        """Make each valid token a boundary with probability `forced_boundary_prob`, with p = 1 as at
+        any forced boundary (its concept is its own: the EMA resets). At probability 1 every token is
+        its own concept, so a converted model computes what the baseline did; lowering it to 0 moves
+        the achieved R from 1 to the chunker's own while the ratio loss steers the chunker throughout
+        (`train.ratio_ramp_steps`)."""
+        extra = (torch.rand(bnd.b.shape, device=bnd.b.device) < self.forced_boundary_prob) & valid
+        return Boundaries(p=torch.where(extra, torch.ones_like(bnd.p), bnd.p), b=bnd.b | extra)
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .norm import RMSNorm
-from .rope import apply_rope, rope_angles
+from .rope import apply_rope
 
 
 class KVCache:
@@ -37,21 +37,22 @@ class KVCache:
         self.k = F.pad(self.k, pad)
         self.v = F.pad(self.v, pad)
 
-    def append(self, rows: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def append(self, k: torch.Tensor, v: torch.Tensor, rows: torch.Tensor | None = None,
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Write k, v (b, H, S, Dh) for `rows` (b,) at their current lengths (lengths do not advance:
         call `advance`). Returns the rows' keys and values up to their new ends, (b, H, L, Dh), and
-        the rows' start offsets (b,). `rows` must be distinct and increasing (all rows: arange)."""
-        start = self.lengths[rows]  # (b,)
+        the rows' start offsets (b,). `rows` must be distinct and increasing; None = all rows."""
+        all_rows = rows is None or rows.numel() == self.k.shape[0]  # distinct and increasing: == arange(B)
+        start = self.lengths.clone() if all_rows else self.lengths[rows]  # (b,)
         S = k.shape[2]
         end = int(start.max()) + S
         self._grow(end)
-        all_rows = rows.numel() == self.k.shape[0]  # distinct and increasing: then rows == arange(B)
         if all_rows and int(start.min()) == end - S:  # every row at the same length: a slice write
             self.k[:, :, end - S:end] = k.to(self.k.dtype)
             self.v[:, :, end - S:end] = v.to(self.v.dtype)
         else:
             pos = start[:, None] + torch.arange(S, device=k.device)  # (b, S)
-            r = rows[:, None]
+            r = torch.arange(self.k.shape[0], device=k.device)[:, None] if rows is None else rows[:, None]
             # advanced indices (b, S) around the head slice put their dims first: write (b, S, H, Dh)
             self.k[r, :, pos] = k.transpose(1, 2).to(self.k.dtype)
             self.v[r, :, pos] = v.transpose(1, 2).to(self.v.dtype)
@@ -63,8 +64,12 @@ class KVCache:
         """Keep only `rows` (b,), in that order (drop finished rows of a batch)."""
         self.k, self.v, self.lengths = self.k[rows], self.v[rows], self.lengths[rows]
 
-    def advance(self, rows: torch.Tensor, n: torch.Tensor | int) -> None:
-        self.lengths[rows] += n
+    def advance(self, n: torch.Tensor | int, rows: torch.Tensor | None = None) -> None:
+        """lengths[rows] += n (rows None = all)."""
+        if rows is None:
+            self.lengths += n
+        else:
+            self.lengths[rows] += n
 
     def bytes(self) -> int:
         """Bytes held by the valid entries of all rows."""
@@ -84,11 +89,10 @@ def document_causal_mask(doc_ids: torch.Tensor) -> torch.Tensor | None:
 
 
 class Attention(nn.Module):
-    def __init__(self, dim: int, num_heads: int, num_kv_heads: int, rope_theta: float, joint: bool = False):
+    def __init__(self, dim: int, num_heads: int, num_kv_heads: int, joint: bool = False):
         super().__init__()
         self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
         self.head_dim = dim // num_heads
-        self.rope_theta = rope_theta
         q_dim, kv_dim = num_heads * self.head_dim, num_kv_heads * self.head_dim
         self.split = (q_dim, kv_dim, kv_dim)
         self.qkv = nn.Linear(dim, q_dim + 2 * kv_dim, bias=False)
@@ -100,13 +104,13 @@ class Attention(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        positions: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
         mask: torch.Tensor | None = None,
         concept: torch.Tensor | None = None,
         cache: KVCache | None = None,
         rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """x (B, T, dim), positions (B, T); mask (B, 1, T, T) bool or None for causal;
+        """x (B, T, dim); rope = `rope_angles` of the tokens' positions (B, T, 1, Dh/2) each; mask (B, 1, T, T) bool or None for causal;
         concept (B, T, dim) for joint decoding. With a cache, x holds the next T tokens of `rows`
         (default all rows) and attends to the cached prefix (one document per row)."""
         B, T, _ = x.shape
@@ -115,17 +119,14 @@ class Attention(nn.Module):
             if concept is None:
                 raise ValueError("joint-decoding attention layer needs the token's concept")
             qkv = qkv + self.concept_qkv(self.concept_norm(concept))
-        q, k, v = qkv.split(self.split, dim=-1)
-        q = q.view(B, T, self.num_heads, self.head_dim)
-        k = k.view(B, T, self.num_kv_heads, self.head_dim)
-        cos, sin = rope_angles(positions, self.head_dim, self.rope_theta)
-        q, k = apply_rope(q, cos, sin).transpose(1, 2), apply_rope(k, cos, sin).transpose(1, 2)  # (B, H, T, Dh)
+        qk, v = qkv.split((self.split[0] + self.split[1], self.split[2]), dim=-1)
+        qk = apply_rope(qk.view(B, T, self.num_heads + self.num_kv_heads, self.head_dim), *rope)  # q and k heads at once
+        q, k = qk.transpose(1, 2).split((self.num_heads, self.num_kv_heads), dim=1)  # (B, H, T, Dh)
         v = v.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
 
         is_causal = mask is None
         if cache is not None:
-            rows = torch.arange(B, device=x.device) if rows is None else rows
-            k, v, start = cache.append(rows, k, v)  # (B, H_kv, L, Dh)
+            k, v, start = cache.append(k, v, rows)  # (B, H_kv, L, Dh)
             L = k.shape[2]
             first, last = int(start.min()), int(start.max())
             if last == 0:  # every row starts empty (prefill): plain causal, no dense (T, T) mask

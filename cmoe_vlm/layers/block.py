@@ -10,18 +10,18 @@ from .norm import RMSNorm
 
 
 class Block(nn.Module):
-    def __init__(self, dim: int, num_heads: int, num_kv_heads: int, rope_theta: float, moe: MoEConfig,
+    def __init__(self, dim: int, num_heads: int, num_kv_heads: int, moe: MoEConfig,
                  joint: bool = False):
         super().__init__()
         self.attn_norm = RMSNorm(dim)
-        self.attn = Attention(dim, num_heads, num_kv_heads, rope_theta, joint=joint)
+        self.attn = Attention(dim, num_heads, num_kv_heads, joint=joint)
         self.ffn_norm = RMSNorm(dim)
         self.moe = MoE(dim, moe)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None = None,
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None = None,
                 concept: torch.Tensor | None = None, cache: KVCache | None = None,
                 rows: torch.Tensor | None = None) -> tuple[torch.Tensor, MoEStats]:
         """x (B, T, dim) -> (B, T, dim), MoE stats. See `Attention.forward` for the rest."""
-        x = x + self.attn(self.attn_norm(x), positions, mask, concept, cache, rows)
+        x = x + self.attn(self.attn_norm(x), rope, mask, concept, cache, rows)
         y, stats = self.moe(self.ffn_norm(x))
         return x + y, stats

@@ -39,7 +39,7 @@ class TrainConfig:
     eval_batches: int = 8                  # held-out batches in the end-of-run evaluation
     heldout_shards: str | None = None      # held-out data for the end-of-run evaluation (null = none)
     init_from: str | None = None           # start from an export's weights (e.g. cmoe_vlm.convert output)
-    ratio_ramp_steps: int = 0              # ramp the chunk's target R linearly from 1 over this many steps
+    ratio_ramp_steps: int = 0              # achieved R ramps from 1: boundaries forced w.p. 1 − step/N (conversion)
 
     def __post_init__(self):
         check(self.steps >= 1, "steps", self.steps, "must be >= 1")

@@ -17,7 +17,7 @@ from tqdm import tqdm
 from data_pipelines.loader import StreamingLoader
 from vision import build_image_transform
 
-from ..chunking import CollapseMonitor, ModalityStats, ramped_targets
+from ..chunking import CollapseMonitor, ModalityStats
 from ..config import to_dict
 from ..export import load_pretrained, save_pretrained
 from ..vlm import ConceptMoEVLM
@@ -160,9 +160,9 @@ def train(exp: ExperimentConfig) -> dict[str, Any]:
         while step < cfg.steps and stop["signal"] is None:
             t0 = time.perf_counter()
             if exp.model.chunk.enabled and cfg.ratio_ramp_steps:  # a function of the step: resumes exactly
-                targets = ramped_targets(exp.model.chunk.targets(), step, cfg.ratio_ramp_steps)
-                model.lm.set_ratio_targets(targets)
-                monitor.targets = targets
+                model.lm.forced_boundary_prob = max(0.0, 1.0 - step / cfg.ratio_ramp_steps)
+                # the achieved R is below target by design while boundaries are forced: no collapse alarm
+                monitor.targets = {} if model.lm.forced_boundary_prob > 0 else exp.model.chunk.targets()
             tokens, bad, parts, norm = 0, False, [], None
             for _ in range(cfg.grad_accum):
                 t1 = time.perf_counter()
@@ -207,8 +207,9 @@ def train(exp: ExperimentConfig) -> dict[str, Any]:
                 **compression_summary(out.compression), **{f"ratio_window_{k}": v for k, v in windowed.items()},
                 **flatten("expert_load", expert_load(out.tokens_per_expert)),
                 **flatten("skipped_samples", loader.skipped), "skipped_steps": skipped_steps,
-                **({f"target_ratio_{k}": v for k, v in model.lm.current_ratio_targets().items()}
+                **({f"target_ratio_{k}": v for k, v in exp.model.chunk.targets().items()}
                    if exp.model.chunk.enabled else {}),
+                **({"forced_boundary_prob": model.lm.forced_boundary_prob} if cfg.ratio_ramp_steps else {}),
                 **({f"ratio_integral_{k}": float(mu) for k, mu in zip(exp.model.chunk.targets(), model.lm.ratio_mu)}
                    if hasattr(model.lm, "ratio_mu") else {}),
             }

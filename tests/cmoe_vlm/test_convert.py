@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from cmoe_vlm import flops
-from cmoe_vlm.chunking import ChunkConfig, ramped_targets
+from cmoe_vlm.chunking import ChunkConfig
 from cmoe_vlm.convert import convert, layer_map, main, overrides_for
 from cmoe_vlm.config import apply_overrides, from_dict
 from cmoe_vlm.export import load_pretrained, save_pretrained
@@ -109,21 +109,34 @@ def test_cli_roundtrip_and_overrides(tmp_path, capsys):
     assert overrides_for(conv.cfg) == lines
 
 
-def test_ramped_targets_schedule():
-    t = {"text": 1.5, "image": 3.0}
-    assert ramped_targets(t, 0, 10) == {"text": 1.0, "image": 1.0}
-    assert ramped_targets(t, 5, 10) == pytest.approx({"text": 1.25, "image": 2.0})
-    assert ramped_targets(t, 10, 10) == t and ramped_targets(t, 50, 10) == t
-    assert ramped_targets(t, 3, 0) == t
+def test_forced_boundaries_start_lossless_and_leave_the_ratio_loss_alone():
+    """The conversion ramp's forced boundaries: at probability 1 a converted model (strategy none) in
+    training mode gives the baseline's logits, whatever its chunker wants; at 0.5 about half the
+    non-boundaries become boundaries; the ratio loss is the chunker's own at every probability."""
     base = tiny_baseline()
     conv, _ = convert(base, 1, 2, strategy="none", target_ratio=2.0)
-    lm = conv.lm
-    lm.set_ratio_targets(ramped_targets(lm.cfg.chunk.targets(), 1, 4))
-    assert lm.current_ratio_targets() == {"all": 1.25} and lm.cfg.chunk.target_ratio == 2.0
-    with pytest.raises(ValueError):
-        lm.set_ratio_targets({"text": 1.2})
-    lm.set_ratio_targets(None)
-    assert lm.current_ratio_targets() == {"all": 2.0}
+    lm = conv.lm.train()
+    ids = torch.randint(0, 256, (2, 40))
+    torch.manual_seed(0)
+    free = lm(ids, labels=ids)
+    assert free.compression["all"].ratio > 1.2  # the converted chunker compresses on its own
+    with torch.no_grad():
+        ref = base.lm(ids).logits
+    lm.forced_boundary_prob = 1.0
+    torch.manual_seed(0)
+    full = lm(ids, labels=ids)
+    assert bool(full.boundaries.all())
+    torch.testing.assert_close(full.logits, ref, rtol=0, atol=1e-5)
+    torch.testing.assert_close(full.ratio_loss, free.ratio_loss)  # same seed: same sampled chunker boundaries
+    lm.forced_boundary_prob = 0.5
+    torch.manual_seed(0)
+    half = lm(ids, labels=ids)
+    torch.testing.assert_close(half.ratio_loss, free.ratio_loss)
+    added = (half.boundaries & ~free.boundaries).sum() / (~free.boundaries).sum()
+    assert 0.3 < float(added) < 0.7
+    lm.eval()  # evaluation never forces
+    with torch.no_grad():
+        assert not bool(lm(ids).boundaries.all())
 
 
 CONFIG = str(Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml")
@@ -153,8 +166,9 @@ def test_continual_training_with_ratio_ramp(tmp_path):
     assert exp.model.chunk.target_ratio == 2.0 and exp.model.chunk.dechunk_update
     train(exp)
     rows = [json.loads(x) for x in (tmp_path / "cont" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["target_ratio_all"] for r in rows] == [1.0, 1.25, 1.5, 1.75, 2.0]
-    assert rows[0]["ratio_loss"] == 0.0 and rows[-1]["ratio_loss"] > 0
+    assert [r["forced_boundary_prob"] for r in rows] == [1.0, 0.75, 0.5, 0.25, 0.0]
+    assert rows[0]["ratio_all"] == 1.0 and rows[-1]["ratio_all"] > 1.0  # every token a boundary at first
+    assert all(r["target_ratio_all"] == 2.0 and r["ratio_loss"] > 0 for r in rows)
     assert exp.model.chunk.target_ratio == 2.0  # the config is not mutated
     with pytest.raises(ValueError, match="model config differs"):
         train(load_experiment(CONFIG, common + [

@@ -155,6 +155,48 @@ def test_padded_span_matches_unpadded():
             lm(x, doc_ids=bad, state=lm.new_state(2))
 
 
+@pytest.mark.parametrize("name", ["sum", "last-gqa", "looped-wide", "converted"])
+def test_one_token_steps_equal_the_span_path(name):
+    """Decoding takes its own one-token path (merge, concept step and EMA step without the span's
+    (B, M) bookkeeping). Fed token by token, with rows idle on some steps, it must leave the same
+    logits and state as the same tokens fed as one span. Row 0 starts empty (its first step is a
+    document start: a forced boundary that resets the EMA), row 1 after a 4-token prompt."""
+    kw = dict(VARIANTS.get(name, {}))
+    if name == "converted":
+        kw = dict(chunk=dict(dechunk_update=True), concept_dim=48, joint_layers=1)
+    torch.manual_seed(1)
+    lm = ConceptMoE(lm_config(**kw)).double().eval()
+    x = torch.randint(0, 256, (2, 24))
+    active = torch.rand(2, 24) < 0.7
+    with torch.no_grad():
+        st_step, st_span = lm.new_state(2), lm.new_state(2)
+        prompt = torch.tensor([[-1] * 4, [0] * 4])
+        lm(x[:, :4], doc_ids=prompt, state=st_step)
+        lm(x[:, :4], doc_ids=prompt, state=st_span)
+        step_logits = [[], []]
+        for t in range(4, 24):
+            out = lm(x[:, t:t + 1], doc_ids=torch.where(active[:, t:t + 1], 0, -1), state=st_step).logits
+            for r in range(2):
+                if active[r, t]:
+                    step_logits[r].append(out[r, 0])
+        # the span path: each row's active tokens as one padded span
+        rows = [x[r, 4:][active[r, 4:]] for r in range(2)]
+        n = max(len(r) for r in rows)
+        span = torch.zeros(2, n, dtype=torch.long)
+        doc = torch.full((2, n), -1)
+        for r, ids in enumerate(rows):
+            span[r, :len(ids)], doc[r, :len(ids)] = ids, 0
+        ref = lm(span, doc_ids=doc, state=st_span).logits
+    for r in range(2):
+        torch.testing.assert_close(torch.stack(step_logits[r]), ref[r, :len(rows[r])])
+    for f in ("last_h", "carry", "c_bar", "num_tokens"):
+        torch.testing.assert_close(getattr(st_step, f), getattr(st_span, f))
+    for a, b in zip(st_step.concept, st_span.concept):
+        assert torch.equal(a.lengths, b.lengths)
+        for r in range(2):
+            torch.testing.assert_close(a.k[r, :, :int(a.lengths[r])], b.k[r, :, :int(b.lengths[r])])
+
+
 def test_stop_ids_and_max_new_tokens():
     m = vlm("sum")
     free = generate(m, TEXT_PROMPTS, 16)
