@@ -3,7 +3,8 @@
 Dispatch sorts the N·k (token, expert) assignments by expert so each expert's tokens are one
 contiguous slice, runs the experts on their slices (a loop of matmuls over experts, or one
 `torch._grouped_mm` call), and adds the weighted results back with `index_add_`. No token is
-dropped and there is no Python loop over tokens.
+dropped and there is no Python loop over tokens. With fewer assignments than experts and no
+autograd (decoding), each token's k experts run as a batched matmul on gathered weights instead.
 """
 from __future__ import annotations
 
@@ -88,6 +89,18 @@ class Experts(nn.Module):
             start += n
         return torch.cat(outs)
 
+    def per_token(self, x_ND: torch.Tensor, experts_NK: torch.Tensor, weights_NK: torch.Tensor) -> torch.Tensor:
+        """Few tokens (decoding): gather each token's k experts' weights and run them as one batched
+        matmul per projection, with no sort and no per-expert loop. x_ND (N, dim), experts_NK and
+        weights_NK (N, K) -> Σ_k weight · expert_k(x), (N, dim). Reads the same weights the loop reads;
+        indexing the stacked weights would make backward write full zero gradients, so no autograd."""
+        N, K = experts_NK.shape
+        idx = experts_NK.reshape(-1)
+        x = x_ND[:, None].expand(N, K, x_ND.shape[-1]).reshape(N * K, 1, -1)
+        gate, up = torch.bmm(x, self.w13[idx]).chunk(2, dim=-1)  # (N·K, 1, h) each
+        y = torch.bmm(F.silu(gate) * up, self.w2[idx]).view(N, K, -1)
+        return (y * weights_NK[..., None].to(y.dtype)).sum(1)
+
 
 class MoE(nn.Module):
     def __init__(self, dim: int, cfg: MoEConfig):
@@ -108,12 +121,15 @@ class MoE(nn.Module):
             weights_NK = weights_NK / weights_NK.sum(-1, keepdim=True)
 
         experts_M = experts_NK.reshape(-1)  # M = N*K assignments
-        order_M = experts_M.argsort(stable=True)
-        token_M = order_M // K
         tokens_per_expert = torch.bincount(experts_M, minlength=E)
-        y_M = self.experts(x_ND[token_M], tokens_per_expert)
-        y_M = y_M * weights_NK.reshape(-1)[order_M, None].to(y_M.dtype)
-        out_ND = torch.zeros_like(x_ND).index_add_(0, token_M, y_M.to(x_ND.dtype))
+        if N * K <= E and not torch.is_grad_enabled():  # decoding: fewer assignments than experts
+            out_ND = self.experts.per_token(x_ND, experts_NK, weights_NK).to(x_ND.dtype)
+        else:
+            order_M = experts_M.argsort(stable=True)
+            token_M = order_M // K
+            y_M = self.experts(x_ND[token_M], tokens_per_expert)
+            y_M = y_M * weights_NK.reshape(-1)[order_M, None].to(y_M.dtype)
+            out_ND = torch.zeros_like(x_ND).index_add_(0, token_M, y_M.to(x_ND.dtype))
         if self.shared is not None:
             out_ND = out_ND + self.shared(x_ND)
 

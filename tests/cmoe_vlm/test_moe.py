@@ -36,6 +36,20 @@ def test_dispatch_matches_naive_reference(impl, shared, norm):
     assert torch.equal(stats.tokens_per_expert, ref_counts)
 
 
+@pytest.mark.parametrize("n", [1, 3])
+def test_few_token_path_matches_naive_reference(n):
+    """Decoding (N·k <= E, no autograd) takes the gathered-weights path: same outputs, same counts."""
+    torch.manual_seed(2)
+    moe = MoE(16, MoEConfig(num_experts=8, top_k=2, expert_hidden=24, shared_expert_hidden=8))
+    x = torch.randn(n, 16)
+    with torch.no_grad():
+        y, stats = moe(x)
+        torch.testing.assert_close(y, naive_moe(moe, x), atol=1e-5, rtol=1e-4)
+        sorted_path = moe(torch.cat([x, torch.randn(8, 16)]))[0][:n]  # N·k > E: the sorted dispatch
+    torch.testing.assert_close(y, sorted_path, atol=1e-6, rtol=1e-5)
+    assert int(stats.tokens_per_expert.sum()) == n * 2
+
+
 def test_gradients_match_reference():
     torch.manual_seed(1)
     moe = MoE(8, MoEConfig(num_experts=4, top_k=2, expert_hidden=8, impl="loop"))
