@@ -97,8 +97,8 @@ class Experts(nn.Module):
         N, K = experts_NK.shape
         idx = experts_NK.reshape(-1)
         x = x_ND[:, None].expand(N, K, x_ND.shape[-1]).reshape(N * K, 1, -1)
-        gate, up = torch.bmm(x, self.w13[idx]).chunk(2, dim=-1)  # (N·K, 1, h) each
-        y = torch.bmm(F.silu(gate) * up, self.w2[idx]).view(N, K, -1)
+        gate, up = torch.bmm(x, self.w13.index_select(0, idx)).chunk(2, dim=-1)  # (N·K, 1, h) each
+        y = torch.bmm(F.silu(gate) * up, self.w2.index_select(0, idx)).view(N, K, -1)
         return (y * weights_NK[..., None].to(y.dtype)).sum(1)
 
 
