@@ -8,7 +8,7 @@
    looped concept layers), activated FLOPs matched at the target R;
 3. continues training the baseline and every converted model for the same number of steps on the
    same data (same packed rows per step, so the same token budget), the converted ones with the
-   target R ramped from 1 (`train.ratio_ramp_steps`);
+   compression ramped from R = 1 (`train.ratio_ramp_steps`: boundaries forced with probability 1 − s/N);
 4. writes `OUT/conversion.md` and `OUT/conversion.json` (held-out LM loss, its gap to the continued
    baseline, achieved compression, FLOPs ratio, last train losses) and `OUT/conversion_loss.png`.
 
@@ -30,10 +30,24 @@ from cmoe_vlm.export import load_pretrained, save_pretrained  # noqa: E402
 from cmoe_vlm.training.config import load_experiment  # noqa: E402
 from cmoe_vlm.training.loop import train  # noqa: E402
 from data_pipelines.builtin import write_builtin_dataset  # noqa: E402
+from data_pipelines.shards import write_shards  # noqa: E402
 
 QUICK = ["model.dim=64", "model.moe.expert_hidden=64", "model.moe.num_experts=8", "model.encoder_layers=1",
          "model.concept_layers=4", "model.decoder_layers=1", "vision.depth=1", "vision.embed_dim=48",
          "data.seq_len=256", "data.batch_size=4", "data.shuffle_buffer=50", "data.num_workers=0"]
+
+
+def write_pydoc_dataset(out_dir: Path) -> None:
+    """CPython's pydoc topics (pydoc_data.topics: 79 help pages of real English and code, in every
+    Python install) as text shards: every 10th topic by sorted name held out (8), the rest train (71).
+    Unlike the templated built-in text, its loss stays well above zero, so relative gaps mean something.
+    (Topics "if" and "else" share one page, so one held-out page also appears in training.)"""
+    from pydoc_data.topics import topics
+
+    names = sorted(topics)
+    for split, keep in (("train", lambda i: i % 10 != 0), ("heldout", lambda i: i % 10 == 0)):
+        docs = [{"txt": topics[k].encode()} for i, k in enumerate(names) if keep(i)]
+        write_shards(docs, out_dir / split, total=len(docs), desc=f"pydoc {split}")
 
 
 def read_metrics(run: Path) -> list[dict]:
@@ -57,6 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cont-steps", type=int, default=None, help="continued-training steps (default 300; quick 20)")
     ap.add_argument("--ramp-steps", type=int, default=None, help="R ramp length (default cont-steps/4)")
     ap.add_argument("--ratio", type=float, default=1.5, help="target R of the converted models")
+    ap.add_argument("--data", choices=("builtin", "pydoc"), default="builtin",
+                    help="built-in VLM data, or CPython's pydoc topics as text (written to OUT/data once)")
     ap.add_argument("--encoder-layers", type=int, default=1,
                     help="baseline layers that become the encoder (default 1: tiny stacks need >= 3 concept "
                          "layers for looping to fit at R = 1.5)")
@@ -76,8 +92,11 @@ def main(argv: list[str] | None = None) -> int:
     ramp = args.ramp_steps if args.ramp_steps is not None else cont_steps // 4
     data_root = out / "data"
     if not (data_root / "train" / "manifest.json").exists():
-        small = dict(num_train=300, num_heldout=40, maxcount=60, text_chars=1500) if args.quick else {}
-        write_builtin_dataset(data_root, **small)
+        if args.data == "pydoc":
+            write_pydoc_dataset(data_root)
+        else:
+            small = dict(num_train=300, num_heldout=40, maxcount=60, text_chars=1500) if args.quick else {}
+            write_builtin_dataset(data_root, **small)
     common = (QUICK if args.quick else []) + [
         f"data.shards={data_root / 'train'}", f"train.heldout_shards={data_root / 'heldout'}",
         "train.tensorboard=false", "train.resume=false", f"train.ckpt_every={10 ** 6}", *args.overrides]
@@ -149,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     lines = [f"# Conversion comparison ({'quick smoke test' if args.quick else 'full'})", "",
              f"config {args.config}{' + quick overrides' if args.quick else ''}; baseline pre-training "
              f"{base_steps} steps; continued {cont_steps} steps each (≈{results['baseline continued']['tokens']} "
-             f"token slots); R ramped 1 → {args.ratio} over {ramp} steps; continued LR {cont_lr:g}; "
+             f"token slots); R ramped 1 → {args.ratio} over {ramp} steps (forced boundaries); continued LR {cont_lr:g}; "
              f"split {n_enc} encoder / {n_dec} decoder layers.", "", head,
              "|" + "---|" * (head.count("|") - 1)]
     fmt = lambda x, f: "-" if x is None else format(x, f)  # noqa: E731
