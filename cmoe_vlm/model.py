@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .chunking import (Boundaries, ChunkConfig, ChunkModule, ModalityStats, TEXT, IMAGE, compression_stats, merge_concepts,
-                       ratio_loss)
+from .chunking import (Boundaries, ChunkConfig, ChunkModule, ModalityStats, TEXT, IMAGE, compression_stats,
+                       merge_concepts, ratio_loss)
 from .config import check
 from .dechunk import DechunkModule, plug_back, straight_through_one
 from .layers.attention import KVCache, document_causal_mask
