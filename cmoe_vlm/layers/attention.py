@@ -111,8 +111,9 @@ class Attention(nn.Module):
         rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """x (B, T, dim); rope = `rope_angles` of the tokens' positions, cos and sin (B, T, 1, Dh/2);
-        mask (B, 1, T, T) bool or None for causal; concept (B, T, dim) for joint decoding. With a cache, x holds the next T tokens of `rows`
-        (default all rows) and attends to the cached prefix (one document per row)."""
+        mask (B, 1, T, T) bool or None for causal; concept (B, T, dim) for joint decoding. With a
+        cache, x holds the next T tokens of `rows` (default all rows) and attends to the cached prefix
+        (one document per row)."""
         B, T, _ = x.shape
         qkv = self.qkv(x)
         if self.concept_qkv is not None:
