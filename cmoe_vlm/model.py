@@ -368,10 +368,9 @@ class ConceptMoE(nn.Module):
     def _concept_step(self, schedule, xc, counts, positions, state: InferenceState, run) -> torch.Tensor:
         """Run the concept model on the new concepts (xc (B, M, dc), the first counts (B,) of each row,
         at positions (B, M)) of the rows that have any, with their caches."""
-        c_hat = torch.zeros_like(xc)
         rows = (counts > 0).nonzero().squeeze(1)
         if rows.numel() == 0:
-            return c_hat
+            return torch.zeros_like(xc)
         all_rows = rows.numel() == xc.shape[0]
         h = xc if all_rows else xc[rows]
         rope = self._rope(positions if all_rows else positions[rows], self.cfg.concept_width)
@@ -379,7 +378,7 @@ class ConceptMoE(nn.Module):
         for blk, cache in zip(schedule, state.concept):
             h = run([blk], h, rope, None, [cache], rows=rows)
             cache.advance(counts if rows is None else counts[rows], rows)
-        return h if rows is None else c_hat.index_copy(0, rows, h)
+        return h if rows is None else torch.zeros_like(xc).index_copy(0, rows, h)
 
     def _ratio_loss(self, p, b, modality, valid) -> torch.Tensor:
         if self.chunk is None:
