@@ -103,6 +103,7 @@ def force_every_rth_boundary(model: ConceptMoE, ratio: float) -> None:
     keeps computing p but its boundaries follow `boundary_pattern` (document starts stay forced)."""
     offset: dict[str, torch.Tensor | None] = {"n0": None}
     model_forward, chunk_forward = model.forward, model.chunk.forward
+    table = boundary_pattern(torch.arange(model.cfg.max_seq_len + 1), ratio)  # one lookup per step, not ~12 ops
 
     def forward(*args, state: InferenceState | None = None, **kwargs):
         offset["n0"] = None if state is None else state.num_tokens.clone()
@@ -112,7 +113,7 @@ def force_every_rth_boundary(model: ConceptMoE, ratio: float) -> None:
         bnd = chunk_forward(h, starts, *args, **kwargs)
         B, T = h.shape[:2]
         n0 = offset["n0"] if offset["n0"] is not None else torch.zeros(B, dtype=torch.long, device=h.device)
-        bnd.b = boundary_pattern(n0[:, None] + torch.arange(T, device=h.device), ratio) | starts
+        bnd.b = table.to(h.device)[n0[:, None] + torch.arange(T, device=h.device)] | starts
         return bnd
 
     model.forward, model.chunk.forward = forward, chunk
@@ -163,7 +164,7 @@ def snapshot(state: InferenceState) -> dict:
 def restore(state: InferenceState, snap: dict) -> None:
     """Back to the KV length the prefill left (the entries written since are overwritten next time)."""
     for c, n in zip(state.encoder + state.concept + state.decoder, snap["lengths"]):
-        c.lengths = n.clone()
+        c.set_lengths(n.clone())
     state.num_tokens = snap["num_tokens"].clone()
 
 

@@ -152,6 +152,7 @@ class CollapseMonitor:
 class Boundaries:
     p: torch.Tensor  # (B, T) boundary probability, forced positions = 1
     b: torch.Tensor  # (B, T) bool boundary actually used
+    k: torch.Tensor | None = None  # (B, T, d) unit keys k_n (a cache keeps the last one for the next token)
 
 
 class ChunkModule(nn.Module):
@@ -176,21 +177,22 @@ class ChunkModule(nn.Module):
         h: torch.Tensor,
         starts: torch.Tensor,
         modality: torch.Tensor,
-        prev_h: torch.Tensor | None = None,
+        prev_k: torch.Tensor | None = None,
         prev_modality: torch.Tensor | None = None,
         above_index: torch.Tensor | None = None,
     ) -> Boundaries:
         """h (B, T, d) encoder outputs; starts (B, T) bool document starts (forced boundaries);
-        modality (B, T); prev_h (B, d) / prev_modality (B,) the token before h[:, 0] when decoding
-        with a cache; above_index (B, T) index in T of the patch above (−1 if none) for 2D chunking.
+        modality (B, T); prev_k (B, d) / prev_modality (B,) the unit key (`Boundaries.k`) and modality
+        of the token before h[:, 0] when decoding with a cache; above_index (B, T) index in T of the
+        patch above (−1 if none) for 2D chunking.
         """
         q = F.normalize(self.q_proj(h), dim=-1)
         k = F.normalize(self.k_proj(h), dim=-1)
-        if prev_h is None:
-            prev_h, prev_modality = h[:, :1], modality[:, :1]  # position 0 is always a start
+        if prev_k is None:
+            prev_k, prev_modality = k[:, :1], modality[:, :1]  # position 0 is always a start
         else:
-            prev_h, prev_modality = prev_h[:, None], prev_modality[:, None]
-        k_prev = torch.cat([F.normalize(self.k_proj(prev_h), dim=-1), k[:, :-1]], dim=1)
+            prev_k, prev_modality = prev_k[:, None], prev_modality[:, None]
+        k_prev = torch.cat([prev_k, k[:, :-1]], dim=1)
         p = ((1 - (q * k_prev).sum(-1)) / 2).clamp(0, 1)  # (B, T)
 
         if self.cfg.image_chunking == "2d" and above_index is not None:
@@ -209,7 +211,7 @@ class ChunkModule(nn.Module):
                 b = torch.bernoulli(sharpen(p.detach().float(), self.cfg.sharpen_tau)).bool()
         else:
             b = p >= 0.5
-        return Boundaries(p=p, b=b | forced)
+        return Boundaries(p=p, b=b | forced, k=k)
 
 
 @dataclass

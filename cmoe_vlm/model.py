@@ -115,7 +115,7 @@ class InferenceState:
     concept: list[KVCache]   # one per concept-schedule position; concept-level when chunking
     decoder: list[KVCache]
     num_tokens: torch.Tensor     # (B,)
-    last_h: torch.Tensor         # (B, d) encoder output of the last token
+    last_key: torch.Tensor       # (B, d) the chunk module's unit key of the last token
     last_modality: torch.Tensor  # (B,)
     carry: torch.Tensor          # (B, d) sum of tokens since the last boundary (sum merge)
     c_bar: torch.Tensor          # (B, d) latest smoothed concept
@@ -128,7 +128,7 @@ class InferenceState:
         """Keep only `rows` (b,) of the batch, in that order (e.g. drop rows that finished generating)."""
         for cache in self.encoder + self.concept + self.decoder:
             cache.select(rows)
-        for name in ("num_tokens", "last_h", "last_modality", "carry", "c_bar"):
+        for name in ("num_tokens", "last_key", "last_modality", "carry", "c_bar"):
             setattr(self, name, getattr(self, name)[rows])
 
     def cache_bytes(self) -> dict[str, int]:
@@ -200,7 +200,7 @@ class ConceptMoE(nn.Module):
             concept=[mk(chd) for _ in c.concept_schedule()],
             decoder=[mk(hd) for _ in self.decoder],
             num_tokens=torch.zeros(batch_size, dtype=torch.long, device=device),
-            last_h=zeros, last_modality=torch.zeros(batch_size, dtype=torch.long, device=device),
+            last_key=zeros, last_modality=torch.zeros(batch_size, dtype=torch.long, device=device),
             carry=zeros.clone(), c_bar=zeros.clone(),
         )
 
@@ -233,20 +233,28 @@ class ConceptMoE(nn.Module):
             starts, positions = document_positions(doc_ids)
             mask = document_causal_mask(doc_ids)
         else:
+            full = doc_ids is None  # every row takes all T tokens: lengths also known as the int T
             lengths = self._span_lengths(doc_ids, B, T, x.device)
             positions = state.num_tokens[:, None] + torch.arange(T, device=x.device)
-            doc_ids = torch.where(torch.arange(T, device=x.device) < lengths[:, None], 0, -1)
-            starts = (positions == 0) & (doc_ids >= 0)
+            if full:
+                doc_ids = torch.zeros(B, T, dtype=torch.long, device=x.device)
+                starts = positions == 0
+            else:
+                doc_ids = torch.where(torch.arange(T, device=x.device) < lengths[:, None], 0, -1)
+                starts = (positions == 0) & (doc_ids >= 0)
             mask = None
         valid = doc_ids >= 0
+        # A cached forward without labels (decoding) reads no loss or statistics: skip computing them.
+        with_stats = state is None or labels is not None
         expert_counts: list[torch.Tensor] = []
         lb_losses: list[torch.Tensor] = []
 
         def run(blocks, h, rope, m, caches, concept=None, rows=None):
             for i, blk in enumerate(blocks):
-                h, st = blk(h, rope, m, concept, caches[i] if caches else None, rows)
-                lb_losses.append(st.lb_loss)
-                expert_counts.append(st.tokens_per_expert)
+                h, st = blk(h, rope, m, concept, caches[i] if caches else None, rows, with_stats)
+                if with_stats:
+                    lb_losses.append(st.lb_loss)
+                    expert_counts.append(st.tokens_per_expert)
             return h
 
         rope = self._rope(positions, self.cfg.dim)  # computed once, used by every token-level layer
@@ -259,7 +267,7 @@ class ConceptMoE(nn.Module):
             b = torch.ones(B, T, dtype=torch.bool, device=x.device)
             chunker = Boundaries(p, b)
         else:
-            bnd = self.chunk(h, starts, modality, state.last_h if state else None,
+            bnd = self.chunk(h, starts, modality, state.last_key if state else None,
                              state.last_modality if state else None, above_index)
             if state is not None:  # padded tail tokens of a span open no concept and add no content
                 bnd.b = bnd.b & valid
@@ -273,22 +281,31 @@ class ConceptMoE(nn.Module):
             else:
                 concept_tok = self._concepts(schedule, h, bnd, starts, doc_ids, positions, modality, valid, state,
                                              run)
-            confidence = torch.where(b, p, 1 - p)
-            z = h + concept_tok * straight_through_one(confidence)[..., None]
+            if torch.is_grad_enabled():  # the factor is exactly 1; it exists for its gradient to p
+                confidence = torch.where(b, p, 1 - p)
+                z = h + concept_tok * straight_through_one(confidence)[..., None]
+            else:
+                z = h + concept_tok
         y = run(self.decoder, z, rope, mask, state.decoder if state else None, concept=concept_tok)
         logits = self.lm_head(self.norm(y))
 
         if state is not None:
             for cache in state.encoder + state.decoder + ([] if self.chunk else state.concept):
-                cache.advance(lengths)
+                cache.advance(T if full else lengths)
             state.num_tokens += lengths
-            has, last = lengths > 0, (lengths - 1).clamp_min(0)
-            state.last_h = torch.where(has[:, None], h.gather(1, last[:, None, None].expand(-1, 1, h.shape[-1]))[:, 0],
-                                       state.last_h)
-            state.last_modality = torch.where(has, modality.gather(1, last[:, None])[:, 0], state.last_modality)
+            if full:
+                state.last_modality = modality[:, -1]
+                if self.chunk is not None:
+                    state.last_key = chunker.k[:, -1].clone()  # not a view that keeps all T keys
+            else:
+                has, last = lengths > 0, (lengths - 1).clamp_min(0)
+                state.last_modality = torch.where(has, modality.gather(1, last[:, None])[:, 0], state.last_modality)
+                if self.chunk is not None:
+                    last_key = chunker.k.gather(1, last[:, None, None].expand(-1, 1, chunker.k.shape[-1]))[:, 0]
+                    state.last_key = torch.where(has[:, None], last_key, state.last_key)
 
         out = ModelOutput(logits=logits, tokens_per_expert=expert_counts, boundary_probs=p, boundaries=b)
-        if state is not None and labels is None:  # cached decoding: skip the bookkeeping nobody reads
+        if not with_stats:
             return out
         out.compression = compression_stats(p, b, modality, valid)
         out.lb_loss = torch.stack(lb_losses).mean() if lb_losses else logits.sum() * 0
@@ -354,9 +371,11 @@ class ConceptMoE(nn.Module):
             state.carry = torch.where(b[:, None], torch.zeros_like(h1), state.carry + h1)
         else:
             x = h1
+        if not bool(b.any()):  # no row closes a concept: the concept model does not run, c̄ stays
+            return state.c_bar[:, None]
         x = x[:, None]  # (B, 1, d)
         xc = x if self.concept_in is None else self.concept_in(x)
-        c_hat = self._concept_step(schedule, xc, b.long(), positions, state, run)
+        c_hat = self._concept_step(schedule, xc, b.long(), positions, state, run, one_each=True)
         c_hat = c_hat if self.concept_out is None else self.concept_out(c_hat)
         if self.cfg.chunk.dechunk_update:
             c_hat = c_hat - x
@@ -365,9 +384,11 @@ class ConceptMoE(nn.Module):
         state.c_bar = torch.where(b[:, None], c_bar, state.c_bar)
         return state.c_bar[:, None]
 
-    def _concept_step(self, schedule, xc, counts, positions, state: InferenceState, run) -> torch.Tensor:
+    def _concept_step(self, schedule, xc, counts, positions, state: InferenceState, run,
+                      one_each: bool = False) -> torch.Tensor:
         """Run the concept model on the new concepts (xc (B, M, dc), the first counts (B,) of each row,
-        at positions (B, M)) of the rows that have any, with their caches."""
+        at positions (B, M)) of the rows that have any, with their caches. one_each: counts are 0 or 1
+        (decoding), so the rows that run advance their caches by the int 1."""
         rows = (counts > 0).nonzero().squeeze(1)
         if rows.numel() == 0:
             return torch.zeros_like(xc)
@@ -377,7 +398,7 @@ class ConceptMoE(nn.Module):
         rows = None if all_rows else rows
         for blk, cache in zip(schedule, state.concept):
             h = run([blk], h, rope, None, [cache], rows=rows)
-            cache.advance(counts if rows is None else counts[rows], rows)
+            cache.advance(1 if one_each else counts if rows is None else counts[rows], rows)
         return h if rows is None else torch.zeros_like(xc).index_copy(0, rows, h)
 
     def _ratio_loss(self, p, b, modality, valid) -> torch.Tensor:

@@ -20,13 +20,16 @@ class KVCache:
     stride within each head, so decoding attends to it in place (the (B, L, H, Dh) layout made the
     CPU attention kernel 2x slower at 16K keys). Grows by doubling. Rows are written at their own
     length, so a batch whose rows advance at different rates (the concept model, where only rows
-    that hit a boundary take a step) shares one cache.
+    that hit a boundary take a step) shares one cache. While every row has the same length, that
+    length is also kept as a Python int (`common_length`): a decode step then writes and masks
+    without reading the lengths tensor (each read or small op costs µs, per layer, per token).
     """
 
     def __init__(self, batch_size: int, num_kv_heads: int, head_dim: int, device, dtype, capacity: int = 256):
         self.k = torch.zeros(batch_size, num_kv_heads, capacity, head_dim, device=device, dtype=dtype)
         self.v = torch.zeros_like(self.k)
         self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.common_length: int | None = 0  # every row's length when they are equal, else None
 
     def _grow(self, needed: int) -> None:
         cap = self.k.shape[2]
@@ -38,38 +41,55 @@ class KVCache:
         self.v = F.pad(self.v, pad)
 
     def append(self, k: torch.Tensor, v: torch.Tensor, rows: torch.Tensor | None = None,
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | int]:
         """Write k, v (b, H, S, Dh) for `rows` (b,) at their current lengths (lengths do not advance:
         call `advance`). Returns the rows' keys and values up to their new ends, (b, H, L, Dh), and
-        the rows' start offsets (b,). `rows` must be distinct and increasing; None = all rows."""
-        all_rows = rows is None or rows.numel() == self.k.shape[0]  # distinct and increasing: == arange(B)
-        start = self.lengths.clone() if all_rows else self.lengths[rows]  # (b,)
+        the rows' start offsets: an int when all rows of the cache are written at one offset, else
+        (b,). `rows` must be distinct and increasing; None = all rows."""
         S = k.shape[2]
-        end = int(start.max()) + S
+        all_rows = rows is None or rows.numel() == self.k.shape[0]  # distinct and increasing: == arange(B)
+        if all_rows and self.common_length is not None:  # a slice write, no lengths read
+            start = self.common_length
+            end = start + S
+            self._grow(end)
+            self.k[:, :, start:end] = k if k.dtype == self.k.dtype else k.to(self.k.dtype)
+            self.v[:, :, start:end] = v if v.dtype == self.v.dtype else v.to(self.v.dtype)
+            return self.k[:, :, :end], self.v[:, :, :end], start  # views (decode reads them every step)
+        start_b = self.lengths if all_rows else self.lengths[rows]  # (b,)
+        end = int(start_b.max()) + S
         self._grow(end)
-        if all_rows and int(start.min()) == end - S:  # every row at the same length: a slice write
-            self.k[:, :, end - S:end] = k.to(self.k.dtype)
-            self.v[:, :, end - S:end] = v.to(self.v.dtype)
-        else:
-            pos = start[:, None] + torch.arange(S, device=k.device)  # (b, S)
-            r = torch.arange(self.k.shape[0], device=k.device)[:, None] if rows is None else rows[:, None]
-            # advanced indices (b, S) around the head slice put their dims first: write (b, S, H, Dh)
-            self.k[r, :, pos] = k.transpose(1, 2).to(self.k.dtype)
-            self.v[r, :, pos] = v.transpose(1, 2).to(self.v.dtype)
-        if all_rows:  # views, not copies of the whole cache (decode reads it every step)
-            return self.k[:, :, :end], self.v[:, :, :end], start
-        return self.k[rows, :, :end], self.v[rows, :, :end], start
+        pos = start_b[:, None] + torch.arange(S, device=k.device)  # (b, S)
+        r = torch.arange(self.k.shape[0], device=k.device)[:, None] if all_rows else rows[:, None]
+        # advanced indices (b, S) around the head slice put their dims first: write (b, S, H, Dh)
+        self.k[r, :, pos] = k.transpose(1, 2).to(self.k.dtype)
+        self.v[r, :, pos] = v.transpose(1, 2).to(self.v.dtype)
+        if all_rows:
+            return self.k[:, :, :end], self.v[:, :, :end], start_b.clone()
+        return self.k[rows, :, :end], self.v[rows, :, :end], start_b
 
     def select(self, rows: torch.Tensor) -> None:
         """Keep only `rows` (b,), in that order (drop finished rows of a batch)."""
-        self.k, self.v, self.lengths = self.k[rows], self.v[rows], self.lengths[rows]
+        self.k, self.v = self.k[rows], self.v[rows]
+        self.set_lengths(self.lengths[rows])
 
     def advance(self, n: torch.Tensor | int, rows: torch.Tensor | None = None) -> None:
-        """lengths[rows] += n (rows None = all)."""
+        """lengths[rows] += n (rows None = all); n an int or a tensor per row."""
+        if rows is None and isinstance(n, int):
+            self.lengths += n
+            if self.common_length is not None:
+                self.common_length += n
+            return
         if rows is None:
             self.lengths += n
         else:
             self.lengths[rows] += n
+        self.set_lengths(self.lengths)
+
+    def set_lengths(self, lengths: torch.Tensor) -> None:
+        """Set every row's length (e.g. rewind to an earlier point; entries past it are overwritten later)."""
+        self.lengths = lengths
+        first = int(lengths.min()) if lengths.numel() else 0
+        self.common_length = first if lengths.numel() == 0 or int(lengths.max()) == first else None
 
     def bytes(self) -> int:
         """Bytes held by the valid entries of all rows."""
@@ -110,7 +130,7 @@ class Attention(nn.Module):
         cache: KVCache | None = None,
         rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """x (B, T, dim); rope = `rope_angles` of the tokens' positions, cos and sin (B, T, 1, Dh/2);
+        """x (B, T, dim); rope = `rope_angles` of the tokens' positions, cos and sin (B, T, 1, Dh);
         mask (B, 1, T, T) bool or None for causal; concept (B, T, dim) for joint decoding. With a
         cache, x holds the next T tokens of `rows` (default all rows) and attends to the cached prefix
         (one document per row)."""
@@ -127,12 +147,19 @@ class Attention(nn.Module):
 
         is_causal = mask is None
         if cache is not None:
-            k, v, start = cache.append(k, v, rows)  # (B, H_kv, L, Dh)
+            k, v, start = cache.append(k, v, rows)  # (B, H_kv, L, Dh); start int or (B,)
             L = k.shape[2]
-            first, last = int(start.min()), int(start.max())
-            if last == 0:  # every row starts empty (prefill): plain causal, no dense (T, T) mask
+            if isinstance(start, int):  # every row starts at the same length
+                if start == 0:  # prefill: plain causal, no dense (T, T) mask
+                    mask, is_causal = None, True
+                elif T == 1:  # one new token per row: all keys valid
+                    mask, is_causal = None, False
+                else:
+                    q_pos = start + torch.arange(T, device=x.device)  # (T,) index in cache
+                    mask, is_causal = torch.arange(L, device=x.device) <= q_pos[:, None], False  # (T, L)
+            elif int(start.max()) == 0:  # prefill of some rows, all empty
                 mask, is_causal = None, True
-            elif T == 1 and first == last:  # one new token per row, all rows equally long: all keys valid
+            elif T == 1 and int(start.min()) == int(start.max()):  # rows of equal length: all keys valid
                 mask, is_causal = None, False
             else:
                 q_pos = start[:, None] + torch.arange(T, device=x.device)  # (B, T) index in cache

@@ -20,8 +20,9 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None = None,
                 concept: torch.Tensor | None = None, cache: KVCache | None = None,
-                rows: torch.Tensor | None = None) -> tuple[torch.Tensor, MoEStats]:
-        """x (B, T, dim) -> (B, T, dim), MoE stats. See `Attention.forward` for the rest."""
+                rows: torch.Tensor | None = None, with_stats: bool = True) -> tuple[torch.Tensor, MoEStats | None]:
+        """x (B, T, dim) -> (B, T, dim), MoE stats (None without `with_stats`). See
+        `Attention.forward` for the rest."""
         x = x + self.attn(self.attn_norm(x), rope, mask, concept, cache, rows)
-        y, stats = self.moe(self.ffn_norm(x))
+        y, stats = self.moe(self.ffn_norm(x), with_stats)
         return x + y, stats

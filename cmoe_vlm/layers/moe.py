@@ -98,8 +98,8 @@ class Experts(nn.Module):
         idx = experts_NK.reshape(-1)
         x = x_ND[:, None].expand(N, K, x_ND.shape[-1]).reshape(N * K, 1, -1)
         gate, up = torch.bmm(x, self.w13.index_select(0, idx)).chunk(2, dim=-1)  # (N·K, 1, h) each
-        y = torch.bmm(F.silu(gate) * up, self.w2.index_select(0, idx)).view(N, K, -1)
-        return (y * weights_NK[..., None].to(y.dtype)).sum(1)
+        act = F.silu(gate) * up * weights_NK.reshape(-1, 1, 1).to(up.dtype)  # routing weight applied here
+        return torch.bmm(act, self.w2.index_select(0, idx)).view(N, K, -1).sum(1).to(x_ND.dtype)
 
 
 class MoE(nn.Module):
@@ -110,8 +110,9 @@ class MoE(nn.Module):
         self.experts = Experts(cfg.num_experts, dim, cfg.expert_hidden, cfg.impl)
         self.shared = SwiGLU(dim, cfg.shared_expert_hidden) if cfg.shared_expert_hidden else None
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, MoEStats]:
-        """x (..., dim) -> (..., dim), stats."""
+    def forward(self, x: torch.Tensor, with_stats: bool = True) -> tuple[torch.Tensor, MoEStats | None]:
+        """x (..., dim) -> (..., dim), stats (None without `with_stats`: decoding reads no balance
+        loss or expert counts, and skipping them saves ~10 small ops per layer per token)."""
         shape = x.shape
         x_ND = x.reshape(-1, shape[-1])
         N, E, K = x_ND.shape[0], self.cfg.num_experts, self.cfg.top_k
@@ -121,10 +122,11 @@ class MoE(nn.Module):
             weights_NK = weights_NK / weights_NK.sum(-1, keepdim=True)
 
         experts_M = experts_NK.reshape(-1)  # M = N*K assignments
-        tokens_per_expert = torch.bincount(experts_M, minlength=E)
         if N * K <= E and not torch.is_grad_enabled():  # decoding: fewer assignments than experts
-            out_ND = self.experts.per_token(x_ND, experts_NK, weights_NK).to(x_ND.dtype)
+            out_ND = self.experts.per_token(x_ND, experts_NK, weights_NK)
+            tokens_per_expert = torch.bincount(experts_M, minlength=E) if with_stats else None
         else:
+            tokens_per_expert = torch.bincount(experts_M, minlength=E)
             order_M = experts_M.argsort(stable=True)
             token_M = order_M // K
             y_M = self.experts(x_ND[token_M], tokens_per_expert)
@@ -132,6 +134,8 @@ class MoE(nn.Module):
             out_ND = torch.zeros_like(x_ND).index_add_(0, token_M, y_M.to(x_ND.dtype))
         if self.shared is not None:
             out_ND = out_ND + self.shared(x_ND)
+        if not with_stats:
+            return out_ND.view(shape), None
 
         # Switch-style balance loss: E · Σ_e (fraction of assignments to e) · (mean prob of e).
         frac_E = tokens_per_expert.float() / max(N * K, 1)

@@ -73,13 +73,15 @@ class DeepSpeedMoE(nn.Module):
             state.update({f"shared.{k}": v for k, v in self.shared.state_dict().items()})
         return state
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, MoEStats]:
+    def forward(self, x: torch.Tensor, with_stats: bool = True) -> tuple[torch.Tensor, MoEStats | None]:
         shape = x.shape
         x_ND = x.reshape(-1, shape[-1])
         out, _, counts = self.layer(x_ND[None])  # DeepSpeed expects (batch, tokens, dim)
         out = out.reshape(shape)
         if self.shared is not None:
             out = out + self.shared(x_ND).view(shape)
+        if not with_stats:
+            return out, None
         # Our balance loss, not DeepSpeed's l_aux (its top-2 variant counts first choices only), so
         # both backends optimise the same objective: E · Σ_e (fraction of assignments) · (mean prob).
         probs_NE = torch.nn.functional.linear(x_ND.float(), self.layer.deepspeed_moe.gate.wg.weight.float()).softmax(-1)

@@ -142,7 +142,7 @@ def test_padded_span_matches_unpadded():
             n = int(b.lengths[0])
             assert int(a.lengths[0]) == n
             torch.testing.assert_close(a.k[0, :, :n], b.k[0, :, :n])
-        for f in ("last_h", "carry", "c_bar", "num_tokens"):
+        for f in ("last_key", "carry", "c_bar", "num_tokens"):
             torch.testing.assert_close(getattr(st, f)[0], getattr(alone, f)[0])
         # and the next token continues identically
         nxt = torch.tensor([[5], [6]])
@@ -189,7 +189,7 @@ def test_one_token_steps_equal_the_span_path(name):
         ref = lm(span, doc_ids=doc, state=st_span).logits
     for r in range(2):
         torch.testing.assert_close(torch.stack(step_logits[r]), ref[r, :len(rows[r])])
-    for f in ("last_h", "carry", "c_bar", "num_tokens"):
+    for f in ("last_key", "carry", "c_bar", "num_tokens"):
         torch.testing.assert_close(getattr(st_step, f), getattr(st_span, f))
     for a, b in zip(st_step.concept, st_span.concept):
         assert torch.equal(a.lengths, b.lengths)

@@ -1,0 +1,57 @@
+"""KVCache: rows written at their own lengths; the Python-int fast path (all rows equally long)
+gives the same keys, values and attention as the per-row path."""
+import torch
+
+from cmoe_vlm.layers.attention import Attention, KVCache
+from cmoe_vlm.layers.rope import rope_angles
+
+
+def kv(B: int, S: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(B, 2, S, 8, generator=g), torch.randn(B, 2, S, 8, generator=g)
+
+
+def test_common_length_follows_the_rows():
+    cache = KVCache(3, 2, 8, "cpu", torch.float32, capacity=4)
+    assert cache.common_length == 0
+    cache.append(*kv(3, 5, 0))  # grows past the capacity
+    cache.advance(5)
+    assert cache.common_length == 5 and cache.lengths.tolist() == [5, 5, 5]
+    rows = torch.tensor([0, 2])
+    cache.append(*kv(2, 1, 1), rows=rows)
+    cache.advance(1, rows)
+    assert cache.common_length is None and cache.lengths.tolist() == [6, 5, 6]
+    cache.append(*kv(1, 1, 2), rows=torch.tensor([1]))
+    cache.advance(torch.tensor([1]), torch.tensor([1]))
+    assert cache.common_length == 6  # equal again: the fast path comes back
+    cache.select(torch.tensor([2, 0]))
+    assert cache.common_length == 6 and cache.lengths.tolist() == [6, 6]
+    cache.set_lengths(torch.tensor([3, 4]))
+    assert cache.common_length is None
+
+
+def test_fast_and_per_row_paths_store_and_attend_alike():
+    """The same writes through the int path (common length) and the tensor path (common length
+    hidden) leave equal caches, and an attention layer reading them gives equal outputs."""
+    torch.manual_seed(0)
+    attn = Attention(16, num_heads=2, num_kv_heads=2).eval()
+    x = torch.randn(2, 9, 16)
+    outs, caches = [], []
+    for hide in (False, True):
+        cache = KVCache(2, 2, 8, "cpu", torch.float32, capacity=2)
+        ys = []
+        for lo, hi in ((0, 4), (4, 5), (5, 7), (7, 8), (8, 9)):  # a prefill, single tokens, a span
+            if hide:
+                cache.common_length = None  # force the per-row path
+            rope = rope_angles(torch.arange(lo, hi).expand(2, -1), 8, 10000.0)
+            with torch.no_grad():
+                ys.append(attn(x[:, lo:hi], rope, cache=cache))
+            cache.advance(hi - lo)
+        outs.append(torch.cat(ys, 1))
+        caches.append(cache)
+    torch.testing.assert_close(outs[0], outs[1])
+    torch.testing.assert_close(caches[0].k[:, :, :9], caches[1].k[:, :, :9])
+    torch.testing.assert_close(caches[0].v[:, :, :9], caches[1].v[:, :, :9])
+    with torch.no_grad():  # and both equal the uncached causal forward
+        full = attn(x, rope_angles(torch.arange(9).expand(2, -1), 8, 10000.0))
+    torch.testing.assert_close(outs[0], full, atol=1e-5, rtol=1e-5)
