@@ -216,6 +216,34 @@ def warmup(models: dict[str, ConceptMoE]) -> None:
                 decode_step(m, state, logits.argmax(-1))
 
 
+def context_increments(decode_rows: list[dict]) -> list[dict]:
+    """Split a decode step into a fixed part and the part the context adds: for each L above the
+    shortest length L0, the step time added from L0 to L, Δ(L) = t(L) − t(L0), and the speedup of
+    that increment over the baseline's, beside the FLOPs model's ratio of the same increments. The
+    increment is attention over the extra keys, the work ConceptMoE divides by ~R^2 in the concept
+    layers; the fixed part is the per-step cost of the layers' small ops (at dim 64 and batch 1 on
+    CPU, hundreds of ~5-10 µs op calls), which the FLOPs model does not see."""
+    lengths = sorted({r["length"] for r in decode_rows})
+    if len(lengths) < 2:
+        return []
+    by = {(r["config"], r["length"]): r for r in decode_rows}
+    l0, out = lengths[0], []
+    for n in lengths[1:]:
+        base, base0 = by[("baseline", n)], by[("baseline", l0)]
+        for name in dict.fromkeys(r["config"] for r in decode_rows):
+            if name == "baseline":
+                continue
+            r, r0 = by[(name, n)], by[(name, l0)]
+            added = r["median_s"] - r0["median_s"]
+            speed = (base["median_s"] - base0["median_s"]) / added if added > 0 else None
+            pred = (base["predicted_flops"] - base0["predicted_flops"]) / (r["predicted_flops"] - r0["predicted_flops"])
+            out.append({"config": name, "from": l0, "length": n, "added_s": added, "speedup": speed,
+                        "predicted_speedup": pred, "fraction_of_prediction": speed / pred if speed else None,
+                        "fixed_speedup": base0["median_s"] / r0["median_s"],
+                        "fixed_predicted_speedup": r0["predicted_speedup"]})
+    return out
+
+
 # ---------------------------------------------------------------------------------------------
 # Reporting
 def fmt_x(x: float | None) -> str:
@@ -247,6 +275,26 @@ def markdown(result: dict) -> str:
                 cells.append(f"{fmt_x(r['speedup'])} ({pct(r['speedup'])}) · pred {fmt_x(r['predicted_speedup'])}"
                              f" · {100 * r['fraction_of_prediction']:.0f}%")
             out.append("| " + " | ".join(cells) + " |")
+        out.append("")
+    inc = result.get("decode_context_added") or []
+    if inc:
+        l0 = inc[0]["from"]
+        out += [f"## Decode: the time the context adds (from L = {l0 // 1024 if l0 >= 1024 else l0}"
+                f"{'K' if l0 >= 1024 else ''} to L)", "",
+                "Each step split into what it costs at the shortest length (fixed per-step work: at this "
+                "size mostly the small ops' call overhead) and what the longer context adds (attention over "
+                "more keys). Cells: speedup of the added time over the baseline's · FLOPs model · measured / "
+                "predicted. Row 'at L0': the fixed part's speedup · FLOPs model at L0.", "",
+                "| L | " + " | ".join(others) + " |", "|" + "---|" * (1 + len(others))]
+        first = {r["config"]: r for r in inc if r["length"] == inc[0]["length"]}
+        out.append("| at L0 | " + " | ".join(
+            f"{fmt_x(first[c]['fixed_speedup'])} · pred {fmt_x(first[c]['fixed_predicted_speedup'])}" for c in others) + " |")
+        for n in sorted({r["length"] for r in inc}):
+            by = {r["config"]: r for r in inc if r["length"] == n}
+            out.append(f"| {n // 1024}K | " + " | ".join(
+                f"{fmt_x(by[c]['speedup'])} · pred {fmt_x(by[c]['predicted_speedup'])}"
+                + (f" · {100 * by[c]['fraction_of_prediction']:.0f}%" if by[c]["fraction_of_prediction"] else "")
+                for c in others) + " |")
         out.append("")
     out += ["## KV-cache bytes per token (fp32, measured from InferenceState.cache_bytes() after the prefill "
             f"at {result['kv_length']} tokens)", "",
@@ -363,6 +411,7 @@ def main(argv: list[str] | None = None) -> int:
                 p = base_pred / pred(e["config"], e["ratio"], n)
                 rows.append({"config": e["name"], "length": n, "times_s": times, "median_s": med,
                              "speedup": speed, "predicted_speedup": p, "fraction_of_prediction": speed / p,
+                             "predicted_flops": pred(e["config"], e["ratio"], n),
                              "concepts": res["concepts"][e["name"]]})
         if n == max(lengths):
             kv_base = res["kv"]["baseline"]
@@ -380,6 +429,8 @@ def main(argv: list[str] | None = None) -> int:
         dline = "  ".join(f"{r['config']}: {r['speedup']:.2f}x/{r['predicted_speedup']:.2f}x"
                           for r in decode_rows if r["length"] == n and r["config"] != "baseline")
         print(f"N={n} ({time.time() - t0:.0f}s)\n  prefill {line}\n  decode  {dline}", flush=True)
+
+    context_rows = context_increments(decode_rows)
 
     def pick(rows, name, n):
         return next((r for r in rows if r["config"] == name and r["length"] == n), None)
@@ -422,7 +473,8 @@ def main(argv: list[str] | None = None) -> int:
                          "flops_per_token")},
                      "model_config": dataclasses.asdict(e["config"])} for e in entries],
         "kv_length": max(lengths),
-        "prefill": prefill_rows, "decode": decode_rows, "kv_bytes_per_token": kv_rows, "targets": targets,
+        "prefill": prefill_rows, "decode": decode_rows, "decode_context_added": context_rows,
+        "kv_bytes_per_token": kv_rows, "targets": targets,
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -269,6 +269,29 @@ def test_latency_bench_quick_smoke(tmp_path):
     assert "baseline" in names and any(n.startswith("same-depth") for n in names)
 
 
+def test_latency_bench_splits_decode_into_fixed_and_context_parts():
+    """Step time t = fixed + slope·L per config: the increments' speedup is the slopes' ratio, and
+    the fixed part's speedup is the ratio at the shortest length."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        from bench_latency import context_increments
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    rows = []
+    for name, fixed, slope, flops_slope in (("baseline", 3.0, 2.0, 8.0), ("cm", 2.0, 1.0, 2.0)):
+        for n in (1, 4, 16):
+            rows.append({"config": name, "length": n, "median_s": fixed + slope * n,
+                         "predicted_flops": 10.0 + flops_slope * n,
+                         "predicted_speedup": (10.0 + 8.0 * n) / (10.0 + flops_slope * n)})
+    inc = context_increments(rows)
+    assert [(r["config"], r["length"]) for r in inc] == [("cm", 4), ("cm", 16)]
+    for r in inc:
+        assert r["speedup"] == pytest.approx(2.0)
+        assert r["predicted_speedup"] == pytest.approx(4.0)
+        assert r["fraction_of_prediction"] == pytest.approx(0.5)
+        assert r["fixed_speedup"] == pytest.approx(5.0 / 3.0)
+
+
 def test_prefill_speedup_script_on_exports(tmp_path):
     """bench/prefill_speedup.py on two exports: the reference's speedup is 1, a baseline's ratio is
     1, and a chunked model reports the ratio its own boundaries give on that text."""
