@@ -27,7 +27,10 @@ boundaries and decode meets a boundary on every R-th step on average. Output say
 Model: dim 64, 1 encoder + 6 concept + 1 decoder layers (the concept model is the bulk, as in the
 paper), 16 experts top-2. The dim is small because this CPU gives ~20 GFLOP/s on 2 threads: the
 baseline's 32K-token prefill at dim 256 would alone take ~4 minutes. Speedups depend on the
-FLOPs split, which the prediction follows; `--dim` changes it.
+FLOPs split, which the prediction follows; `--dim` changes it (`--dim 256 --lengths 1024,4096,16384`:
+~3 minutes). At batch 1 the decode step's fixed part (the small ops' call overhead, ~6-8 µs per op
+on a 2-core CPU; ConceptMoE adds the chunk/dechunk/joint-decoding ops) is not in the FLOPs model, so
+batch-1 decode lands at ~80% of the prediction at 16K; `--decode-batch 8` amortises it (90-95%).
 
 Timing: torch.set_num_threads(2), OMP_WAIT_POLICY=PASSIVE (see bench_core.py), a warm-up, then
 repetitions interleaved across configs (the order rotates every repetition) and medians; the load
