@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         if (step + 1) % 100 == 0:
             loss = sum(w[0] for w in window) / len(window)
             ratio = sum(w[1] for w in window) / max(sum(w[2] for w in window), 1.0)
-            print(f"step {step + 1}: key-copy loss {loss:.3f}, R {ratio:.2f}, {time.time() - t0:.0f} s", flush=True)
+            print(f"step {step + 1}: loss on the supervised keys {loss:.3f}, R {ratio:.2f}, {time.time() - t0:.0f} s", flush=True)
             window = []
         if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
             curve.append({"step": step + 1, "seconds": round(time.time() - t0), **evaluate(vlm, tok)})

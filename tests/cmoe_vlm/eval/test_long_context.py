@@ -187,10 +187,11 @@ def test_shipped_passkey_model_retrieves_unseen_keys():
     the KV caches agrees with forced scoring; the same architecture untrained answers none."""
     runner = ModelRunner.load(PASSKEY_MODEL)
     assert json.loads((PASSKEY_MODEL / "config.json").read_text())["passkey_training"]["curve"]
-    kwargs = dict(probes=("passkey",), lengths=[160, 192, 224], depths=(0.0, 0.5, 1.0), samples=4, seed=1234)
+    lengths, depths = [160, 192, 224], (0.0, 0.5, 1.0)
+    kwargs = dict(probes=("passkey",), lengths=lengths, depths=depths, samples=4, seed=1234)
     res = lc.run_probes(runner, greedy_check=2, **kwargs)
     summary = res["summary"]["passkey"]
-    by_depth = {d: sum(c["accuracy"] for c in res["cells"] if c["depth"] == d) / 3 for d in (0.0, 0.5, 1.0)}
+    by_depth = {d: sum(c["accuracy"] for c in res["cells"] if c["depth"] == d) / len(lengths) for d in depths}
     print(f"shipped passkey model: accuracy {summary['accuracy']:.2f} (answer tokens {summary['token_accuracy']:.2f}), "
           f"by depth {by_depth}")
     assert all(c["greedy_disagreements"] == 0 for c in res["cells"]), res["cells"]
