@@ -24,7 +24,7 @@ What was measured (2-core CPU, one thread per run; accuracy over lengths 160/224
 Why it is slow at all: the question's context "The pass key is" has to be told apart from "The sky
 is" of the filler, a match over several byte tokens, not the one-token induction a copy task needs.
 
-    python bench/train_passkey_model.py --out tests/assets/passkey_model            # ~23 min on one core
+    python bench/train_passkey_model.py --out tests/assets/passkey_model --bf16     # ~23 min on one core
     python bench/train_passkey_model.py --out runs/passkey_base model.chunk.enabled=false
 
 Writes the model (`save_pretrained`, loadable by `ModelRunner.load` and `python -m cmoe_vlm.eval`)
@@ -121,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--eval-every", type=int, default=1000)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (tiny matmuls: 1 is as fast as 2)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--bf16", action="store_true", help="store the weights in bf16 (half the file; loads into fp32)")
     ap.add_argument("overrides", nargs="*", help="config overrides after the small model's, e.g. model.chunk.enabled=false")
     args = ap.parse_args(argv)
 
@@ -157,11 +158,14 @@ def main(argv: list[str] | None = None) -> int:
             lm.train()
             print(f"step {step + 1}: passkey accuracy {curve[-1]['accuracy']:.3f} "
                   f"(answer tokens {curve[-1]['token_accuracy']:.3f}; by depth {curve[-1]['by_depth']})", flush=True)
-    recipe = {k: v for k, v in vars(args).items() if k not in ("out", "threads")}
+    recipe = {k: v for k, v in vars(args).items() if k not in ("out", "threads", "bf16")}
     config = Path(args.config).resolve()
     recipe["config"] = str(config.relative_to(ROOT)) if config.is_relative_to(ROOT) else args.config
-    path = save_pretrained(vlm.eval(), args.out, extra={"passkey_training": {
-        "recipe": recipe, "config_overrides": SMALL + args.overrides, "curve": curve}})
+    state = {k: v.to(torch.bfloat16) if args.bf16 and v.is_floating_point() else v
+             for k, v in vlm.state_dict().items()}
+    path = save_pretrained(vlm.eval(), args.out, state=state, extra={"passkey_training": {
+        "recipe": recipe, "config_overrides": SMALL + args.overrides, "curve": curve,
+        "stored_as": "bf16 (trained in fp32)" if args.bf16 else "fp32"}})
     print(f"wrote {path}", flush=True)
     return 0
 
