@@ -5,8 +5,11 @@ or dropping it silently. The counts travel with the loader state (they are part 
 and are aggregated across DataLoader workers into `StreamingLoader.skipped` for the training log.
 
 Reasons used by the pipeline:
-    missing_shard, unreadable_shard (zero-byte or not a tar), truncated_shard,
-    empty_sample, bad_image, missing_image, missing_caption, bad_caption, bad_json.
+    missing_shard, unreadable_shard (zero-byte or not a tar), truncated_shard (cut inside a member or a
+    header, or without its end-of-archive block: the samples before the cut are kept, the one in progress
+    is not), duplicate_key (a key whose members repeat: that sample is skipped, the shard read on),
+    empty_sample, bad_image, image_too_large (over data.max_image_pixels), missing_image,
+    missing_caption, bad_caption, bad_json (also a QA record whose question/answer is not a string).
 """
 from __future__ import annotations
 

@@ -22,13 +22,20 @@ document, plus a token offset when the packer had split that document. Each work
 (batch, state) pairs; the main process keeps the latest state per worker and which worker comes
 next (torch's DataLoader takes workers round-robin; a resumed loader rotates worker slots so that
 order continues). Replaying skips the samples before the cursor without decoding them, so skip
-counts are not counted twice. Resume needs the same seed, world size, rank and num_workers.
+counts are not counted twice. Resume needs the same seed, world size, rank and num_workers; a position
+saved for other shards (or shuffle buffer, or sampling) starts its epoch over on the new stream.
+
+Tars are read by `read_tar` (not webdataset's grouping, which gives up on a shard at a duplicate key):
+it also notices an archive cut inside a tar header, which Python's tarfile takes for a normal end.
 """
 from __future__ import annotations
 
 import glob
+import hashlib
 import os
 import random
+import re
+import signal
 import tarfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -37,23 +44,24 @@ from typing import Any
 import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from webdataset.tariterators import group_by_keys, tar_file_iterator
+from webdataset.tariterators import base_plus_ext
 
-from cmoe_vlm.config import check
+from cmoe_vlm.config import ConfigError, check
 from data_pipelines.errors import BadSample, SkipCounter, merge_counts
 from data_pipelines.packing import RowPacker, collate_rows
 from data_pipelines.sequence import Sequence, build_sequence
-from data_pipelines.shards import decode_sample
+from data_pipelines.shards import MAX_IMAGE_PIXELS, decode_sample
 from data_pipelines.tokenizer import Tokenizer, load_tokenizer
 
 ImageTransform = Callable[[Any], torch.Tensor]  # PIL image → (3, H, W)
 Cursor = tuple[int, int, int]  # (pass, shard index in the worker's plan, sample index in the shard)
 MAX_EMPTY_PASSES = 100  # an endless stream gives up after this many passes in a row without a document
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)  # the main process checkpoints on these; workers ignore them
 
 
 @dataclass
 class DataConfig:
-    shards: str = ""  # brace pattern, a folder of *.tar, or pipe: URLs; join several with '::'
+    shards: str = ""  # brace pattern, glob, a folder of *.tar, or pipe: URLs; join several with '::'
     seq_len: int = 1024
     batch_size: int = 8
     num_workers: int = 2
@@ -64,6 +72,7 @@ class DataConfig:
     tokenizer: str = "byte"  # "byte" or a local Hugging Face tokenizer folder
     image_size: int = 64
     tokens_per_image: int = 16
+    max_image_pixels: int = MAX_IMAGE_PIXELS  # larger images: skipped as image_too_large (see shards.py)
 
     def __post_init__(self) -> None:
         check(self.batch_size >= 1, "batch_size", self.batch_size, "must be >= 1")
@@ -73,6 +82,7 @@ class DataConfig:
               self.steps_per_epoch, "must be >= 1 or null")
         check(self.image_size >= 1, "image_size", self.image_size, "must be >= 1")
         check(self.tokens_per_image >= 1, "tokens_per_image", self.tokens_per_image, "must be >= 1")
+        check(self.max_image_pixels >= 1, "max_image_pixels", self.max_image_pixels, "must be >= 1")
         check(self.seq_len >= self.tokens_per_image + 2, "seq_len", self.seq_len,
               f"must be >= tokens_per_image + 2 = {self.tokens_per_image + 2} (a whole image block per row)")
 
@@ -93,23 +103,101 @@ def default_image_transform(image_size: int) -> ImageTransform:
     ])
 
 
-def list_shards(spec: str) -> list[str]:
-    """Shard URLs from a folder (its *.tar, sorted), a brace pattern or pipe: URLs ('::'-joined)."""
-    check(bool(spec), "shards", spec, "must name shards: a brace pattern, a folder of *.tar or pipe: URLs")
-    if os.path.isdir(spec):
-        urls = sorted(glob.glob(os.path.join(spec, "*.tar")))
-    else:
-        urls = wds.shardlists.expand_urls(spec)
-    check(bool(urls), "shards", spec, "matches no shard (a folder needs *.tar files)")
+def _is_url(spec: str) -> bool:
+    return spec.startswith("pipe:") or re.match(r"^[a-z][a-z0-9+.-]*://", spec) is not None
+
+
+def list_shards(spec: str, name: str = "data.shards") -> list[str]:
+    """Shard URLs of a spec: '::'-joined parts, each a folder (its *.tar, sorted), a glob (`dir/*.tar`), a
+    brace pattern (`shard-{000..009}.tar`) or a pipe:/remote URL. A part that matches no existing shard is
+    a ConfigError naming it (`name` is the config field); one missing file in a list of several is
+    counted at read time (missing_shard)."""
+    check(bool(spec), name, spec, "must name shards: a brace pattern, a folder of *.tar, a glob or pipe: URLs")
+    urls: list[str] = []
+    for part in spec.split("::"):
+        found: list[str] = []
+        for url in wds.shardlists.expand_urls(part):
+            if _is_url(url):
+                found.append(url)
+            elif os.path.isdir(url):
+                found.extend(sorted(glob.glob(os.path.join(glob.escape(url), "*.tar"))))
+            elif glob.has_magic(url):
+                found.extend(sorted(p for p in glob.glob(url) if os.path.isfile(p)))
+            else:
+                found.append(url)
+        pattern = found != [part]  # a folder, glob or brace pattern rather than one file name
+        if (pattern or "::" not in spec) and not any(_is_url(u) or os.path.exists(u) for u in found):
+            what = f"part {part!r} of {spec!r}" if "::" in spec else repr(spec)
+            raise ConfigError(f"{name}: {what} matches no shard (a folder needs *.tar files; globs and brace "
+                              f"patterns must match existing files)")
+        urls.extend(found)
+    check(any(_is_url(u) or os.path.exists(u) for u in urls), name, spec, "matches no existing shard")
     return urls
 
 
+def check_data(cfg: DataConfig, world_size: int = 1) -> list[str]:
+    """The checks that need the file system or the number of processes (run before anything is built):
+    the shards exist and can feed every worker of every rank. Returns the shard URLs."""
+    check(world_size == 1 or cfg.infinite, "data.steps_per_epoch", cfg.steps_per_epoch,
+          "must be set (or resampled: true) when world_size > 1, so that every rank runs the same steps")
+    shards = list_shards(cfg.shards)
+    workers = max(1, cfg.num_workers)
+    check(not cfg.infinite or cfg.resampled or len(shards) >= world_size * workers, "data.num_workers",
+          cfg.num_workers, f"too many: {len(shards)} shards cannot feed {world_size} processes x {workers} "
+          f"workers in an endless stream (use fewer workers, more shards or data.resampled)")
+    return shards
+
+
+class _EndAwareTarInfo(tarfile.TarInfo):
+    """Records on the archive how reading a header failed: tarfile ends an archive silently on a header
+    cut short or corrupt, exactly as on the end-of-archive marker."""
+
+    @classmethod
+    def fromtarfile(cls, tar):
+        try:
+            return super().fromtarfile(tar)
+        except tarfile.HeaderError as e:
+            tar.end_reason = e
+            raise
+
+
+def tar_members(stream) -> Iterator[tuple[str, bytes]]:
+    """(name, bytes) of the regular files of a tar stream; raises tarfile.ReadError after the last
+    complete member when the archive does not end with its end-of-archive block."""
+    tar = tarfile.open(fileobj=stream, mode="r|*", tarinfo=_EndAwareTarInfo)
+    tar.end_reason = None
+    for info in tar:
+        if info.isreg() and not re.match(r"__[^/]*__($|/)", info.name):
+            yield info.name, tar.extractfile(info).read()
+        tar.members = []  # a stream has no random access: keep no index
+    if not isinstance(tar.end_reason, tarfile.EOFHeaderError):
+        reason = "ends without its end-of-archive block" if isinstance(tar.end_reason, tarfile.EmptyHeaderError) \
+            else f"{tar.end_reason or 'bad header'} at byte {tar.offset}"
+        raise tarfile.ReadError(f"truncated: {reason}")
+
+
 def read_tar(url: str) -> Iterator[dict[str, Any]]:
-    """Raw samples ({'__key__', ext: bytes, ...}) of one tar shard, in file order."""
+    """Raw samples ({'__key__', ext: bytes, ...}) of one tar shard, in file order. A key whose members
+    repeat becomes one `__skip__` sample (duplicate_key) and reading goes on; the sample in progress
+    when the archive turns out truncated is not yielded (it may have lost members)."""
     stream = wds.gopen(url, "rb")
+    sample: dict[str, Any] | None = None
     try:
-        files = ({**f, "__url__": url} for f in tar_file_iterator(stream))
-        yield from group_by_keys(files)
+        for name, data in tar_members(stream):
+            key, ext = base_plus_ext(name)
+            if key is None:
+                continue
+            if sample is None or key != sample["__key__"]:
+                if sample is not None:
+                    yield sample
+                sample = {"__key__": key, "__url__": url}
+            ext = ext.lower()
+            if ext in sample and "__skip__" not in sample:
+                sample = {"__key__": key, "__url__": url, "__skip__": ("duplicate_key", f"{name} appears twice")}
+            elif "__skip__" not in sample:
+                sample[ext] = data
+        if sample is not None:
+            yield sample
     finally:
         stream.close()
 
@@ -191,7 +279,7 @@ class WorkerStream:
         cursor), so random augmentations drawn from it repeat exactly on resume; its previous state
         is restored afterwards."""
         try:
-            pieces = decode_sample(raw)
+            pieces = decode_sample(raw, self.cfg.max_image_pixels)
         except BadSample as e:
             counter.skip(e.reason, f"{raw.get('__url__')}:{raw.get('__key__')}", e.detail)
             return None
@@ -237,6 +325,11 @@ class WorkerStream:
         yield None, {**(snapshot() if packer.last_tag is not None else state), "skipped": counter.as_dict()}
 
 
+def _ignore_stop_signals(_worker_id: int) -> None:
+    for s in STOP_SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
+
+
 def initial_worker_state(worker: int, pass_index: int) -> dict[str, Any]:
     return {"worker": worker, "cursor": [pass_index, 0, 0], "offset": 0, "skipped": {}}
 
@@ -259,16 +352,13 @@ class StreamingLoader:
     def __init__(self, cfg: DataConfig, tokenizer: Tokenizer | None = None, image_transform: ImageTransform | None = None,
                  rank: int = 0, world_size: int = 1):
         check(0 <= rank < world_size, "rank", rank, f"must be in [0, world_size = {world_size})")
-        check(world_size == 1 or cfg.infinite, "steps_per_epoch", cfg.steps_per_epoch,
-              "must be set (or resampled: true) when world_size > 1, so that every rank runs the same steps")
+        shards = check_data(cfg, world_size)
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
         self.tokenizer = tokenizer or load_tokenizer(cfg.tokenizer)
         transform = image_transform or default_image_transform(cfg.image_size)
         self.num_streams = max(1, cfg.num_workers)
-        shards = list_shards(cfg.shards)
-        check(not cfg.infinite or cfg.resampled or len(shards) >= world_size * self.num_streams, "num_workers",
-              cfg.num_workers, f"too many: {len(shards)} shards cannot feed world_size {world_size} x "
-              f"{self.num_streams} workers in an endless stream (use fewer workers, more shards or resampled)")
+        # what a saved position refers to: the same shards, buffer and sampling (checked on load)
+        self.stream_id = hashlib.sha256(repr((shards, cfg.shuffle_buffer, cfg.resampled)).encode()).hexdigest()[:16]
         self.streams = [WorkerStream(cfg, shards, self.tokenizer, transform, rank, world_size, w, self.num_streams)
                         for w in range(self.num_streams)]
         self.epoch, self.step, self.next_worker = 0, 0, 0
@@ -294,7 +384,15 @@ class StreamingLoader:
         else:
             # Its own generator: creating workers must not consume the caller's (training) RNG.
             generator = torch.Generator().manual_seed(self.cfg.seed)
-            source = iter(DataLoader(dataset, batch_size=None, num_workers=self.cfg.num_workers, generator=generator))
+            # A scheduler's SIGTERM (scancel, systemd) reaches the whole process group; the main process
+            # checkpoints on it, so workers must not die of it. Blocked while they fork (none is killed
+            # between fork and its init) and ignored in them.
+            mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+            try:
+                source = iter(DataLoader(dataset, batch_size=None, num_workers=self.cfg.num_workers,
+                                         generator=generator, worker_init_fn=_ignore_stop_signals))
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         held: tuple[dict[str, torch.Tensor], dict[str, Any]] | None = None
         for batch, state in source:
             if batch is None:  # a worker's final state (finite mode)
@@ -332,16 +430,27 @@ class StreamingLoader:
             self.worker_states, self.next_worker = self._fresh_states(), 0
 
     def state_dict(self) -> dict[str, Any]:
+        """The position as plain data (JSON-able: it is stored in checkpoints without pickling)."""
         return {
             "epoch": self.epoch, "step": self.step, "next_worker": self.next_worker,
             "workers": [dict(s) for s in self.worker_states], "past_skipped": dict(self.past_skipped),
             "seed": self.cfg.seed, "rank": self.rank, "world_size": self.world_size, "num_workers": self.num_streams,
+            "stream": self.stream_id,
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> bool:
+        """Continue from a saved position; returns False when the position was saved for another stream
+        (other shards, shuffle buffer or sampling): the current epoch then starts over on this one, with the
+        epoch count and skip counts kept."""
         for name, mine in (("seed", self.cfg.seed), ("rank", self.rank), ("world_size", self.world_size),
                            ("num_workers", self.num_streams)):
-            check(state[name] == mine, name, mine, f"must equal the saved loader state's {name} = {state[name]} to resume")
-        self.epoch, self.step, self.next_worker = state["epoch"], state["step"], state["next_worker"]
+            check(state[name] == mine, f"data.{name}" if name in ("seed", "num_workers") else name, mine,
+                  f"must equal the saved loader state's {name} = {state[name]} to resume")
+        self.epoch, self.past_skipped = state["epoch"], dict(state["past_skipped"])
+        if state.get("stream") != self.stream_id:
+            self.past_skipped = merge_counts([self.past_skipped] + [s["skipped"] for s in state["workers"]])
+            self.step, self.next_worker, self.worker_states = 0, 0, self._fresh_states()
+            return False
+        self.step, self.next_worker = state["step"], state["next_worker"]
         self.worker_states = [dict(s) for s in state["workers"]]
-        self.past_skipped = dict(state["past_skipped"])
+        return True

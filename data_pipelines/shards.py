@@ -26,12 +26,14 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import warnings
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import webdataset as wds
 from PIL import Image
 from tqdm import tqdm
@@ -39,6 +41,10 @@ from tqdm import tqdm
 from data_pipelines.errors import BadSample
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+# Images with more pixels are skipped (image_too_large) from their header, before decoding: 36 MP decodes
+# to ~108 MB of RGB per worker (a 140 KB PNG of 144 MP cost +1.1 GB and ~7 s). It keeps 6000x6000 photos
+# and A4 scans at 600 dpi (35 MP); `data.max_image_pixels` changes it (Pillow refuses above 179 MP).
+MAX_IMAGE_PIXELS = 36_000_000
 MANIFEST = "manifest.json"
 Piece = str | Image.Image
 
@@ -53,13 +59,31 @@ def qa_text(question: str, answer: str) -> str:
     return f"{qa_prompt(question)} {answer}"
 
 
-def decode_image(data: bytes) -> Image.Image:
+def decode_image(data: bytes, max_pixels: int | None = MAX_IMAGE_PIXELS) -> Image.Image:
+    """RGB image from encoded bytes; raises BadSample (bad_image, or image_too_large when its header
+    says it has more than `max_pixels` pixels: nothing is decoded then)."""
     try:
-        img = Image.open(io.BytesIO(data))
+        with warnings.catch_warnings():  # Pillow warns from 89 MP: our own limit decides, and counts
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+        if max_pixels is not None and img.width * img.height > max_pixels:
+            raise BadSample("image_too_large", f"{img.width}x{img.height} = {img.width * img.height / 1e6:.1f} MP "
+                                               f"> data.max_image_pixels = {max_pixels / 1e6:g} MP")
         img.load()
-        return img.convert("RGB")
+        return to_rgb(img)
+    except BadSample:
+        raise
     except Exception as e:  # PIL raises many types for corrupt or truncated files
         raise BadSample("bad_image", f"{type(e).__name__}: {e}") from None
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """8-bit RGB. 16-bit greyscale (PNG: mode I;16, or I) is scaled to 8 bits; Pillow's own
+    `convert("RGB")` clips it instead, so nearly every pixel came out white."""
+    if img.mode.startswith("I;16") or img.mode == "I":
+        grey = np.rint(np.clip(np.asarray(img, dtype=np.float64), 0, 65535) / 257).astype(np.uint8)
+        img = Image.fromarray(grey)
+    return img.convert("RGB")
 
 
 def decode_text(data: bytes, reason: str = "missing_caption") -> str:
@@ -86,7 +110,7 @@ def _image_field(fields: dict[str, bytes]) -> str | None:
     return next((ext for ext in IMAGE_EXTS if ext in fields), None)
 
 
-def _interleaved_pieces(meta: dict[str, Any], fields: dict[str, bytes]) -> list[Piece]:
+def _interleaved_pieces(meta: dict[str, Any], fields: dict[str, bytes], max_pixels: int | None) -> list[Piece]:
     pieces = meta["pieces"]
     if not isinstance(pieces, list) or not pieces:
         raise BadSample("bad_json", "'pieces' must be a non-empty list")
@@ -97,14 +121,17 @@ def _interleaved_pieces(meta: dict[str, Any], fields: dict[str, bytes]) -> list[
         elif isinstance(piece, dict) and isinstance(piece.get("image"), str):
             if piece["image"] not in fields:
                 raise BadSample("missing_image", f"pieces[{i}] names {piece['image']!r}, not in the sample")
-            out.append(decode_image(fields[piece["image"]]))
+            out.append(decode_image(fields[piece["image"]], max_pixels))
         else:
             raise BadSample("bad_json", f"pieces[{i}] must be {{'text': str}} or {{'image': str}}")
     return out
 
 
-def decode_sample(raw: dict[str, Any]) -> list[Piece]:
-    """Pieces of one webdataset sample (see the module docstring); raises BadSample."""
+def decode_sample(raw: dict[str, Any], max_pixels: int | None = MAX_IMAGE_PIXELS) -> list[Piece]:
+    """Pieces of one webdataset sample (see the module docstring); raises BadSample. A sample the
+    reader already rejected (`__skip__`: reason, detail) raises its reason."""
+    if "__skip__" in raw:
+        raise BadSample(*raw["__skip__"])
     fields = {k: v for k, v in raw.items() if not k.startswith("__")}
     if not any(len(v) for v in fields.values()):
         raise BadSample("empty_sample", "no members" if not fields else "all members are empty")
@@ -113,15 +140,19 @@ def decode_sample(raw: dict[str, Any]) -> list[Piece]:
         if image_key is None:
             return [decode_text(fields["txt"], reason="empty_sample")]
         caption = decode_text(fields["txt"])
-        return [decode_image(fields[image_key]), caption]
+        return [decode_image(fields[image_key], max_pixels), caption]
     if "json" in fields:
         meta = decode_json(fields["json"])
         if "pieces" in meta:
-            return _interleaved_pieces(meta, fields)
+            return _interleaved_pieces(meta, fields, max_pixels)
         if "question" in meta and "answer" in meta:
+            q, a = meta["question"], meta["answer"]
+            if not (isinstance(q, str) and isinstance(a, str)):
+                raise BadSample("bad_json", f"'question' and 'answer' must be strings, got "
+                                            f"{type(q).__name__} and {type(a).__name__}")
             if image_key is None:
                 raise BadSample("missing_image", "qa sample without an image")
-            return [decode_image(fields[image_key]), qa_text(str(meta["question"]), str(meta["answer"]))]
+            return [decode_image(fields[image_key], max_pixels), qa_text(q, a)]
         if image_key is not None:
             raise BadSample("missing_caption", "image with metadata but no .txt")
         raise BadSample("bad_json", "expected 'pieces' or 'question'/'answer'")

@@ -1,43 +1,128 @@
-"""Atomic, rotating checkpoints through DeepSpeed, plus our own per-rank state.
+"""Atomic, rotating checkpoints through DeepSpeed, plus our own per-rank state, loaded without running code.
 
-Layout: OUT/checkpoints/step_00000100/ holds DeepSpeed's files (model, optimizer shards, scheduler)
-and, per rank, `rank{r}.pt` with the step, the data-loader position and the RNG states. A
-checkpoint is written under OUT/checkpoints/.staging/ and renamed into place only when every rank
-has finished writing, so a crash mid-write never leaves a directory that looks complete.
+Layout: OUT/checkpoints/step_00000100/ holds DeepSpeed's files (model, optimizer shards, scheduler),
+`experiment.json` (the run's config and topology, read before anything is built on resume) and, per
+rank, `rank{r}.safetensors`: the RNG states as tensors and, as JSON in its metadata, the step, the
+counters and the data-loader position. A checkpoint is written under OUT/checkpoints/.staging/ and
+renamed into place only when every rank has finished writing, so a crash mid-write never leaves a
+directory that looks complete; a failed write (a full disk) removes the staging folder and leaves the
+previous checkpoints as they were.
+
+What a resume trusts: our own files hold no code (safetensors + JSON). DeepSpeed's files are
+pickles; they are read with `torch.load(weights_only=True)`, which only rebuilds tensors, plain
+containers and the few DeepSpeed classes in DEEPSPEED_GLOBALS (the ZeRO optimizer state files need
+them), so a crafted file is refused instead of run. Checkpoints of the older pickle format (`rank*.pt`)
+are refused with the way out.
+
+    python -m cmoe_vlm.training.checkpoint runs/x/checkpoints/step_00000100 --out runs/x/export
+writes a checkpoint's weights as an export folder (`train.init_from` takes it, e.g. to continue with
+another number of processes or expert-parallel size, which a resume cannot).
 """
 from __future__ import annotations
 
+import argparse
+import errno
+import json
+import pickle
 import random
 import re
 import shutil
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 STEP_DIR = re.compile(r"^step_(\d{8})$")
+EXPERIMENT = "experiment.json"
+FORMAT = 2  # 1: rank*.pt pickles (refused); 2: rank*.safetensors + experiment.json
+LOW_SPACE = 64 * 2**20  # bytes: a failed write with less than this free is reported as a full disk
 
 
-def rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be written or read; the message says why and what to do."""
+
+
+def deepspeed_globals() -> list[type]:
+    """The classes DeepSpeed 0.19's checkpoint files of our configs (ZeRO 0/1/2, ep_size 1/2, fp32 and
+    bf16) hold besides tensors and plain containers: all three in the ZeRO optimizer state files."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, ZeroStageEnum, fragment_address]
+
+
+def load_deepspeed_file(path: str | Path, map_location=None) -> Any:
+    """torch.load of one DeepSpeed checkpoint file without running code from it (see the module docstring)."""
+    try:
+        with torch.serialization.safe_globals(deepspeed_globals()):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0]
+        raise CheckpointError(f"{path}: refused to load (it holds more than tensors and DeepSpeed's checkpoint "
+                              f"types, so unpickling it could run code): {first}") from None
+
+
+# ----------------------------------------------------------------------------------------- RNG state
+
+def rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The torch, CUDA, numpy and Python generator states as (tensors, JSON-able scalars)."""
+    version, py_keys, gauss_next = random.getstate()
+    kind, np_keys, pos, has_gauss, cached = np.random.get_state()
+    tensors = {"torch": torch.get_rng_state(), "python": torch.tensor(py_keys, dtype=torch.int64),
+               "numpy": torch.from_numpy(np_keys.astype(np.int64))}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+        tensors.update({f"cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    scalars = {"python": [version, gauss_next], "numpy": [kind, int(pos), int(has_gauss), float(cached)]}
+    return tensors, scalars
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+def set_rng_state(tensors: dict[str, torch.Tensor], scalars: dict[str, Any]) -> None:
+    torch.set_rng_state(tensors["torch"])
+    version, gauss_next = scalars["python"]
+    random.setstate((version, tuple(tensors["python"].tolist()), gauss_next))
+    kind, pos, has_gauss, cached = scalars["numpy"]
+    np.random.set_state((kind, tensors["numpy"].numpy().astype(np.uint32), pos, has_gauss, cached))
+    cuda = [tensors[f"cuda.{i}"] for i in range(sum(k.startswith("cuda.") for k in tensors))]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
 
+
+# ----------------------------------------------------------------------------------------- helpers
 
 def _barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
+
+
+def _all_ok(ok: bool) -> bool:
+    """True when `ok` holds on every rank (one all-reduce; the barrier after writing)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return ok
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    flag = torch.tensor([0.0 if ok else 1.0], device=device)
+    dist.all_reduce(flag)
+    return float(flag) == 0
+
+
+def _write_failure(e: BaseException, where: Path) -> str:
+    """What went wrong writing a checkpoint, naming a full disk as such (torch's own writer reports one
+    as 'basic_ios::clear: iostream error' or 'unexpected pos', without an errno)."""
+    try:
+        free = shutil.disk_usage(where).free
+    except OSError:
+        free = None
+    full = getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "No space left" in str(e) or (
+        free is not None and free < LOW_SPACE)
+    cause = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+    if full:
+        return f"no space left on the device of {where} ({free / 2**20:.1f} MiB free; {cause})"
+    return cause
 
 
 class Checkpointer:
@@ -56,28 +141,115 @@ class Checkpointer:
         done = self.complete()
         return done[-1] if done else None
 
-    def save(self, engine, step: int, extra: dict[str, Any]) -> Path:
-        """Save engine + this rank's `extra` state (loader position, counters) atomically."""
+    def save(self, engine, step: int, state: dict[str, Any], experiment: dict[str, Any]) -> Path:
+        """Save engine + this rank's `state` (JSON-able: loader position, counters) atomically; rank 0
+        also writes `experiment` (the config and topology). On a failed write on any rank the staging
+        folder is removed and a CheckpointError raised on every rank; earlier checkpoints stay."""
         tag = f"step_{step:08d}"
+        staged = self.staging / tag
         if self.rank == 0:
-            shutil.rmtree(self.staging / tag, ignore_errors=True)
+            shutil.rmtree(staged, ignore_errors=True)
         _barrier()
-        engine.save_checkpoint(str(self.staging), tag=tag, save_latest=False)
-        torch.save({"step": step, "rng": rng_state(), **extra}, self.staging / tag / f"rank{self.rank}.pt")
-        _barrier()
+        failure = None
+        try:
+            engine.save_checkpoint(str(self.staging), tag=tag, save_latest=False)
+            tensors, scalars = rng_state()
+            meta = {"format": FORMAT, "step": step, "rng": scalars, **state}
+            save_file(tensors, str(staged / f"rank{self.rank}.safetensors"), metadata={"state": json.dumps(meta)})
+            if self.rank == 0:
+                (staged / EXPERIMENT).write_text(json.dumps({"format": FORMAT, **experiment}, indent=1, default=str))
+        except (OSError, RuntimeError) as e:
+            failure = _write_failure(e, self.root)
+        if not _all_ok(failure is None):
+            if self.rank == 0:
+                shutil.rmtree(staged, ignore_errors=True)
+            previous = self.latest()
+            raise CheckpointError(f"writing checkpoint {tag} failed on rank {self.rank}: "
+                                  f"{failure or 'another rank failed'}; removed the partial {staged}, "
+                                  f"{'kept ' + previous.name if previous else 'no earlier checkpoint'}")
         final = self.root / tag
         if self.rank == 0:
             shutil.rmtree(final, ignore_errors=True)
-            (self.staging / tag).rename(final)
+            staged.rename(final)
             for old in self.complete()[: -self.keep_last]:
                 shutil.rmtree(old, ignore_errors=True)
         _barrier()
         return final
 
+    @staticmethod
+    def experiment(path: Path) -> dict[str, Any]:
+        """The config and topology saved with checkpoint `path` (cheap: read before building anything)."""
+        if not (path / EXPERIMENT).is_file():
+            if list(path.glob("rank*.pt")):
+                raise CheckpointError(
+                    f"{path} is in the older pickle format, which is not loaded because unpickling can run code; "
+                    f"start a new run (another train.out_dir, or train.resume=false to overwrite this one)")
+            raise CheckpointError(f"{path}: no {EXPERIMENT}; not a checkpoint written by train_vlm.py")
+        return json.loads((path / EXPERIMENT).read_text())
+
     def load(self, engine, path: Path) -> dict[str, Any]:
-        """Restore the engine (model, optimizer, scheduler) and return this rank's saved state."""
+        """Restore the engine (model, optimizer, scheduler) and the RNG states; returns this rank's state."""
+        mine = path / f"rank{self.rank}.safetensors"
+        if not mine.is_file():
+            self.experiment(path)  # names the old format when that is the reason
+            raise CheckpointError(f"{path}: no {mine.name}; was it written by fewer processes?")
+        engine.checkpoint_engine.load = load_deepspeed_file  # every DeepSpeed read goes through it
         engine.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=True,
                                load_lr_scheduler_states=True)
-        state = torch.load(path / f"rank{self.rank}.pt", weights_only=False)
-        set_rng_state(state["rng"])
+        with safe_open(str(mine), "pt") as f:
+            state = json.loads(f.metadata()["state"])
+            set_rng_state({k: f.get_tensor(k) for k in f.keys()}, state.pop("rng"))
         return state
+
+
+# ----------------------------------------------------------------------------------------- export
+
+def deepspeed_weights(path: Path) -> dict[str, torch.Tensor]:
+    """The model weights of a DeepSpeed checkpoint folder in our plain layout (the export's): with
+    expert parallelism, DeepSpeed MoE's router and per-expert files are stacked back into ours."""
+    module = dict(load_deepspeed_file(path / "mp_rank_00_model_states.pt", map_location="cpu")["module"])
+    experts: dict[str, dict[int, dict[str, torch.Tensor]]] = {}
+    for f in sorted(path.glob("layer_*_expert_*_mp_rank_00_model_states.pt")):
+        for key, value in load_deepspeed_file(f, map_location="cpu").items():
+            m = re.match(r"^(.*)\.layer\.deepspeed_moe\.experts\.deepspeed_experts\.(\d+)\.(w13|w2)\.weight$", key)
+            if m is None:
+                raise CheckpointError(f"{f}: unexpected expert weight {key}")
+            experts.setdefault(m[1], {}).setdefault(int(m[2]), {})[m[3]] = value
+    state = {}
+    for key, value in module.items():
+        m = re.match(r"^(.*)\.layer\.deepspeed_moe\.gate\.wg\.weight$", key)
+        state[f"{m[1]}.router.weight" if m else key] = value
+    for prefix, by_expert in experts.items():
+        for w in ("w13", "w2"):  # DeepSpeed keeps each expert as a Linear (out, in): ours stack (E, in, out)
+            state[f"{prefix}.experts.{w}"] = torch.stack([by_expert[e][w].T for e in sorted(by_expert)])
+    return state
+
+
+def export_checkpoint(path: str | Path, out_dir: str | Path) -> Path:
+    """Write checkpoint `path`'s weights and model config as an export folder (see `save_pretrained`)."""
+    from ..config import from_dict
+    from ..export import save_pretrained
+    from ..vlm import ConceptMoEVLM, VLMConfig
+
+    path = Path(path)
+    exp = Checkpointer.experiment(path)["config"]
+    cfg = from_dict(VLMConfig, {k: exp[k] for k in ("model", "vision", "projector")})
+    model = ConceptMoEVLM(replace(cfg, vision=replace(cfg.vision, pretrained=False, checkpoint_path=None)))
+    state = deepspeed_weights(path)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(f"{path}: its weights do not match its config: missing {sorted(missing)[:5]}, "
+                              f"unexpected {sorted(unexpected)[:5]}")
+    return save_pretrained(model, out_dir, exp["data"]["tokenizer"], extra={"from_checkpoint": str(path)})
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Export a training checkpoint's weights (for train.init_from).")
+    parser.add_argument("checkpoint", help="OUT/checkpoints/step_NNNNNNNN")
+    parser.add_argument("--out", required=True, help="export folder to write (config.json + model.safetensors)")
+    args = parser.parse_args(argv)
+    print(export_checkpoint(args.checkpoint, args.out))
+
+
+if __name__ == "__main__":
+    main()

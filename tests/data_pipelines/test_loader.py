@@ -155,3 +155,19 @@ def test_config_from_yaml_data_names_the_field(tmp_path):
     write_tar(tmp_path / "only.tar", text_docs(3))
     with pytest.raises(ConfigError, match="num_workers"):
         StreamingLoader(config(tmp_path, num_workers=2, steps_per_epoch=5))
+
+
+def test_folders_and_globs_expand_inside_a_list(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    (tmp_path / "empty").mkdir()
+    for s in range(2):
+        write_tar(tmp_path / "a" / f"shard-{s}.tar", text_docs(10, start=10 * s))
+    write_tar(tmp_path / "b" / "shard-0.tar", text_docs(10, start=20))
+    mixed = StreamingLoader(config(f"{tmp_path / 'a'}::{tmp_path / 'b'}/*.tar"))
+    assert sorted(stream_ids(list(mixed))) == list(range(30)) and mixed.skipped == {}
+    for spec, part in ((f"{tmp_path / 'a'}::{tmp_path / 'empty'}", tmp_path / "empty"),
+                       (f"{tmp_path / 'a'}::{tmp_path}/b/*.tgz", f"{tmp_path}/b/*.tgz"),
+                       (str(tmp_path / "nothing-{0..3}.tar"), tmp_path / "nothing-{0..3}.tar")):
+        with pytest.raises(ConfigError, match=f"data.shards: .*{re.escape(str(part))}.* matches no shard"):
+            StreamingLoader(config(spec))
