@@ -38,9 +38,18 @@ def main(argv: list[str] | None = None) -> int:
         if not all((root / split / "manifest.json").exists() for split in ("train", "heldout")):
             write_builtin_dataset(root, image_size=exp.data.image_size)
 
+    from cmoe_vlm.export import NonFiniteWeightsError
+    from cmoe_vlm.training.checkpoint import CheckpointError
     from cmoe_vlm.training.engine import shutdown_distributed
-    from cmoe_vlm.training.loop import train
-    summary = train(exp)
+    from cmoe_vlm.training.loop import NonFiniteError, train
+    try:
+        summary = train(exp)
+    except ConfigError as e:  # checks that need the files or the number of processes, before anything is built
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    except (CheckpointError, NonFiniteError, NonFiniteWeightsError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     shutdown_distributed()
     print(json.dumps(summary, indent=2))
     return 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -77,6 +78,7 @@ def _convert(tp: Any, value: Any, name: str) -> Any:
             except ValueError:
                 pass
         check(isinstance(value, (int, float)) and not isinstance(value, bool), name, value, "must be a number")
+        check(math.isfinite(value), name, value, "must be a finite number")
         return float(value)
     if tp is str:
         check(isinstance(value, str), name, value, "must be a string")

@@ -11,6 +11,7 @@ take their defaults. The folder is also a transformers folder (`model_type: cmoe
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -24,18 +25,29 @@ from .vlm import ConceptMoEVLM, VLMConfig
 FORMAT, VERSION = "cmoe-vlm", 1
 
 
+class NonFiniteWeightsError(ValueError):
+    """The weights to export hold NaN or inf values."""
+
+
 def save_pretrained(model: ConceptMoEVLM, out_dir: str | Path, tokenizer: str = "byte",
                     extra: dict[str, Any] | None = None, state: dict[str, torch.Tensor] | None = None) -> Path:
     """Write `model` (or `state`, its weights in the plain layout, e.g. gathered from expert-parallel
-    ranks) with its config."""
+    ranks) with its config. Refuses (NonFiniteWeightsError, naming them) weights that are not finite."""
     out = Path(out_dir)
+    state = model.state_dict() if state is None else state
+    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise NonFiniteWeightsError(f"{out}: not exported: {len(bad)} of {len(state)} tensors hold NaN or inf "
+                                    f"({', '.join(bad[:5])}{', ...' if len(bad) > 5 else ''})")
     out.mkdir(parents=True, exist_ok=True)
     meta = {"format": FORMAT, "version": VERSION, "model_type": "cmoe_vlm",  # also a transformers folder
             "architectures": ["ConceptMoEForCausalLM"], "vlm": to_dict(model.cfg), "tokenizer": tokenizer,
             "tokens_per_image": model.cfg.tokens_per_image, **(extra or {})}
     tmp = out / "model.safetensors.tmp"
-    state = model.state_dict() if state is None else state
     save_file({k: v.detach().cpu().clone().contiguous() for k, v in state.items()}, str(tmp))
+    umask = os.umask(0)  # safetensors creates the file 0600; give it the mode config.json gets
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
     tmp.replace(out / "model.safetensors")
     (out / "config.json").write_text(json.dumps(meta, indent=2))
     return out

@@ -227,6 +227,8 @@ class ConceptMoE(nn.Module):
         """
         x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
         B, T, _ = x.shape
+        if T == 0:
+            raise ValueError("the input has no tokens (sequence length 0): give at least one token")
         modality = torch.zeros(B, T, dtype=torch.long, device=x.device) if modality is None else modality
         if state is None:
             doc_ids = torch.zeros(B, T, dtype=torch.long, device=x.device) if doc_ids is None else doc_ids
@@ -311,8 +313,9 @@ class ConceptMoE(nn.Module):
         out.lb_loss = torch.stack(lb_losses).mean() if lb_losses else logits.sum() * 0
         out.ratio_loss = self._ratio_loss(chunker.p, chunker.b, modality, valid)
         if labels is not None:
+            # mean over the predicted tokens; a batch without any (images only) adds 0, not 0/0 = NaN
             out.lm_loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), labels.reshape(-1),
-                                          ignore_index=-100)
+                                          ignore_index=-100, reduction="sum") / (labels != -100).sum().clamp_min(1)
             out.loss = (out.lm_loss + self.cfg.chunk.ratio_loss_weight * out.ratio_loss
                         + self.cfg.lb_loss_weight * out.lb_loss)
         return out

@@ -104,8 +104,9 @@ def _all_ok(ok: bool) -> bool:
     """True when `ok` holds on every rank (one all-reduce; the barrier after writing)."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return ok
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
-    flag = torch.tensor([0.0 if ok else 1.0], device=device)
+    from .engine import collective_device
+
+    flag = torch.tensor([0.0 if ok else 1.0], device=collective_device())
     dist.all_reduce(flag)
     return float(flag) == 0
 

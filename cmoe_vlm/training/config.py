@@ -1,11 +1,15 @@
 """The experiment config: model, vision, projector, data and training sections of one YAML file."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import json
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
-from data_pipelines.loader import DataConfig
+import yaml
+
+from data_pipelines.loader import DataConfig, check_data, list_shards
+from data_pipelines.tokenizer import Tokenizer, load_tokenizer
 
 from ..config import ConfigError, apply_overrides, check, from_dict, load_yaml
 from vision import ProjectorConfig, VisionConfig
@@ -56,6 +60,27 @@ class TrainConfig:
         check(self.max_nonfinite >= 1, "max_nonfinite", self.max_nonfinite, "must be >= 1")
         check(self.ratio_ramp_steps >= 0, "ratio_ramp_steps", self.ratio_ramp_steps, "must be >= 0 (0 = no ramp)")
         check(self.grad_clip >= 0, "grad_clip", self.grad_clip, "must be >= 0 (0 = no clipping)")
+        check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "betas", self.betas,
+              "must be two numbers in [0, 1), e.g. [0.9, 0.95]")
+        check(self.weight_decay >= 0, "weight_decay", self.weight_decay, "must be >= 0")
+        check(self.log_every >= 1, "log_every", self.log_every, "must be >= 1")
+        check(self.eval_batches >= 1, "eval_batches", self.eval_batches, "must be >= 1")
+
+
+def user_deepspeed_config(cfg: TrainConfig) -> dict:
+    """The user's DeepSpeed JSON (`train.deepspeed_config`), read and checked; {} when none."""
+    if not cfg.deepspeed_config:
+        return {}
+    try:
+        user = json.loads(Path(cfg.deepspeed_config).read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"train.deepspeed_config = {cfg.deepspeed_config!r}: cannot read it as JSON "
+                          f"({type(e).__name__}: {e})") from None
+    check(isinstance(user, dict), "train.deepspeed_config", cfg.deepspeed_config, "must hold a JSON object")
+    stage = user.get("zero_optimization", {}).get("stage", cfg.zero_stage)
+    check(stage in (0, 1, 2), "train.deepspeed_config", cfg.deepspeed_config,
+          f"sets ZeRO stage {stage}: DeepSpeed MoE supports 0, 1 or 2 (use 2)")
+    return user
 
 
 @dataclass
@@ -79,9 +104,60 @@ class ExperimentConfig:
 
 
 def load_experiment(path: str | Path, overrides: list[str] = ()) -> ExperimentConfig:
-    """Read a YAML experiment config, apply `a.b=value` overrides, validate everything."""
-    data = apply_overrides(load_yaml(path), list(overrides))
+    """Read a YAML experiment config, apply `a.b=value` overrides, validate everything that needs no
+    file besides the YAML (`check_experiment` does the rest, once the number of processes is known)."""
     try:
+        data = apply_overrides(load_yaml(path), list(overrides))
         return from_dict(ExperimentConfig, data)
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read the config file ({e.strerror or e})") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {' '.join(str(e).split())}") from None
+
+
+def training_data(exp: ExperimentConfig, world_size: int) -> DataConfig:
+    """The data config the training loader runs with: several processes without data.steps_per_epoch
+    stream resampled shards (every rank must run the same steps)."""
+    if world_size > 1 and not exp.data.infinite:
+        return replace(exp.data, resampled=True)
+    return exp.data
+
+
+def check_experiment(exp: ExperimentConfig, world_size: int) -> Tokenizer:
+    """Every check that needs the file system or the number of processes, run before anything is
+    built: each failure is a ConfigError naming the field. Returns the loaded tokenizer."""
+    t = exp.train
+    check(world_size % t.ep_size == 0, "train.ep_size", t.ep_size,
+          f"must divide the number of processes ({world_size})")
+    if t.ep_size > 1:
+        for name, moe in (("model.moe", exp.model.moe), ("model.concept_moe", exp.model.concept_moe)):
+            if moe is None:
+                continue
+            check(moe.num_experts % t.ep_size == 0, f"{name}.num_experts", moe.num_experts,
+                  f"must be divisible by train.ep_size = {t.ep_size}")
+            check(moe.norm_topk_prob or moe.top_k == 1, f"{name}.norm_topk_prob", moe.norm_topk_prob,
+                  "must be true with train.ep_size > 1 (DeepSpeed MoE renormalises the top-k gates)")
+    user_deepspeed_config(t)
+    if t.precision == "bf16":
+        import torch
+        check(torch.cuda.is_available() and torch.cuda.is_bf16_supported(), "train.precision", t.precision,
+              "needs a GPU with bf16 support; use fp32 (or auto) on CPU")
+    check_data(training_data(exp, world_size), world_size)
+    if t.heldout_shards:
+        list_shards(t.heldout_shards, "train.heldout_shards")
+    try:
+        tokenizer = load_tokenizer(exp.data.tokenizer)
+    except ConfigError as e:
+        raise ConfigError(f"data.{e}") from None
+    check(tokenizer.vocab_size <= exp.model.vocab_size, "model.vocab_size", exp.model.vocab_size,
+          f"must be >= the tokenizer's vocabulary ({tokenizer.vocab_size}, data.tokenizer = {exp.data.tokenizer!r})")
+    if t.init_from:
+        check((Path(t.init_from) / "config.json").is_file(), "train.init_from", t.init_from,
+              "must be an export folder (config.json + model.safetensors): a run's <out_dir>/final, a converted "
+              "model, or a checkpoint exported with python -m cmoe_vlm.training.checkpoint")
+    if exp.vision.pretrained:
+        check(Path(exp.vision.checkpoint_path).is_file(), "vision.checkpoint_path", exp.vision.checkpoint_path,
+              "no such file")
+    return tokenizer

@@ -1,14 +1,13 @@
 """DeepSpeed set-up: distributed environment, generated DeepSpeed config, engine."""
 from __future__ import annotations
 
-import json
 import os
 import socket
 
 import torch
 from torch import nn
 
-from .config import TrainConfig
+from .config import TrainConfig, user_deepspeed_config
 from .optim import build_optimizer
 
 
@@ -33,6 +32,15 @@ def setup_distributed() -> tuple[int, int]:
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     deepspeed.init_distributed(dist_backend=backend, verbose=False)
     return torch.distributed.get_rank(), torch.distributed.get_world_size()
+
+
+def collective_device() -> torch.device:
+    """Where small tensors for a collective live: the GPU with nccl, else the CPU (gloo)."""
+    import torch.distributed as dist
+
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def shutdown_distributed() -> None:
@@ -65,13 +73,7 @@ def deepspeed_config(cfg: TrainConfig, micro_batch: int) -> dict:
         "zero_allow_untested_optimizer": True,  # our AdamW param groups, created below
         "steps_per_print": 10**9,
     }
-    if cfg.deepspeed_config:
-        with open(cfg.deepspeed_config) as f:
-            user = json.load(f)
-        stage = user.get("zero_optimization", {}).get("stage", cfg.zero_stage)
-        if stage == 3:
-            raise ValueError(f"{cfg.deepspeed_config}: ZeRO stage 3 is not supported with DeepSpeed MoE; use stage 2")
-        ds.update(user)
+    ds.update(user_deepspeed_config(cfg))
     return ds
 
 

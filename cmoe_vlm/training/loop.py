@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
 from data_pipelines.loader import StreamingLoader
@@ -21,11 +22,13 @@ from ..chunking import CollapseMonitor, ModalityStats
 from ..config import to_dict
 from ..export import load_pretrained, save_pretrained
 from ..vlm import ConceptMoEVLM
+from . import resume
 from .checkpoint import Checkpointer
-from .config import ExperimentConfig
-from .engine import build_engine, setup_distributed
+from .config import ExperimentConfig, check_experiment, training_data
+from .engine import build_engine, collective_device, setup_distributed
 from .expert_parallel import plain_state_dict, swap_in_deepspeed_moe
 from .metrics import MetricsLogger, flatten
+from .optim import apply_hyperparameters
 
 
 class NonFiniteError(RuntimeError):
@@ -61,7 +64,8 @@ def grad_norm(model: torch.nn.Module) -> float | None:
 
 @torch.no_grad()
 def evaluate(model: ConceptMoEVLM, loader: StreamingLoader, max_batches: int) -> dict[str, Any]:
-    """Held-out LM loss, bits per byte-token, and per-modality compression with the eval threshold."""
+    """Held-out LM loss, bits per byte-token, and per-modality compression with the eval threshold.
+    Without a single predicted token there is no loss to report: only `predicted_tokens` = 0."""
     was_training = model.training
     model.eval()
     nll = n_tok = 0.0
@@ -79,7 +83,9 @@ def evaluate(model: ConceptMoEVLM, loader: StreamingLoader, max_batches: int) ->
             acc[1] += float(s.concepts)
             acc[2] += float(s.p_sum)
     model.train(was_training)
-    loss = nll / max(n_tok, 1)
+    if not n_tok:
+        return {"predicted_tokens": 0}
+    loss = nll / n_tok
     compression = {name: {"tokens": int(t), "concepts": int(c), "ratio": t / max(c, 1), "mean_p": p / max(t, 1)}
                    for name, (t, c, p) in totals.items() if t}
     return {"lm_loss": loss, "bits_per_token": loss / math.log(2), "predicted_tokens": int(n_tok),
@@ -105,45 +111,76 @@ def load_initial_weights(model: ConceptMoEVLM, path: str) -> None:
     model.load_state_dict(src.state_dict())
 
 
+def sync_step(stop: bool, skip: bool, controller: list[torch.Tensor], world: int) -> tuple[bool, bool]:
+    """Make the per-step decisions global with one all-reduce (world > 1; none on one process): stop when
+    any rank got a signal, skip the update when any rank found a non-finite gradient, and average the
+    ratio controller's buffers, which each rank's forward updated from its own batch. Returns (stop, skip)."""
+    if world == 1:
+        return stop, skip
+    flat = torch.cat([torch.tensor([float(stop), float(skip)], device=collective_device()),
+                      *[b.detach().float().reshape(-1).to(collective_device()) for b in controller]])
+    dist.all_reduce(flat)
+    offset = 2
+    for b in controller:
+        b.copy_((flat[offset:offset + b.numel()] / world).view_as(b))
+        offset += b.numel()
+    return bool(flat[0] > 0), bool(flat[1] > 0)
+
+
 def train(exp: ExperimentConfig) -> dict[str, Any]:
-    """Train per `exp`; returns the final summary (also written to OUT/summary.json)."""
+    """Train per `exp`; returns the final summary (also written to OUT/summary.json).
+
+    Everything is validated (`check_experiment`) and a resume checked against the checkpoint's config
+    (`resume`) before the model is built; both raise a ConfigError naming the fields."""
     cfg = exp.train
     rank, world = setup_distributed()
     out_dir = Path(cfg.out_dir)
+    tokenizer = check_experiment(exp, world)
+    ckpt = Checkpointer(out_dir, cfg.keep_last, rank)
+    record = resume.experiment_record(exp, world)
+    latest = ckpt.latest() if cfg.resume else None
+    diff = None
+    if latest is not None:
+        diff = resume.compare(Checkpointer.experiment(latest), record)
+        resume.check_resume(latest, diff)
+    elif ckpt.latest() is not None and rank == 0:
+        warnings.warn(f"train.resume = false: starting {out_dir} over; its checkpoints are replaced as the new run "
+                      f"writes its own", stacklevel=2)
+
     torch.manual_seed(cfg.seed)
     model = ConceptMoEVLM(exp.vlm)
-    if cfg.init_from:  # a checkpoint in out_dir, when resuming, overrides these weights
+    if cfg.init_from and latest is None:  # a resume takes the checkpoint's weights
         load_initial_weights(model, cfg.init_from)
     if cfg.ep_size > 1:
-        if world % cfg.ep_size:
-            raise ValueError(f"train.ep_size = {cfg.ep_size} must divide the number of processes ({world})")
         swap_in_deepspeed_moe(model.lm, cfg.ep_size)
     transform = build_image_transform(model.vision, train=True)
-    data_cfg = exp.data
-    if world > 1 and not exp.data.infinite:
+    data_cfg = training_data(exp, world)
+    if data_cfg is not exp.data and rank == 0:
         # Every rank must run the same number of steps; without data.steps_per_epoch that needs
         # resampled shards. Say so rather than change the sampling silently.
-        data_cfg = replace(exp.data, resampled=True)
-        if rank == 0:
-            warnings.warn(f"{world} processes and no data.steps_per_epoch: streaming shards resampled (with "
-                          f"replacement) so that every rank runs the same steps; set data.steps_per_epoch to "
-                          f"keep epoch order", stacklevel=2)
-    loader = StreamingLoader(data_cfg, image_transform=transform, rank=rank, world_size=world)
+        warnings.warn(f"{world} processes and no data.steps_per_epoch: streaming shards resampled (with "
+                      f"replacement) so that every rank runs the same steps; set data.steps_per_epoch to "
+                      f"keep epoch order", stacklevel=2)
+    loader = StreamingLoader(data_cfg, tokenizer=tokenizer, image_transform=transform, rank=rank, world_size=world)
     engine, _, scheduler = build_engine(model, cfg, exp.data.batch_size)
-    ckpt = Checkpointer(out_dir, cfg.keep_last, rank)
-    logger = MetricsLogger(out_dir, enabled=rank == 0, tensorboard=cfg.tensorboard)
-    if rank == 0:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "config.json").write_text(json.dumps(to_dict(exp), indent=2, default=str))
 
     step, skipped_steps, consecutive_bad = 0, 0, 0
-    latest = ckpt.latest() if cfg.resume else None
     if latest is not None:
         state = ckpt.load(engine, latest)
+        apply_hyperparameters(scheduler, cfg)  # lr, betas, weight decay as configured now
         step, skipped_steps = state["step"], state["skipped_steps"]
-        loader.load_state_dict(state["loader"])
+        same_stream = loader.load_state_dict(state["loader"])
         if rank == 0:
             print(f"resumed from {latest} at step {step}")
+            if diff["applied"] or diff["ignored"]:
+                note = "" if same_stream else "; the data position was saved for other shards: this epoch starts over"
+                warnings.warn(resume.describe(diff, step, out_dir) + note, stacklevel=2)
+                resume.record(out_dir, step, diff)
+    if rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if latest is None or diff["applied"] or diff["ignored"]:  # the run's config as it is from now on
+            (out_dir / "config.json").write_text(json.dumps(to_dict(exp), indent=2, default=str))
+    logger = MetricsLogger(out_dir, enabled=rank == 0, tensorboard=cfg.tensorboard, start_step=step)
 
     stop = {"signal": None}
 
@@ -152,41 +189,54 @@ def train(exp: ExperimentConfig) -> dict[str, Any]:
 
     old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     monitor = CollapseMonitor(exp.model.chunk.targets() if exp.model.chunk.enabled else {})
+    # fp32 ZeRO-0: DeepSpeed steps our AdamW itself, with no non-finite check: the loop checks the gradient
+    # norm and sets the optimizer's `overflow` (ZeRO-1/2 and bf16 optimizers check on their own)
+    checks_gradients = engine.optimizer is scheduler.optimizer
+    controller = [b for name, b in engine.module.named_buffers() if name.endswith("ratio_mu")]
     batches = forever(loader)
     bar = tqdm(total=cfg.steps, initial=step, disable=rank != 0, desc="train", dynamic_ncols=True)
     summary: dict[str, Any] = {}
+    stopping = False
     t_data = t_step = t_after = 0.0  # data wait (inside steps), step time, logging + checkpoints after steps
+    saved_step = step
+
+    def save() -> None:
+        nonlocal saved_step
+        ckpt.save(engine, step, {"loader": loader.state_dict(), "skipped_steps": skipped_steps}, record)
+        saved_step = step
+
     try:
-        while step < cfg.steps and stop["signal"] is None:
+        while step < cfg.steps and not stopping:
             t0 = time.perf_counter()
             if exp.model.chunk.enabled and cfg.ratio_ramp_steps:  # a function of the step: resumes exactly
                 model.lm.forced_boundary_prob = max(0.0, 1.0 - step / cfg.ratio_ramp_steps)
                 # the achieved R is below target by design while boundaries are forced: no collapse alarm
                 monitor.targets = {} if model.lm.forced_boundary_prob > 0 else exp.model.chunk.targets()
-            tokens, bad, parts, norm = 0, False, [], None
-            for _ in range(cfg.grad_accum):
+            controller_before = [b.clone() for b in controller]
+            tokens, parts, norm = 0, [], None
+            for micro in range(cfg.grad_accum):
                 t1 = time.perf_counter()
                 batch = next(batches)
                 t_data += time.perf_counter() - t1
                 out = engine(**batch)
-                if not torch.isfinite(out.loss):
-                    bad = True
-                    break
-                engine.backward(out.loss)
-                if cfg.zero_stage == 0:
-                    norm = grad_norm(engine.module)
-                    if norm is not None and not math.isfinite(norm):
-                        bad = True
-                        break
+                # A non-finite loss goes through backward and step like any other, as NaN gradients (a host
+                # sync-free factor, exactly 1 otherwise): DeepSpeed's accumulation stays in phase
+                # (micro_steps = global_steps x grad_accum), the whole group's update is skipped, and with
+                # several processes the gradient reduction carries the NaN to every rank, so all skip it.
+                engine.backward(out.loss * torch.where(torch.isfinite(out.loss), 1.0, math.nan))
+                if micro == cfg.grad_accum - 1:
+                    if checks_gradients:
+                        norm = grad_norm(engine.module)
+                    bad_gradient = checks_gradients and (norm is None or not math.isfinite(norm))
+                    stopping, skip = sync_step(stop["signal"] is not None, bad_gradient, controller, world)
+                    if checks_gradients:
+                        engine.optimizer.overflow = skip
                 engine.step()
                 tokens += int((batch["doc_ids"] >= 0).sum())
                 parts.append(out)
-            if not bad and cfg.zero_stage > 0 and not engine.was_step_applied():
-                # ZeRO-1/2: the gradients live in DeepSpeed's partitions; its step finds a non-finite
-                # global norm (all-reduced over ranks, so every rank agrees) and skips the update
-                bad = True
-            if bad:
-                engine.optimizer.zero_grad()
+            if not engine.was_step_applied():  # a non-finite loss or gradient in the group, on some rank
+                for b, before in zip(controller, controller_before):
+                    b.copy_(before)
                 skipped_steps += 1
                 consecutive_bad += 1
                 if consecutive_bad >= cfg.max_nonfinite:
@@ -225,11 +275,11 @@ def train(exp: ExperimentConfig) -> dict[str, Any]:
             bar.set_postfix(loss=f"{metrics['lm_loss']:.3f}", tok_s=f"{metrics['tokens_per_s']:.0f}",
                             **{k: "-" if v is None else f"{v:.2f}" for k, v in r.items()})
             summary = metrics
-            if step % cfg.ckpt_every == 0 or step == cfg.steps or stop["signal"] is not None:
-                ckpt.save(engine, step, {"loader": loader.state_dict(), "skipped_steps": skipped_steps})
+            if step % cfg.ckpt_every == 0 or step == cfg.steps or stopping:
+                save()
             t_after += time.perf_counter() - t1
-        if stop["signal"] is not None and step % cfg.ckpt_every and step != cfg.steps:
-            ckpt.save(engine, step, {"loader": loader.state_dict(), "skipped_steps": skipped_steps})
+        if stopping and saved_step != step:
+            save()  # stopped right after a skipped step
     finally:
         bar.close()
         for s, h in old_handlers.items():
@@ -239,13 +289,19 @@ def train(exp: ExperimentConfig) -> dict[str, Any]:
                "data_wait_fraction": t_data / max(t_step, 1e-9),
                # the loop's own cost (data wait, metrics, logging, checkpoints) as a share of wall time
                "loop_overhead_fraction": (t_data + t_after) / max(t_step + t_after, 1e-9),
-               "interrupted": stop["signal"] is not None}
-    if cfg.heldout_shards and stop["signal"] is None:  # every rank: expert-parallel layers are collective
+               "interrupted": stopping}
+    if cfg.heldout_shards and not stopping:  # every rank: expert-parallel layers are collective
         eval_cfg = replace(exp.data, shards=cfg.heldout_shards, num_workers=0, shuffle_buffer=0, resampled=False,
                            steps_per_epoch=None)
-        eval_loader = StreamingLoader(eval_cfg, image_transform=build_image_transform(model.vision, train=False))
+        eval_loader = StreamingLoader(eval_cfg, tokenizer=tokenizer,
+                                      image_transform=build_image_transform(model.vision, train=False))
         summary["heldout"] = evaluate(model, eval_loader, cfg.eval_batches)
-    if stop["signal"] is None:
+        if not summary["heldout"]["predicted_tokens"]:
+            summary["heldout"]["error"] = (f"train.heldout_shards = {cfg.heldout_shards!r} gave no token to predict "
+                                           f"(skipped: {eval_loader.skipped}): no held-out loss")
+            if rank == 0:
+                warnings.warn(summary["heldout"]["error"], stacklevel=2)
+    if not stopping:
         state = plain_state_dict(engine.module)  # collective: gathers expert-parallel shards
         if rank == 0:
             summary["exported"] = str(save_pretrained(engine.module, out_dir / "final", exp.data.tokenizer, state=state))

@@ -1,4 +1,5 @@
 import pytest
+import torch
 
 from data_pipelines.builtin import write_builtin_dataset
 
@@ -19,3 +20,15 @@ def builtin_data(tmp_path_factory):
 def overrides(data, out_dir, *extra: str) -> list[str]:
     return TINY_OVERRIDES + [f"data.shards={data['train']}", f"train.heldout_shards={data['heldout']}",
                              f"train.out_dir={out_dir}", *extra]
+
+
+class NaNGradient(torch.autograd.Function):
+    """Identity forward; a NaN gradient backward: a finite loss whose gradients are not."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * float("nan")

@@ -13,7 +13,7 @@ import torch
 from cmoe_vlm.config import ConfigError
 from cmoe_vlm.training.config import load_experiment
 
-from .conftest import overrides
+from .conftest import NaNGradient, overrides
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -53,32 +53,54 @@ def test_single_process_run_learns(builtin_data, tmp_path):
         assert key in m[40], key
 
 
-def test_kill_and_resume_follows_the_same_trajectory(builtin_data, tmp_path):
-    common = ["train.steps=8", "train.ckpt_every=3", "train.keep_last=5", "data.num_workers=2",
+def wait_for_steps(out_dir: Path, n: int, proc: subprocess.Popen) -> None:
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None:
+        if (out_dir / "metrics.jsonl").exists() and len((out_dir / "metrics.jsonl").read_text().splitlines()) >= n:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"{out_dir}: {n} steps not logged (exit code {proc.poll()})")
+
+
+def checkpoints(out_dir: Path) -> list[str]:
+    return sorted(p.name for p in (out_dir / "checkpoints").iterdir() if p.name.startswith("step_"))
+
+
+def test_sigterm_to_the_process_group_then_kill_9_resume_on_the_same_trajectory(builtin_data, tmp_path):
+    """A scheduler's SIGTERM to the whole process group (DataLoader workers included) checkpoints and
+    exits 0; a later kill -9 loses only the steps since the last checkpoint; both resumes continue the
+    uninterrupted run's trajectory exactly, and metrics.jsonl keeps one row per step."""
+    common = ["train.steps=10", "train.ckpt_every=3", "train.keep_last=5", "data.num_workers=2",
               "train.heldout_shards="]
-    ref_dir, run_dir = tmp_path / "ref", tmp_path / "killed"
+    ref_dir, run_dir = tmp_path / "ref", tmp_path / "interrupted"
     ref = run_train(overrides(builtin_data, ref_dir, *common))
     log, _ = ref.communicate(timeout=900)
     assert ref.returncode == 0, log[-3000:]
 
-    victim = run_train(overrides(builtin_data, run_dir, *common))
-    deadline = time.time() + 600
-    while time.time() < deadline:  # kill -9 once step 4 is logged (after the step-3 checkpoint)
-        if (run_dir / "metrics.jsonl").exists() and len((run_dir / "metrics.jsonl").read_text().splitlines()) >= 4:
-            break
-        time.sleep(0.05)
-    victim.send_signal(signal.SIGKILL)
-    victim.communicate()
-    assert not (run_dir / "summary.json").exists()
-    done = sorted(p.name for p in (run_dir / "checkpoints").iterdir() if p.name.startswith("step_"))
-    assert done and done[-1] in ("step_00000003", "step_00000006")
+    victim = run_train(overrides(builtin_data, run_dir, *common), start_new_session=True)  # its own group
+    wait_for_steps(run_dir, 2, victim)
+    os.killpg(victim.pid, signal.SIGTERM)  # as scancel / systemd: every process of the group
+    log, _ = victim.communicate(timeout=300)
+    assert victim.returncode == 0, log[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["interrupted"] and 2 <= summary["step"] < 10
+    assert checkpoints(run_dir)[-1] == f"step_{summary['step']:08d}"
 
-    resumed = run_train(overrides(builtin_data, run_dir, *common))
-    log, _ = resumed.communicate(timeout=900)
-    assert resumed.returncode == 0, log[-3000:]
+    resumed = run_train(overrides(builtin_data, run_dir, *common), start_new_session=True)
+    wait_for_steps(run_dir, 7, resumed)  # past the step-6 checkpoint
+    resumed.send_signal(signal.SIGKILL)
+    resumed.communicate()
+    assert checkpoints(run_dir)[-1] in ("step_00000006", "step_00000009")
+
+    final = run_train(overrides(builtin_data, run_dir, *common))
+    log, _ = final.communicate(timeout=900)
+    assert final.returncode == 0, log[-3000:]
     assert "resumed from" in log
+    assert not json.loads((run_dir / "summary.json").read_text())["interrupted"]
+    rows = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert rows == list(range(1, 11))  # the replayed steps are not logged twice
     a, b = read_metrics(ref_dir), read_metrics(run_dir)
-    for step in range(1, 9):
+    for step in range(1, 11):
         for key in ("loss", "lm_loss", "ratio_loss", "lb_loss", "ratio_all"):
             assert a[step][key] == b[step][key], (step, key, a[step][key], b[step][key])
 
@@ -115,18 +137,6 @@ def test_nonfinite_steps_are_skipped_and_counted(builtin_data, tmp_path, monkeyp
         loop.train(exp)
 
 
-class _NaNGradient(torch.autograd.Function):
-    """Identity forward; a NaN gradient backward: a finite loss whose gradients are not."""
-
-    @staticmethod
-    def forward(ctx, x):
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, g):
-        return g * float("nan")
-
-
 @pytest.mark.parametrize("zero_stage", [0, 2])
 def test_nonfinite_gradient_steps_are_skipped(builtin_data, tmp_path, monkeypatch, zero_stage):
     """The loss is finite but the gradients are NaN: on ZeRO-0 our own norm check, on ZeRO-2
@@ -141,7 +151,7 @@ def test_nonfinite_gradient_steps_are_skipped(builtin_data, tmp_path, monkeypatc
         out = real_forward(self, *args, **kwargs)
         calls["n"] += 1
         if self.training and calls["n"] == 3:
-            out.loss = _NaNGradient.apply(out.loss)
+            out.loss = NaNGradient.apply(out.loss)
         return out
 
     monkeypatch.setattr(ConceptMoEVLM, "forward", forward)

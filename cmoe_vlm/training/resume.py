@@ -1,0 +1,98 @@
+"""What a resume may change: the requested config against the checkpoint's, before anything is built.
+
+- Refused (a ConfigError naming the fields and the ways out): the model (`model`, `vision`,
+  `projector`) and what the checkpoint's layout or the data position depend on: the number of
+  processes, `train.ep_size`, the ZeRO stage, bf16, `data.num_workers`, `data.seed`, `data.tokenizer`,
+  `data.image_size`. DeepSpeed cannot load a checkpoint into another layout, and its universal
+  checkpoint does not cover DeepSpeed MoE's expert files; the route is an export of the checkpoint's
+  weights into `train.init_from` (optimizer state and data position start afresh).
+- Applied from the resumed step, with a warning, and recorded in OUT/config_changes.jsonl: everything
+  else (schedule, lr, batch size, seq_len, shards, ...). A position saved for other shards starts its
+  epoch over on the new ones.
+- Ignored (they only matter at a run's start): `train.seed`, `train.init_from`, `vision.pretrained`,
+  `vision.checkpoint_path`.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from ..config import ConfigError, to_dict
+from .config import ExperimentConfig
+from .engine import deepspeed_config
+
+REFUSED_PREFIXES = ("model.", "vision.", "projector.", "topology.")
+REFUSED = {"train.ep_size", "data.num_workers", "data.seed", "data.tokenizer", "data.image_size",
+           "data.tokens_per_image"}
+IGNORED = {"train.seed", "train.init_from", "train.resume", "train.out_dir", "vision.pretrained",
+           "vision.checkpoint_path"}
+CHANGES = "config_changes.jsonl"
+
+
+def experiment_record(exp: ExperimentConfig, world_size: int) -> dict[str, Any]:
+    """The config and topology stored with every checkpoint (plain JSON data)."""
+    ds = deepspeed_config(exp.train, exp.data.batch_size)
+    topology = {"world_size": world_size, "zero_stage": ds["zero_optimization"]["stage"],
+                "bf16": ds["bf16"]["enabled"]}
+    return json.loads(json.dumps({"config": to_dict(exp), "topology": topology}, default=str))
+
+
+def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict) and v:
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def compare(saved: dict[str, Any], requested: dict[str, Any]) -> dict[str, dict[str, list]]:
+    """Differences between two `experiment_record`s: {"refused" | "applied" | "ignored": {field: [old, new]}}."""
+    old = {**_flat(saved["config"]), **_flat(saved["topology"], "topology.")}
+    new = {**_flat(requested["config"]), **_flat(requested["topology"], "topology.")}
+    out: dict[str, dict[str, list]] = {"refused": {}, "applied": {}, "ignored": {}}
+    for key in sorted(set(old) | set(new)):
+        if old.get(key) == new.get(key):
+            continue
+        kind = ("ignored" if key in IGNORED else
+                "refused" if key in REFUSED or key.startswith(REFUSED_PREFIXES) else "applied")
+        out[kind][key] = [old.get(key), new.get(key)]
+    return out
+
+
+def _shown(key: str, values: list) -> str:
+    name = {"topology.world_size": "number of processes", "topology.zero_stage": "ZeRO stage",
+            "topology.bf16": "bf16"}.get(key, key)
+    return f"{name} ({values[0]!r} -> {values[1]!r})"
+
+
+def check_resume(checkpoint: Path, diff: dict[str, dict[str, list]]) -> None:
+    """Refuse a resume that changes the model or the checkpoint's layout, in one line with the ways out."""
+    refused = diff["refused"]
+    if not refused:
+        return
+    fields = ", ".join(_shown(k, v) for k, v in refused.items())
+    raise ConfigError(
+        f"cannot resume {checkpoint} with a different {fields}: use another train.out_dir (or train.resume=false "
+        f"to start this one over), or continue from its weights with train.init_from=DIR after "
+        f"`python -m cmoe_vlm.training.checkpoint {checkpoint} --out DIR` (optimizer state and data position start afresh)")
+
+
+def describe(diff: dict[str, dict[str, list]], step: int, out_dir: Path) -> str:
+    parts = []
+    if diff["applied"]:
+        parts.append(f"applied from step {step}: " + ", ".join(_shown(k, v) for k, v in diff["applied"].items()))
+    if diff["ignored"]:
+        parts.append("ignored on resume: " + ", ".join(_shown(k, v) for k, v in diff["ignored"].items()))
+    return f"resuming with a changed config; {'; '.join(parts)} (recorded in {out_dir / CHANGES})"
+
+
+def record(out_dir: Path, step: int, diff: dict[str, dict[str, list]]) -> None:
+    """Append the changes of a resume to OUT/config_changes.jsonl."""
+    line = {"step": step, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "applied": diff["applied"],
+            "ignored": diff["ignored"]}
+    with open(out_dir / CHANGES, "a") as f:
+        f.write(json.dumps(line) + "\n")
