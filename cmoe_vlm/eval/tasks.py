@@ -40,7 +40,7 @@ from typing import Any
 import yaml
 from PIL import Image
 
-from data_pipelines.shards import qa_prompt
+from data_pipelines.shards import qa_prompt, to_rgb
 
 from .runner import ModelRunner, bits_per_byte
 
@@ -83,7 +83,7 @@ class Task:
             return None
         path = self.data.parent / rec["image"]
         with Image.open(path) as img:
-            return img.convert("RGB")
+            return to_rgb(img)  # 16-bit PNGs scaled, not clipped to white
 
 
 def load_suite(path: str | Path) -> list[Task]:

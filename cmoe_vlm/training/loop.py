@@ -143,9 +143,13 @@ def train(exp: ExperimentConfig) -> dict[str, Any]:
     if latest is not None:
         diff = resume.compare(Checkpointer.experiment(latest), record)
         resume.check_resume(latest, diff)
-    elif ckpt.latest() is not None and rank == 0:
-        warnings.warn(f"train.resume = false: starting {out_dir} over; its checkpoints are replaced as the new run "
-                      f"writes its own", stacklevel=2)
+    elif ckpt.latest() is not None:  # train.resume = false: start over, the previous run kept aside
+        if rank == 0:
+            aside = resume.set_aside(out_dir)
+            warnings.warn(f"train.resume = false: starting {out_dir} over; the previous run's files are in {aside}",
+                          stacklevel=2)
+        if world > 1:
+            dist.barrier()
 
     torch.manual_seed(cfg.seed)
     model = ConceptMoEVLM(exp.vlm)

@@ -11,10 +11,14 @@
   epoch over on the new ones.
 - Ignored (they only matter at a run's start): `train.seed`, `train.init_from`, `vision.pretrained`,
   `vision.checkpoint_path`.
+
+`train.resume=false` in a folder with checkpoints starts over there: the previous run's files are moved
+into OUT/previous-<time>/ first, so its checkpoints neither get mixed with the new run's nor lost.
 """
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -96,3 +100,13 @@ def record(out_dir: Path, step: int, diff: dict[str, dict[str, list]]) -> None:
             "ignored": diff["ignored"]}
     with open(out_dir / CHANGES, "a") as f:
         f.write(json.dumps(line) + "\n")
+
+
+def set_aside(out_dir: Path) -> Path:
+    """Move everything in `out_dir` (but earlier set-aside runs) into out_dir/previous-<time>/."""
+    into = out_dir / f"previous-{time.strftime('%Y%m%d-%H%M%S')}"
+    into.mkdir()
+    for entry in out_dir.iterdir():
+        if entry != into and not entry.name.startswith("previous-"):
+            shutil.move(str(entry), str(into / entry.name))
+    return into

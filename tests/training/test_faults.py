@@ -126,7 +126,8 @@ def test_crafted_pickles_in_a_checkpoint_do_not_run_on_resume(builtin_data, tmp_
     assert not marker.exists()
     shutil.rmtree(ckpt)
     shutil.copytree(pristine, ckpt)  # the real files load: the allow-list covers ZeRO-1's optimizer state
-    summary = loop.train(experiment(builtin_data, out, "train.steps=3", "train.ckpt_every=2", "train.zero_stage=1"))
+    with pytest.warns(UserWarning, match=r"applied from step 2: train.steps \(2 -> 3\)"):
+        summary = loop.train(experiment(builtin_data, out, "train.steps=3", "train.ckpt_every=2", "train.zero_stage=1"))
     assert summary["step"] == 3
 
 
@@ -164,6 +165,13 @@ def test_resume_refuses_model_and_layout_changes_and_records_the_rest(builtin_da
     summary = loop.train(experiment(builtin_data, tmp_path / "wider", "train.steps=1", "train.zero_stage=2",
                                     f"train.init_from={export}"))
     assert summary["step"] == 1
+
+    # train.resume=false starts over in the same folder, with the previous run moved aside, not mixed in
+    with pytest.warns(UserWarning, match="previous run's files are in"):
+        loop.train(experiment(builtin_data, out, "train.steps=1", "train.resume=false", "model.moe.num_experts=8"))
+    aside = next(out.glob("previous-*"))
+    assert checkpoints(out) == ["step_00000001"] and checkpoints(aside) == ["step_00000002", "step_00000003"]
+    assert sorted(read_metrics(out)) == [1] and sorted(read_metrics(aside)) == [1, 2, 3]
 
 
 # ----------------------------------------------------------------------------- errors before anything is built
