@@ -10,7 +10,7 @@ previous checkpoints as they were.
 
 What a resume trusts: our own files hold no code (safetensors + JSON). DeepSpeed's files are
 pickles; they are read with `torch.load(weights_only=True)`, which only rebuilds tensors, plain
-containers and the few DeepSpeed classes in DEEPSPEED_GLOBALS (the ZeRO optimizer state files need
+containers and the few DeepSpeed classes of `deepspeed_globals` (the ZeRO optimizer state files need
 them), so a crafted file is refused instead of run. Checkpoints of the older pickle format (`rank*.pt`)
 are refused with the way out.
 
@@ -65,9 +65,9 @@ def load_deepspeed_file(path: str | Path, map_location=None) -> Any:
         with torch.serialization.safe_globals(deepspeed_globals()):
             return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0]
+        lines = [line for line in str(e).splitlines() if "GLOBAL" in line] or str(e).strip().splitlines()[:1]
         raise CheckpointError(f"{path}: refused to load (it holds more than tensors and DeepSpeed's checkpoint "
-                              f"types, so unpickling it could run code): {first}") from None
+                              f"types, so unpickling it could run code): {lines[0].strip()}") from None
 
 
 # ----------------------------------------------------------------------------------------- RNG state
