@@ -7,7 +7,6 @@ import shutil
 import stat
 import subprocess
 import sys
-import warnings
 from pathlib import Path
 
 import pytest
@@ -223,7 +222,6 @@ def test_heldout_set_without_tokens_reports_no_loss(builtin_data, tmp_path):
 # ----------------------------------------------------------------------------- export
 
 def test_export_refuses_nonfinite_weights_and_is_as_readable_as_its_config(tmp_path):
-    from tests.training.conftest import TINY_OVERRIDES  # noqa: F401  (the same tiny sizes)
     model = ConceptMoEVLM(VLMConfig())
     out = save_pretrained(model, tmp_path / "ok")
     mode = stat.S_IMODE((out / "model.safetensors").stat().st_mode)
