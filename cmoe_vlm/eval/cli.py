@@ -73,10 +73,12 @@ def markdown(results: dict[str, dict[str, Any]]) -> str:
     row("chunking", [r["chunking"] for r in results.values()], "{}")
     tasks = {t: v["type"] for r in results.values() for t, v in r["tasks"].items()}
     for t, kind in tasks.items():
-        metrics = {"multiple_choice": ["acc", "acc_norm"], "vqa": ["exact_match"],
+        metrics = {"multiple_choice": ["acc", "acc_norm"], "vqa": ["exact_match", "vqa_accuracy"],
                    "caption": ["cider", "bleu4", "rouge_l"], "perplexity": ["bits_per_byte"]}[kind]
         for m in metrics:
             vals = [r["tasks"].get(t, {}).get(m) for r in results.values()]
+            if all(v is None for v in vals):  # e.g. vqa_accuracy on single-answer records
+                continue
             n = next(r["tasks"][t]["n"] for r in results.values() if t in r["tasks"])
             suffix = " (lower is better)" if m == "bits_per_byte" else ""
             chance = next((r["tasks"][t].get("chance") for r in results.values() if t in r["tasks"]), None)
