@@ -4,6 +4,7 @@ image multiple-choice and VQA tasks; both agree with our own scoring and generat
 sample. Generation options, batching and errors of the adapters."""
 import glob
 import json
+import math
 import os
 import random
 import subprocess
@@ -15,6 +16,7 @@ import pytest
 
 from cmoe_vlm.eval import harness
 from cmoe_vlm.eval.harness import GenerationOptions
+from cmoe_vlm.eval.harness_tasks import write_harness_tasks
 
 lm_eval = pytest.importorskip("lm_eval")
 
@@ -67,10 +69,17 @@ def test_lm_eval_cli_runs_local_tasks_like_our_scoring(trained_model, runner, tm
         "task: cmoe_tables_gen\n" + common + "output_type: generate_until\ndoc_to_target: '{{answer}}'\n"
         "generation_kwargs:\n  until: ['\\n', '.']\n  max_gen_toks: 6\n  do_sample: false\n"
         "metric_list:\n  - metric: exact_match\n")
+    # and a perplexity task from one of our task files, written by cmoe_vlm.eval.harness_tasks
+    texts = [f"Table of {a}:\n" + "\n".join(f"{a} times {b} is {a * b}." for b in range(1, 11)) for a in (3, 7)]
+    (tmp_path / "ours").mkdir()
+    (tmp_path / "ours" / "perplexity_tables.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    assert write_harness_tasks(tmp_path / "ours" / "perplexity_tables.jsonl", tmp_path, "lm-eval") == \
+        ["cmoe_perplexity_tables"]
     out = tmp_path / "out"
     proc, log = run_cli([sys.executable, "-c", "from cmoe_vlm.eval.harness import lm_eval_main; lm_eval_main()",
                          "--model", "cmoe-vlm", "--model_args", f"pretrained={trained_model}",
-                         "--tasks", "cmoe_tables,cmoe_tables_gen", "--include_path", str(tmp_path),
+                         "--tasks", "cmoe_tables,cmoe_tables_gen,cmoe_perplexity_tables",
+                         "--include_path", str(tmp_path),
                          "--batch_size", "5", "--output_path", str(out), "--log_samples"])
     assert proc.returncode == 0, log[-4000:]
     assert "CUDA is not available: running on the CPU" in log and "cmoe-vlm generate_until" in log, log[-3000:]
@@ -92,7 +101,11 @@ def test_lm_eval_cli_runs_local_tasks_like_our_scoring(trained_model, runner, tm
     for s, x in zip(gen, items):
         (expected,) = runner.generate([[x["question"]]], 6, stop=("\n", "."))
         assert s["resps"] == [[expected]], (s, expected)
-    print(f"lm-eval CLI: acc {results['cmoe_tables']['acc,none']:.2f} (chance 0.25), "
+    # rolling log-likelihood: lm-eval's bits per byte from our adapter's sums
+    lls = harness.CMoELMEval(runner).loglikelihood_rolling([req(t) for t in texts])
+    bpb = -sum(lls) / math.log(2) / sum(len(t.encode()) for t in texts)
+    assert results["cmoe_perplexity_tables"]["bits_per_byte,none"] == pytest.approx(bpb, rel=1e-4)
+    print(f"lm-eval CLI: acc {results['cmoe_tables']['acc,none']:.2f} (chance 0.25), bits/byte {bpb:.3f}, "
           f"exact match {results['cmoe_tables_gen']['exact_match,none']:.2f}")
 
 
@@ -211,7 +224,7 @@ def _lmms_python() -> Path:
 
 def test_lmms_eval_cli_runs_local_image_tasks_like_our_tasks(trained_model, runner, tmp_path):
     """The real lmms-eval 0.7.3 CLI finds our model through the entry point and runs local image
-    multiple-choice and VQA tasks (written by cmoe_vlm.eval.lmms_tasks from our task files) plus a
+    multiple-choice and VQA tasks (written by cmoe_vlm.eval.harness_tasks from our task files) plus a
     text multiple-choice task the model solves: per sample, the scores it ranks are our losses and
     the answers it scores are our generations. lmms-eval exits 0 even when evaluation crashed, so
     the results files are what is checked."""
@@ -220,7 +233,6 @@ def test_lmms_eval_cli_runs_local_image_tasks_like_our_tasks(trained_model, runn
     from data_pipelines.builtin import FILLER
 
     from cmoe_vlm.eval.builtin_suite import write_builtin_suite
-    from cmoe_vlm.eval.lmms_tasks import write_lmms_tasks
     from cmoe_vlm.eval.tasks import load_suite, run_task
 
     python = _lmms_python()
@@ -240,7 +252,7 @@ def test_lmms_eval_cli_runs_local_image_tasks_like_our_tasks(trained_model, runn
         "- {name: mc_filler, type: multiple_choice, data: mc_filler.jsonl}\n"
         "- {name: vqa, type: vqa, data: vqa.jsonl, max_new_tokens: 8}\n")
     tasks_dir, out = tmp_path / "lmms_tasks", tmp_path / "out"
-    names = write_lmms_tasks(suite.parent, tasks_dir)
+    names = write_harness_tasks(suite.parent, tasks_dir, "lmms-eval")
     assert names == ["cmoe_mc_colour", "cmoe_mc_filler", "cmoe_vqa"]
     proc, log = run_cli([str(python.parent / "lmms-eval"), "--model", "cmoe_vlm", "--model_args",
                          f"pretrained={trained_model}", "--tasks", ",".join(names), "--include_path", str(tasks_dir),
