@@ -12,7 +12,7 @@ MAIN=${1:?usage: $0 MAIN_VENV LMMS_VENV}
 LMMS=${2:?usage: $0 MAIN_VENV LMMS_VENV}
 STAMP=$LMMS/.cmoe-setup-stamp
 WANT="$(sha256sum pyproject.toml scripts/setup_lmms_venv.sh | sha256sum | cut -c1-16)"
-CHECK="import lmms_eval, torch, cmoe_vlm.eval.harness as h; from importlib.metadata import entry_points; \
+CHECK="import lmms_eval, torch, cmoe_vlm.eval.harness; from importlib.metadata import entry_points; \
 assert any(e.name == 'cmoe_vlm' for e in entry_points(group='lmms_eval.models')), 'entry point missing'"
 
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$WANT" ] && "$LMMS/bin/python" -c "$CHECK" 2>/dev/null; then
@@ -25,7 +25,7 @@ SITE_LMMS=$("$LMMS/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()
 # addsitedir (not a bare path) also runs MAIN's .pth files, e.g. its editable install of this repo
 echo "import site; site.addsitedir('$(cd "$SITE_MAIN" && pwd)')" > "$SITE_LMMS/cmoe-main-venv.pth"
 "$LMMS/bin/python" -m pip install --disable-pip-version-check -q -e ".[lmms]"
-"$LMMS/bin/python" -c "$CHECK; import sys; \
+"$LMMS/bin/python" -c "$CHECK; \
 assert torch.__file__.startswith('$(cd "$SITE_MAIN" && pwd)'), f'a second torch was installed: {torch.__file__}'"
 echo "$WANT" > "$STAMP"
 echo "[setup] lmms-eval done: $("$LMMS/bin/python" -c 'import importlib.metadata as m; print("lmms-eval", m.version("lmms-eval"))'), $(du -sh "$LMMS" | cut -f1)"
