@@ -106,8 +106,7 @@ def resolve_device(device: str | None) -> str:
 
     device = device or "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
-        log.warning("device %s requested but CUDA is not available: running on the CPU", device)
-        print(f"cmoe-vlm: device {device} requested but CUDA is not available: running on the CPU", flush=True)
+        log.warning("cmoe-vlm: device %s requested but CUDA is not available: running on the CPU", device)
         return "cpu"
     return device
 
