@@ -18,8 +18,9 @@ demo: setup
 	$(PY) -m cmoe_vlm.inspect --model runs/tiny/final --data data/builtin/heldout --out runs/tiny/inspect \
 		--num-samples 32 --show 2
 
-## The whole test suite (what CI runs).
-test: setup
+## The whole test suite (what CI runs), with lmms-eval's own environment (.venv-lmms/) for its test.
+test:
+	@bash scripts/setup_venv.sh --lmms
 	$(PY) -m pytest -q --durations=15 $(ARGS)
 
 ## Everything but the multi-minute training runs.

@@ -34,7 +34,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import webdataset as wds
 from PIL import Image
 from tqdm import tqdm
 
@@ -309,6 +308,8 @@ def write_shards(
 
     Tar members get mtime 0, so the same samples always give byte-identical shards.
     """
+    import webdataset as wds  # here, not at import: it takes seconds (it loads torch); readers of this module need none
+
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     per_shard: Counter[str] = Counter()

@@ -3,8 +3,17 @@
 # Order matters: torch + torchvision first (pinned: these versions install from local disk on our
 # machines), then DeepSpeed without build isolation (its setup imports torch), then the project.
 # Re-running is cheap: a stamp file records what was installed for the current pyproject.toml.
+# --lmms: also build .venv-lmms/ for lmms-eval, layered over .venv/ (scripts/setup_lmms_venv.sh;
+# ~30 s and ~600 MB more); `make test` asks for it, the harness test runs lmms-eval from there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+LMMS=0
+for arg in "$@"; do
+  case "$arg" in
+    --lmms) LMMS=1 ;;
+    *) echo "usage: $0 [--lmms]" >&2; exit 2 ;;
+  esac
+done
 
 PY=${PYTHON:-python3}
 TORCH_PINS="torch==2.14.1 torchvision==0.29.1"
@@ -12,6 +21,7 @@ STAMP=.venv/.cmoe-setup-stamp
 WANT="$(sha256sum pyproject.toml scripts/setup_venv.sh | sha256sum | cut -c1-16)"
 
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$WANT" ] && .venv/bin/python -c "import torch, deepspeed, timm, webdataset, cmoe_vlm" 2>/dev/null; then
+  [ "$LMMS" = 0 ] || bash scripts/setup_lmms_venv.sh .venv .venv-lmms
   exit 0
 fi
 
@@ -27,3 +37,4 @@ echo "[setup] cmoe-vlm (editable) with dev and eval extras"
 $PIP -e ".[dev,eval]"
 echo "$WANT" > "$STAMP"
 echo "[setup] done: $(.venv/bin/python -c 'import torch, deepspeed, timm; print("torch", torch.__version__, "deepspeed", deepspeed.__version__, "timm", timm.__version__)' 2>/dev/null)"
+[ "$LMMS" = 0 ] || bash scripts/setup_lmms_venv.sh .venv .venv-lmms

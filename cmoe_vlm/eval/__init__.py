@@ -4,8 +4,17 @@
 
 `runner.ModelRunner` loads a checkpoint and scores/generates; `tasks` runs multiple choice, VQA,
 captioning and perplexity tasks from JSONL; `builtin_suite` writes the built-in suite;
-`long_context` runs passkey and needle-in-a-haystack probes; `harness` adapts to the harnesses.
+`long_context` runs passkey and needle-in-a-haystack probes; `harness` adapts to lm-eval and
+`lmms_adapter` to lmms-eval. Importing this package is cheap (torch loads with `runner`), so
+command-line help and harness plugin discovery stay fast.
 """
-from .runner import ModelRunner, Scored
+from typing import Any
 
 __all__ = ["ModelRunner", "Scored"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in __all__:
+        from . import runner
+        return getattr(runner, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

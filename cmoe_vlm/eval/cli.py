@@ -20,11 +20,10 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .long_context import DEFAULT_DEPTHS, PROBES, run_probes, write_report
-from .runner import ModelRunner
-from .tasks import HEADLINE, load_suite, run_task
+if TYPE_CHECKING:  # the evaluation modules load torch: imported after the arguments are parsed
+    from .runner import ModelRunner
 
 
 def model_name(folder: str) -> str:
@@ -40,6 +39,10 @@ def compression_on_builtin(runner: ModelRunner, n: int) -> dict[str, float]:
 
 
 def evaluate_model(folder: str, suite: list | None, out: Path, args: argparse.Namespace) -> dict[str, Any]:
+    from .long_context import run_probes, write_report
+    from .runner import ModelRunner
+    from .tasks import HEADLINE, run_task
+
     runner = ModelRunner.load(folder, batch_size=args.batch_size)
     name = model_name(folder)
     res: dict[str, Any] = {"dir": str(folder), "params": sum(p.numel() for p in runner.model.parameters()),
@@ -73,10 +76,12 @@ def markdown(results: dict[str, dict[str, Any]]) -> str:
     row("chunking", [r["chunking"] for r in results.values()], "{}")
     tasks = {t: v["type"] for r in results.values() for t, v in r["tasks"].items()}
     for t, kind in tasks.items():
-        metrics = {"multiple_choice": ["acc", "acc_norm"], "vqa": ["exact_match"],
+        metrics = {"multiple_choice": ["acc", "acc_norm"], "vqa": ["exact_match", "vqa_accuracy"],
                    "caption": ["cider", "bleu4", "rouge_l"], "perplexity": ["bits_per_byte"]}[kind]
         for m in metrics:
             vals = [r["tasks"].get(t, {}).get(m) for r in results.values()]
+            if all(v is None for v in vals):  # e.g. vqa_accuracy on single-answer records
+                continue
             n = next(r["tasks"][t]["n"] for r in results.values() if t in r["tasks"])
             suffix = " (lower is better)" if m == "bits_per_byte" else ""
             chance = next((r["tasks"][t].get("chance") for r in results.values() if t in r["tasks"]), None)
@@ -99,22 +104,34 @@ def markdown(results: dict[str, dict[str, Any]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m cmoe_vlm.eval", description=__doc__,
+    ap = argparse.ArgumentParser(prog="cmoe-eval", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", action="append", required=True, help="checkpoint folder; repeat for side by side")
-    ap.add_argument("--suite", default="builtin", help="builtin | suite folder/YAML | <type>*.jsonl | none")
-    ap.add_argument("--out", required=True)
+    ap.add_argument("--model", action="append", required=True,
+                    help="exported checkpoint folder (e.g. runs/tiny/final); repeat for side by side")
+    ap.add_argument("--suite", default="builtin",
+                    help="builtin (default) | suite folder or YAML | <type>*.jsonl task file | none")
+    ap.add_argument("--out", required=True, help="output folder for results.json, results.md, reports")
     ap.add_argument("--limit", type=int, default=None, help="records per task (default: all)")
-    ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--no-long-context", action="store_true")
-    ap.add_argument("--probes", nargs="+", default=list(PROBES), choices=PROBES)
+    ap.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass (default 8)")
+    ap.add_argument("--no-long-context", action="store_true", help="skip the passkey / needle probes")
+    ap.add_argument("--probes", nargs="+", default=None, metavar="PROBE",
+                    help="long-context probes to run (default: all in cmoe_vlm/eval/long_context.py: passkey, needle)")
     ap.add_argument("--lengths", nargs="+", type=int, default=None,
                     help="context lengths in tokens (default 1024, 2048, ... up to max_seq_len)")
-    ap.add_argument("--depths", nargs="+", type=float, default=list(DEFAULT_DEPTHS))
-    ap.add_argument("--samples", type=int, default=3, help="probe samples per (length, depth) cell")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--compression-samples", type=int, default=32)
+    ap.add_argument("--depths", nargs="+", type=float, default=None,
+                    help="where the key / needle sits: 0 = start of the context, 1 = end (default 0 0.25 0.5 0.75 1)")
+    ap.add_argument("--samples", type=int, default=3, help="probe samples per (length, depth) cell (default 3)")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the probe contents (default 0)")
+    ap.add_argument("--compression-samples", type=int, default=32,
+                    help="built-in held-out samples for the per-modality compression ratios (default 32; 0 = skip)")
     args = ap.parse_args(argv)
+    from .long_context import DEFAULT_DEPTHS, PROBES
+    from .tasks import load_suite
+
+    args.probes = list(PROBES) if args.probes is None else args.probes
+    if not set(args.probes) <= set(PROBES):
+        ap.error(f"--probes: {sorted(set(args.probes) - set(PROBES))} unknown; choose from {', '.join(PROBES)}")
+    args.depths = list(DEFAULT_DEPTHS) if args.depths is None else args.depths
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     names = [model_name(m) for m in args.model]

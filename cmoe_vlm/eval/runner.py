@@ -8,7 +8,7 @@
 Prompts are lists of pieces (text or PIL images), laid out exactly as in training by
 `data_pipelines.sequence.build_sequence` (bos, no eos). Scoring batches rows of different lengths
 left-aligned with padding at the end (doc_ids = −1), which no real token attends to. Generation is
-`cmoe_vlm.generation.generate` (greedy, KV cache). The tasks, the long-context probes and the
+`cmoe_vlm.generation.generate` (greedy or sampled, KV cache). The tasks, the long-context probes and the
 harness adapters (lm-eval, lmms-eval) all call these methods, so they agree by construction.
 """
 from __future__ import annotations
@@ -152,14 +152,20 @@ class ModelRunner:
         return nll, n
 
     # ------------------------------------------------------------------ generation
-    def generate(self, prompts: list[Pieces], max_new_tokens: int, stop: SequenceABC[str] = ()) -> list[str]:
-        """Greedy continuations (KV cache), cut at eos and at the first of the `stop` strings."""
+    def generate(self, prompts: list[Pieces], max_new_tokens: int, stop: SequenceABC[str] = (), *,
+                 temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int | None = None) -> list[str]:
+        """Continuations (KV cache; greedy, or sampled when temperature > 0: see
+        `cmoe_vlm.generation.generate`), cut at eos and at the first of the `stop` strings. A stop
+        string that is a single token also ends its row's generation early."""
         seqs = [self.sequence(p) for p in prompts]
         for i, s in enumerate(seqs):
             self._check_len(len(s) + max_new_tokens, f"prompt {i} + max_new_tokens")
+        stop_ids = (self.tok.eos_id, *(ids[0] for ids in map(self.tok.encode, stop)
+                                       if len(ids) == 1 and self.tok.decode(ids) in stop))
         texts: list[str] = []
         for chunk in _batches(seqs, self.batch_size):
-            for ids in generate(self.model, chunk, max_new_tokens, stop_ids=(self.tok.eos_id,)):
+            for ids in generate(self.model, chunk, max_new_tokens, stop_ids=stop_ids, temperature=temperature,
+                                top_p=top_p, top_k=top_k, seed=seed):
                 texts.append(cut_at_stop(self.tok.decode(ids), stop))
         return texts
 

@@ -13,10 +13,20 @@ One JSON object per line; `image` paths are relative to the JSONL file's folder.
                      Each choice is scored as the continuation `choice_prefix + choice` (default " ")
                      of [image, prompt]; the highest total log-likelihood wins (`acc`), and the
                      highest per-byte log-likelihood (`acc_norm`, lm-eval's length normalisation).
+                     The usual field names of lm-eval / lmms-eval datasets are accepted too (see
+                     MC_PROMPT_FIELDS, MC_CHOICE_FIELDS, MC_ANSWER_FIELDS): e.g. `question`,
+                     `options` or ARC's {"text": [...], "label": [...]} or columns A, B, C, ...;
+                     the answer as an index, a digit string, a choice's text or its letter/label.
+                     A record with none of them, or with two candidates for one role, is an error
+                     naming the record; task options prompt_field (a field or a list joined by
+                     newlines), choices_field and answer_field choose explicitly.
     vqa              {"image"?: path, "question": str, "answers": [str]}
-                     Prompt [image, "Question: q Answer:"] (the training layout); greedy generation
-                     with the KV cache until eos; `exact_match` after `normalize_answer` against any
-                     of the answers.
+                     Prompt [image, "Question: q Answer:"] (the training layout; a "prompt" field
+                     is used as it is instead); greedy generation with the KV cache until eos or a
+                     newline. `exact_match` (after `normalize_answer`) against any of the answers
+                     ("answers": [str] or VQA v2's [{"answer": str}, ...], or "answer": str), and,
+                     when every record has several answers, `vqa_accuracy`: the standard VQA
+                     accuracy with the official normalisation (cmoe_vlm/eval/vqa_metric.py).
     caption          {"image": path, "references": [str], "prompt"?: str}
                      Greedy caption of [image, prompt]; BLEU-1..4, CIDEr and ROUGE-L from
                      pycocoevalcap on lower-cased, space-split text (no Java needed). CIDEr's IDF
@@ -43,6 +53,7 @@ from PIL import Image
 from data_pipelines.shards import qa_prompt, to_rgb
 
 from .runner import ModelRunner, bits_per_byte
+from .vqa_metric import vqa_accuracy
 
 TASK_TYPES = ("multiple_choice", "vqa", "caption", "perplexity")
 NUM_EXAMPLES = 5  # predictions kept in the results for a quick look
@@ -136,15 +147,97 @@ def _with_image(task: Task, rec: dict[str, Any], *text: str) -> list[Any]:
     return ([img] if img is not None else []) + [t for t in text if t]
 
 
+# Field names of multiple-choice records, in lm-eval / lmms-eval datasets and ours.
+MC_PROMPT_FIELDS = ("prompt", "question", "query", "context", "ctx", "question_stem", "goal", "sentence", "input")
+MC_CHOICE_FIELDS = ("choices", "options", "endings", "candidates", "answers")
+MC_ANSWER_FIELDS = ("answer", "label", "target", "gold", "answerKey", "answer_idx")
+LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+
+def _one_field(rec: dict[str, Any], fields: tuple[str, ...], chosen: str | None, role: str, where: str,
+               option: str) -> str:
+    if chosen is not None:
+        if chosen not in rec:
+            raise ValueError(f"{where}: no field {chosen!r} ({option} of the task); the record has {sorted(rec)}")
+        return chosen
+    found = [f for f in fields if f in rec]
+    if len(found) > 1:
+        raise ValueError(f"{where}: several {role} fields {found}: set {option} for the task to choose")
+    if not found:
+        raise ValueError(f"{where}: no {role} field: expected one of {', '.join(fields)} (or set {option} for the "
+                         f"task); the record has {sorted(rec)}")
+    return found[0]
+
+
+def multiple_choice_fields(rec: dict[str, Any], where: str, options: dict[str, Any] | None = None
+                           ) -> tuple[str, list[str], int]:
+    """(prompt, choices, answer index) of a multiple-choice record, from the usual field names
+    (see the module docstring). `where` names the record in errors."""
+    options = options or {}
+    chosen = options.get("prompt_field")
+    if isinstance(chosen, list):
+        missing = [f for f in chosen if f not in rec]
+        if missing:
+            raise ValueError(f"{where}: no field(s) {missing} (prompt_field of the task); the record has {sorted(rec)}")
+        prompt = "\n".join(str(rec[f]) for f in chosen)
+    else:
+        prompt = rec[_one_field(rec, MC_PROMPT_FIELDS, chosen, "prompt", where, "prompt_field")]
+    if not isinstance(prompt, str):
+        raise ValueError(f"{where}: the prompt is a {type(prompt).__name__}, expected a string")
+
+    labels: list[str] | None = None
+    if options.get("choices_field") is None and not any(f in rec for f in MC_CHOICE_FIELDS) and \
+            "A" in rec and "B" in rec:  # MMBench-style columns A, B, C, ...
+        labels = []
+        for c in LETTERS:  # up to the first missing, None or NaN column
+            if rec.get(c) is None or rec[c] != rec[c]:
+                break
+            labels.append(c)
+        choices = [rec[c] for c in labels]
+    else:
+        choices = rec[_one_field(rec, MC_CHOICE_FIELDS, options.get("choices_field"), "choices", where,
+                                 "choices_field")]
+        if isinstance(choices, dict) and isinstance(choices.get("text"), list):  # ARC / OpenBookQA / CSQA
+            labels = [str(x) for x in choices["label"]] if isinstance(choices.get("label"), list) else None
+            choices = choices["text"]
+    if not isinstance(choices, list) or len(choices) < 2 or \
+            not all(isinstance(c, (str, int, float)) and not isinstance(c, bool) for c in choices):
+        raise ValueError(f"{where}: choices must be a list of at least 2 strings, got {choices!r}")
+    choices = [str(c) for c in choices]
+
+    answer = rec[_one_field(rec, MC_ANSWER_FIELDS, options.get("answer_field"), "answer", where, "answer_field")]
+    return prompt, choices, _answer_index(answer, choices, labels, where)
+
+
+def _answer_index(answer: Any, choices: list[str], labels: list[str] | None, where: str) -> int:
+    """An answer given as an index, a digit string, a choice's text, or its label / letter."""
+    n = len(choices)
+    if isinstance(answer, int) and not isinstance(answer, bool):
+        index = answer
+    elif isinstance(answer, str) and choices.count(answer) == 1:
+        index = choices.index(answer)
+    elif isinstance(answer, str) and labels is not None and answer in labels:
+        index = labels.index(answer)
+    elif isinstance(answer, str) and labels is None and len(answer) == 1 and answer in LETTERS:
+        index = LETTERS.index(answer)
+    elif isinstance(answer, str) and answer.strip().isdigit():
+        index = int(answer)
+    else:
+        raise ValueError(f"{where}: answer {answer!r} is not an index, a choice, or a choice's label/letter "
+                         f"(choices {choices})")
+    if not 0 <= index < n:
+        raise ValueError(f"{where}: answer {answer!r} is not an index into its {n} choices")
+    return index
+
+
 def run_multiple_choice(runner: ModelRunner, task: Task, limit: int | None = None) -> dict[str, Any]:
     prefix = task.options.get("choice_prefix", " ")
-    contexts, conts, owners = [], [], []
+    contexts, conts, owners, items = [], [], [], []
     recs = task.records(limit)
     for i, rec in enumerate(recs):
-        choices, answer = rec["choices"], rec["answer"]
-        if not isinstance(answer, int) or not 0 <= answer < len(choices):
-            raise ValueError(f"{task.data}: record {i}: answer {answer!r} is not an index into its {len(choices)} choices")
-        ctx = _with_image(task, rec, rec.get("prompt", ""))
+        prompt, choices, answer = multiple_choice_fields(rec, f"{task.data}: record {i + 1}", task.options)
+        items.append((prompt, choices, answer))
+        ctx = _with_image(task, rec, prompt)
         for c in choices:
             contexts.append(ctx)
             conts.append(prefix + c)
@@ -155,32 +248,68 @@ def run_multiple_choice(runner: ModelRunner, task: Task, limit: int | None = Non
         per[i].append((s.logprob, s.logprob / max(len(cont.encode()), 1)))
     acc = acc_norm = 0
     examples = []
-    for rec, sc in zip(recs, per):
+    for rec, (prompt, choices, answer), sc in zip(recs, items, per):
         pick = max(range(len(sc)), key=lambda j: sc[j][0])
         pick_norm = max(range(len(sc)), key=lambda j: sc[j][1])
-        acc += pick == rec["answer"]
-        acc_norm += pick_norm == rec["answer"]
+        acc += pick == answer
+        acc_norm += pick_norm == answer
         if len(examples) < NUM_EXAMPLES:
-            examples.append({"prompt": rec.get("prompt", ""), "image": rec.get("image"),
-                             "answer": rec["choices"][rec["answer"]], "picked": rec["choices"][pick]})
+            examples.append({"prompt": prompt, "image": rec.get("image"), "answer": choices[answer],
+                             "picked": choices[pick]})
     n = len(recs)
-    chance = sum(1 / len(r["choices"]) for r in recs) / n
+    chance = sum(1 / len(choices) for _, choices, _ in items) / n
     return {"type": task.type, "n": n, "acc": acc / n, "acc_norm": acc_norm / n, "chance": chance,
             "examples": examples}
 
 
+VQA_QUESTION_FIELDS = ("question", "query")
+VQA_ANSWER_FIELDS = ("answers", "answer")
+
+
+def vqa_fields(rec: dict[str, Any], where: str) -> tuple[str, list[str]]:
+    """(prompt text, human answers) of a VQA record: `prompt` as it is, else qa_prompt(question);
+    answers from "answers" ([str] or [{"answer": str}]) or "answer" (str or [str])."""
+    if isinstance(rec.get("prompt"), str):
+        prompt = rec["prompt"]
+    else:
+        field = next((f for f in VQA_QUESTION_FIELDS if isinstance(rec.get(f), str)), None)
+        if field is None:
+            raise ValueError(f"{where}: no question: expected a string field prompt, "
+                             f"{' or '.join(VQA_QUESTION_FIELDS)}; the record has {sorted(rec)}")
+        prompt = qa_prompt(rec[field])
+    field = next((f for f in VQA_ANSWER_FIELDS if rec.get(f) not in (None, "", [])), None)
+    if field is None:
+        raise ValueError(f"{where}: no answers: expected {' or '.join(VQA_ANSWER_FIELDS)}; the record has {sorted(rec)}")
+    answers = rec[field] if isinstance(rec[field], list) else [rec[field]]
+    answers = [a["answer"] if isinstance(a, dict) and "answer" in a else a for a in answers]
+    if not all(isinstance(a, str) for a in answers):
+        raise ValueError(f"{where}: answers must be strings (or {{'answer': str}}), got {rec[field]!r}")
+    return prompt, answers
+
+
 def run_vqa(runner: ModelRunner, task: Task, limit: int | None = None) -> dict[str, Any]:
     recs = task.records(limit)
-    prompts = [_with_image(task, r, qa_prompt(r["question"])) for r in recs]
+    fields = [vqa_fields(r, f"{task.data}: record {i + 1}") for i, r in enumerate(recs)]
+    prompts = [_with_image(task, r, prompt) for r, (prompt, _) in zip(recs, fields)]
     preds = runner.generate(prompts, int(task.options.get("max_new_tokens", 16)), stop=("\n",))
-    hits, examples = 0, []
-    for rec, pred in zip(recs, preds):
-        answers = rec["answers"] if isinstance(rec["answers"], list) else [rec["answers"]]
+    hits, vqa, examples = 0, 0.0, []
+    for rec, (prompt, answers), pred in zip(recs, fields, preds):
         ok = normalize_answer(pred) in {normalize_answer(a) for a in answers}
         hits += ok
+        vqa += vqa_accuracy(pred, answers)
         if len(examples) < NUM_EXAMPLES:
-            examples.append({"question": rec["question"], "answers": answers, "prediction": pred, "correct": ok})
-    return {"type": task.type, "n": len(recs), "exact_match": hits / len(recs), "examples": examples}
+            examples.append({"prompt": prompt, "answers": answers, "prediction": pred, "correct": ok})
+    n = len(recs)
+    out: dict[str, Any] = {"type": task.type, "n": n, "exact_match": hits / n}
+    fewest = min(len(a) for _, a in fields)
+    if fewest >= 2:
+        out["vqa_accuracy"] = vqa / n
+    else:
+        out["vqa_accuracy_unavailable"] = ("some records have a single answer; VQA accuracy needs several human "
+                                           "answers per question (10 in VQA v2)")
+    out["answers_per_question"] = {"min": fewest, "max": max(len(a) for _, a in fields)}
+    out["examples"] = examples
+    return out
 
 
 def caption_scores(refs: dict[str, list[str]], preds: dict[str, str]) -> dict[str, float]:

@@ -1,5 +1,7 @@
-"""Local tasks on a tiny trained VLM: multiple choice beats chance and fails on shuffled labels;
-VQA, captioning and perplexity run and give sane numbers; the CLI puts checkpoints side by side."""
+"""Local tasks on a tiny trained VLM: multiple choice beats chance and fails on shuffled labels, from
+any of the usual field names; VQA (exact match and the standard VQA accuracy, checked against hand-
+computed cases), captioning and perplexity run and give sane numbers; the CLI puts checkpoints side
+by side."""
 import json
 import random
 import shutil
@@ -8,7 +10,8 @@ import pytest
 
 from cmoe_vlm.eval import cli
 from cmoe_vlm.eval.builtin_suite import parse_scene, write_builtin_suite
-from cmoe_vlm.eval.tasks import Task, load_suite, normalize_answer, run_task
+from cmoe_vlm.eval.tasks import Task, load_suite, multiple_choice_fields, normalize_answer, run_task, vqa_fields
+from cmoe_vlm.eval.vqa_metric import normalize_vqa_answer, vqa_accuracy
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +33,8 @@ def test_suite_files(suite):
 
 def test_multiple_choice_solves_what_the_model_learned_and_fails_on_wrong_labels(runner, tmp_path):
     """A task the trained tiny model can solve: the next word of the built-in filler text (which every
-    long text document repeats). With the labels shuffled across records it must fall to chance."""
+    long text document repeats). With the labels shuffled across records it must fall to chance.
+    The records hold `question`, not `prompt`: read as prompt-less, they would score at chance too."""
     from data_pipelines.builtin import FILLER
 
     words = (FILLER * 3).split()
@@ -42,7 +46,7 @@ def test_multiple_choice_solves_what_the_model_learned_and_fails_on_wrong_labels
         answer = words[i].strip(".")
         choices = [answer] + rng.sample([w for w in vocab if w != answer], 3)
         rng.shuffle(choices)
-        recs.append({"prompt": "There is a pass key hidden in this text. " + " ".join(words[:i]),
+        recs.append({"question": "There is a pass key hidden in this text. " + " ".join(words[:i]),
                      "choices": choices, "answer": choices.index(answer)})
     labels = [r["answer"] for r in recs]
     rng.shuffle(labels)
@@ -59,6 +63,7 @@ def test_multiple_choice_solves_what_the_model_learned_and_fails_on_wrong_labels
 def test_generation_tasks_and_perplexity(runner, suite):
     vqa = run_task(runner, suite["vqa"], limit=6)
     assert vqa["n"] == 6 and 0 <= vqa["exact_match"] <= 1 and len(vqa["examples"]) == 5
+    assert "vqa_accuracy" not in vqa and "single answer" in vqa["vqa_accuracy_unavailable"]  # one answer each
     assert all(isinstance(e["prediction"], str) for e in vqa["examples"])
     cap = run_task(runner, suite["caption"], limit=6)
     assert "metrics_unavailable" in cap or {"bleu4", "cider", "rouge_l"} <= set(cap)
@@ -72,12 +77,101 @@ def test_normalize_answer():
     assert normalize_answer("a cat!") == "cat"
 
 
+def test_multiple_choice_field_names():
+    """The field names of common lm-eval / lmms-eval multiple-choice datasets; errors name the record."""
+    f = multiple_choice_fields
+    ch = ["red", "green", "blue"]
+    assert f({"prompt": "p", "choices": ch, "answer": 1}, "r") == ("p", ch, 1)
+    assert f({"question": "q", "options": ch, "answer": "blue"}, "r") == ("q", ch, 2)  # ai2d / MMMU-style
+    assert f({"query": "q", "choices": ch, "gold": 0}, "r") == ("q", ch, 0)
+    assert f({"ctx": "c", "endings": ch, "label": "2"}, "r") == ("c", ch, 2)  # hellaswag: index as a string
+    assert f({"question": "q", "choices": {"text": ch, "label": ["A", "B", "C"]}, "answerKey": "B"}, "r") == \
+        ("q", ch, 1)  # ARC / OpenBookQA / CommonsenseQA
+    assert f({"question": "q", "A": "red", "B": "green", "C": "blue", "D": None, "answer": "C"}, "r") == \
+        ("q", ch, 2)  # MMBench columns (D empty)
+    assert f({"question": "q", "options": ch, "answer": "A"}, "r") == ("q", ch, 0)  # a letter
+    assert f({"question": "q", "options": ["1", "2", "3"], "answer": "2"}, "r") == ("q", ["1", "2", "3"], 1)  # text first
+    assert f({"question": "q", "choices": [1, 2], "answer": 0}, "r") == ("q", ["1", "2"], 0)
+    both = {"prompt": "p", "question": "q", "choices": ch, "answer": 0}
+    with pytest.raises(ValueError, match=r"rec 7: several prompt fields \['prompt', 'question'\]: set prompt_field"):
+        f(both, "rec 7")
+    assert f(both, "r", {"prompt_field": "question"})[0] == "q"
+    assert f({"context": "c", "question": "q", "choices": ch, "answer": 0}, "r",
+             {"prompt_field": ["context", "question"]})[0] == "c\nq"
+    with pytest.raises(ValueError, match=r"rec 3: no prompt field: expected one of prompt, question, query.*"
+                                         r"the record has \['answer', 'choices', 'stem'\]"):
+        f({"stem": "q", "choices": ch, "answer": 0}, "rec 3")
+    assert f({"stem": "q", "choices": ch, "answer": 0}, "r", {"prompt_field": "stem"})[0] == "q"
+    with pytest.raises(ValueError, match="no choices field"):
+        f({"question": "q", "answer": 0}, "r")
+    with pytest.raises(ValueError, match="no answer field"):
+        f({"question": "q", "choices": ch}, "r")
+    with pytest.raises(ValueError, match="answer 3 is not an index into its 3 choices"):
+        f({"question": "q", "choices": ch, "answer": 3}, "r")
+    with pytest.raises(ValueError, match="answer 'purple' is not an index, a choice"):
+        f({"question": "q", "choices": ch, "answer": "purple"}, "r")
+    with pytest.raises(ValueError, match="at least 2 strings"):
+        f({"question": "q", "choices": ["only"], "answer": 0}, "r")
+
+
+def test_vqa_accuracy_hand_computed():
+    """min(1, matches among the other 9 / 3), averaged over the 10 leave-one-out subsets."""
+    ten = ["2"] * 3 + ["3"] * 7
+    assert vqa_accuracy("2", ten) == pytest.approx((3 * 2 / 3 + 7 * 1) / 10)  # 0.9
+    assert vqa_accuracy("3", ten) == 1.0
+    assert vqa_accuracy("4", ten) == 0.0
+    assert vqa_accuracy("2", ["2"] + ["3"] * 9) == pytest.approx(9 * (1 / 3) / 10)  # 0.3
+    assert vqa_accuracy("2", ["2"] * 2 + ["3"] * 8) == pytest.approx((2 * 1 / 3 + 8 * 2 / 3) / 10)  # 0.6
+    assert vqa_accuracy("2", ["2"] * 4 + ["3"] * 6) == 1.0
+    assert vqa_accuracy("Two.", ["2"] * 3 + ["x"] * 7) == pytest.approx(0.9)  # normalised before matching
+    assert vqa_accuracy("yes", ["yes"]) == 0.0  # one answer: no other human agrees
+    with pytest.raises(ValueError):
+        vqa_accuracy("x", [])
+
+
+def test_normalize_vqa_answer():
+    """The official VQA normalisation: punctuation, periods, number words, articles, contractions."""
+    n = normalize_vqa_answer
+    assert n("The Cat, on a mat!") == "cat on mat"  # "," before a space removed; "!" to a space
+    assert n("a dog") == "dog" and n("an apple\t") == "apple"
+    assert n("Two") == "2" and n("none") == "0" and n("ten dogs") == "10 dogs"
+    assert n("dont") == "don't" and n("isnt it") == "isn't it" and n("whats up") == "what's up"
+    assert n("3.5") == "3.5" and n("yes.") == "yes" and n("u.s.a") == "usa"  # a period before a digit stays
+    assert n("1,000") == "1000"  # comma between digits
+    assert n("black/white") == "black white" and n("black / white") == "black white"
+    assert n("left-hand") == "left hand" and n("t-shirt ") == "t shirt"
+
+
+def test_vqa_fields_and_vqa_accuracy_in_the_task(runner, tmp_path):
+    """VQA v2-style records (10 answers as dicts) report vqa_accuracy beside exact match; the model's
+    own greedy answer given by 3 of 10 humans scores 0.9."""
+    assert vqa_fields({"question": "q", "answers": [{"answer": "a", "answer_id": 1}, {"answer": "b"}]}, "r") == \
+        ("Question: q Answer:", ["a", "b"])
+    assert vqa_fields({"prompt": "Say it:", "answer": "x"}, "r") == ("Say it:", ["x"])
+    with pytest.raises(ValueError, match="rec 2: no answers"):
+        vqa_fields({"question": "q"}, "rec 2")
+    with pytest.raises(ValueError, match="no question"):
+        vqa_fields({"answers": ["a"]}, "r")
+    questions = ["How many squares?", "What colour is the text?", "What shape is it?"]
+    preds = runner.generate([[f"Question: {q} Answer:"] for q in questions], 6, stop=("\n",))
+    path = tmp_path / "vqa_ten.jsonl"
+    path.write_text("".join(json.dumps({"question": q, "answers": [{"answer": p}] * 3 + [{"answer": "zzz"}] * 7}) + "\n"
+                            for q, p in zip(questions, preds)))
+    res = run_task(runner, Task("ten", "vqa", path, {"max_new_tokens": 6}))
+    assert res["vqa_accuracy"] == pytest.approx(0.9) and res["answers_per_question"] == {"min": 10, "max": 10}
+    assert res["exact_match"] == 1.0
+
+
 def test_bad_task_files_raise(tmp_path):
     path = tmp_path / "multiple_choice_bad.jsonl"
     path.write_text(json.dumps({"prompt": "x", "choices": ["a", "b"], "answer": 2}) + "\n")
     (task,) = load_suite(path)
-    with pytest.raises(ValueError, match="answer 2"):
+    with pytest.raises(ValueError, match="record 1: answer 2"):
         run_task(None, task)
+    path.write_text(json.dumps({"prompt": "x", "choices": ["a", "b"], "answer": 0}) + "\n"
+                    + json.dumps({"text": "x", "choices": ["a", "b"], "answer": 0}) + "\n")
+    with pytest.raises(ValueError, match=r"multiple_choice_bad.jsonl: record 2: no prompt field"):
+        run_task(None, task)  # before anything is scored
     with pytest.raises(FileNotFoundError):
         load_suite(tmp_path / "nope")
     with pytest.raises(ValueError, match="type"):
