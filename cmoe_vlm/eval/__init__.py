@@ -2,10 +2,8 @@
 
     python -m cmoe_vlm.eval --model DIR [--model DIR2] --suite builtin --out OUT
 
-`runner.ModelRunner` loads a checkpoint and scores/generates; `tasks` runs multiple choice, VQA,
-captioning and perplexity tasks from JSONL; `builtin_suite` writes the built-in suite;
-`long_context` runs passkey and needle-in-a-haystack probes; `harness` adapts to the harnesses.
+Every evaluation scores and generates through `cmoe_vlm.runner.ModelRunner`; `tasks` runs
+multiple choice, VQA, captioning and perplexity tasks from JSONL; `builtin_suite` writes the
+built-in suite; `long_context` runs passkey and needle-in-a-haystack probes; `harness` adapts to
+the harnesses.
 """
-from .runner import ModelRunner, Scored
-
-__all__ = ["ModelRunner", "Scored"]

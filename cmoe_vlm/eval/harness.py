@@ -11,7 +11,7 @@ lmms-eval (images; optional, ~1.5 GB of extra dependencies): `lmms_eval_model_cl
 subclass of `lmms_eval.api.model.lmms` (lmms-eval is imported only then). Pass an instance to
 `lmms_eval.evaluator.simple_evaluate(model=...)`, or register it for the CLI through
 `LMMS_EVAL_PLUGINS` (a package whose `models/__init__.py` lists `AVAILABLE_MODELS`). Two known
-defects of lmms-eval 0.7.3 in its multiple-choice path (spec §12) are handled: it picks the
+defects of lmms-eval 0.7.3 in its multiple-choice path (docs/design.md §12) are handled: it picks the
 choice with the *lowest* value, so `loglikelihood` returns `(loss = −logprob, is_greedy)` when
 `ll_returns_loss=True` (the default); and it stringifies log-likelihood tuples unless
 `patch_lmms_unwrap()` has wrapped its `unwrap_generation_output` to pass tuples through.
@@ -24,7 +24,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .runner import ModelRunner
+from ..runner import ModelRunner
 
 try:  # lm-eval is an optional dependency
     from lm_eval.api.model import LM as _LMBase

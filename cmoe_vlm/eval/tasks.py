@@ -42,7 +42,7 @@ from PIL import Image
 
 from data_pipelines.shards import qa_prompt
 
-from .runner import ModelRunner, bits_per_byte
+from ..runner import ModelRunner, bits_per_byte
 
 TASK_TYPES = ("multiple_choice", "vqa", "caption", "perplexity")
 NUM_EXAMPLES = 5  # predictions kept in the results for a quick look

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import check
+from cmoe_base import check
 
 
 @dataclass

@@ -14,9 +14,11 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from cmoe_base import IGNORE_INDEX, Batch
 from data_pipelines.loader import StreamingLoader
 from vision import build_image_transform
 
+from ..boundaries import ConversionRamp
 from ..chunking import CollapseMonitor, ModalityStats
 from ..config import to_dict
 from ..export import load_pretrained, save_pretrained
@@ -32,7 +34,7 @@ class NonFiniteError(RuntimeError):
     """Too many consecutive steps with a non-finite loss or gradient."""
 
 
-def forever(loader: StreamingLoader) -> Iterator[dict[str, torch.Tensor]]:
+def forever(loader: StreamingLoader) -> Iterator[Batch]:
     """Batches across epochs (each epoch reshuffles its shards)."""
     while True:
         empty = True
@@ -69,8 +71,8 @@ def evaluate(model: ConceptMoEVLM, loader: StreamingLoader, max_batches: int) ->
     for i, batch in enumerate(loader):
         if i >= max_batches:
             break
-        out = model(**batch)
-        mask = batch["labels"] != -100
+        out = model(batch)
+        mask = batch.labels != IGNORE_INDEX
         nll += float(out.lm_loss) * int(mask.sum())
         n_tok += int(mask.sum())
         for name, s in out.compression.items():
@@ -159,16 +161,17 @@ def train(exp: ExperimentConfig) -> dict[str, Any]:
     try:
         while step < cfg.steps and stop["signal"] is None:
             t0 = time.perf_counter()
-            if exp.model.chunk.enabled and cfg.ratio_ramp_steps:  # a function of the step: resumes exactly
-                model.lm.forced_boundary_prob = max(0.0, 1.0 - step / cfg.ratio_ramp_steps)
+            ramp = None  # the conversion ramp's boundary policy at this step: a function of the step, resumes exactly
+            if exp.model.chunk.enabled and cfg.ratio_ramp_steps:
+                ramp = ConversionRamp(cfg.ratio_ramp_steps, step)
                 # the achieved R is below target by design while boundaries are forced: no collapse alarm
-                monitor.targets = {} if model.lm.forced_boundary_prob > 0 else exp.model.chunk.targets()
+                monitor.targets = {} if ramp.probability > 0 else exp.model.chunk.targets()
             tokens, bad, parts, norm = 0, False, [], None
             for _ in range(cfg.grad_accum):
                 t1 = time.perf_counter()
-                batch = next(batches)
+                batch = next(batches).to(engine.device)
                 t_data += time.perf_counter() - t1
-                out = engine(**batch)
+                out = engine(batch, boundaries=ramp)
                 if not torch.isfinite(out.loss):
                     bad = True
                     break
@@ -179,7 +182,7 @@ def train(exp: ExperimentConfig) -> dict[str, Any]:
                         bad = True
                         break
                 engine.step()
-                tokens += int((batch["doc_ids"] >= 0).sum())
+                tokens += batch.num_tokens()
                 parts.append(out)
             if not bad and cfg.zero_stage > 0 and not engine.was_step_applied():
                 # ZeRO-1/2: the gradients live in DeepSpeed's partitions; its step finds a non-finite
@@ -209,7 +212,7 @@ def train(exp: ExperimentConfig) -> dict[str, Any]:
                 **flatten("skipped_samples", loader.skipped), "skipped_steps": skipped_steps,
                 **({f"target_ratio_{k}": v for k, v in exp.model.chunk.targets().items()}
                    if exp.model.chunk.enabled else {}),
-                **({"forced_boundary_prob": model.lm.forced_boundary_prob} if cfg.ratio_ramp_steps else {}),
+                **({"forced_boundary_prob": ramp.probability} if ramp is not None else {}),
                 **({f"ratio_integral_{k}": float(mu) for k, mu in zip(exp.model.chunk.targets(), model.lm.ratio_mu)}
                    if hasattr(model.lm, "ratio_mu") else {}),
             }

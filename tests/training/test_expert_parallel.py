@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from cmoe_base import Batch
 from cmoe_vlm.layers.moe import MoE, MoEConfig
 from cmoe_vlm.training.engine import setup_distributed
 from cmoe_vlm.training.expert_parallel import DeepSpeedMoE, plain_state_dict, swap_in_deepspeed_moe
@@ -47,7 +48,7 @@ def test_swap_keeps_the_model_state_in_plain_layout():
                                    decoder_layers=1, moe=MoEConfig(num_experts=4, top_k=2, expert_hidden=32),
                                    chunk=ChunkConfig())).eval()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    x = torch.randint(0, 64, (2, 20))
+    x = Batch.of(torch.randint(0, 64, (2, 20)))
     ref = model(x).logits
     assert swap_in_deepspeed_moe(model, ep_size=1) == 3
     for mod in model.modules():
@@ -87,18 +88,18 @@ def test_two_process_expert_parallel_zero2_run_exports_all_experts(builtin_data,
     # the export gathers every rank's experts into the plain layout and loads in one process (ep_size=1)
     from cmoe_vlm.export import load_pretrained
     model, _ = load_pretrained(out / "final")
-    w13 = model.lm.encoder[0].moe.experts.w13  # (4, d, 2h): experts 0-1 from rank 0, 2-3 from rank 1
+    w13 = model.lm.encoder.layers[0].moe.experts.w13  # (4, d, 2h): experts 0-1 from rank 0, 2-3 from rank 1
     saved = torch.load(ckpt / "layer_0_expert_3_mp_rank_00_model_states.pt", weights_only=False)
     w = next(v for k, v in saved.items() if k.endswith("w13.weight"))
     torch.testing.assert_close(w13[3], w.T.float())
     assert not torch.allclose(w13[1], w13[3])
-    x = torch.randint(0, 256, (1, 32))
+    x = Batch.of(torch.randint(0, 256, (1, 32)))
     assert torch.isfinite(model(x).logits).all()
 
 
 @pytest.mark.slow
 def test_two_node_launch_on_loopback(builtin_data, tmp_path):
-    """DeepSpeed's own multi-node launcher, two 'nodes' on this machine (spec §12): --no_ssh, one
+    """DeepSpeed's own multi-node launcher, two 'nodes' on this machine (docs/design.md §12): --no_ssh, one
     launcher per node rank, expert parallelism across the nodes."""
     out = tmp_path / "nodes"
     hostfile = tmp_path / "hostfile"

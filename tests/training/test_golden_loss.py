@@ -53,8 +53,7 @@ def golden_losses(steps: int = STEPS, dtype: torch.dtype = torch.float32, thread
             batches = iter(loader)
             while len(losses) < steps:
                 batch = next(batches)
-                batch = {k: v.to(dtype) if v.is_floating_point() else v for k, v in batch.items()}
-                out = model(**batch)
+                out = model(batch.to("cpu", dtype))
                 out.loss.backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), exp.train.grad_clip)
                 opt.step()
@@ -63,7 +62,7 @@ def golden_losses(steps: int = STEPS, dtype: torch.dtype = torch.float32, thread
                 losses.append(out.loss.item())
                 if seen is not None:
                     stats = out.compression["all"]
-                    for key, n in (("images", len(batch["images"])), ("tokens", int(stats.tokens)),
+                    for key, n in (("images", len(batch.images)), ("tokens", int(stats.tokens)),
                                    ("concepts", int(stats.concepts))):
                         seen[key] = seen.get(key, 0) + n
             return losses
