@@ -101,34 +101,33 @@ def summary_plots(summary: dict[str, Any], samples: list[SampleChunks], out: Pat
     fig.savefig(out / "compression.png", dpi=100)
     plt.close(fig)
     paths["compression_png"] = str(out / "compression.png")
-    # chunk lengths
-    fig, axes = plt.subplots(1, len(mods), figsize=(4.5 * len(mods), 3.5), squeeze=False)
-    for ax, m in zip(axes[0], mods):
-        h = summary["modalities"][m]["chunk_length"]["histogram"]
-        ax.bar([int(k) for k in h], list(h.values()), color="#9cc3e6" if m == "text" else "#f4b183")
+    def per_modality(name: str, title: str, draw) -> None:  # one panel per modality, saved as name.png
+        fig, axes = plt.subplots(1, len(mods), figsize=(4.5 * len(mods), 3.5), squeeze=False)
+        for ax, m in zip(axes[0], mods):
+            draw(ax, m, summary["modalities"][m], "#9cc3e6" if m == "text" else "#f4b183")
+        fig.suptitle(f"{label}: {title}", fontsize=10)
+        fig.tight_layout()
+        fig.savefig(out / f"{name}.png", dpi=100)
+        plt.close(fig)
+        paths[f"{name}_png"] = str(out / f"{name}.png")
+
+    def chunk_lengths(ax, m, stats, colour) -> None:
+        h = stats["chunk_length"]["histogram"]
+        ax.bar([int(k) for k in h], list(h.values()), color=colour)
         ax.set_xlabel(f"{m} tokens in the chunk")
         ax.set_ylabel("chunks")
-        ax.set_title(f"{m}: chunk lengths (mean {summary['modalities'][m]['chunk_length']['mean']:.2f})", fontsize=9)
-    fig.suptitle(f"{label}: how many tokens each chunk holds", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(out / "chunk_lengths.png", dpi=100)
-    plt.close(fig)
-    paths["chunk_lengths_png"] = str(out / "chunk_lengths.png")
-    # boundary probabilities
-    fig, axes = plt.subplots(1, len(mods), figsize=(4.5 * len(mods), 3.5), squeeze=False)
-    for ax, m in zip(axes[0], mods):
-        bp = summary["modalities"][m]["boundary_prob"]
+        ax.set_title(f"{m}: chunk lengths (mean {stats['chunk_length']['mean']:.2f})", fontsize=9)
+
+    def boundary_probs(ax, m, stats, colour) -> None:
+        bp = stats["boundary_prob"]
         edges = np.array(bp["bin_edges"])
-        ax.bar(edges[:-1], bp["counts"], width=np.diff(edges), align="edge",
-               color="#9cc3e6" if m == "text" else "#f4b183", edgecolor="white")
+        ax.bar(edges[:-1], bp["counts"], width=np.diff(edges), align="edge", color=colour, edgecolor="white")
         ax.axvline(0.5, color="red", ls="--", label="threshold 0.5")
         ax.set_xlabel("boundary probability p")
         ax.set_ylabel("tokens")
         ax.set_title(f"{m}: p ≥ 0.5 for {bp['fraction_at_or_above_0.5']:.0%} of tokens", fontsize=9)
         ax.legend(fontsize=7)
-    fig.suptitle(f"{label}: boundary probabilities (forced boundaries have p = 1)", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(out / "boundary_probs.png", dpi=100)
-    plt.close(fig)
-    paths["boundary_probs_png"] = str(out / "boundary_probs.png")
+
+    per_modality("chunk_lengths", "how many tokens each chunk holds", chunk_lengths)
+    per_modality("boundary_probs", "boundary probabilities (forced boundaries have p = 1)", boundary_probs)
     return paths

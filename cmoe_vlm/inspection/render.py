@@ -35,6 +35,14 @@ def token_strings(runner: ModelRunner, ids: list[int]) -> list[str]:
     return [special.get(i, tok.decode([i])) for i in ids]
 
 
+def image_run_end(s: SampleChunks, t: int) -> int:
+    """The end (exclusive) of the image run that starts at token t."""
+    end = t
+    while end < len(s.modality) and s.modality[end] == Modality.IMAGE:
+        end += 1
+    return end
+
+
 def ansi_view(s: SampleChunks, strings: list[str], color: bool = True) -> str:
     """Text with each chunk on a cycling background (or `|` after each boundary without colour);
     an image block is summarised as [image: P patches, K boundaries]."""
@@ -42,9 +50,7 @@ def ansi_view(s: SampleChunks, strings: list[str], color: bool = True) -> str:
     cid = s.chunk_id
     while t < T:
         if s.modality[t] == Modality.IMAGE:
-            end = t
-            while end < T and s.modality[end] == Modality.IMAGE:
-                end += 1
+            end = image_run_end(s, t)
             k = int(s.boundary[t:end].sum())
             out.append(f"[image: {end - t} patches, {k} boundaries]")
             out.append("" if color else "|" if s.boundary[end - 1] else "")
@@ -64,9 +70,7 @@ def html_sample(s: SampleChunks, strings: list[str], idx: int, image_files: list
     cid = s.chunk_id
     while t < T:
         if s.modality[t] == Modality.IMAGE:
-            end = t
-            while end < T and s.modality[end] == Modality.IMAGE:
-                end += 1
+            end = image_run_end(s, t)
             parts.append(f'<br><img src="{html.escape(image_files[img_k])}" alt="image {img_k}" class="map"><br>')
             img_k += 1
             t = end
