@@ -14,8 +14,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from cmoe_base import DocumentLayout
-
 from .layers.attention import AttentionLayout, KVCache
 from .layers.block import Block, extend_blocks, run_blocks
 from .layers.moe import MoEStats
@@ -50,9 +48,10 @@ class ConceptModel(nn.Module):
         y = y if self.proj_out is None else self.proj_out(y)
         return y - x if self.update_only else y
 
-    def forward(self, x: torch.Tensor, layout: DocumentLayout) -> tuple[torch.Tensor, list[MoEStats]]:
-        """x (B, M, d) concepts laid out as `layout` (its positions are theirs) -> ĉ (B, M, d), MoE stats."""
-        y, stats = run_blocks(self.blocks, self._in(x), self._rope(layout.positions), AttentionLayout.of(layout))
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, layout: AttentionLayout,
+                ) -> tuple[torch.Tensor, list[MoEStats]]:
+        """x (B, M, d) concepts at positions (B, M), attending as `layout` -> ĉ (B, M, d), MoE stats."""
+        y, stats = run_blocks(self.blocks, self._in(x), self._rope(positions), layout)
         return self._out(y, x), stats
 
     def new_state(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> list[KVCache]:

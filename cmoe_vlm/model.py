@@ -138,14 +138,15 @@ class ConceptMoE(nn.Module):
         rope, attn = self._rope(tokens.positions), AttentionLayout.of(tokens)
         h, encoder_stats = self.encoder(x, rope, attn)
         if self.chunk is None:  # the baseline: every token its own concept
-            z, concept_stats = self.concept(h, tokens)
+            z, concept_stats = self.concept(h, tokens.positions, attn)
             y, decoder_stats = self.decoder(z, rope, attn)
             own = used = None
         else:
             own = self.chunk(h, tokens.starts, batch.modality, above_index)
             used = (boundaries or Learned())(own, tokens.positions, tokens.valid)
             concepts = self.merger(h, used, tokens, batch.modality)
-            c_hat, concept_stats = self.concept(concepts.x, concepts.layout)
+            c_hat, concept_stats = self.concept(concepts.x, concepts.layout.positions,
+                                                AttentionLayout.of(concepts.layout))
             c_bar = self.dechunk(c_hat, concepts)
             y, decoder_stats = self.decoder(self._decoder_input(h, c_bar, used), rope, attn, concept=c_bar)
         logits = self.lm_head(self.norm(y))

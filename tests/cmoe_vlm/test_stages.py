@@ -10,6 +10,7 @@ from cmoe_vlm.boundaries import AllTokens, ExternalMask, FixedStride, Learned
 from cmoe_vlm.chunking import Boundaries, ChunkConfig, ChunkModule
 from cmoe_vlm.concept_model import ConceptModel
 from cmoe_vlm.dechunk import DechunkModule
+from cmoe_vlm.layers.attention import AttentionLayout
 from cmoe_vlm.layers.moe import MoEConfig
 from cmoe_vlm.merge import MERGE_RULES, Concepts
 from cmoe_vlm.model import ModelConfig
@@ -105,7 +106,8 @@ def test_concept_model_forward_extend_step_agree():
     starts = torch.zeros(B, M, dtype=torch.bool)
     starts[:, 0] = True
     with torch.no_grad():
-        full, _ = cm(x, DocumentLayout(torch.zeros(B, M, dtype=torch.long), ((M,),) * B, starts, positions))
+        layout = DocumentLayout(torch.zeros(B, M, dtype=torch.long), ((M,),) * B, starts, positions)
+        full, _ = cm(x, positions, AttentionLayout.of(layout))
         caches = cm.new_state(B, **F64)
         spans = torch.cat([cm.extend(x[:, a:b], positions[:, a:b], b - a, caches) for a, b in ((0, 4), (4, 5), (5, M))], 1)
         torch.testing.assert_close(spans, full)
