@@ -133,6 +133,7 @@ class ConceptMoE(nn.Module):
         """A packed batch -> logits and (with labels) the losses. inputs_embeds (B, T, d) replaces the
         token embeddings (the VLM passes text and image embeddings); above_index (B, T) is the position
         of the patch above each image patch (−1 if none), for 2D image chunking."""
+        _check_not_empty(batch)
         tokens = batch.layout
         x = self.embed(batch.input_ids) if inputs_embeds is None else inputs_embeds
         rope, attn = self._rope(tokens.positions), AttentionLayout.of(tokens)
@@ -175,8 +176,10 @@ class ConceptMoE(nn.Module):
         out.lb_loss = torch.stack([s.lb_loss for s in moe_stats]).mean() if moe_stats else logits.sum() * 0
         out.ratio_loss = p.sum() * 0 if own is None else self._ratio_loss(own, modality, valid)
         if batch.labels is not None:
-            out.lm_loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), batch.labels.reshape(-1),
-                                          ignore_index=IGNORE_INDEX)
+            # mean over the predicted tokens; a batch without any (images only) adds 0, not 0/0 = NaN
+            labels = batch.labels.reshape(-1)
+            out.lm_loss = (F.cross_entropy(logits.float().view(-1, logits.shape[-1]), labels, ignore_index=IGNORE_INDEX,
+                                           reduction="sum") / (labels != IGNORE_INDEX).sum().clamp_min(1))
             out.loss = (out.lm_loss + self.cfg.chunk.ratio_loss_weight * out.ratio_loss
                         + self.cfg.lb_loss_weight * out.lb_loss)
         return out
@@ -228,6 +231,7 @@ class ConceptMoE(nn.Module):
         holds one document, its next tokens, then padding (rows may differ in length; a row may have
         none). Padding enters no cache, opens no concept and leaves the state alone; its logits are
         meaningless. Returns logits and the boundaries used (no losses)."""
+        _check_not_empty(batch)
         if any(len(docs) > 1 for docs in batch.layout.lengths):
             raise ValueError("cached decoding takes one document per row (doc_ids 0, or −1 for tail padding)")
         B, T = batch.shape
@@ -288,6 +292,11 @@ class ConceptMoE(nn.Module):
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+def _check_not_empty(batch: Batch) -> None:
+    if batch.shape[1] == 0:
+        raise ValueError("the input has no tokens (sequence length 0): give at least one token")
 
 
 # Weight names of exports written before the stacks, the concept model and joint decoding had

@@ -55,6 +55,21 @@ def test_chunk_module_forward_extend_step_agree():
         assert torch.equal(got.b, full.b) and torch.equal(got.forced, full.forced)
     torch.testing.assert_close(state.last_key, stepped.last_key)
     assert torch.equal(state.last_modality, stepped.last_modality)
+    # rows idle on some steps (active False) keep their state: each row's tokens, fed whenever it is active
+    idle = cm.new_state(B, **F64)
+    fed, got = torch.zeros(B, dtype=torch.long), [[] for _ in range(B)]
+    g = torch.Generator().manual_seed(5)
+    while int(fed.min()) < T:
+        active = (torch.rand(B, generator=g) < 0.6) & (fed < T)
+        t = fed.clamp_max(T - 1)
+        r_ = torch.arange(B)
+        out = cm.step(h[r_, t], starts[r_, t], modality[r_, t], idle, active)
+        for r in active.nonzero().squeeze(1).tolist():
+            got[r].append((out.p[r], out.b[r]))
+        fed += active.long()
+    for r in range(B):
+        torch.testing.assert_close(torch.stack([p for p, _ in got[r]]), full.p[r])
+        assert torch.equal(torch.stack([b for _, b in got[r]]), full.b[r])
 
 
 @pytest.mark.parametrize("rule", list(MERGE_RULES))
