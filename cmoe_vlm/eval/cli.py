@@ -22,8 +22,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..inspection.analysis import analyse, summarise
-from ..inspection.samples import load_samples
 from ..runner import ModelRunner
 from .long_context import DEFAULT_DEPTHS, PROBES, run_probes, write_report
 from .tasks import HEADLINE, load_suite, run_task
@@ -35,6 +33,9 @@ def model_name(folder: str) -> str:
 
 
 def compression_on_builtin(runner: ModelRunner, n: int) -> dict[str, float]:
+    from ..inspection.analysis import analyse, summarise
+    from ..inspection.samples import load_samples
+
     summary = summarise(analyse(runner, load_samples(["builtin"], n)), runner.model.cfg.image_grid)
     return {m: summary["modalities"][m]["ratio"] for m in ("all", "text", "image")}
 
