@@ -15,7 +15,7 @@ demo: setup
 	$(PY) train_vlm.py configs/tiny.yaml --builtin $(ARGS)
 	$(PY) -m cmoe_vlm.eval --model runs/tiny/final --suite builtin --out runs/tiny/eval --limit 16 \
 		--lengths 256 512 --samples 2
-	$(PY) -m cmoe_vlm.inspect --model runs/tiny/final --data data/builtin/heldout --out runs/tiny/inspect \
+	$(PY) -m cmoe_vlm.inspection --model runs/tiny/final --data data/builtin/heldout --out runs/tiny/inspect \
 		--num-samples 32 --show 2
 
 ## The whole test suite (what CI runs), with lmms-eval's own environment (.venv-lmms/) for its test.

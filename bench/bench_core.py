@@ -35,6 +35,7 @@ from pathlib import Path
 
 import torch
 
+from cmoe_base import Batch
 from cmoe_vlm import flops
 from cmoe_vlm.chunking import ChunkConfig
 from cmoe_vlm.dechunk import ema_scan
@@ -175,7 +176,7 @@ def bench_train_step(baseline: ModelConfig, ratio: float, token_counts: list[int
     for T in token_counts:
         torch.manual_seed(0)
         ids = torch.randint(0, baseline.vocab_size, (1, T + 1))
-        x, y = ids[:, :-1], ids[:, 1:]
+        xy = Batch.of(ids[:, :-1], labels=ids[:, 1:])
         models, opts, ratios = {}, {}, []
         for name, cfg in cfgs.items():
             torch.manual_seed(1)
@@ -184,7 +185,7 @@ def bench_train_step(baseline: ModelConfig, ratio: float, token_counts: list[int
 
         def step(name):
             def run():
-                out = models[name](x, labels=y)
+                out = models[name](xy)
                 out.loss.backward()
                 opts[name].step()
                 opts[name].zero_grad(set_to_none=True)
@@ -227,10 +228,11 @@ def bench_vlm_step(batch: int, seq_len: int, images_per_row: int, reps: int) -> 
         modality[:, start:start + P] = 1
     images = torch.randn(batch * images_per_row, 3, exp.vision.img_size, exp.vision.img_size)
     labels = ids.masked_fill(modality == 1, -100)
+    batch_ = Batch.of(ids, modality=modality, labels=labels, images=images)
 
     def step():
         model.zero_grad(set_to_none=True)
-        model(ids, modality=modality, images=images, labels=labels).loss.backward()
+        model(batch_).loss.backward()
 
     times = interleaved({"vlm": step}, reps)["vlm"]
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # MiB (Linux reports KiB)

@@ -5,11 +5,11 @@ chunking on, nothing reallocated; `flops.propose_efficiency`) and FLOPs-matched 
 `flops.propose_more_experts`, falling back to looping, then a wider concept model, when the extra
 experts do not fit):
 
-- prefill time of one sequence of N tokens (one cached forward, `generation.prefill`), N = 1K..32K;
-- per-token decode time at KV length L (`generation.decode_step`, batch 1; `--decode-batch B`
+- prefill time of one sequence of N tokens (one cached forward, `InferenceSession.prefill`), N = 1K..32K;
+- per-token decode time at KV length L (`InferenceSession.step`, batch 1; `--decode-batch B`
   decodes B copies of the sequence together), L = the same lengths,
   continuing from the state the prefill at L left;
-- KV-cache bytes per token, measured from `InferenceState.cache_bytes()` after the prefill;
+- KV-cache bytes per token, measured from `InferenceSession.cache_bytes()` after the prefill;
 
 and shows each measured speedup over the baseline beside the one the FLOPs model predicts
 (`cmoe_vlm.flops`): prefill time ∝ activated FLOPs·N + causal attention-map FLOPs; decode time per
@@ -18,10 +18,10 @@ layers: L/R keys on 1/R of the steps). At batch 1 in fp32 with plain multi-head 
 weight and each cached value is read once per 2 FLOPs, so this is also the bytes-moved model.
 
 **Boundaries are set, not learned (benchmark only).** An untrained chunk module puts boundaries
-at p ≈ 0.5 (R ≈ 2, at random places). To run each config at its R exactly, this script wraps the
-chunk module's forward (`force_every_rth_boundary`, here, not in the model): it still computes
-p (the projections cost what they cost), then replaces b with "token n is a boundary iff
-⌊n/R⌋ > ⌊(n−1)/R⌋" (n = absolute position; token 0 always), so exactly ⌈N/R⌉ of N tokens are
+at p ≈ 0.5 (R ≈ 2, at random places). To run each config at its R exactly, its sessions use the
+boundary policy `FixedStride(R)` (cmoe_vlm/boundaries.py): the chunk module still computes p (the
+projections cost what they cost), and the boundaries are "token n is a boundary iff
+⌊n/R⌋ > ⌊(n−1)/R⌋" (n = position; token 0 always), so exactly ⌈N/R⌉ of N tokens are
 boundaries and decode meets a boundary on every R-th step on average. Output says so.
 
 Model: dim 64, 1 encoder + 6 concept + 1 decoder layers (the concept model is the bulk, as in the
@@ -52,16 +52,17 @@ import platform
 import statistics
 import sys
 import time
-from fractions import Fraction
 from pathlib import Path
 
 import torch
 
+from cmoe_base import Batch
 from cmoe_vlm import flops
+from cmoe_vlm.boundaries import FixedStride
 from cmoe_vlm.chunking import ChunkConfig
-from cmoe_vlm.generation import decode_step, prefill
 from cmoe_vlm.layers.moe import MoEConfig
-from cmoe_vlm.model import ConceptMoE, InferenceState, ModelConfig
+from cmoe_vlm.model import ConceptMoE, DecodingState, ModelConfig
+from cmoe_vlm.session import InferenceSession
 
 RATIOS = (1.5, 2.0, 4.0)
 TARGETS = {"prefill_16k_r2": 1.8, "decode_16k_r2": 1.5, "fraction_of_prediction_16k_up": 0.85}
@@ -93,41 +94,14 @@ def bench_configs(base: ModelConfig) -> list[dict]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Deterministic boundaries (benchmark only)
-def boundary_pattern(positions: torch.Tensor, ratio: float) -> torch.Tensor:
-    """b_n = 1 iff ⌊n/R⌋ > ⌊(n−1)/R⌋, n = absolute position (token 0 always): ⌈N/R⌉ boundaries in N."""
-    r = Fraction(ratio).limit_denominator(64)
-    n = positions
-    return (n == 0) | ((n * r.denominator) // r.numerator != ((n - 1) * r.denominator) // r.numerator)
-
-
-def force_every_rth_boundary(model: ConceptMoE, ratio: float) -> None:
-    """Wrap `model.forward` and `model.chunk.forward` (this instance only) so that the chunk module
-    keeps computing p but its boundaries follow `boundary_pattern` (document starts stay forced)."""
-    offset: dict[str, torch.Tensor | None] = {"n0": None}
-    model_forward, chunk_forward = model.forward, model.chunk.forward
-    table = boundary_pattern(torch.arange(model.cfg.max_seq_len + 1), ratio)  # one lookup per step, not ~12 ops
-
-    def forward(*args, state: InferenceState | None = None, **kwargs):
-        offset["n0"] = None if state is None else state.num_tokens.clone()
-        return model_forward(*args, state=state, **kwargs)
-
-    def chunk(h, starts, *args, **kwargs):
-        bnd = chunk_forward(h, starts, *args, **kwargs)
-        B, T = h.shape[:2]
-        n0 = offset["n0"] if offset["n0"] is not None else torch.zeros(B, dtype=torch.long, device=h.device)
-        bnd.b = table.to(h.device)[n0[:, None] + torch.arange(T, device=h.device)] | starts
-        return bnd
-
-    model.forward, model.chunk.forward = forward, chunk
-
-
+# Models and their sessions (boundaries every R-th token: benchmark only)
 def build_model(entry: dict, seed: int = 0) -> ConceptMoE:
     torch.manual_seed(seed)
-    m = ConceptMoE(entry["config"]).eval()
-    if m.chunk is not None:
-        force_every_rth_boundary(m, entry["ratio"])
-    return m
+    return ConceptMoE(entry["config"]).eval()
+
+
+def new_session(model: ConceptMoE, entry: dict) -> InferenceSession:
+    return InferenceSession(model, boundaries=FixedStride(entry["ratio"]) if model.chunk is not None else None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -153,70 +127,65 @@ def loadavg() -> list[float]:
         return []
 
 
-def text_batch(n: int, seed: int = 0) -> dict[str, torch.Tensor]:
-    ids = torch.randint(0, 256, (1, n), generator=torch.Generator().manual_seed(seed))
-    return {"input_ids": ids, "modality": torch.zeros_like(ids), "doc_ids": torch.zeros_like(ids),
-            "lengths": torch.tensor([n])}
+def text_batch(n: int, seed: int = 0) -> Batch:
+    return Batch.of(torch.randint(0, 256, (1, n), generator=torch.Generator().manual_seed(seed)))
 
 
-def snapshot(state: InferenceState) -> dict:
+def snapshot(state: DecodingState) -> dict:
     caches = state.encoder + state.concept + state.decoder
     return {"lengths": [c.lengths.clone() for c in caches], "num_tokens": state.num_tokens.clone()}
 
 
-def restore(state: InferenceState, snap: dict) -> None:
+def restore(state: DecodingState, snap: dict) -> None:
     """Back to the KV length the prefill left (the entries written since are overwritten next time)."""
     for c, n in zip(state.encoder + state.concept + state.decoder, snap["lengths"]):
         c.set_lengths(n.clone())
     state.num_tokens = snap["num_tokens"].clone()
 
 
-def run_length(models: dict[str, ConceptMoE], n: int, prefill_reps: int, decode_reps: int, steps: int,
+def run_length(sessions: dict[str, InferenceSession], n: int, prefill_reps: int, decode_reps: int, steps: int,
                decode_batch: int = 1) -> dict:
-    """Interleaved prefill and decode timings of every model at length n. Decode runs `decode_batch`
-    rows, copies of the prefilled one (per-step costs that do not grow with rows are shared)."""
-    names = list(models)
+    """Interleaved prefill and decode timings of every model's session at length n. Decode runs
+    `decode_batch` rows, copies of the prefilled one (per-step costs that do not grow with rows are
+    shared)."""
+    names = list(sessions)
     batch = text_batch(n)
     prefill_t = {k: [] for k in names}
-    states = {}
-    with torch.no_grad():
-        for rep in range(prefill_reps):
-            order = names[rep % len(names):] + names[:rep % len(names)]
-            for k in order:
-                t0 = time.perf_counter()
-                state, _ = prefill(models[k], batch)
-                prefill_t[k].append(time.perf_counter() - t0)
-                states[k] = state
-        kv = {k: {part: b / n for part, b in states[k].cache_bytes().items()} for k in names}
-        concepts = {k: int(states[k].num_concepts[0]) for k in names}
-        for k in names:
-            states[k].select(torch.zeros(decode_batch, dtype=torch.long))
-        tok = torch.full((decode_batch,), 65)
-        snaps = {}
-        for k in names:  # warm-up: the first step grows the caches (one-time copy), then rewind
-            snaps[k] = snapshot(states[k])
-            for _ in range(2):
-                decode_step(models[k], states[k], tok)
-            restore(states[k], snaps[k])
-        decode_t = {k: [] for k in names}
-        for rep in range(decode_reps):
-            order = names[rep % len(names):] + names[:rep % len(names)]
-            for k in order:
-                t0 = time.perf_counter()
-                for _ in range(steps):
-                    decode_step(models[k], states[k], tok)
-                decode_t[k].append((time.perf_counter() - t0) / steps)
-                restore(states[k], snaps[k])
+    for rep in range(prefill_reps):
+        order = names[rep % len(names):] + names[:rep % len(names)]
+        for k in order:
+            t0 = time.perf_counter()
+            sessions[k].prefill(batch)
+            prefill_t[k].append(time.perf_counter() - t0)
+    kv = {k: {part: b / n for part, b in sessions[k].cache_bytes().items()} for k in names}
+    concepts = {k: int(sessions[k].state.num_concepts[0]) for k in names}
+    for k in names:
+        sessions[k].select(torch.zeros(decode_batch, dtype=torch.long))
+    tok = torch.full((decode_batch,), 65)
+    snaps = {}
+    for k in names:  # warm-up: the first step grows the caches (one-time copy), then rewind
+        snaps[k] = snapshot(sessions[k].state)
+        for _ in range(2):
+            sessions[k].step(tok)
+        restore(sessions[k].state, snaps[k])
+    decode_t = {k: [] for k in names}
+    for rep in range(decode_reps):
+        order = names[rep % len(names):] + names[:rep % len(names)]
+        for k in order:
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                sessions[k].step(tok)
+            decode_t[k].append((time.perf_counter() - t0) / steps)
+            restore(sessions[k].state, snaps[k])
     return {"prefill": prefill_t, "decode": decode_t, "kv": kv, "concepts": concepts}
 
 
-def warmup(models: dict[str, ConceptMoE]) -> None:
+def warmup(sessions: dict[str, InferenceSession]) -> None:
     batch = text_batch(256, seed=1)
-    with torch.no_grad():
-        for m in models.values():
-            state, logits = prefill(m, batch)
-            for _ in range(3):
-                decode_step(m, state, logits.argmax(-1))
+    for s in sessions.values():
+        logits = s.prefill(batch)
+        for _ in range(3):
+            s.step(logits.argmax(-1))
 
 
 def context_increments(decode_rows: list[dict]) -> list[dict]:
@@ -299,7 +268,7 @@ def markdown(result: dict) -> str:
                 + (f" · {100 * by[c]['fraction_of_prediction']:.0f}%" if by[c]["fraction_of_prediction"] else "")
                 for c in others) + " |")
         out.append("")
-    out += ["## KV-cache bytes per token (fp32, measured from InferenceState.cache_bytes() after the prefill "
+    out += ["## KV-cache bytes per token (fp32, measured from InferenceSession.cache_bytes() after the prefill "
             f"at {result['kv_length']} tokens)", "",
             "| config | encoder | concept | decoder | total | concept / baseline's | 1/R | total / baseline's "
             "| FLOPs-model total |", "|---|---|---|---|---|---|---|---|---|"]
@@ -392,17 +361,17 @@ def main(argv: list[str] | None = None) -> int:
         if unknown:
             raise SystemExit(f"--configs: unknown {sorted(unknown)}; choose from {[e['name'] for e in entries[1:]]}")
         entries = [e for e in entries if e["kind"] == "baseline" or e["name"] in wanted]
-    models = {e["name"]: build_model(e) for e in entries}
+    sessions = {e["name"]: new_session(build_model(e), e) for e in entries}
     load_before = loadavg()
     print(f"{len(entries)} configs, lengths {lengths}; boundaries forced every R-th token (benchmark only)", flush=True)
-    warmup(models)
+    warmup(sessions)
 
     prefill_rows, decode_rows, kv_rows = [], [], []
     base_cfg = entries[0]["config"]
     for n in lengths:
         t0 = time.time()
         pr, dr = reps(n)
-        res = run_length(models, n, pr, dr, 1 if args.quick else args.steps, args.decode_batch)
+        res = run_length(sessions, n, pr, dr, 1 if args.quick else args.steps, args.decode_batch)
         for phase, rows, pred in (("prefill", prefill_rows, predicted_prefill_flops),
                                   ("decode", decode_rows, predicted_decode_flops)):
             base_med = statistics.median(res[phase]["baseline"])

@@ -64,9 +64,9 @@ def main() -> None:
         now = time.perf_counter() - start
         first_batch_s = first_batch_s or now
         totals["batches"] += 1
-        totals["samples"] += int((batch["input_ids"] == bos).sum())
-        totals["tokens"] += int((batch["doc_ids"] >= 0).sum())
-        totals["images"] += int(batch["num_images"].sum())
+        totals["samples"] += int((batch.input_ids == bos).sum())
+        totals["tokens"] += int((batch.doc_ids >= 0).sum())
+        totals["images"] += int(batch.num_images.sum())
         if now - rss[-1][0] >= args.rss_every:
             rss.append((now, rss_mib()))
         if now >= args.seconds:

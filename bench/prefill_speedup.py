@@ -4,7 +4,7 @@
     python bench/prefill_speedup.py --model runs/base/final --model runs/conv/final --length 8192
 
 Each model prefills the same text (held-out built-in text documents, repeated to the length) with
-`generation.prefill`; repetitions are interleaved across models and the median is reported, with
+`InferenceSession.prefill`; repetitions are interleaved across models and the median is reported, with
 the speedup over the first model and the compression ratio the model actually reached on that
 text (unlike bench_latency.py, boundaries are not forced: this is the trained chunker's R).
 Writes JSON to --out.
@@ -24,8 +24,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+from cmoe_base import Batch  # noqa: E402
 from cmoe_vlm.export import load_pretrained  # noqa: E402
-from cmoe_vlm.generation import prefill  # noqa: E402
+from cmoe_vlm.session import InferenceSession  # noqa: E402
 from data_pipelines.builtin import HELDOUT_SEED_OFFSET, builtin_samples  # noqa: E402
 from data_pipelines.tokenizer import load_tokenizer  # noqa: E402
 
@@ -59,20 +60,19 @@ def main(argv: list[str] | None = None) -> int:
         vlm, meta = load_pretrained(folder)
         models[folder] = vlm.eval()
     ids = text_ids(args.length, load_tokenizer(meta.get("tokenizer", "byte")), args.text)
-    batch = {"input_ids": ids, "modality": torch.zeros_like(ids), "doc_ids": torch.zeros_like(ids),
-             "lengths": torch.tensor([args.length])}
+    batch = Batch.of(ids)
     times: dict[str, list[float]] = {k: [] for k in models}
     concepts = {}
-    with torch.no_grad():
-        for k, m in models.items():  # warm-up, and the reached compression
-            state, _ = prefill(m, batch)
-            concepts[k] = int(state.num_concepts[0])
-        for rep in range(args.reps):
-            order = list(models)[rep % len(models):] + list(models)[:rep % len(models)]
-            for k in order:
-                t0 = time.perf_counter()
-                prefill(models[k], batch)
-                times[k].append(time.perf_counter() - t0)
+    for k, m in models.items():  # warm-up, and the reached compression
+        session = InferenceSession(m)
+        session.prefill(batch)
+        concepts[k] = int(session.state.num_concepts[0])
+    for rep in range(args.reps):
+        order = list(models)[rep % len(models):] + list(models)[:rep % len(models)]
+        for k in order:
+            t0 = time.perf_counter()
+            InferenceSession(models[k]).prefill(batch)
+            times[k].append(time.perf_counter() - t0)
     ref = statistics.median(times[args.model[0]])
     rows = [{"model": k, "median_s": statistics.median(t), "times_s": t, "speedup": ref / statistics.median(t),
              "ratio": args.length / max(concepts[k], 1)} for k, t in times.items()]

@@ -40,9 +40,10 @@ from pathlib import Path
 
 import torch
 
+from cmoe_base import Batch
 from cmoe_vlm.eval import long_context as lc
-from cmoe_vlm.eval.runner import ModelRunner
 from cmoe_vlm.export import save_pretrained
+from cmoe_vlm.runner import ModelRunner
 from cmoe_vlm.training.config import load_experiment
 from cmoe_vlm.vlm import ConceptMoEVLM
 from data_pipelines.tokenizer import ByteTokenizer
@@ -142,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
             g["lr"] = args.lr * min(1.0, (step + 1) / args.warmup) * 0.5 * (1 + math.cos(math.pi * step / args.steps))
         ids, labels, doc = batch(rng, tok, args.batch_size, args.questions, (args.min_len, args.max_len),
                                  args.needle_copy)
-        out = lm(ids, labels=labels, doc_ids=doc)
+        out = lm(Batch.of(ids, doc_ids=doc, labels=labels))
         opt.zero_grad()
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(lm.parameters(), 1.0)

@@ -1,26 +1,28 @@
-"""Chunk module: learned boundaries between adjacent tokens, merge into concepts, ratio loss.
+"""Chunk module: learned boundaries between adjacent tokens, and the ratio loss that steers them.
 
-Spec §2-§3. For encoder outputs h (B, T, d):
+docs/design.md §2-§3. For encoder outputs h (B, T, d):
     q_n = W_q h_n,  k_{n-1} = W_k h_{n-1},  p_n = (1 - cos(q_n, k_{n-1})) / 2,
-with p_n = 1 forced at document starts and (optionally) modality switches. Training samples
-b_n ~ Bernoulli(sharpen(p_n)); evaluation thresholds b_n = [p_n >= 0.5]. The m-th boundary φ(m)
-closes concept m, whose content is the tokens (φ(m-1), φ(m)] of the same document.
+with p_n = 1 forced at document starts and (optionally) modality switches. The chunk module's own
+boundaries are sampled in training, b_n ~ Bernoulli(sharpen(p_n)), and thresholded in evaluation,
+b_n = [p_n >= 0.5]: what the ratio loss steers. Which boundaries the model then uses is a boundary
+policy's choice (cmoe_vlm/boundaries.py; by default these). Concepts are built in merge.py.
+
+Decoding state (`ChunkState`): the unit key and the modality of each row's last token, which the
+next token is scored against. `forward` scores a packed batch, `extend` the next tokens of cached
+rows, `step` one token per row; all three compute the same p and b (tests/cmoe_vlm/test_stages.py).
 """
 from __future__ import annotations
 
 import warnings
 from collections import deque
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import check
-
-TEXT, IMAGE = 0, 1
-MODALITY_NAMES = {TEXT: "text", IMAGE: "image"}
+from cmoe_base import Modality, check
 
 
 @dataclass
@@ -30,7 +32,7 @@ class ChunkConfig:
     target_ratio: float = 2.0              # joint mode: R over all tokens
     text_ratio: float = 1.5                # per_modality mode: R for text tokens
     image_ratio: float = 3.0               # per_modality mode: R for image tokens
-    ratio_loss_weight: float = 0.03        # λ (paper: 0.03; short runs need more, spec §12)
+    ratio_loss_weight: float = 0.03        # λ (paper: 0.03; short runs need more, docs/design.md §3)
     ratio_integral: float = 0.0            # [ours] integral gain of the ratio control (0 = the paper's loss alone)
     merge: Literal["sum", "last"] = "sum"  # concept content: sum of its tokens, or its boundary token
     init: Literal["random", "identity"] = "random"  # W_q, W_k initialisation
@@ -38,8 +40,14 @@ class ChunkConfig:
     sharpen_tau: float = 6.0
     split_at_modality_switch: bool = True  # force a boundary where text turns to image and back
     image_chunking: Literal["raster", "2d"] = "raster"
-    force_all_boundaries: bool = False     # every token a boundary (p = 1): R = 1, for lossless-conversion checks
     dechunk_update: bool = False           # dechunk the concept model's update ĉ − x, not ĉ (converted models)
+
+    # Keys of older configs: accepted with the value that is now the default, else an error saying why.
+    legacy_keys: ClassVar[dict[str, tuple[Any, str]]] = {
+        "force_all_boundaries": (False, "was removed: every token a boundary is now the boundary policy "
+                                        "AllTokens() (cmoe_vlm.boundaries), passed with the batch: "
+                                        "model(batch, boundaries=AllTokens())"),
+    }
 
     def __post_init__(self):
         for name in ("target_ratio", "text_ratio", "image_ratio"):
@@ -60,19 +68,32 @@ def sharpen(p: torch.Tensor, tau: float) -> torch.Tensor:
     return torch.where(p > 0.5, p.pow(1 / tau), 1 - (1 - p).pow(1 / tau))
 
 
+def boundary_rates(p: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None = None,
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(F, G, n) over the token set `mask` (all tokens when None): F = mean b (no gradient),
+    G = mean p (fp32), n = the set's size. Masked sums, so no host read and no data-dependent shape;
+    an empty set gives F = G = 0."""
+    if mask is None:
+        mask = torch.ones_like(b, dtype=torch.bool)
+    n = mask.sum()
+    denom = n.clamp_min(1).float()
+    f = ((b & mask).sum() / denom).detach()
+    g = (p.float() * mask).sum() / denom
+    return f, g, n
+
+
 def ratio_loss(p: torch.Tensor, b: torch.Tensor, target: float, mask: torch.Tensor | None = None) -> torch.Tensor:
     """L = R/(R-1) · ((R-1)·F·G + (1-F)·(1-G)), F = mean b (no grad), G = mean p, over `mask`.
 
-    Minimum 1 at F = G = 1/R. p, b (B, T); mask (B, T) bool selects the token set S.
+    Minimum 1 at F = G = 1/R; 0 for an empty set or R <= 1. p, b (B, T); mask (B, T) bool selects
+    the token set S.
     """
-    if mask is not None:
-        p, b = p[mask], b[mask]
-    if p.numel() == 0 or target <= 1.0:
+    if target <= 1.0:
         return p.sum() * 0.0
     R = target
-    f = b.float().mean().detach()
-    g = p.float().mean()
-    return R / (R - 1) * ((R - 1) * f * g + (1 - f) * (1 - g))
+    f, g, n = boundary_rates(p, b, mask)
+    loss = R / (R - 1) * ((R - 1) * f * g + (1 - f) * (1 - g))
+    return torch.where(n > 0, loss, loss * 0.0)
 
 
 @dataclass
@@ -91,14 +112,16 @@ class ModalityStats:
         return float(self.p_sum) / max(float(self.tokens), 1.0)
 
 
+def token_sets(modality: torch.Tensor, valid: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Token set name -> (B, T) bool: "all" valid tokens, and one set per modality ("text", "image")."""
+    return {"all": valid, **{m.label: valid & (modality == m) for m in Modality}}
+
+
 def compression_stats(p: torch.Tensor, b: torch.Tensor, modality: torch.Tensor,
                       valid: torch.Tensor) -> dict[str, ModalityStats]:
     """Per-modality and overall compression over valid tokens. p, b, modality, valid: (B, T)."""
-    out = {}
-    sets = {"all": valid, **{name: valid & (modality == m) for m, name in MODALITY_NAMES.items()}}
-    for name, m in sets.items():
-        out[name] = ModalityStats(m.sum().detach(), (b & m).sum().detach(), (p.detach() * m).sum())
-    return out
+    return {name: ModalityStats(m.sum().detach(), (b & m).sum().detach(), (p.detach() * m).sum())
+            for name, m in token_sets(modality, valid).items()}
 
 
 class ChunkingCollapseWarning(UserWarning):
@@ -150,9 +173,36 @@ class CollapseMonitor:
 
 @dataclass
 class Boundaries:
-    p: torch.Tensor  # (B, T) boundary probability, forced positions = 1
-    b: torch.Tensor  # (B, T) bool boundary actually used
-    k: torch.Tensor | None = None  # (B, T, d) unit keys k_n (a cache keeps the last one for the next token)
+    """Boundary decisions for B rows of T tokens (or for one token per row: shapes (B,))."""
+    p: torch.Tensor       # (B, T) boundary probability; forced positions are 1
+    b: torch.Tensor       # (B, T) bool boundary
+    forced: torch.Tensor  # (B, T) bool document start or modality switch: always a boundary, p = 1
+
+    @property
+    def confidence(self) -> torch.Tensor:
+        """c_n = p_n at a boundary, 1 − p_n elsewhere (from the decision actually used)."""
+        return torch.where(self.b, self.p, 1 - self.p)
+
+
+def last_of_rows(values: torch.Tensor, lengths: torch.Tensor | int, previous: torch.Tensor) -> torch.Tensor:
+    """values (B, T, ...) -> each row's entry at its last valid token (row r's first lengths[r]
+    tokens are valid; an int: all T), `previous` (B, ...) for rows with none."""
+    if isinstance(lengths, int):
+        return values[:, -1].clone()  # a copy, not a view that keeps all T
+    has, last = lengths > 0, (lengths - 1).clamp_min(0)
+    index = last.view(-1, 1, *([1] * (values.dim() - 2))).expand(-1, 1, *values.shape[2:])
+    picked = values.gather(1, index)[:, 0]
+    return torch.where(has.view(-1, *([1] * (values.dim() - 2))), picked, previous)
+
+
+@dataclass
+class ChunkState:
+    """What the next token is scored against: each row's last unit key and modality."""
+    last_key: torch.Tensor       # (B, d)
+    last_modality: torch.Tensor  # (B,)
+
+    def select(self, rows: torch.Tensor) -> None:
+        self.last_key, self.last_modality = self.last_key[rows], self.last_modality[rows]
 
 
 class ChunkModule(nn.Module):
@@ -172,114 +222,72 @@ class ChunkModule(nn.Module):
             else:
                 nn.init.normal_(lin.weight, std=lin.in_features ** -0.5)
 
-    def forward(
-        self,
-        h: torch.Tensor,
-        starts: torch.Tensor,
-        modality: torch.Tensor,
-        prev_k: torch.Tensor | None = None,
-        prev_modality: torch.Tensor | None = None,
-        above_index: torch.Tensor | None = None,
-    ) -> Boundaries:
-        """h (B, T, d) encoder outputs; starts (B, T) bool document starts (forced boundaries);
-        modality (B, T); prev_k (B, d) / prev_modality (B,) the unit key (`Boundaries.k`) and modality
-        of the token before h[:, 0] when decoding with a cache; above_index (B, T) index in T of the
-        patch above (−1 if none) for 2D chunking.
-        """
-        q = F.normalize(self.q_proj(h), dim=-1)
-        k = F.normalize(self.k_proj(h), dim=-1)
-        if prev_k is None:
-            prev_k, prev_modality = k[:, :1], modality[:, :1]  # position 0 is always a start
-        else:
-            prev_k, prev_modality = prev_k[:, None], prev_modality[:, None]
-        k_prev = torch.cat([prev_k, k[:, :-1]], dim=1)
-        p = ((1 - (q * k_prev).sum(-1)) / 2).clamp(0, 1)  # (B, T)
-
-        if self.cfg.image_chunking == "2d" and above_index is not None:
-            has_above = above_index >= 0
-            k_above = k.gather(1, above_index.clamp_min(0)[..., None].expand_as(k))
-            p_above = ((1 - (q * k_above).sum(-1)) / 2).clamp(0, 1)
-            p = torch.where(has_above, torch.maximum(p, p_above), p)
-
-        forced = torch.ones_like(starts) if self.cfg.force_all_boundaries else starts.clone()
-        if self.cfg.split_at_modality_switch:
-            forced |= modality != torch.cat([prev_modality, modality[:, :-1]], dim=1)
+    def _decide(self, p: torch.Tensor, forced: torch.Tensor) -> Boundaries:
+        """Forced positions get p = 1; boundaries are sampled (training) or thresholded (evaluation)."""
         p = torch.where(forced, torch.ones_like(p), p)
-
         if self.training and self.cfg.sample_boundaries:
             with torch.no_grad():
                 b = torch.bernoulli(sharpen(p.detach().float(), self.cfg.sharpen_tau)).bool()
         else:
             b = p >= 0.5
-        return Boundaries(p=p, b=b | forced, k=k)
+        return Boundaries(p=p, b=b | forced, forced=forced)
 
+    def _span(self, h: torch.Tensor, starts: torch.Tensor, modality: torch.Tensor, prev_k: torch.Tensor | None,
+              prev_modality: torch.Tensor | None, above_index: torch.Tensor | None) -> tuple[Boundaries, torch.Tensor]:
+        """Boundaries of a span whose first token follows a token of key prev_k (B, 1, d) and
+        modality prev_modality (B, 1) (None: the span starts a document, position 0 is forced
+        whatever it is compared with); also returns the span's unit keys (B, T, d)."""
+        q = F.normalize(self.q_proj(h), dim=-1)
+        k = F.normalize(self.k_proj(h), dim=-1)
+        if prev_k is None:
+            prev_k, prev_modality = k[:, :1], modality[:, :1]
+        k_prev = torch.cat([prev_k, k[:, :-1]], dim=1)
+        p = ((1 - (q * k_prev).sum(-1)) / 2).clamp(0, 1)  # (B, T)
+        if self.cfg.image_chunking == "2d" and above_index is not None:
+            has_above = above_index >= 0
+            k_above = k.gather(1, above_index.clamp_min(0)[..., None].expand_as(k))
+            p_above = ((1 - (q * k_above).sum(-1)) / 2).clamp(0, 1)
+            p = torch.where(has_above, torch.maximum(p, p_above), p)
+        forced = starts.clone()
+        if self.cfg.split_at_modality_switch:
+            forced |= modality != torch.cat([prev_modality, modality[:, :-1]], dim=1)
+        return self._decide(p, forced), k
 
-@dataclass
-class Concepts:
-    """The concept sequence of a batch, padded to the longest row (M concepts)."""
-    x: torch.Tensor            # (B, M, d) concept inputs (merged tokens)
-    positions: torch.Tensor    # (B, M) position of each concept's boundary token (spec §6)
-    doc_ids: torch.Tensor      # (B, M) document of each concept, −1 for padding slots
-    p: torch.Tensor            # (B, M) boundary probability of the boundary token (for the EMA)
-    reset: torch.Tensor        # (B, M) bool, the concept starts a document
-    counts: torch.Tensor       # (B,) concepts per row
-    token_index: torch.Tensor  # (B, T) each token's latest concept, −1 if none in this span
-    tail: torch.Tensor         # (B, d) content after the row's last boundary (sum merge carry)
+    def forward(self, h: torch.Tensor, starts: torch.Tensor, modality: torch.Tensor,
+                above_index: torch.Tensor | None = None) -> Boundaries:
+        """h (B, T, d) encoder outputs; starts (B, T) bool document starts (forced boundaries);
+        modality (B, T); above_index (B, T) index in T of the patch above (−1 if none), for 2D chunking.
+        Position 0 of a row is always a document start, so it needs no predecessor."""
+        return self._span(h, starts, modality, None, None, above_index)[0]
 
+    def new_state(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> ChunkState:
+        dim = self.k_proj.out_features
+        return ChunkState(torch.zeros(batch_size, dim, device=device, dtype=dtype),
+                          torch.zeros(batch_size, dtype=torch.long, device=device))
 
-def merge_concepts(h: torch.Tensor, bnd: Boundaries, starts: torch.Tensor, doc_ids: torch.Tensor,
-                   positions: torch.Tensor, merge: str, modality: torch.Tensor | None = None,
-                   carry: torch.Tensor | None = None, carry_modality: torch.Tensor | None = None) -> Concepts:
-    """Group tokens into concepts. h (B, T, d); starts, doc_ids, positions, modality (B, T).
+    def extend(self, h: torch.Tensor, starts: torch.Tensor, modality: torch.Tensor, lengths: torch.Tensor | int,
+               state: ChunkState, above_index: torch.Tensor | None = None) -> Boundaries:
+        """The next tokens of cached rows: row r's first lengths[r] tokens (an int: all T) follow
+        its last token in `state`; the state moves on to each row's last of them (rows with none
+        keep theirs). above_index must point inside this span."""
+        bnd, k = self._span(h, starts, modality, state.last_key[:, None], state.last_modality[:, None], above_index)
+        state.last_key = last_of_rows(k, lengths, state.last_key)
+        state.last_modality = last_of_rows(modality, lengths, state.last_modality)
+        return bnd
 
-    `sum`: concept m = Σ h_n over the tokens of (φ(m−1), φ(m)] that share the boundary token's
-    document and modality (scatter_add). The forced boundary at a modality switch closes a concept
-    at the switch's first token; the other modality's tokens just before it (the unclosed tail of
-    the previous run) join no concept, so no concept mixes text and image. `last`: concept m =
-    h_{φ(m)}. `carry` (B, d) of `carry_modality` (B,): content before this span not yet closed by
-    a boundary (decoding with a cache), added to the span's first concept when the modality matches.
-    """
-    B, T, d = h.shape
-    b = bnd.b
-    closed = b.long().cumsum(1)                 # (B, T) boundaries at or before n
-    counts = closed[:, -1]
-    M = int(counts.max()) if T else 0
-    slot = torch.where(b, closed - 1, M)        # boundary token -> its concept, others -> spare slot M
-    token_pos = torch.arange(T, device=h.device).expand(B, T)
-    bpos = torch.zeros(B, M + 1, dtype=torch.long, device=h.device).scatter_(1, slot, token_pos)
-    bpos[:, M] = 0
-    valid = torch.arange(M, device=h.device)[None] < counts[:, None]  # (B, M)
-    bpos_M = bpos[:, :M]
-
-    doc_M = doc_ids.gather(1, bpos_M)
-    if merge == "last":
-        x = h.gather(1, bpos_M[..., None].expand(B, M, d))
-        tail = torch.zeros_like(h[:, 0])
-    else:
-        content = closed - b.long()             # (B, T) the concept whose content holds token n
-        doc_ext = torch.cat([doc_M, doc_M.new_full((B, 1), -2)], dim=1)  # (B, M+1)
-        inside = (content < counts[:, None]) & (doc_ext.gather(1, content) == doc_ids)
-        if modality is not None:
-            mod_M = modality.gather(1, bpos_M)
-            mod_ext = torch.cat([mod_M, mod_M.new_full((B, 1), -2)], dim=1)
-            inside &= mod_ext.gather(1, content) == modality
-        target = torch.where(inside, content, M)
-        x = torch.zeros(B, M + 1, d, dtype=h.dtype, device=h.device)
-        x = x.scatter_add(1, target[..., None].expand(B, T, d), h)[:, :M]
-        tail = (h * (content == counts[:, None])[..., None]).sum(1)
-        if carry is not None:
-            has = counts > 0
-            if M:
-                joins = has if carry_modality is None or modality is None else has & (mod_M[:, 0] == carry_modality)
-                x = torch.cat([x[:, :1] + carry[:, None] * joins[:, None, None], x[:, 1:]], dim=1)
-            tail = tail + carry * (~has)[:, None]
-    return Concepts(
-        x=x,
-        positions=positions.gather(1, bpos_M),
-        doc_ids=torch.where(valid, doc_M, -1),
-        p=bnd.p.gather(1, bpos_M),
-        reset=starts.gather(1, bpos_M) & valid,
-        counts=counts,
-        token_index=closed - 1,
-        tail=tail,
-    )
+    def step(self, h: torch.Tensor, start: torch.Tensor, modality: torch.Tensor, state: ChunkState,
+             active: torch.Tensor | None = None) -> Boundaries:
+        """One token per row: h (B, d), start and modality (B,); rows with active False (B,) keep
+        their state. Returns Boundaries of shape (B,)."""
+        q = F.normalize(self.q_proj(h), dim=-1)
+        k = F.normalize(self.k_proj(h), dim=-1)
+        p = ((1 - (q * state.last_key).sum(-1)) / 2).clamp(0, 1)  # (B,)
+        forced = start.clone()
+        if self.cfg.split_at_modality_switch:
+            forced |= modality != state.last_modality
+        if active is None:
+            state.last_key, state.last_modality = k, modality
+        else:
+            state.last_key = torch.where(active[:, None], k, state.last_key)
+            state.last_modality = torch.where(active, modality, state.last_modality)
+        return self._decide(p, forced)

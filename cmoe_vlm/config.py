@@ -2,7 +2,7 @@
 
 Every component has a dataclass config. `from_dict` builds one from plain data (YAML), rejecting
 unknown keys by name and checking types; each dataclass then range-checks its own values in
-`__post_init__` through `check`, so every error names the offending field and what is allowed:
+`__post_init__` through `cmoe_base.check`, so every error names the offending field and what is allowed:
 
     ConfigError: model.chunk.target_ratio = 0.5: must be >= 1 (1 = no compression)
 """
@@ -13,23 +13,14 @@ import json
 import math
 import types
 import typing
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
 
+from cmoe_base import ConfigError, check
+
 T = TypeVar("T")
-
-
-class ConfigError(ValueError):
-    """A config value is missing, unknown, mistyped or out of range. The message names the field."""
-
-
-def check(ok: bool, name: str, value: Any, allowed: str) -> None:
-    """Raise a ConfigError naming `name` unless `ok`."""
-    if not ok:
-        raise ConfigError(f"{name} = {value!r}: {allowed}")
 
 
 def _convert(tp: Any, value: Any, name: str) -> Any:
@@ -86,9 +77,19 @@ def _convert(tp: Any, value: Any, name: str) -> Any:
     return value
 
 
+def _drop_legacy_keys(cls: type, data: dict[str, Any], prefix: str) -> None:
+    """Keys a class lists in `legacy_keys` (key -> (the value that is now the default, why it went)):
+    dropped from `data` when they hold that value (configs written by older versions), else an error."""
+    for key, (default, why) in getattr(cls, "legacy_keys", {}).items():
+        if key in data:
+            value = data.pop(key)
+            check(value == default, f"{prefix}.{key}" if prefix else key, value, why)
+
+
 def from_dict(cls: type[T], data: dict[str, Any] | None, prefix: str = "") -> T:
     """Build dataclass `cls` from `data`; unknown keys and bad types raise a ConfigError by name."""
     data = dict(data or {})
+    _drop_legacy_keys(cls, data, prefix)
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(data) - set(fields))
@@ -159,6 +160,4 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
-__all__ = [
-    "ConfigError", "check", "from_dict", "to_dict", "load_yaml", "apply_overrides", "dataclass", "field",
-]
+__all__ = ["ConfigError", "check", "from_dict", "to_dict", "to_overrides", "load_yaml", "apply_overrides"]

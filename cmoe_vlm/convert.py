@@ -1,4 +1,4 @@
-"""Convert a trained baseline MoE into ConceptMoE for continual training (paper §conversion, spec §2/§5/§8).
+"""Convert a trained baseline MoE into ConceptMoE for continual training (docs/design.md §2, §5, §8, §11).
 
     python -m cmoe_vlm.convert --baseline runs/base/final --out runs/conv --encoder-layers 2 \\
         --decoder-layers 2 [--strategy more_experts|looped|none] [--target-ratio 1.5] [--merge last]
@@ -28,7 +28,7 @@ ConceptMoE's decoder receives z_n = h_n + c̄_{idx(n)}: the encoder output *plus
 concept. Feeding the concept model's output ĉ (which already contains its input) would count h
 twice. So converted models set `chunk.dechunk_update: true`: the dechunk smooths the concept
 model's *update* ĉ_m − x_m (x_m its input, here h at the boundary token) instead of ĉ_m. With every
-token a boundary (`chunk.force_all_boundaries: true`, R = 1) and merge `last`, concept m is token m,
+token a boundary (the boundary policy `AllTokens()`, R = 1) and merge `last`, concept m is token m,
 the concept model runs on exactly the baseline's middle-layer inputs at the same positions, every
 boundary has p = 1 and ends the EMA exactly (the model treats p = 1 as a reset rather than clamping
 P to 1 − 1e−4), so c̄_n = ĉ_n − h_n and z_n = h_n + (ĉ_n − h_n) = ĉ_n: the baseline's decoder input
@@ -40,7 +40,8 @@ by design (the extra compute the reallocation buys).
 
 Continual training: `train_vlm.py CONFIG $(cat OUT/train_overrides.txt) train.init_from=OUT
 train.ratio_ramp_steps=N` loads the converted weights and ramps the achieved R from 1 to its target
-over N steps: at step s every token is also made a boundary (p = 1) with probability 1 − s/N, so the
+over N steps (the boundary policy `ConversionRamp`): at step s every token is also made a boundary
+(p = 1) with probability 1 − s/N, so the
 first steps run the baseline's computation (every token its own concept) and compression is let in
 gradually, while the ratio loss steers the chunker's own boundaries to the target from step 0.
 (Ramping the ratio loss's *target* from 1 instead does neither: identity W_q/W_k give
@@ -88,7 +89,7 @@ def split_baseline(baseline: ModelConfig, encoder_layers: int, decoder_layers: i
 def convert_config(baseline: ModelConfig, encoder_layers: int, decoder_layers: int, strategy: str = "more_experts",
                    target_ratio: float = 1.5, merge: str = "last", joint_layers: int = 4,
                    seq_len: int | None = None, match: str = "concept") -> tuple[ModelConfig, list[flops.Proposal]]:
-    """The converted model's config and the FLOPs table rows [baseline, converted] (spec §8).
+    """The converted model's config and the FLOPs table rows [baseline, converted] (docs/design.md §8).
 
     match="concept" (default) matches the concept layers' activated FLOPs with the paper's equations, so
     the chunk module and joint decoding come on top (visible in the table's ×base column; ~10% on tiny
@@ -110,15 +111,15 @@ def convert_config(baseline: ModelConfig, encoder_layers: int, decoder_layers: i
     cfg = dataclasses.replace(proposal.config, chunk=chunk)
     base = flops.account(split, seq_len=proposal.cost.seq_len)
     rows = [flops.Proposal("baseline", split, base, 1.0, 0.0, 1.0, 1.0, "the baseline, chunking off"),
-            flops._proposal(f"converted ({strategy})", cfg, base, target_ratio, proposal.note)]
+            flops.proposal_for(f"converted ({strategy})", cfg, base, target_ratio, proposal.note)]
     return cfg, rows
 
 
 def layer_map(baseline: ModelConfig, converted: ModelConfig) -> dict[str, str]:
-    """Converted model's block prefix -> the baseline's, e.g. 'lm.concept.0.' -> 'lm.encoder.2.'."""
+    """Converted model's block prefix -> the baseline's, e.g. 'lm.concept.layers.0.' -> 'lm.encoder.layers.2.'."""
     def stack(cfg: ModelConfig) -> list[str]:
         counts = (cfg.encoder_layers, cfg.concept_layers, cfg.decoder_layers)
-        return [f"lm.{name}.{i}." for name, n in zip(SECTIONS, counts) for i in range(n)]
+        return [f"lm.{name}.layers.{i}." for name, n in zip(SECTIONS, counts) for i in range(n)]
     old, new = stack(baseline), stack(converted)
     assert len(old) == len(new)
     return dict(zip(new, old))
@@ -136,10 +137,10 @@ def convert_state(baseline: ConceptMoEVLM, converted: ConceptMoEVLM) -> dict[str
     for key in new_state:
         prefix = next((p for p in mapping if key.startswith(p)), None)
         src_key = mapping[prefix] + key[len(prefix):] if prefix else key
-        if ".attn.concept_" in key:
-            if key.endswith("concept_qkv.weight"):
+        if ".joint." in key:
+            if key.endswith("joint.proj.weight"):
                 new_state[key] = torch.zeros_like(new_state[key])  # zero-init: no effect at the start
-            continue  # concept_norm keeps its init (ones)
+            continue  # joint.norm keeps its init (ones)
         if key.startswith("lm.chunk."):
             continue  # identity init from the model's own reset_parameters
         if src_key not in src:

@@ -1,6 +1,9 @@
-"""Dechunk module: EMA over concept outputs, scattered back to tokens (spec §4).
+"""Dechunk module: EMA over concept outputs, plugged back into tokens (docs/design.md §4).
 
     c̄_1 = ĉ_1,   c̄_m = P_m · ĉ_m + (1 − P_m) · c̄_{m−1}    (reset at every document start)
+
+A boundary with P = 1 (forced) also resets: c̄_m = ĉ_m exactly, not with P clamped to 1 − 1e−4.
+Each token then takes the c̄ of its latest concept (`plug_back`).
 
 This is the linear recurrence y_m = a_m y_{m−1} + u_m with a = 1 − P (0 at a reset), u = P·ĉ.
 `ema_scan` solves it as a blocked scan: the M concepts are cut into blocks of Q; the Q positions
@@ -9,11 +12,18 @@ block-end states (which obey the same recurrence) are chained by calling the sca
 recursively, and each block then adds its incoming state times the decay from its start (a
 cumulative product of a ∈ [0, 1]: no exp(−cumsum), nothing overflows). Work is O(M·D) in
 O(Q·log_Q M) vectorised steps. The backward pass is the same recurrence run in reverse.
+
+Decoding state (`DechunkState`): each row's latest c̄. `forward` smooths a packed batch,
+`extend` the new concepts of cached rows, `step` at most one new concept per row.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
+
+from .merge import Concepts
 
 
 def _scan(u: torch.Tensor, a: torch.Tensor, block: int) -> torch.Tensor:
@@ -63,6 +73,14 @@ def ema_scan(u: torch.Tensor, a: torch.Tensor, block: int = 16) -> torch.Tensor:
     return _EMAScan.apply(u.to(work), a.to(work), block).to(u.dtype)
 
 
+@dataclass
+class DechunkState:
+    c_bar: torch.Tensor  # (B, d) each row's latest smoothed concept
+
+    def select(self, rows: torch.Tensor) -> None:
+        self.c_bar = self.c_bar[rows]
+
+
 class DechunkModule(nn.Module):
     """Smooths concept outputs with their boundary confidence and plugs them back into tokens."""
 
@@ -70,8 +88,8 @@ class DechunkModule(nn.Module):
         super().__init__()
         self.p_clamp, self.block = p_clamp, block
 
-    def forward(self, c_hat: torch.Tensor, p: torch.Tensor, reset: torch.Tensor,
-                init: torch.Tensor | None = None) -> torch.Tensor:
+    def ema(self, c_hat: torch.Tensor, p: torch.Tensor, reset: torch.Tensor,
+            init: torch.Tensor | None = None) -> torch.Tensor:
         """c_hat (B, M, d) concept-model outputs; p (B, M) boundary probability of each concept's
         boundary token; reset (B, M) bool, concept starts a document; init (B, d) the previous
         c̄ when continuing from a cache. Returns c̄ (B, M, d)."""
@@ -83,11 +101,33 @@ class DechunkModule(nn.Module):
             return ema_scan(u, a, self.block)[:, 1:].to(out_dtype)
         return ema_scan(u, a, self.block).to(out_dtype)
 
-    def step(self, c_hat: torch.Tensor, p: torch.Tensor, reset: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
-        """One concept per row (decoding): c_hat (B, d), p (B,), reset (B,), prev (B, d) the previous
-        c̄ -> c̄ (B, d). The same arithmetic as `forward` with init = prev and M = 1."""
-        u, a = self._coefficients(c_hat, p, reset)
-        return torch.addcmul(u, a[..., None], prev.to(u.dtype)).to(c_hat.dtype)
+    @staticmethod
+    def resets(concepts: Concepts) -> torch.Tensor:
+        """(B, M) bool: the EMA restarts at a document start and at a forced boundary (P = 1)."""
+        return concepts.layout.starts | (concepts.p >= 1)
+
+    def forward(self, c_hat: torch.Tensor, concepts: Concepts) -> torch.Tensor:
+        """c_hat (B, M, d) for the concepts of a packed batch -> each token's c̄ (B, T, d)."""
+        return plug_back(self.ema(c_hat, concepts.p, self.resets(concepts)), concepts.token_index)
+
+    def new_state(self, batch_size: int, dim: int, device: torch.device, dtype: torch.dtype) -> DechunkState:
+        return DechunkState(torch.zeros(batch_size, dim, device=device, dtype=dtype))
+
+    def extend(self, c_hat: torch.Tensor, concepts: Concepts, state: DechunkState) -> torch.Tensor:
+        """The new concepts of cached rows (row r: the first counts[r]) -> each new token's c̄ (B, T, d);
+        tokens before their row's first new concept take the c̄ carried in."""
+        c_bar = self.ema(c_hat, concepts.p, self.resets(concepts), init=state.c_bar)
+        c_bar = torch.cat([state.c_bar[:, None], c_bar], dim=1)  # index 0 = the concept carried in
+        state.c_bar = c_bar.gather(1, concepts.counts[:, None, None].expand(-1, 1, c_bar.shape[-1]))[:, 0]
+        return plug_back(c_bar, concepts.token_index + 1)
+
+    def step(self, c_hat: torch.Tensor, p: torch.Tensor, closes: torch.Tensor, state: DechunkState) -> torch.Tensor:
+        """At most one new concept per row: c_hat (B, d) and p (B,) for the rows where `closes` (B,);
+        the others keep their c̄. -> c̄ (B, d). The same arithmetic as `ema` with init and M = 1."""
+        u, a = self._coefficients(c_hat, p, p >= 1)
+        c_bar = torch.addcmul(u, a[..., None], state.c_bar.to(u.dtype)).to(c_hat.dtype)
+        state.c_bar = torch.where(closes[:, None], c_bar, state.c_bar)
+        return state.c_bar
 
     def _coefficients(self, c_hat: torch.Tensor, p: torch.Tensor, reset: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The recurrence's u = P·ĉ and a = 1 − P (ĉ and 0 at a reset), in fp32 (fp64 for fp64)."""

@@ -3,9 +3,9 @@
     save_pretrained(model, "runs/tiny/final", tokenizer="byte")
     model, info = load_pretrained("runs/tiny/final")
 
-`config.json` holds the VLM config (model, vision, projector) and what is needed to rebuild the
-inputs (tokenizer spec, tokens per image). Configs written by older versions load: missing fields
-take their defaults. The folder is also a transformers folder (`model_type: cmoe_vlm`):
+`config.json` holds the VLM config (model, vision, projector; tokens per image follow from it) and
+the tokenizer spec. Folders written by older versions load: missing config fields take their
+defaults, and version-1 weight names are renamed on load (`model.upgrade_legacy_keys`). The folder is also a transformers folder (`model_type: cmoe_vlm`):
 `AutoModelForCausalLM.from_pretrained(folder)` works once `cmoe_vlm.hf` is imported.
 """
 from __future__ import annotations
@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 from .config import from_dict, to_dict
 from .vlm import ConceptMoEVLM, VLMConfig
 
-FORMAT, VERSION = "cmoe-vlm", 1
+FORMAT, VERSION = "cmoe-vlm", 2  # 2: the concept model and joint decoding have their own weight names
 
 
 class NonFiniteWeightsError(ValueError):
@@ -42,7 +42,7 @@ def save_pretrained(model: ConceptMoEVLM, out_dir: str | Path, tokenizer: str = 
     out.mkdir(parents=True, exist_ok=True)
     meta = {"format": FORMAT, "version": VERSION, "model_type": "cmoe_vlm",  # also a transformers folder
             "architectures": ["ConceptMoEForCausalLM"], "vlm": to_dict(model.cfg), "tokenizer": tokenizer,
-            "tokens_per_image": model.cfg.tokens_per_image, **(extra or {})}
+            **(extra or {})}
     tmp = out / "model.safetensors.tmp"
     save_file({k: v.detach().cpu().clone().contiguous() for k, v in state.items()}, str(tmp))
     umask = os.umask(0)  # safetensors creates the file 0600; give it the mode config.json gets

@@ -10,13 +10,19 @@ already shifted, as the data pipeline produces them.
 """
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutput
 
+from cmoe_base import IGNORE_INDEX, Batch
+
 from .config import from_dict, to_dict
+from .export import VERSION
+from .model import LEGACY_KEYS
 from .vlm import ConceptMoEVLM, VLMConfig
 
 MODEL_TYPE = "cmoe_vlm"
@@ -48,8 +54,8 @@ def shift_hf_labels(labels: torch.Tensor, modality: torch.Tensor | None, doc_ids
     doc_ids = torch.zeros_like(labels) if doc_ids is None else doc_ids
     shifted = shift_labels(labels.clamp_min(0), modality, doc_ids)
     ignored = torch.zeros_like(labels, dtype=torch.bool)
-    ignored[:, :-1] = labels[:, 1:] == -100
-    return shifted.masked_fill(ignored, -100)
+    ignored[:, :-1] = labels[:, 1:] == IGNORE_INDEX
+    return shifted.masked_fill(ignored, IGNORE_INDEX)
 
 
 class ConceptMoEForCausalLM(PreTrainedModel, GenerationMixin):
@@ -70,6 +76,16 @@ class ConceptMoEForCausalLM(PreTrainedModel, GenerationMixin):
         """Our modules initialise themselves (identity chunk projections, zero-init joint decoding
         after conversion): transformers must not re-initialise them."""
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """Export folders of format version 1 keep their weights under older names: they load through
+        a key mapping (transformers' loader does not call the model's own load_state_dict hook)."""
+        config = Path(pretrained_model_name_or_path) / "config.json"
+        if config.is_file() and json.loads(config.read_text()).get("version", 1) < VERSION:
+            kwargs.setdefault("key_mapping", dict((rf"^lm\.{p[1:]}", f"lm.{r}") if p.startswith("^") else (p, r)
+                                                  for p, r in LEGACY_KEYS))
+        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+
     @property
     def vlm(self) -> ConceptMoEVLM:
         return self._vlm[0]
@@ -88,7 +104,7 @@ class ConceptMoEForCausalLM(PreTrainedModel, GenerationMixin):
         if doc_ids is None and attention_mask is not None:
             doc_ids = torch.where(attention_mask.bool(), 0, -1)
         ours = None if labels is None else shift_hf_labels(labels, modality, doc_ids)
-        out = self.vlm(input_ids, modality=modality, images=images, doc_ids=doc_ids, labels=ours)
+        out = self.vlm(Batch.of(input_ids, modality=modality, doc_ids=doc_ids, labels=ours, images=images))
         return CausalLMOutput(loss=out.loss, logits=out.logits)
 
     def prepare_inputs_for_generation(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,

@@ -1,124 +1,72 @@
-"""ConceptMoE language model (spec §1): embed → encoder → chunk → concept model → dechunk → decoder.
+"""ConceptMoE language model (docs/design.md §1): embed → encoder → chunk → concept model → dechunk → decoder.
 
-With `chunk.enabled = False` the same stack is the baseline MoE: every token is its own concept,
-the concept layers run on tokens and the decoder has no joint-decoding projections.
+Three ways through it, each a straight line through the same stages:
 
-Batches (packed rows, see data_pipelines): input_ids (B, T); doc_ids (B, T) document index
-inside the row, −1 for padding; modality (B, T) 0 text / 1 image; labels (B, T) already shifted,
-−100 where there is no loss. Positions restart at 0 in every document.
+    forward(batch)            a packed `Batch` (training, scoring): logits, losses, compression
+    extend(batch, state)      the next tokens of cached rows (prefill, continuation spans)
+    step(input_ids, state)    one token per row (decoding)
+
+`new_state(B)` allocates the decoding state of B rows, which is each stage's own (§9): the encoder
+and decoder KV caches, the chunk module's last key, the merger's carry, the concept model's
+concept-level caches, the dechunk module's c̄. `cmoe_vlm.session.InferenceSession` holds one.
+
+Which boundaries the model uses is a boundary policy (cmoe_vlm/boundaries.py) passed with each
+call; the default is the chunk module's own. With `chunk.enabled = False` the same stack is the
+baseline MoE: every token is its own concept, the concept layers run on tokens and the decoder has
+no joint decoding.
 """
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .chunking import (Boundaries, ChunkConfig, ChunkModule, ModalityStats, TEXT, IMAGE, compression_stats,
-                       merge_concepts, ratio_loss)
-from .config import check
-from .dechunk import DechunkModule, plug_back, straight_through_one
-from .layers.attention import KVCache, document_causal_mask
-from .layers.block import Block
-from .layers.moe import MoEConfig
+from cmoe_base import IGNORE_INDEX, Batch, DocumentLayout, Modality
+
+from .boundaries import BoundaryPolicy, Learned
+from .chunking import (Boundaries, ChunkModule, ChunkState, ModalityStats, boundary_rates, compression_stats,
+                       ratio_loss, token_sets)
+from .concept_model import ConceptModel
+from .dechunk import DechunkModule, DechunkState, straight_through_one
+from .layers.attention import AttentionLayout, KVCache
+from .layers.block import Block, LayerStack
+from .layers.moe import MoEStats
 from .layers.norm import RMSNorm
 from .layers.rope import rope_angles
+from .merge import MERGE_RULES, MergeState
+from .model_config import ModelConfig
 
-
-@dataclass
-class ModelConfig:
-    vocab_size: int = 262
-    dim: int = 128
-    num_heads: int = 4
-    num_kv_heads: int | None = None        # None = num_heads (plain MHA); fewer = GQA
-    encoder_layers: int = 2
-    concept_layers: int = 2
-    decoder_layers: int = 2
-    loop_layers: int = 0                   # the first N concept layers run a second time (shared weights)
-    concept_dim: int | None = None         # wider concept model (None = dim), with d→d_c→d maps
-    joint_layers: int | None = None        # last N decoder layers use joint decoding (None = all)
-    moe: MoEConfig = field(default_factory=MoEConfig)            # encoder and decoder layers
-    concept_moe: MoEConfig | None = None   # concept layers (None = same as moe)
-    chunk: ChunkConfig = field(default_factory=ChunkConfig)
-    max_seq_len: int = 4096
-    rope_theta: float = 10000.0
-    lb_loss_weight: float = 0.01
-    init_std: float = 0.02
-    tie_embeddings: bool = False
-
-    def __post_init__(self):
-        check(self.vocab_size >= 2, "vocab_size", self.vocab_size, "must be >= 2")
-        check(self.dim > 0 and self.num_heads > 0 and self.dim % self.num_heads == 0, "num_heads", self.num_heads,
-              f"must divide dim={self.dim}")
-        check((self.dim // self.num_heads) % 2 == 0, "num_heads", self.num_heads,
-              f"dim/num_heads must be even for RoPE (dim={self.dim})")
-        kv = self.kv_heads
-        check(kv > 0 and self.num_heads % kv == 0, "num_kv_heads", self.num_kv_heads,
-              f"must divide num_heads={self.num_heads}")
-        for name in ("encoder_layers", "decoder_layers"):
-            check(getattr(self, name) >= 0, name, getattr(self, name), "must be >= 0")
-        check(self.concept_layers >= 1, "concept_layers", self.concept_layers, "must be >= 1")
-        check(0 <= self.loop_layers <= self.concept_layers, "loop_layers", self.loop_layers,
-              f"must be between 0 and concept_layers={self.concept_layers}")
-        cdim = self.concept_width
-        check(cdim % self.num_heads == 0 and (cdim // self.num_heads) % 2 == 0, "concept_dim", self.concept_dim,
-              f"must be a multiple of 2*num_heads={2 * self.num_heads}")
-        check(self.joint_layers is None or 0 <= self.joint_layers <= self.decoder_layers, "joint_layers",
-              self.joint_layers, f"must be between 0 and decoder_layers={self.decoder_layers} (or null = all)")
-        check(self.max_seq_len > 0, "max_seq_len", self.max_seq_len, "must be > 0")
-        check(self.lb_loss_weight >= 0, "lb_loss_weight", self.lb_loss_weight, "must be >= 0")
-
-    @property
-    def kv_heads(self) -> int:
-        return self.num_kv_heads or self.num_heads
-
-    @property
-    def concept_width(self) -> int:
-        return self.concept_dim or self.dim
-
-    @property
-    def concept_moe_cfg(self) -> MoEConfig:
-        return self.concept_moe or self.moe
-
-    @property
-    def num_joint_layers(self) -> int:
-        if not self.chunk.enabled:
-            return 0
-        return self.decoder_layers if self.joint_layers is None else self.joint_layers
-
-    def concept_schedule(self) -> list[int]:
-        """Concept layer indices in execution order: all layers, then the looped ones again."""
-        return list(range(self.concept_layers)) + list(range(self.loop_layers))
+__all__ = ["ConceptMoE", "DecodingState", "ModelConfig", "ModelOutput"]
 
 
 @dataclass
 class ModelOutput:
-    """Logits always; the losses and the compression record unless this was a cached forward
-    without labels (decoding), which skips them."""
+    """Logits always; from `forward` also the losses and the compression record."""
     logits: torch.Tensor                       # (B, T, V)
-    loss: torch.Tensor | None = None           # lm + λ_ratio · ratio + λ_lb · lb
+    loss: torch.Tensor | None = None           # lm + λ_ratio · ratio + λ_lb · lb (with labels)
     lm_loss: torch.Tensor | None = None
     ratio_loss: torch.Tensor | None = None
     lb_loss: torch.Tensor | None = None
     compression: dict[str, ModalityStats] = field(default_factory=dict)  # "all", "text", "image"
     tokens_per_expert: list[torch.Tensor] = field(default_factory=list)  # one (E,) per MoE layer call
-    boundary_probs: torch.Tensor | None = None  # (B, T)
+    boundary_probs: torch.Tensor | None = None  # (B, T) of the boundaries used
     boundaries: torch.Tensor | None = None      # (B, T) bool
 
 
 @dataclass
-class InferenceState:
-    """Everything a cached forward needs to continue a batch of single-document rows (spec §9)."""
+class DecodingState:
+    """The decoding state of B rows, one document each: every stage's own (docs/design.md §9)."""
     encoder: list[KVCache]
-    concept: list[KVCache]   # one per concept-schedule position; concept-level when chunking
+    chunk: ChunkState | None      # None with chunking off
+    merge: MergeState | None
+    concept: list[KVCache]        # one per concept-schedule position; concept-level when chunking
+    dechunk: DechunkState | None
     decoder: list[KVCache]
-    num_tokens: torch.Tensor     # (B,)
-    last_key: torch.Tensor       # (B, d) the chunk module's unit key of the last token
-    last_modality: torch.Tensor  # (B,)
-    carry: torch.Tensor          # (B, d) sum of tokens since the last boundary (sum merge)
-    c_bar: torch.Tensor          # (B, d) latest smoothed concept
+    num_tokens: torch.Tensor      # (B,) tokens fed so far (the next token's position)
 
     @property
     def num_concepts(self) -> torch.Tensor:
@@ -128,56 +76,45 @@ class InferenceState:
         """Keep only `rows` (b,) of the batch, in that order (e.g. drop rows that finished generating)."""
         for cache in self.encoder + self.concept + self.decoder:
             cache.select(rows)
-        for name in ("num_tokens", "last_key", "last_modality", "carry", "c_bar"):
-            setattr(self, name, getattr(self, name)[rows])
+        for part in (self.chunk, self.merge, self.dechunk):
+            if part is not None:
+                part.select(rows)
+        self.num_tokens = self.num_tokens[rows]
 
     def cache_bytes(self) -> dict[str, int]:
         return {name: sum(c.bytes() for c in caches)
                 for name, caches in (("encoder", self.encoder), ("concept", self.concept), ("decoder", self.decoder))}
 
 
-def document_positions(doc_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """doc_ids (B, T) -> (starts (B, T) bool, positions (B, T) restarting at 0 in each document)."""
-    B, T = doc_ids.shape
-    starts = torch.ones_like(doc_ids, dtype=torch.bool)
-    starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
-    idx = torch.arange(T, device=doc_ids.device).expand(B, T)
-    start_idx = torch.where(starts, idx, 0).cummax(dim=1).values
-    return starts, idx - start_idx
-
-
 class ConceptMoE(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        d, dc = cfg.dim, cfg.concept_width
+        d = cfg.dim
+        self.attn_cfg = cfg.attention(d)
         self.embed = nn.Embedding(cfg.vocab_size, d)
-        self.encoder = nn.ModuleList(self._block(d, cfg.moe) for _ in range(cfg.encoder_layers))
-        self.concept = nn.ModuleList(self._block(dc, cfg.concept_moe_cfg) for _ in range(cfg.concept_layers))
+        self.encoder = LayerStack([Block(self.attn_cfg, cfg.moe) for _ in range(cfg.encoder_layers)], self.attn_cfg)
+        self.concept = ConceptModel(cfg)
         n_plain = cfg.decoder_layers - cfg.num_joint_layers
-        self.decoder = nn.ModuleList(self._block(d, cfg.moe, joint=i >= n_plain) for i in range(cfg.decoder_layers))
-        self.concept_in = nn.Linear(d, dc, bias=False) if dc != d else None
-        self.concept_out = nn.Linear(dc, d, bias=False) if dc != d else None
+        self.decoder = LayerStack([Block(self.attn_cfg, cfg.moe, joint=i >= n_plain) for i in range(cfg.decoder_layers)],
+                                  self.attn_cfg)
         self.chunk = ChunkModule(d, cfg.chunk) if cfg.chunk.enabled else None
+        self.merger = MERGE_RULES[cfg.chunk.merge]() if cfg.chunk.enabled else None
         self.dechunk = DechunkModule() if cfg.chunk.enabled else None
         self.norm = RMSNorm(d)
         self.lm_head = nn.Linear(d, cfg.vocab_size, bias=False)
-        self.forced_boundary_prob = 0.0  # training forwards: extra random boundaries (the conversion ramp)
         if cfg.chunk.enabled and cfg.chunk.ratio_integral > 0:
             # integral term of the ratio control, one per token set; a buffer, so checkpoints keep it
             self.register_buffer("ratio_mu", torch.zeros(len(cfg.chunk.targets())))
         self.reset_parameters()
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
-
-    def _block(self, dim: int, moe: MoEConfig, joint: bool = False) -> Block:
-        c = self.cfg
-        return Block(dim, c.num_heads, c.kv_heads, moe, joint=joint)
+        self.register_load_state_dict_pre_hook(upgrade_legacy_keys)
 
     def reset_parameters(self) -> None:
         """Normal(0, init_std) everywhere; residual output projections scaled by 1/sqrt(2·depth)."""
         std = self.cfg.init_std
-        depth = len(self.encoder) + len(self.cfg.concept_schedule()) + len(self.decoder)
+        depth = len(self.encoder) + len(self.concept.schedule) + len(self.decoder)
         for name, p in self.named_parameters():
             if p.dim() < 2 or name.startswith("chunk."):
                 continue
@@ -186,255 +123,198 @@ class ConceptMoE(nn.Module):
         if self.chunk is not None:
             self.chunk.reset_parameters()
 
-    # ----------------------------------------------------------------------------------------------
-    def new_state(self, batch_size: int, device=None, dtype=None) -> InferenceState:
-        """Empty caches for cached decoding of `batch_size` rows (one document each)."""
-        c = self.cfg
-        device = device or self.embed.weight.device
-        dtype = dtype or self.embed.weight.dtype
-        hd, chd = c.dim // c.num_heads, c.concept_width // c.num_heads
-        mk = lambda head_dim: KVCache(batch_size, c.kv_heads, head_dim, device, dtype)  # noqa: E731
-        zeros = torch.zeros(batch_size, c.dim, device=device, dtype=dtype)
-        return InferenceState(
-            encoder=[mk(hd) for _ in self.encoder],
-            concept=[mk(chd) for _ in c.concept_schedule()],
-            decoder=[mk(hd) for _ in self.decoder],
-            num_tokens=torch.zeros(batch_size, dtype=torch.long, device=device),
-            last_key=zeros, last_modality=torch.zeros(batch_size, dtype=torch.long, device=device),
-            carry=zeros.clone(), c_bar=zeros.clone(),
-        )
+    def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token-level RoPE angles, computed once per forward and used by every token-level layer."""
+        return rope_angles(positions, self.attn_cfg.head_dim, self.cfg.rope_theta)
 
-    def forward(
-        self,
-        input_ids: torch.Tensor | None = None,
-        labels: torch.Tensor | None = None,
-        doc_ids: torch.Tensor | None = None,
-        modality: torch.Tensor | None = None,
-        inputs_embeds: torch.Tensor | None = None,
-        above_index: torch.Tensor | None = None,
-        state: InferenceState | None = None,
-    ) -> ModelOutput:
-        """Full forward over packed rows, or (with `state`) the next tokens of cached rows.
-
-        inputs_embeds (B, T, d) replaces input_ids (the VLM passes text and image embeddings);
-        above_index (B, T) is the position of the patch above each image patch (−1 if none), used by
-        2D image chunking. Returns logits and, with labels, the losses.
-
-        With `state`, each row holds one document: doc_ids (B, T) is 0 for the row's next tokens and
-        −1 for padding after them (rows of a span may differ in length, e.g. prompts of different
-        lengths; a row may have none). Padding enters no cache, opens no concept and leaves the
-        carried state alone; its logits are meaningless.
-        """
-        x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
-        B, T, _ = x.shape
-        if T == 0:
-            raise ValueError("the input has no tokens (sequence length 0): give at least one token")
-        modality = torch.zeros(B, T, dtype=torch.long, device=x.device) if modality is None else modality
-        if state is None:
-            doc_ids = torch.zeros(B, T, dtype=torch.long, device=x.device) if doc_ids is None else doc_ids
-            starts, positions = document_positions(doc_ids)
-            mask = document_causal_mask(doc_ids)
+    # ---------------------------------------------------------------------------------------- training
+    def forward(self, batch: Batch, inputs_embeds: torch.Tensor | None = None, above_index: torch.Tensor | None = None,
+                boundaries: BoundaryPolicy | None = None) -> ModelOutput:
+        """A packed batch -> logits and (with labels) the losses. inputs_embeds (B, T, d) replaces the
+        token embeddings (the VLM passes text and image embeddings); above_index (B, T) is the position
+        of the patch above each image patch (−1 if none), for 2D image chunking."""
+        _check_not_empty(batch)
+        tokens = batch.layout
+        x = self.embed(batch.input_ids) if inputs_embeds is None else inputs_embeds
+        rope, attn = self._rope(tokens.positions), AttentionLayout.of(tokens)
+        h, encoder_stats = self.encoder(x, rope, attn)
+        if self.chunk is None:  # the baseline: every token its own concept
+            z, concept_stats = self.concept(h, tokens.positions, attn)
+            y, decoder_stats = self.decoder(z, rope, attn)
+            own = used = None
         else:
-            full = doc_ids is None  # every row takes all T tokens: lengths also known as the int T
-            lengths = self._span_lengths(doc_ids, B, T, x.device)
-            positions = state.num_tokens[:, None] + torch.arange(T, device=x.device)
-            if full:
-                doc_ids = torch.zeros(B, T, dtype=torch.long, device=x.device)
-                starts = positions == 0
-            else:
-                doc_ids = torch.where(torch.arange(T, device=x.device) < lengths[:, None], 0, -1)
-                starts = (positions == 0) & (doc_ids >= 0)
-            mask = None
-        valid = doc_ids >= 0
-        # A cached forward without labels (decoding) reads no loss or statistics: skip computing them.
-        with_stats = state is None or labels is not None
-        expert_counts: list[torch.Tensor] = []
-        lb_losses: list[torch.Tensor] = []
-
-        def run(blocks, h, rope, m, caches, concept=None, rows=None):
-            for i, blk in enumerate(blocks):
-                h, st = blk(h, rope, m, concept, caches[i] if caches else None, rows, with_stats)
-                if with_stats:
-                    lb_losses.append(st.lb_loss)
-                    expert_counts.append(st.tokens_per_expert)
-            return h
-
-        rope = self._rope(positions, self.cfg.dim)  # computed once, used by every token-level layer
-        h = run(self.encoder, x, rope, mask, state.encoder if state else None)
-        schedule = [self.concept[i] for i in self.cfg.concept_schedule()]
-        if self.chunk is None:
-            z = run(schedule, h, rope, mask, state.concept if state else None)
-            concept_tok = None
-            p = torch.ones(B, T, device=x.device)
-            b = torch.ones(B, T, dtype=torch.bool, device=x.device)
-            chunker = Boundaries(p, b)
-        else:
-            bnd = self.chunk(h, starts, modality, state.last_key if state else None,
-                             state.last_modality if state else None, above_index)
-            if state is not None:  # padded tail tokens of a span open no concept and add no content
-                bnd.b = bnd.b & valid
-            chunker = bnd  # the ratio loss steers the chunker's own boundaries
-            if self.training and self.forced_boundary_prob > 0:
-                bnd = self._force_random_boundaries(bnd, valid)
-            p, b = bnd.p, bnd.b
-            if state is not None and T == 1:  # decoding: one token per row
-                concept_tok = self._concept_token_step(schedule, h * valid[..., None], bnd, modality, positions,
-                                                       state, run)
-            else:
-                concept_tok = self._concepts(schedule, h, bnd, starts, doc_ids, positions, modality, valid, state,
-                                             run)
-            if torch.is_grad_enabled():  # the factor is exactly 1; it exists for its gradient to p
-                confidence = torch.where(b, p, 1 - p)
-                z = h + concept_tok * straight_through_one(confidence)[..., None]
-            else:
-                z = h + concept_tok
-        y = run(self.decoder, z, rope, mask, state.decoder if state else None, concept=concept_tok)
+            own = self.chunk(h, tokens.starts, batch.modality, above_index)
+            used = (boundaries or Learned())(own, tokens.positions, tokens.valid)
+            concepts = self.merger(h, used, tokens, batch.modality)
+            c_hat, concept_stats = self.concept(concepts.x, concepts.layout.positions,
+                                                AttentionLayout.of(concepts.layout))
+            c_bar = self.dechunk(c_hat, concepts)
+            y, decoder_stats = self.decoder(self._decoder_input(h, c_bar, used), rope, attn, concept=c_bar)
         logits = self.lm_head(self.norm(y))
+        out = self._output(logits, batch, own, used, encoder_stats + concept_stats + decoder_stats)
+        if own is not None and self.cfg.chunk.ratio_integral > 0 and self.training and torch.is_grad_enabled():
+            self._update_ratio_integral(own, batch)  # the one buffer a training forward writes
+        return out
 
-        if state is not None:
-            for cache in state.encoder + state.decoder + ([] if self.chunk else state.concept):
-                cache.advance(T if full else lengths)
-            state.num_tokens += lengths
-            if full:
-                state.last_modality = modality[:, -1]
-                if self.chunk is not None:
-                    state.last_key = chunker.k[:, -1].clone()  # not a view that keeps all T keys
-            else:
-                has, last = lengths > 0, (lengths - 1).clamp_min(0)
-                state.last_modality = torch.where(has, modality.gather(1, last[:, None])[:, 0], state.last_modality)
-                if self.chunk is not None:
-                    last_key = chunker.k.gather(1, last[:, None, None].expand(-1, 1, chunker.k.shape[-1]))[:, 0]
-                    state.last_key = torch.where(has[:, None], last_key, state.last_key)
+    @staticmethod
+    def _decoder_input(h: torch.Tensor, c_bar: torch.Tensor, used: Boundaries) -> torch.Tensor:
+        """z_n = h_n + c̄_n · STE(c_n): the factor is exactly 1; it exists for its gradient to p."""
+        if torch.is_grad_enabled():
+            return h + c_bar * straight_through_one(used.confidence)[..., None]
+        return h + c_bar
 
-        out = ModelOutput(logits=logits, tokens_per_expert=expert_counts, boundary_probs=p, boundaries=b)
-        if not with_stats:
-            return out
-        out.compression = compression_stats(p, b, modality, valid)
-        out.lb_loss = torch.stack(lb_losses).mean() if lb_losses else logits.sum() * 0
-        out.ratio_loss = self._ratio_loss(chunker.p, chunker.b, modality, valid)
-        if labels is not None:
+    def _output(self, logits: torch.Tensor, batch: Batch, own: Boundaries | None, used: Boundaries | None,
+                moe_stats: list[MoEStats]) -> ModelOutput:
+        valid, modality = batch.layout.valid, batch.modality
+        if used is None:
+            p = torch.ones(batch.shape, device=logits.device)
+            b = torch.ones(batch.shape, dtype=torch.bool, device=logits.device)
+        else:
+            p, b = used.p, used.b
+        out = ModelOutput(logits=logits, tokens_per_expert=[s.tokens_per_expert for s in moe_stats],
+                          boundary_probs=p, boundaries=b, compression=compression_stats(p, b, modality, valid))
+        out.lb_loss = torch.stack([s.lb_loss for s in moe_stats]).mean() if moe_stats else logits.sum() * 0
+        out.ratio_loss = p.sum() * 0 if own is None else self._ratio_loss(own, modality, valid)
+        if batch.labels is not None:
             # mean over the predicted tokens; a batch without any (images only) adds 0, not 0/0 = NaN
-            out.lm_loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), labels.reshape(-1),
-                                          ignore_index=-100, reduction="sum") / (labels != -100).sum().clamp_min(1)
+            labels = batch.labels.reshape(-1)
+            out.lm_loss = (F.cross_entropy(logits.float().view(-1, logits.shape[-1]), labels, ignore_index=IGNORE_INDEX,
+                                           reduction="sum") / (labels != IGNORE_INDEX).sum().clamp_min(1))
             out.loss = (out.lm_loss + self.cfg.chunk.ratio_loss_weight * out.ratio_loss
                         + self.cfg.lb_loss_weight * out.lb_loss)
         return out
 
-    @staticmethod
-    def _span_lengths(doc_ids: torch.Tensor | None, B: int, T: int, device) -> torch.Tensor:
-        """Valid tokens per row of a cached span: doc_ids 0 for tokens, −1 for padding at the row's end."""
-        if doc_ids is None:
-            return torch.full((B,), T, dtype=torch.long, device=device)
-        if int(doc_ids.max()) > 0:
-            raise ValueError("cached decoding takes one document per row (doc_ids 0, or −1 for tail padding)")
-        valid = doc_ids >= 0
-        lengths = valid.sum(1)
-        if not torch.equal(valid, torch.arange(T, device=device) < lengths[:, None]):
-            raise ValueError("cached decoding: padding (doc_ids −1) must come after a row's tokens")
-        return lengths
-
-    def _rope(self, positions: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return rope_angles(positions, width // self.cfg.num_heads, self.cfg.rope_theta)
-
-    def _concepts(self, schedule, h, bnd, starts, doc_ids, positions, modality, valid,
-                  state: InferenceState | None, run) -> torch.Tensor:
-        """Merge → concept model → dechunk for a whole span (training, prefill). Returns each token's
-        smoothed concept c̄ (B, T, d); with a state, also updates its carry and c̄."""
-        cpt = merge_concepts(h if state is None else h * valid[..., None], bnd, starts, doc_ids, positions,
-                             self.cfg.chunk.merge, modality, carry=state.carry if state else None,
-                             carry_modality=state.last_modality if state else None)
-        xc = cpt.x if self.concept_in is None else self.concept_in(cpt.x)
-        if state is None:
-            rope = self._rope(cpt.positions, self.cfg.concept_width)
-            c_hat = run(schedule, xc, rope, document_causal_mask(cpt.doc_ids), None)
-        else:
-            c_hat = self._concept_step(schedule, xc, cpt.counts, cpt.positions, state, run)
-        c_hat = c_hat if self.concept_out is None else self.concept_out(c_hat)
-        if self.cfg.chunk.dechunk_update:  # converted models: only the concept layers' residual update
-            c_hat = c_hat - cpt.x
-        # A boundary with p = 1 (forced) ends the EMA exactly: c̄_m = ĉ_m, as a reset, not 1 − 1e−4.
-        c_bar = self.dechunk(c_hat, cpt.p, cpt.reset | (cpt.p >= 1), init=state.c_bar if state else None)
-        if state is None:
-            return plug_back(c_bar, cpt.token_index)
-        c_bar = torch.cat([state.c_bar[:, None], c_bar], dim=1)  # index 0 = the concept carried in
-        state.carry = cpt.tail
-        state.c_bar = c_bar.gather(1, cpt.counts[:, None, None].expand(-1, 1, c_bar.shape[-1]))[:, 0]
-        return plug_back(c_bar, cpt.token_index + 1)
-
-    def _concept_token_step(self, schedule, h, bnd, modality, positions, state: InferenceState, run) -> torch.Tensor:
-        """`_concepts` for one token per row (decoding), without the (B, M) bookkeeping of a span:
-        h (B, 1, d) with padding rows zeroed, bnd.b already False for them. A row whose token is a
-        boundary closes a concept (carry + token under `sum` merge), runs it through the concept
-        model and takes one EMA step; the others add the token to the carry and keep c̄.
-        Returns c̄ (B, 1, d); the same values as the span path (tests/cmoe_vlm/test_generation.py)."""
-        b, h1 = bnd.b[:, 0], h[:, 0]
-        if self.cfg.chunk.merge == "sum":
-            joins = state.last_modality == modality[:, 0]  # no concept mixes modalities
-            x = h1 + state.carry * joins[:, None]
-            state.carry = torch.where(b[:, None], torch.zeros_like(h1), state.carry + h1)
-        else:
-            x = h1
-        if not bool(b.any()):  # no row closes a concept: the concept model does not run, c̄ stays
-            return state.c_bar[:, None]
-        x = x[:, None]  # (B, 1, d)
-        xc = x if self.concept_in is None else self.concept_in(x)
-        c_hat = self._concept_step(schedule, xc, b.long(), positions, state, run, one_each=True)
-        c_hat = c_hat if self.concept_out is None else self.concept_out(c_hat)
-        if self.cfg.chunk.dechunk_update:
-            c_hat = c_hat - x
-        p = bnd.p[:, 0]
-        c_bar = self.dechunk.step(c_hat[:, 0], p, p >= 1, state.c_bar)
-        state.c_bar = torch.where(b[:, None], c_bar, state.c_bar)
-        return state.c_bar[:, None]
-
-    def _concept_step(self, schedule, xc, counts, positions, state: InferenceState, run,
-                      one_each: bool = False) -> torch.Tensor:
-        """Run the concept model on the new concepts (xc (B, M, dc), the first counts (B,) of each row,
-        at positions (B, M)) of the rows that have any, with their caches. one_each: counts are 0 or 1
-        (decoding), so the rows that run advance their caches by the int 1."""
-        rows = (counts > 0).nonzero().squeeze(1)
-        if rows.numel() == 0:
-            return torch.zeros_like(xc)
-        all_rows = rows.numel() == xc.shape[0]
-        h = xc if all_rows else xc[rows]
-        rope = self._rope(positions if all_rows else positions[rows], self.cfg.concept_width)
-        rows = None if all_rows else rows
-        for blk, cache in zip(schedule, state.concept):
-            h = run([blk], h, rope, None, [cache], rows=rows)
-            cache.advance(1 if one_each else counts if rows is None else counts[rows], rows)
-        return h if rows is None else torch.zeros_like(xc).index_copy(0, rows, h)
-
-    def _ratio_loss(self, p, b, modality, valid) -> torch.Tensor:
-        if self.chunk is None:
-            return p.sum() * 0
-        sets = {"all": valid, "text": valid & (modality == TEXT), "image": valid & (modality == IMAGE)}
+    def _ratio_loss(self, own: Boundaries, modality: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """The paper's loss per token set (docs/design.md §3) on the chunk module's own boundaries, plus
+        μ_i · G_i with the integral term: μ_i accumulates the steady rate error η · (R·F − 1) (a PI
+        controller's I), cancelling another steady force on p (the LM loss preferring fewer image
+        boundaries, say) that the paper's loss, whose pull ∝ (R·F − 1), would leave off target."""
+        sets = token_sets(modality, valid)
+        integral = self.cfg.chunk.ratio_integral > 0
         losses = []
         for i, (name, target) in enumerate(self.cfg.chunk.targets().items()):
-            loss = ratio_loss(p, b, target, sets[name])
-            if self.cfg.chunk.ratio_integral > 0 and target > 1 and sets[name].any():
-                loss = loss + self._ratio_integral_term(i, p[sets[name]], b[sets[name]], target)
+            loss = ratio_loss(own.p, own.b, target, sets[name])
+            if integral and target > 1:
+                _, g, n = boundary_rates(own.p, own.b, sets[name])
+                loss = loss + torch.where(n > 0, self.ratio_mu[i].clone() * g, 0.0)  # a copy: μ changes below
             losses.append(loss)
         return torch.stack(losses).sum()
 
-    def _ratio_integral_term(self, i: int, p: torch.Tensor, b: torch.Tensor, target: float) -> torch.Tensor:
-        """μ_i · G, with μ_i += η · (R·F − 1) after every training forward (F = boundary fraction of
-        this batch, G = mean p). The paper's loss pulls G with a gradient ∝ (R·F − 1), so another
-        steady force on p (the LM loss preferring fewer image boundaries, say) leaves the ratio off
-        target; μ accumulates that steady error until it cancels the force (a PI controller's I)."""
-        term = self.ratio_mu[i].clone() * p.float().mean()  # a copy: μ is updated in place below
-        if self.training and torch.is_grad_enabled():
-            with torch.no_grad():
-                self.ratio_mu[i] += self.cfg.chunk.ratio_integral * (target * b.float().mean() - 1)
-        return term
+    @torch.no_grad()
+    def _update_ratio_integral(self, own: Boundaries, batch: Batch) -> None:
+        """μ_i += η · (R_i · F_i − 1) for every token set with a target and tokens in this batch."""
+        sets = token_sets(batch.modality, batch.layout.valid)
+        for i, (name, target) in enumerate(self.cfg.chunk.targets().items()):
+            if target > 1:
+                f, _, n = boundary_rates(own.p, own.b, sets[name])
+                self.ratio_mu[i] += torch.where(n > 0, self.cfg.chunk.ratio_integral * (target * f - 1), 0.0)
 
-    def _force_random_boundaries(self, bnd: Boundaries, valid: torch.Tensor) -> Boundaries:
-        """Make each valid token a boundary with probability `forced_boundary_prob`, with p = 1 as at
-        any forced boundary (its concept is its own: the EMA resets). At probability 1 every token is
-        its own concept, so a converted model computes what the baseline did; lowering it to 0 moves
-        the achieved R from 1 to the chunker's own while the ratio loss steers the chunker throughout
-        (`train.ratio_ramp_steps`)."""
-        extra = (torch.rand(bnd.b.shape, device=bnd.b.device) < self.forced_boundary_prob) & valid
-        return Boundaries(p=torch.where(extra, torch.ones_like(bnd.p), bnd.p), b=bnd.b | extra)
+    # ---------------------------------------------------------------------------------------- decoding
+    def new_state(self, batch_size: int, device: torch.device | None = None,
+                  dtype: torch.dtype | None = None) -> DecodingState:
+        """Empty decoding state for `batch_size` rows (one document each)."""
+        device = device or self.embed.weight.device
+        dtype = dtype or self.embed.weight.dtype
+        d, chunking = self.cfg.dim, self.chunk is not None
+        return DecodingState(
+            encoder=self.encoder.new_caches(batch_size, device, dtype),
+            chunk=self.chunk.new_state(batch_size, device, dtype) if chunking else None,
+            merge=self.merger.new_state(batch_size, d, device, dtype) if chunking else None,
+            concept=self.concept.new_state(batch_size, device, dtype),
+            dechunk=self.dechunk.new_state(batch_size, d, device, dtype) if chunking else None,
+            decoder=self.decoder.new_caches(batch_size, device, dtype),
+            num_tokens=torch.zeros(batch_size, dtype=torch.long, device=device))
+
+    def extend(self, batch: Batch, state: DecodingState, inputs_embeds: torch.Tensor | None = None,
+               above_index: torch.Tensor | None = None, boundaries: BoundaryPolicy | None = None) -> ModelOutput:
+        """The next tokens of the rows of `state` (from a new state: the prefill). Each row of `batch`
+        holds one document, its next tokens, then padding (rows may differ in length; a row may have
+        none). Padding enters no cache, opens no concept and leaves the state alone; its logits are
+        meaningless. Returns logits and the boundaries used (no losses)."""
+        _check_not_empty(batch)
+        if any(len(docs) > 1 for docs in batch.layout.lengths):
+            raise ValueError("cached decoding takes one document per row (doc_ids 0, or −1 for tail padding)")
+        B, T = batch.shape
+        n_tokens = [sum(docs) for docs in batch.layout.lengths]
+        lengths = T if all(n == T for n in n_tokens) else torch.tensor(n_tokens, device=state.num_tokens.device)
+        x = self.embed(batch.input_ids) if inputs_embeds is None else inputs_embeds
+        valid = batch.layout.valid
+        positions = state.num_tokens[:, None] + torch.arange(T, device=x.device)
+        span = DocumentLayout(batch.doc_ids, batch.layout.lengths, (positions == 0) & valid, positions)
+        rope = self._rope(positions)
+        h = self.encoder.extend(x, rope, state.encoder, lengths)
+        if self.chunk is None:
+            z = self.concept.extend(h, positions, lengths, state.concept)
+            y = self.decoder.extend(z, rope, state.decoder, lengths)
+            p, b = torch.ones(B, T, device=x.device), valid
+        else:
+            own = self.chunk.extend(h, span.starts, batch.modality, lengths, state.chunk, above_index)
+            used = (boundaries or Learned())(own, positions, valid)
+            used = Boundaries(p=used.p, b=used.b & valid, forced=used.forced)
+            concepts = self.merger.extend(h * valid[..., None], used, span, batch.modality, lengths, state.merge)
+            c_hat = self.concept.extend(concepts.x, concepts.layout.positions, concepts.counts, state.concept)
+            c_bar = self.dechunk.extend(c_hat, concepts, state.dechunk)
+            y = self.decoder.extend(self._decoder_input(h, c_bar, used), rope, state.decoder, lengths, concept=c_bar)
+            p, b = used.p, used.b
+        state.num_tokens += lengths
+        return ModelOutput(logits=self.lm_head(self.norm(y)), boundary_probs=p, boundaries=b)
+
+    def step(self, input_ids: torch.Tensor, state: DecodingState, active: torch.Tensor | None = None,
+             boundaries: BoundaryPolicy | None = None) -> torch.Tensor:
+        """One text token per row, input_ids (B,); rows with active False (B,) do not advance.
+        Returns the logits (B, V). The same values as `extend` on one-token spans, without the
+        span's (B, M) bookkeeping: a row whose token is no boundary skips the concept model, and
+        when no row has one the concept model does not run."""
+        x = self.embed(input_ids)  # (B, d)
+        positions = state.num_tokens
+        advance = 1 if active is None else active.long()
+        rope = self._rope(positions[:, None])
+        h = self.encoder.extend(x[:, None], rope, state.encoder, advance)[:, 0]
+        if self.chunk is None:
+            z = self.concept.step(h, positions, active, state.concept)
+            y = self.decoder.extend(z[:, None], rope, state.decoder, advance)
+        else:
+            valid = torch.ones_like(input_ids, dtype=torch.bool) if active is None else active
+            modality = torch.full_like(input_ids, Modality.TEXT)
+            own = self.chunk.step(h, (positions == 0) & valid, modality, state.chunk, active)
+            used = (boundaries or Learned())(own, positions, valid)
+            b = used.b & valid
+            x_c = self.merger.step(h * valid[:, None], b, modality, state.merge, active)
+            if bool(b.any()):
+                c_hat = self.concept.step(x_c, positions, b, state.concept)
+                c_bar = self.dechunk.step(c_hat, used.p, b, state.dechunk)
+            else:
+                c_bar = state.dechunk.c_bar
+            z = self._decoder_input(h, c_bar, used)
+            y = self.decoder.extend(z[:, None], rope, state.decoder, advance, concept=c_bar[:, None])
+        state.num_tokens += advance
+        return self.lm_head(self.norm(y))[:, 0]
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+def _check_not_empty(batch: Batch) -> None:
+    if batch.shape[1] == 0:
+        raise ValueError("the input has no tokens (sequence length 0): give at least one token")
+
+
+# Weight names of exports written before the stacks, the concept model and joint decoding had
+# classes of their own (format version 1), relative to the ConceptMoE module: (pattern, replacement).
+LEGACY_KEYS = ((r"^(encoder|concept|decoder)\.", r"\1.layers."), (r"^concept_in\.", "concept.proj_in."),
+               (r"^concept_out\.", "concept.proj_out."), (r"\.attn\.concept_norm\.", ".joint.norm."),
+               (r"\.attn\.concept_qkv\.", ".joint.proj."))
+_LEGACY_STACK = re.compile(r"^(encoder|concept|decoder)\.\d")
+
+
+def upgrade_legacy_keys(module: nn.Module, state_dict: dict, prefix: str, *_args) -> None:
+    """load_state_dict pre-hook of ConceptMoE: a state dict with version-1 weight names (a numbered
+    layer right under a stack) is renamed in place, so older exports and checkpoints load."""
+    keys = [k for k in state_dict if k.startswith(prefix)]
+    if not any(_LEGACY_STACK.match(k[len(prefix):]) for k in keys):
+        return
+    for key in keys:
+        name = key[len(prefix):]
+        for pattern, repl in LEGACY_KEYS:
+            name = re.sub(pattern, repl, name)
+        state_dict[prefix + name] = state_dict.pop(key)

@@ -1,8 +1,10 @@
-"""ConceptMoE VLM: timm ViT → projector → image tokens interleaved with text → ConceptMoE LM (spec §7).
+"""ConceptMoE VLM: timm ViT → projector → image tokens interleaved with text → ConceptMoE LM (docs/design.md §7).
 
-The packed batch (see data_pipelines) marks image positions with modality 1; each image occupies
+The batch (`cmoe_base.Batch`) marks image positions with Modality.IMAGE; each image occupies
 exactly `tokens_per_image` consecutive positions in raster order (between `<img_start>` and
 `<img_end>` text tokens). Projected patch tokens are written into those positions in order.
+The VLM has the LM's three ways through (`forward`, `extend`, `step`); it adds the image
+embeddings and, for 2D image chunking, each patch's neighbour above.
 """
 from __future__ import annotations
 
@@ -11,11 +13,12 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from cmoe_base import Batch, Modality
 from vision import Projector, ProjectorConfig, VisionConfig, VisionEncoder
 from vision.projector import image_token_grid
 
-from .chunking import IMAGE
-from .model import ConceptMoE, InferenceState, ModelConfig, ModelOutput
+from .boundaries import BoundaryPolicy
+from .model import ConceptMoE, DecodingState, ModelConfig, ModelOutput
 
 
 @dataclass
@@ -39,7 +42,7 @@ class VLMConfig:
 def image_run_index(modality: torch.Tensor) -> torch.Tensor:
     """(B, T) -> index of each image position inside its image (0..P−1); −1 for text."""
     B, T = modality.shape
-    is_img = modality == IMAGE
+    is_img = modality == Modality.IMAGE
     first = is_img.clone()
     first[:, 1:] &= ~is_img[:, :-1]
     idx = torch.arange(T, device=modality.device).expand(B, T)
@@ -63,19 +66,18 @@ class ConceptMoEVLM(nn.Module):
         self.projector = Projector(cfg.projector, self.vision.embed_dim, cfg.model.dim)
         self.lm = ConceptMoE(cfg.model)
 
-    def embed(self, input_ids: torch.Tensor, modality: torch.Tensor, images: torch.Tensor | None) -> torch.Tensor:
+    def embed(self, batch: Batch) -> torch.Tensor:
         """Text embeddings with the projected patch tokens written into image positions. (B, T, d)"""
-        x = self.lm.embed(input_ids)
-        slots = modality == IMAGE
-        n_slots = int(slots.sum())
+        x = self.lm.embed(batch.input_ids)
+        images = batch.images
         n_images = 0 if images is None else images.shape[0]
-        if n_slots != n_images * self.cfg.tokens_per_image:
-            raise ValueError(f"batch has {n_slots} image positions but {n_images} images × "
+        if batch.image_tokens != n_images * self.cfg.tokens_per_image:
+            raise ValueError(f"batch has {batch.image_tokens} image positions but {n_images} images × "
                              f"{self.cfg.tokens_per_image} tokens per image; were the sequences built with "
-                             f"data.tokens_per_image={self.cfg.tokens_per_image}?")
+                             f"the model's tokens_per_image = {self.cfg.tokens_per_image}?")
         if n_images:
             feats = self.projector(self.vision(images), self.vision.grid_size)  # (N, P, d)
-            x = x.masked_scatter(slots[..., None], feats.to(x.dtype))
+            x = x.masked_scatter((batch.modality == Modality.IMAGE)[..., None], feats.to(x.dtype))
         elif self.training and torch.is_grad_enabled():
             # A text-only batch still runs the vision tower once, on a blank image, at zero weight:
             # every parameter then gets a gradient, so data-parallel ranks (ZeRO's gradient buckets)
@@ -84,25 +86,26 @@ class ConceptMoEVLM(nn.Module):
             x = x + 0.0 * self.projector(self.vision(blank), self.vision.grid_size).sum().to(x.dtype)
         return x
 
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        modality: torch.Tensor | None = None,
-        images: torch.Tensor | None = None,
-        doc_ids: torch.Tensor | None = None,
-        labels: torch.Tensor | None = None,
-        state: InferenceState | None = None,
-        **_: torch.Tensor,
-    ) -> ModelOutput:
-        """Packed batch -> ModelOutput (logits, losses, per-modality compression). Extra batch keys
-        (e.g. num_images) are ignored. With `state`, images must lie wholly inside this span."""
-        modality = torch.zeros_like(input_ids) if modality is None else modality
-        x = self.embed(input_ids, modality, images)
-        above = None
-        if self.cfg.model.chunk.image_chunking == "2d":
-            above = above_patch_index(modality, self.cfg.image_grid[1])
-        return self.lm(inputs_embeds=x, labels=labels, doc_ids=doc_ids, modality=modality, above_index=above,
-                       state=state)
+    def above_index(self, modality: torch.Tensor) -> torch.Tensor | None:
+        """For 2D image chunking, each image token's neighbour above (else None)."""
+        if self.cfg.model.chunk.image_chunking != "2d":
+            return None
+        return above_patch_index(modality, self.cfg.image_grid[1])
 
-    def new_state(self, batch_size: int) -> InferenceState:
+    def forward(self, batch: Batch, boundaries: BoundaryPolicy | None = None) -> ModelOutput:
+        """A packed batch -> ModelOutput (logits, losses with labels, per-modality compression)."""
+        return self.lm(batch, inputs_embeds=self.embed(batch), above_index=self.above_index(batch.modality),
+                       boundaries=boundaries)
+
+    def new_state(self, batch_size: int) -> DecodingState:
         return self.lm.new_state(batch_size)
+
+    def extend(self, batch: Batch, state: DecodingState, boundaries: BoundaryPolicy | None = None) -> ModelOutput:
+        """The next tokens of cached rows (see `ConceptMoE.extend`); images must lie wholly in this span."""
+        return self.lm.extend(batch, state, inputs_embeds=self.embed(batch),
+                              above_index=self.above_index(batch.modality), boundaries=boundaries)
+
+    def step(self, input_ids: torch.Tensor, state: DecodingState, active: torch.Tensor | None = None,
+             boundaries: BoundaryPolicy | None = None) -> torch.Tensor:
+        """One text token per row (see `ConceptMoE.step`)."""
+        return self.lm.step(input_ids, state, active, boundaries)

@@ -2,7 +2,7 @@
 
     tokenizer.py  ByteTokenizer / HFTokenizer, load_tokenizer
     sequence.py   build_sequence: one document → ids, modality, images (the one layout rule)
-    packing.py    RowPacker, collate_rows: the batch dict the model consumes
+    packing.py    RowPacker, collate_rows: the `cmoe_base.Batch` the model consumes
     shards.py     shard format, writer (+ CLI), decode_sample
     builtin.py    built-in PIL-drawn data (+ CLI)
     loader.py     DataConfig, StreamingLoader with exact resume

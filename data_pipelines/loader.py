@@ -46,10 +46,10 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import base_plus_ext
 
-from cmoe_vlm.config import ConfigError, check
+from cmoe_base import Batch, ConfigError, check
 from data_pipelines.errors import BadSample, SkipCounter, merge_counts
 from data_pipelines.packing import RowPacker, collate_rows
-from data_pipelines.sequence import Sequence, build_sequence
+from data_pipelines.sequence import TokenSequence, build_sequence
 from data_pipelines.shards import MAX_IMAGE_PIXELS, decode_sample
 from data_pipelines.tokenizer import Tokenizer, load_tokenizer
 
@@ -70,8 +70,10 @@ class DataConfig:
     resampled: bool = False
     steps_per_epoch: int | None = None
     tokenizer: str = "byte"  # "byte" or a local Hugging Face tokenizer folder
-    image_size: int = 64
-    tokens_per_image: int = 16
+    # Derived from the model (vision input size; image tokens of vision + projector): an experiment
+    # fills them in, and a value given here must agree. A loader used on its own sets them.
+    image_size: int | None = None
+    tokens_per_image: int | None = None
     max_image_pixels: int = MAX_IMAGE_PIXELS  # larger images: skipped as image_too_large (see shards.py)
 
     def __post_init__(self) -> None:
@@ -80,11 +82,13 @@ class DataConfig:
         check(self.shuffle_buffer >= 0, "shuffle_buffer", self.shuffle_buffer, "must be >= 0")
         check(self.steps_per_epoch is None or self.steps_per_epoch >= 1, "steps_per_epoch",
               self.steps_per_epoch, "must be >= 1 or null")
-        check(self.image_size >= 1, "image_size", self.image_size, "must be >= 1")
-        check(self.tokens_per_image >= 1, "tokens_per_image", self.tokens_per_image, "must be >= 1")
+        check(self.image_size is None or self.image_size >= 1, "image_size", self.image_size, "must be >= 1")
+        check(self.tokens_per_image is None or self.tokens_per_image >= 1, "tokens_per_image", self.tokens_per_image,
+              "must be >= 1")
         check(self.max_image_pixels >= 1, "max_image_pixels", self.max_image_pixels, "must be >= 1")
-        check(self.seq_len >= self.tokens_per_image + 2, "seq_len", self.seq_len,
-              f"must be >= tokens_per_image + 2 = {self.tokens_per_image + 2} (a whole image block per row)")
+        if self.tokens_per_image is not None:
+            check(self.seq_len >= self.tokens_per_image + 2, "seq_len", self.seq_len,
+                  f"must be >= tokens_per_image + 2 = {self.tokens_per_image + 2} (a whole image block per row)")
 
     @property
     def infinite(self) -> bool:
@@ -92,14 +96,15 @@ class DataConfig:
 
 
 def default_image_transform(image_size: int) -> ImageTransform:
-    """Resize to a square, to tensor, normalise with mean = std = 0.5: PIL → (3, S, S) in [-1, 1]."""
+    """For a loader used without a model (tests, benchmarks): resize to a square and convert,
+    PIL → (3, S, S) in [0, 1], no normalisation. Training passes the vision encoder's own transform
+    (`vision.build_image_transform`), whose size and normalisation come from the encoder."""
     from torchvision import transforms
 
     return transforms.Compose([
         transforms.Lambda(lambda img: img.convert("RGB")),
         transforms.Resize((image_size, image_size)),
         transforms.ToTensor(),
-        transforms.Normalize([0.5] * 3, [0.5] * 3),
     ])
 
 
@@ -247,7 +252,7 @@ class WorkerStream:
         random.Random(f"{seed}-{pass_index}").shuffle(order)
         return order[self.rank::self.world_size][self.worker::self.num_workers]
 
-    def documents(self, cursor: Cursor, counter: SkipCounter) -> Iterator[tuple[Cursor, Sequence]]:
+    def documents(self, cursor: Cursor, counter: SkipCounter) -> Iterator[tuple[Cursor, TokenSequence]]:
         """(cursor, sequence) of every good sample from `cursor` on: one pass, or endless passes."""
         pass_index, shard_index, sample_index = cursor
         empty_passes = 0
@@ -272,7 +277,7 @@ class WorkerStream:
                                    f"passes over its shards; skip counts: {counter.as_dict()}")
             pass_index, shard_index = pass_index + 1, 0
 
-    def _build(self, raw: dict[str, Any], counter: SkipCounter, cursor: Cursor) -> Sequence | None:
+    def _build(self, raw: dict[str, Any], counter: SkipCounter, cursor: Cursor) -> TokenSequence | None:
         """Decode, transform images, build the sequence; None (counted) for a bad sample.
 
         Images are transformed with torch's default CPU generator seeded from (seed, rank, worker,
@@ -293,7 +298,7 @@ class WorkerStream:
                 rng.set_state(saved)
         return build_sequence(pieces, self.tokenizer, self.cfg.tokens_per_image)
 
-    def batches(self, state: dict[str, Any]) -> Iterator[tuple[dict[str, torch.Tensor] | None, dict[str, Any]]]:
+    def batches(self, state: dict[str, Any]) -> Iterator[tuple[Batch | None, dict[str, Any]]]:
         """(batch, state after it); ends (finite mode) with (None, final state)."""
         counter = SkipCounter(state["skipped"])
         docs = self.documents(tuple(state["cursor"]), counter)
@@ -340,7 +345,7 @@ class _WorkerDataset(IterableDataset):
     def __init__(self, streams: list[WorkerStream], states: list[dict[str, Any]], rotation: int):
         self.streams, self.states, self.rotation = streams, states, rotation
 
-    def __iter__(self) -> Iterator[tuple[dict[str, torch.Tensor] | None, dict[str, Any]]]:
+    def __iter__(self) -> Iterator[tuple[Batch | None, dict[str, Any]]]:
         info = get_worker_info()
         worker = ((info.id if info else 0) + self.rotation) % len(self.streams)
         return self.streams[worker].batches(self.states[worker])
@@ -352,6 +357,9 @@ class StreamingLoader:
     def __init__(self, cfg: DataConfig, tokenizer: Tokenizer | None = None, image_transform: ImageTransform | None = None,
                  rank: int = 0, world_size: int = 1):
         check(0 <= rank < world_size, "rank", rank, f"must be in [0, world_size = {world_size})")
+        for name in ("image_size", "tokens_per_image"):
+            check(getattr(cfg, name) is not None, name, None, "is unset: an experiment derives it from the vision "
+                  "and projector configs; a loader used on its own must set it")
         shards = check_data(cfg, world_size)
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
         self.tokenizer = tokenizer or load_tokenizer(cfg.tokenizer)
@@ -374,7 +382,7 @@ class StreamingLoader:
         """Skipped inputs by reason, summed over workers and epochs (for the training log)."""
         return merge_counts([self.past_skipped] + [s["skipped"] for s in self.worker_states])
 
-    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+    def __iter__(self) -> Iterator[Batch]:
         """The rest of the current epoch. Batches are held back by one so that a worker's end marker
         is seen before its last batch is yielded: the state after an epoch's last batch already
         points at the next epoch."""
@@ -393,7 +401,7 @@ class StreamingLoader:
                                          generator=generator, worker_init_fn=_ignore_stop_signals))
             finally:
                 signal.pthread_sigmask(signal.SIG_SETMASK, mask)
-        held: tuple[dict[str, torch.Tensor], dict[str, Any]] | None = None
+        held: tuple[Batch, dict[str, Any]] | None = None
         for batch, state in source:
             if batch is None:  # a worker's final state (finite mode)
                 if held is not None and held[1]["worker"] == state["worker"]:
@@ -414,7 +422,7 @@ class StreamingLoader:
         else:
             self._end_epoch()
 
-    def _advance(self, batch: dict[str, torch.Tensor], state: dict[str, Any], last: bool) -> dict[str, torch.Tensor]:
+    def _advance(self, batch: Batch, state: dict[str, Any], last: bool) -> Batch:
         """Account for `batch` (from the worker in `state`) being handed out."""
         self.worker_states[state["worker"]] = state
         self.next_worker = (state["worker"] + 1) % self.num_streams

@@ -1,15 +1,16 @@
-"""Greedy packing of documents into fixed-length rows, and rows into the model's batch dict.
+"""Greedy packing of documents into fixed-length rows, and rows into the model's `Batch`.
 
 Rows of `seq_len` tokens are filled with documents in stream order. A document longer than the
 space left is split: the part that fits ends the row, the rest starts the next row as a new
 document (new doc id, no bos). A split never falls inside an image block (<img_start> ..
 <img_end>): it moves to just before the block, and the row is padded at its end.
 
-Batch dict (B rows, T = seq_len, N = images in the batch):
+`collate_rows` builds the `cmoe_base.Batch` (B rows, T = seq_len, N images):
     input_ids  (B, T) int64  image positions hold image_id, padding holds pad_id
-    modality   (B, T) int64  0 text, 1 image
-    doc_ids    (B, T) int64  0, 1, 2, ... per document in the row; -1 on padding
-    labels     (B, T) int64  already shifted: next token if it is text in the same doc, else -100
+    modality   (B, T) int64  Modality codes (0 text, 1 image)
+    layout     DocumentLayout: doc_ids (B, T) 0, 1, 2, ... per document in the row, −1 on padding;
+               each row's document lengths on the host; document starts and positions (B, T)
+    labels     (B, T) int64  already shifted: next token if it is text in the same doc, else −100
     images     (N, 3, H, W) float  row-major order; N * tokens_per_image == (modality == 1).sum()
     num_images (B,) int64    images per row
 """
@@ -21,7 +22,8 @@ from typing import Any
 
 import torch
 
-from data_pipelines.sequence import TEXT, Sequence, shift_labels
+from cmoe_base import Batch, DocumentLayout, Modality
+from data_pipelines.sequence import TokenSequence, shift_labels
 
 
 @dataclass
@@ -30,30 +32,27 @@ class Row:
 
     input_ids: list[int] = field(default_factory=list)
     modality: list[int] = field(default_factory=list)
-    doc_ids: list[int] = field(default_factory=list)
     images: list[Any] = field(default_factory=list)
-    num_docs: int = 0
+    doc_lengths: list[int] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.input_ids)
 
-    def add(self, seq: Sequence, start: int, end: int) -> None:
+    def add(self, seq: TokenSequence, start: int, end: int) -> None:
         """Append tokens [start, end) of `seq` as a new document of this row."""
         self.input_ids.extend(seq.input_ids[start:end])
         self.modality.extend(seq.modality[start:end])
-        self.doc_ids.extend([self.num_docs] * (end - start))
         self.images.extend(img for img, (s, _) in zip(seq.images, seq.image_spans) if start <= s < end)
-        self.num_docs += 1
+        self.doc_lengths.append(end - start)
 
     def pad_to(self, length: int, pad_id: int) -> Row:
         n = length - len(self)
         self.input_ids.extend([pad_id] * n)
-        self.modality.extend([TEXT] * n)
-        self.doc_ids.extend([-1] * n)
+        self.modality.extend([int(Modality.TEXT)] * n)
         return self
 
 
-def split_point(seq: Sequence, limit: int) -> int:
+def split_point(seq: TokenSequence, limit: int) -> int:
     """Largest cut <= limit that does not fall inside an image block."""
     for start, end in seq.image_spans:
         if start < limit < end:
@@ -62,7 +61,7 @@ def split_point(seq: Sequence, limit: int) -> int:
 
 
 class RowPacker:
-    """Turns a stream of (tag, Sequence) into full rows; remembers where it stands.
+    """Turns a stream of (tag, TokenSequence) into full rows; remembers where it stands.
 
     After each yielded row, `pending` is (tag, offset) of the document whose tokens from `offset`
     on are not yet packed, or None when the document tagged `last_tag` was consumed completely.
@@ -74,13 +73,13 @@ class RowPacker:
         self.pad_id = pad_id
         self.pending: tuple[Any, int] | None = None
         self.last_tag: Any = None
-        self._pending_seq: Sequence | None = None
+        self._pending_seq: TokenSequence | None = None
 
-    def resume_with(self, tag: Any, seq: Sequence, offset: int) -> None:
+    def resume_with(self, tag: Any, seq: TokenSequence, offset: int) -> None:
         """Start with the remainder (from `offset`) of a document split by an earlier run."""
         self.pending, self._pending_seq = (tag, offset), seq
 
-    def rows(self, docs: Iterator[tuple[Any, Sequence]]) -> Iterator[Row]:
+    def rows(self, docs: Iterator[tuple[Any, TokenSequence]]) -> Iterator[Row]:
         row = Row()
         while True:
             if self.pending is None:
@@ -107,23 +106,24 @@ class RowPacker:
             yield row.pad_to(self.seq_len, self.pad_id)
 
 
-def collate_rows(rows: list[Row], image_shape: tuple[int, int, int]) -> dict[str, torch.Tensor]:
-    """Stack equal-length rows into the batch dict; images must already be tensors (3, H, W)."""
+def collate_rows(rows: list[Row], image_shape: tuple[int, int, int]) -> Batch:
+    """Stack equal-length rows into a Batch; images must already be tensors (3, H, W)."""
     input_ids = torch.tensor([r.input_ids for r in rows], dtype=torch.long)  # (B, T)
     modality = torch.tensor([r.modality for r in rows], dtype=torch.long)  # (B, T)
-    doc_ids = torch.tensor([r.doc_ids for r in rows], dtype=torch.long)  # (B, T)
+    layout = DocumentLayout.from_lengths([r.doc_lengths for r in rows], input_ids.shape[1])
     images = [img for r in rows for img in r.images]
-    return {
-        "input_ids": input_ids,
-        "modality": modality,
-        "doc_ids": doc_ids,
-        "labels": shift_labels(input_ids, modality, doc_ids),
-        "images": torch.stack(images) if images else torch.zeros(0, *image_shape),  # (N, 3, H, W)
-        "num_images": torch.tensor([len(r.images) for r in rows], dtype=torch.long),  # (B,)
-    }
+    return Batch(
+        input_ids=input_ids,
+        modality=modality,
+        layout=layout,
+        labels=shift_labels(input_ids, modality, layout.doc_ids),
+        images=torch.stack(images) if images else torch.zeros(0, *image_shape),  # (N, 3, H, W)
+        num_images=torch.tensor([len(r.images) for r in rows], dtype=torch.long),  # (B,)
+        image_tokens=sum(m for r in rows for m in r.modality),  # Modality.IMAGE is 1, TEXT 0
+    )
 
 
-def sequence_batch(seq: Sequence, image_shape: tuple[int, int, int]) -> dict[str, torch.Tensor]:
+def sequence_batch(seq: TokenSequence, image_shape: tuple[int, int, int]) -> Batch:
     """A batch of one unpadded row holding `seq` alone (evaluation, generation prompts)."""
     row = Row()
     row.add(seq, 0, len(seq))

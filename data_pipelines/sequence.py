@@ -5,8 +5,8 @@ transformed tensor (3, H, W)). `build_sequence` lays it out as
 
     [bos] text-tokens ... <img_start> <image> x tokens_per_image <img_end> ... [eos]
 
-The image markers are text tokens (modality 0); the `tokens_per_image` placeholders are image
-tokens (modality 1) that the model replaces with projected ViT patches, in raster order.
+The image markers are text tokens (Modality.TEXT); the `tokens_per_image` placeholders are image
+tokens (Modality.IMAGE) that the model replaces with projected ViT patches, in raster order.
 `shift_labels` turns ids into next-token targets: images and document ends get no LM loss.
 """
 from __future__ import annotations
@@ -16,14 +16,12 @@ from typing import Any
 
 import torch
 
+from cmoe_base import IGNORE_INDEX, Modality
 from data_pipelines.tokenizer import Tokenizer
-
-TEXT, IMAGE = 0, 1
-IGNORE_INDEX = -100
 
 
 @dataclass
-class Sequence:
+class TokenSequence:
     """Token ids of one document, their modality, and its images in order."""
 
     input_ids: list[int] = field(default_factory=list)
@@ -43,30 +41,30 @@ class Sequence:
 
 def build_sequence(
     pieces: list[Any], tokenizer: Tokenizer, tokens_per_image: int, add_bos: bool = True, add_eos: bool = True
-) -> Sequence:
+) -> TokenSequence:
     """Tokenise text pieces and expand each image into <img_start> <image>*n <img_end>."""
-    seq = Sequence()
+    seq = TokenSequence()
 
-    def extend(ids: list[int], modality: int) -> None:
+    def extend(ids: list[int], modality: Modality) -> None:
         seq.input_ids.extend(ids)
-        seq.modality.extend([modality] * len(ids))
+        seq.modality.extend([int(modality)] * len(ids))
 
     if add_bos:
-        extend([tokenizer.bos_id], TEXT)
+        extend([tokenizer.bos_id], Modality.TEXT)
     for i, piece in enumerate(pieces):
         if isinstance(piece, str):
-            extend(tokenizer.encode(piece), TEXT)
+            extend(tokenizer.encode(piece), Modality.TEXT)
         elif piece is None:
             raise TypeError(f"pieces[{i}] is None: expected text (str) or an image")
         else:
             start = len(seq)
             seq.images.append(piece)
-            extend([tokenizer.img_start_id], TEXT)
-            extend([tokenizer.image_id] * tokens_per_image, IMAGE)
-            extend([tokenizer.img_end_id], TEXT)
+            extend([tokenizer.img_start_id], Modality.TEXT)
+            extend([tokenizer.image_id] * tokens_per_image, Modality.IMAGE)
+            extend([tokenizer.img_end_id], Modality.TEXT)
             seq.image_spans.append((start, len(seq)))
     if add_eos:
-        extend([tokenizer.eos_id], TEXT)
+        extend([tokenizer.eos_id], Modality.TEXT)
     return seq
 
 
@@ -77,6 +75,6 @@ def shift_labels(input_ids: torch.Tensor, modality: torch.Tensor, doc_ids: torch
     """
     labels = torch.full_like(input_ids, IGNORE_INDEX)
     same_doc = (doc_ids[:, 1:] == doc_ids[:, :-1]) & (doc_ids[:, 1:] >= 0)  # (B, T-1)
-    keep = same_doc & (modality[:, 1:] == TEXT)
+    keep = same_doc & (modality[:, 1:] == Modality.TEXT)
     labels[:, :-1] = torch.where(keep, input_ids[:, 1:], IGNORE_INDEX)
     return labels

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
-from cmoe_vlm.config import check
+from cmoe_base import check
 
 IMAGE_TOKENS = {"img_start": "<img_start>", "img_end": "<img_end>", "image": "<image>"}
 

@@ -1,10 +1,10 @@
 """Vision side of the VLM: timm ViT encoder, projector to the LM width, matching preprocessing."""
-from vision.encoder import VisionConfig, VisionEncoder, patch_grid
+from vision.encoder import VisionConfig, VisionEncoder, input_size, patch_grid
 from vision.projector import Projector, ProjectorConfig, image_token_grid, tokens_per_image
 from vision.transforms import build_image_transform, image_mean_std
 
 __all__ = [
-    "VisionConfig", "VisionEncoder", "patch_grid",
+    "VisionConfig", "VisionEncoder", "input_size", "patch_grid",
     "ProjectorConfig", "Projector", "image_token_grid", "tokens_per_image",
     "build_image_transform", "image_mean_std",
 ]

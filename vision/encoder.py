@@ -9,13 +9,14 @@ sees them in and the order the 2d image chunking relies on.
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import timm
 import torch
 from torch import nn
 
-from cmoe_vlm.config import ConfigError, check, dataclass
+from cmoe_base import ConfigError, check
 
 
 @dataclass
@@ -83,6 +84,14 @@ def patch_grid(cfg: VisionConfig) -> tuple[int, int]:
     with torch.device("meta"):
         vit = create_vit(cfg)
     return tuple(vit.patch_embed.grid_size)
+
+
+def input_size(cfg: VisionConfig) -> tuple[int, int]:
+    """(height, width) of the images the encoder takes (img_size, or the timm default), without
+    allocating weights. Taken from the model: timm's data config reports the pretrained size."""
+    with torch.device("meta"):
+        vit = create_vit(cfg)
+    return tuple(vit.patch_embed.img_size)
 
 
 def load_weights(vit: nn.Module, path: str) -> None:

@@ -9,12 +9,13 @@ Output tokens are in raster order of the reduced grid, which is what the LM and 
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
 from torch import nn
 
-from cmoe_vlm.config import check, dataclass
+from cmoe_base import check
 from vision.encoder import VisionConfig, patch_grid
 
 

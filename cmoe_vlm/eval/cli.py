@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # the evaluation modules load torch: imported after the arguments are parsed
-    from .runner import ModelRunner
+    from ..runner import ModelRunner
 
 
 def model_name(folder: str) -> str:
@@ -32,7 +32,8 @@ def model_name(folder: str) -> str:
 
 
 def compression_on_builtin(runner: ModelRunner, n: int) -> dict[str, float]:
-    from ..inspect import analyse, load_samples, summarise
+    from ..inspection.analysis import analyse, summarise
+    from ..inspection.samples import load_samples
 
     summary = summarise(analyse(runner, load_samples(["builtin"], n)), runner.model.cfg.image_grid)
     return {m: summary["modalities"][m]["ratio"] for m in ("all", "text", "image")}
@@ -40,7 +41,7 @@ def compression_on_builtin(runner: ModelRunner, n: int) -> dict[str, float]:
 
 def evaluate_model(folder: str, suite: list | None, out: Path, args: argparse.Namespace) -> dict[str, Any]:
     from .long_context import run_probes, write_report
-    from .runner import ModelRunner
+    from ..runner import ModelRunner
     from .tasks import HEADLINE, run_task
 
     runner = ModelRunner.load(folder, batch_size=args.batch_size)

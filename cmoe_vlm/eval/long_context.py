@@ -32,10 +32,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from cmoe_base import Modality
 from data_pipelines.builtin import FILLER, WORDS
-from data_pipelines.sequence import Sequence
+from data_pipelines.sequence import TokenSequence
 
-from .runner import ModelRunner
+from ..runner import ModelRunner
 
 PROBES = ("passkey", "needle")
 DEFAULT_DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -123,9 +124,9 @@ def score_items(runner: ModelRunner, items: list[ProbeItem]) -> list[dict[str, A
         seq = runner.sequence([it.prompt])
         ans = runner.tok.encode(it.answer)
         n_ctx = len(seq)
-        full = Sequence(input_ids=seq.input_ids + ans, modality=seq.modality + [0] * len(ans))
+        full = TokenSequence(input_ids=seq.input_ids + ans, modality=seq.modality + [int(Modality.TEXT)] * len(ans))
         runner._check_len(len(full), "probe")
-        logits, _ = runner._logits([full])
+        logits = runner.logits([full])
         logp = F.log_softmax(logits[0, n_ctx - 1:n_ctx - 1 + len(ans)], dim=-1)
         target = torch.tensor(ans)
         hit = logp.argmax(-1) == target

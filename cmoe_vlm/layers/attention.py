@@ -1,16 +1,43 @@
-"""Causal self-attention: RoPE, GQA, document masking, a KV cache, optional joint decoding.
+"""Causal self-attention: RoPE, GQA, document-causal masking, a KV cache per row.
 
-Joint decoding (spec §5): the layer also receives the token's concept c̄ and adds projections of
-it to its own queries, keys and values:  Q = z W_q + norm(c̄) W_q^c  (same for K, V).
+Two ways in. `Attention.forward` runs a whole packed batch (training, scoring): who may attend to
+whom is an `AttentionLayout`, built once per forward and level (tokens, concepts) from the batch's
+`DocumentLayout` and shared by every layer. `Attention.extend` continues rows from a `KVCache`
+(prefill, decoding): each row holds one document, so causality inside the cache is all it needs.
+Joint decoding (docs/design.md §5) enters as `extra_qkv`, added to the layer's own Q/K/V projection.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .norm import RMSNorm
+from cmoe_base import DocumentLayout
+
 from .rope import apply_rope
+
+
+@dataclass
+class AttentionConfig:
+    """One attention layer's shape. head_dim is its own field (HF families set it apart from dim/heads)."""
+    dim: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+
+    @property
+    def q_dim(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_dim(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    @property
+    def qkv_dim(self) -> int:
+        return self.q_dim + 2 * self.kv_dim
 
 
 class KVCache:
@@ -97,75 +124,97 @@ class KVCache:
         return int(self.lengths.sum()) * per_entry
 
 
-def document_causal_mask(doc_ids: torch.Tensor) -> torch.Tensor | None:
-    """doc_ids (B, T), padding -1 -> bool mask (B, 1, T, T), True = may attend; None when plain
-    causal attention is exact (every row holds one document followed only by padding)."""
-    if int(doc_ids.max()) <= 0:
-        return None
+def document_causal_mask(doc_ids: torch.Tensor) -> torch.Tensor:
+    """doc_ids (B, T), padding −1 -> bool mask (B, 1, T, T), True = may attend: causal within a
+    document (padding counts as one more document)."""
     T = doc_ids.shape[1]
     causal = torch.ones(T, T, dtype=torch.bool, device=doc_ids.device).tril()
     same_doc = doc_ids[:, :, None] == doc_ids[:, None, :]
     return (same_doc & causal)[:, None]
 
 
-class Attention(nn.Module):
-    def __init__(self, dim: int, num_heads: int, num_kv_heads: int, joint: bool = False):
-        super().__init__()
-        self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
-        self.head_dim = dim // num_heads
-        q_dim, kv_dim = num_heads * self.head_dim, num_kv_heads * self.head_dim
-        self.split = (q_dim, kv_dim, kv_dim)
-        self.qkv = nn.Linear(dim, q_dim + 2 * kv_dim, bias=False)
-        self.out = nn.Linear(q_dim, dim, bias=False)
-        # Joint decoding: W_q^c, W_k^c, W_v^c shaped like the layer's own, on the pre-normed concept.
-        self.concept_norm = RMSNorm(dim) if joint else None
-        self.concept_qkv = nn.Linear(dim, q_dim + 2 * kv_dim, bias=False) if joint else None
+@dataclass
+class AttentionLayout:
+    """Who may attend to whom in a packed forward, shared by every layer of one level.
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        rope: tuple[torch.Tensor, torch.Tensor],
-        mask: torch.Tensor | None = None,
-        concept: torch.Tensor | None = None,
-        cache: KVCache | None = None,
-        rows: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """x (B, T, dim); rope = `rope_angles` of the tokens' positions, cos and sin (B, T, 1, Dh);
-        mask (B, 1, T, T) bool or None for causal; concept (B, T, dim) for joint decoding. With a
-        cache, x holds the next T tokens of `rows` (default all rows) and attends to the cached prefix
-        (one document per row)."""
+    Built by `of` from the level's DocumentLayout without reading the device: rows of one document
+    (then padding) take plain causal attention (`mask` None); packed rows a dense document-causal
+    mask, built once here (the dense (B, 1, L, L) mask is this implementation's choice; the layout
+    object is the seam where a memory-linear one plugs in)."""
+    documents: DocumentLayout
+    mask: torch.Tensor | None  # (B, 1, L, L) bool, True = may attend; None = plain causal
+
+    @classmethod
+    def of(cls, documents: DocumentLayout) -> AttentionLayout:
+        mask = None if documents.single_document else document_causal_mask(documents.doc_ids)
+        return cls(documents, mask)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, enable_gqa: bool) -> torch.Tensor:
+        """q (B, H, L, Dh), k/v (B, H_kv, L, Dh) -> (B, H, L, Dh)."""
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask, is_causal=self.mask is None,
+                                              enable_gqa=enable_gqa)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: AttentionConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.qkv = nn.Linear(cfg.dim, cfg.qkv_dim, bias=False)
+        self.out = nn.Linear(cfg.q_dim, cfg.dim, bias=False)
+
+    def _project(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+                 extra_qkv: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (B, T, dim) -> q (B, H, T, Dh), k and v (B, H_kv, T, Dh), RoPE applied to q and k."""
+        c = self.cfg
         B, T, _ = x.shape
         qkv = self.qkv(x)
-        if self.concept_qkv is not None:
-            if concept is None:
-                raise ValueError("joint-decoding attention layer needs the token's concept")
-            qkv = qkv + self.concept_qkv(self.concept_norm(concept))
-        qk, v = qkv.split((self.split[0] + self.split[1], self.split[2]), dim=-1)
-        qk = apply_rope(qk.view(B, T, self.num_heads + self.num_kv_heads, self.head_dim), *rope)  # q and k heads at once
-        q, k = qk.transpose(1, 2).split((self.num_heads, self.num_kv_heads), dim=1)  # (B, H, T, Dh)
-        v = v.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        if extra_qkv is not None:
+            qkv = qkv + extra_qkv
+        qk, v = qkv.split((c.q_dim + c.kv_dim, c.kv_dim), dim=-1)
+        qk = apply_rope(qk.view(B, T, c.num_heads + c.num_kv_heads, c.head_dim), *rope)  # q and k heads at once
+        q, k = qk.transpose(1, 2).split((c.num_heads, c.num_kv_heads), dim=1)  # (B, H, T, Dh)
+        v = v.view(B, T, c.num_kv_heads, c.head_dim).transpose(1, 2)
+        return q, k, v
 
-        is_causal = mask is None
-        if cache is not None:
-            k, v, start = cache.append(k, v, rows)  # (B, H_kv, L, Dh); start int or (B,)
-            L = k.shape[2]
-            if isinstance(start, int):  # every row starts at the same length
-                if start == 0:  # prefill: plain causal, no dense (T, T) mask
-                    mask, is_causal = None, True
-                elif T == 1:  # one new token per row: all keys valid
-                    mask, is_causal = None, False
-                else:
-                    q_pos = start + torch.arange(T, device=x.device)  # (T,) index in cache
-                    mask, is_causal = torch.arange(L, device=x.device) <= q_pos[:, None], False  # (T, L)
-            elif int(start.max()) == 0:  # prefill of some rows, all empty
+    def _output(self, y: torch.Tensor) -> torch.Tensor:
+        B, _, T, _ = y.shape
+        return self.out(y.transpose(1, 2).reshape(B, T, -1))
+
+    @property
+    def gqa(self) -> bool:
+        return self.cfg.num_kv_heads != self.cfg.num_heads
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], layout: AttentionLayout,
+                extra_qkv: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, T, dim); rope = `rope_angles` of the positions, cos and sin (B, T, 1, Dh); extra_qkv
+        (B, T, qkv_dim) added to the Q/K/V projection (joint decoding). -> (B, T, dim)."""
+        q, k, v = self._project(x, rope, extra_qkv)
+        return self._output(layout.attend(q, k, v, self.gqa))
+
+    def extend(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], cache: KVCache,
+               rows: torch.Tensor | None = None, extra_qkv: torch.Tensor | None = None) -> torch.Tensor:
+        """The next T tokens (T = 1 when decoding) of `rows` (default all rows) of `cache`, one
+        document per row: their keys and values are written to the cache (which does not advance:
+        its owner calls `advance`) and they attend to the cached prefix and causally among themselves."""
+        B, T, _ = x.shape
+        q, k, v = self._project(x, rope, extra_qkv)
+        k, v, start = cache.append(k, v, rows)  # (B, H_kv, L, Dh); start int or (B,)
+        L = k.shape[2]
+        if isinstance(start, int):  # every row starts at the same length
+            if start == 0:  # prefill: plain causal, no dense (T, T) mask
                 mask, is_causal = None, True
-            elif T == 1 and int(start.min()) == int(start.max()):  # rows of equal length: all keys valid
+            elif T == 1:  # one new token per row: all keys valid
                 mask, is_causal = None, False
             else:
-                q_pos = start[:, None] + torch.arange(T, device=x.device)  # (B, T) index in cache
-                mask = (torch.arange(L, device=x.device)[None, None, :] <= q_pos[:, :, None])[:, None]
-                is_causal = False
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=self.num_kv_heads != self.num_heads,
-        )  # (B, H, T, Dh)
-        return self.out(y.transpose(1, 2).reshape(B, T, -1))
+                q_pos = start + torch.arange(T, device=x.device)  # (T,) index in cache
+                mask, is_causal = torch.arange(L, device=x.device) <= q_pos[:, None], False  # (T, L)
+        elif int(start.max()) == 0:  # prefill of some rows, all empty
+            mask, is_causal = None, True
+        elif T == 1 and int(start.min()) == int(start.max()):  # rows of equal length: all keys valid
+            mask, is_causal = None, False
+        else:
+            q_pos = start[:, None] + torch.arange(T, device=x.device)  # (B, T) index in cache
+            mask = (torch.arange(L, device=x.device)[None, None, :] <= q_pos[:, :, None])[:, None]
+            is_causal = False
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=self.gqa)
+        return self._output(y)

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import check
+from cmoe_base import check
 
 
 @dataclass
@@ -102,6 +102,12 @@ class Experts(nn.Module):
         return torch.bmm(act, self.w2.index_select(0, idx)).view(N, K, -1).sum(1).to(x_ND.dtype)
 
 
+def count_per_expert(experts_M: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """(M,) expert ids -> (E,) assignments per expert; a fixed output shape (bincount's depends on
+    the data, which torch.compile cannot trace)."""
+    return experts_M.new_zeros(num_experts).scatter_add_(0, experts_M, torch.ones_like(experts_M))
+
+
 class MoE(nn.Module):
     def __init__(self, dim: int, cfg: MoEConfig):
         super().__init__()
@@ -124,9 +130,9 @@ class MoE(nn.Module):
         experts_M = experts_NK.reshape(-1)  # M = N*K assignments
         if N * K <= E and not torch.is_grad_enabled():  # decoding: fewer assignments than experts
             out_ND = self.experts.per_token(x_ND, experts_NK, weights_NK)
-            tokens_per_expert = torch.bincount(experts_M, minlength=E) if with_stats else None
+            tokens_per_expert = count_per_expert(experts_M, E) if with_stats else None
         else:
-            tokens_per_expert = torch.bincount(experts_M, minlength=E)
+            tokens_per_expert = count_per_expert(experts_M, E)
             order_M = experts_M.argsort(stable=True)
             token_M = order_M // K
             y_M = self.experts(x_ND[token_M], tokens_per_expert)

@@ -1,7 +1,7 @@
 """Rotary position embeddings at explicit (per-token) positions.
 
 Positions are given per token, not assumed to be 0..T-1: packed documents restart at 0, and the
-concept model sees the original position of each concept's boundary token (spec §6).
+concept model sees the original position of each concept's boundary token (docs/design.md §6).
 """
 from functools import lru_cache
 

@@ -10,10 +10,9 @@ import yaml
 
 from data_pipelines.loader import DataConfig, check_data, list_shards
 from data_pipelines.tokenizer import Tokenizer, load_tokenizer
+from vision import ProjectorConfig, VisionConfig, input_size
 
 from ..config import ConfigError, apply_overrides, check, from_dict, load_yaml
-from vision import ProjectorConfig, VisionConfig
-
 from ..model import ModelConfig
 from ..vlm import VLMConfig
 
@@ -92,9 +91,16 @@ class ExperimentConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def __post_init__(self):
-        check(self.data.tokens_per_image == self.vlm.tokens_per_image, "data.tokens_per_image",
-              self.data.tokens_per_image,
-              f"must equal the image tokens the vision and projector configs produce ({self.vlm.tokens_per_image})")
+        # The data section's image size and tokens per image follow from the model: derived here,
+        # and a value the config states must agree.
+        height, width = input_size(self.vision)
+        check(height == width, "vision.img_size", self.vision.img_size, "must give square images")
+        derived = {"image_size": height, "tokens_per_image": self.vlm.tokens_per_image}
+        for name, value in derived.items():
+            given = getattr(self.data, name)
+            check(given is None or given == value, f"data.{name}", given,
+                  f"must equal what the vision and projector configs give ({value}); leave it out to derive it")
+        self.data = replace(self.data, **derived)
         check(self.model.vocab_size >= 262 or self.data.tokenizer != "byte", "model.vocab_size",
               self.model.vocab_size, "must be >= 262 for the built-in byte tokenizer")
 

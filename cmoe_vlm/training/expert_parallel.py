@@ -4,7 +4,7 @@ The model code never imports DeepSpeed; this module replaces each `MoE` with `De
 which holds only this rank's experts (E / ep_size of them) and dispatches tokens to the other
 ranks of its expert-parallel group with DeepSpeed's all-to-all. Dispatch is dropless
 (`drop_tokens=False`): after chunking, ranks hold different numbers of concept tokens, and
-DeepSpeed sizes the exchange by the largest per-expert count in the group (spec §12).
+DeepSpeed sizes the exchange by the largest per-expert count in the group (docs/design.md §12).
 
 Weights move both ways in our own layout (stacked `experts.w13` (E, d, 2f), `experts.w2`
 (E, f, d), `router.weight` (E, d)), so a checkpoint exported with one ep_size loads with another.

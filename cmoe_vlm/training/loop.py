@@ -15,9 +15,11 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from cmoe_base import IGNORE_INDEX, Batch
 from data_pipelines.loader import StreamingLoader
 from vision import build_image_transform
 
+from ..boundaries import ConversionRamp
 from ..chunking import CollapseMonitor, ModalityStats
 from ..config import to_dict
 from ..export import load_pretrained, save_pretrained
@@ -35,7 +37,7 @@ class NonFiniteError(RuntimeError):
     """Too many consecutive steps with a non-finite loss or gradient."""
 
 
-def forever(loader: StreamingLoader) -> Iterator[dict[str, torch.Tensor]]:
+def forever(loader: StreamingLoader) -> Iterator[Batch]:
     """Batches across epochs (each epoch reshuffles its shards)."""
     while True:
         empty = True
@@ -73,8 +75,8 @@ def evaluate(model: ConceptMoEVLM, loader: StreamingLoader, max_batches: int) ->
     for i, batch in enumerate(loader):
         if i >= max_batches:
             break
-        out = model(**batch)
-        mask = batch["labels"] != -100
+        out = model(batch)
+        mask = batch.labels != IGNORE_INDEX
         nll += float(out.lm_loss) * int(mask.sum())
         n_tok += int(mask.sum())
         for name, s in out.compression.items():
@@ -212,17 +214,18 @@ def train(exp: ExperimentConfig) -> dict[str, Any]:
     try:
         while step < cfg.steps and not stopping:
             t0 = time.perf_counter()
-            if exp.model.chunk.enabled and cfg.ratio_ramp_steps:  # a function of the step: resumes exactly
-                model.lm.forced_boundary_prob = max(0.0, 1.0 - step / cfg.ratio_ramp_steps)
+            ramp = None  # the conversion ramp's boundary policy at this step: a function of the step, resumes exactly
+            if exp.model.chunk.enabled and cfg.ratio_ramp_steps:
+                ramp = ConversionRamp(cfg.ratio_ramp_steps, step)
                 # the achieved R is below target by design while boundaries are forced: no collapse alarm
-                monitor.targets = {} if model.lm.forced_boundary_prob > 0 else exp.model.chunk.targets()
+                monitor.targets = {} if ramp.probability > 0 else exp.model.chunk.targets()
             controller_before = [b.clone() for b in controller]
             tokens, parts, norm = 0, [], None
             for micro in range(cfg.grad_accum):
                 t1 = time.perf_counter()
-                batch = next(batches)
+                batch = next(batches).to(engine.device)
                 t_data += time.perf_counter() - t1
-                out = engine(**batch)
+                out = engine(batch, boundaries=ramp)
                 # A non-finite loss goes through backward and step like any other, as NaN gradients (a host
                 # sync-free factor, exactly 1 otherwise): DeepSpeed's accumulation stays in phase
                 # (micro_steps = global_steps x grad_accum), the whole group's update is skipped, and with
@@ -236,7 +239,7 @@ def train(exp: ExperimentConfig) -> dict[str, Any]:
                     if checks_gradients:
                         engine.optimizer.overflow = skip
                 engine.step()
-                tokens += int((batch["doc_ids"] >= 0).sum())
+                tokens += batch.num_tokens()
                 parts.append(out)
             if not engine.was_step_applied():  # a non-finite loss or gradient in the group, on some rank
                 for b, before in zip(controller, controller_before):
@@ -263,7 +266,7 @@ def train(exp: ExperimentConfig) -> dict[str, Any]:
                 **flatten("skipped_samples", loader.skipped), "skipped_steps": skipped_steps,
                 **({f"target_ratio_{k}": v for k, v in exp.model.chunk.targets().items()}
                    if exp.model.chunk.enabled else {}),
-                **({"forced_boundary_prob": model.lm.forced_boundary_prob} if cfg.ratio_ramp_steps else {}),
+                **({"forced_boundary_prob": ramp.probability} if ramp is not None else {}),
                 **({f"ratio_integral_{k}": float(mu) for k, mu in zip(exp.model.chunk.targets(), model.lm.ratio_mu)}
                    if hasattr(model.lm, "ratio_mu") else {}),
             }

@@ -3,8 +3,10 @@ import warnings
 import pytest
 import torch
 
+from cmoe_base import DocumentLayout
 from cmoe_vlm.chunking import (Boundaries, ChunkConfig, ChunkModule, ChunkingCollapseWarning, CollapseMonitor,
-                               ModalityStats, merge_concepts, ratio_loss, sharpen)
+                               ModalityStats, ratio_loss, sharpen)
+from cmoe_vlm.merge import MERGE_RULES
 
 
 @pytest.mark.parametrize("R", [1.5, 2.0, 4.0])
@@ -82,17 +84,21 @@ def test_merge_matches_slow_reference_with_documents(merge):
     b[0, 9] = False  # text tail before the image: joins no concept
     p = torch.rand(B, T)
     pos = torch.arange(T).expand(B, T)
-    c = merge_concepts(h, Boundaries(p, b), starts, doc_ids, pos, merge, modality)
+    tokens = DocumentLayout(doc_ids, DocumentLayout.from_doc_ids(doc_ids).lengths, starts, pos)
+    c = MERGE_RULES[merge]()(h, Boundaries(p, b, forced=starts), tokens, modality)
     ref = slow_merge(h, b, doc_ids, merge, modality)
     for r in range(B):
         n = len(ref[r])
         assert c.counts[r] == n
         torch.testing.assert_close(c.x[r, :n], torch.stack(ref[r]))
         bt = b[r].nonzero().squeeze(1)
-        assert torch.equal(c.positions[r, :n], pos[r, bt]) and torch.equal(c.p[r, :n], p[r, bt])
-        assert torch.equal(c.doc_ids[r, :n], doc_ids[r, bt]) and (c.doc_ids[r, n:] == -1).all()
-        assert torch.equal(c.reset[r, :n], starts[r, bt])
+        assert torch.equal(c.layout.positions[r, :n], pos[r, bt]) and torch.equal(c.p[r, :n], p[r, bt])
+        assert torch.equal(c.layout.doc_ids[r, :n], doc_ids[r, bt]) and (c.layout.doc_ids[r, n:] == -1).all()
+        assert torch.equal(c.layout.starts[r, :n], starts[r, bt])
         assert torch.equal(c.token_index[r], b[r].long().cumsum(0) - 1)
+        # the host lengths of the concept-level layout: concepts per document
+        docs = doc_ids[r, bt]
+        assert list(c.layout.lengths[r]) == [int((docs == d).sum()) for d in range(len(tokens.lengths[r]))]
 
 
 def test_chunk_module_forces_document_starts_and_modality_switches():

@@ -1,4 +1,4 @@
-"""Compression control: a short run reaches a target ratio the model does not start at (spec §12).
+"""Compression control: a short run reaches a target ratio the model does not start at (docs/design.md §3).
 
 Random chunk projections give p ≈ 0.5, i.e. a ratio near 2 at step 0, so the target here is 4; a
 control run without the ratio loss must miss it. Text: CPython's pydoc topics (ships with Python).
@@ -7,6 +7,7 @@ import pytest
 import torch
 from pydoc_data.topics import topics
 
+from cmoe_base import Batch
 from cmoe_vlm.chunking import ChunkConfig
 from cmoe_vlm.layers.moe import MoEConfig
 from cmoe_vlm.model import ConceptMoE, ModelConfig
@@ -28,7 +29,7 @@ def train(weight: float, seed: int = 0) -> tuple[float, float, float]:
     for step in range(STEPS):
         start = torch.randint(0, len(data) - 257, (8,), generator=gen)
         rows = torch.stack([data[s: s + 257] for s in start])
-        out = model(rows[:, :-1], labels=rows[:, 1:])
+        out = model(Batch.of(rows[:, :-1], labels=rows[:, 1:]))
         opt.zero_grad()
         out.loss.backward()
         opt.step()

@@ -5,7 +5,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from cmoe_base import Batch
 from cmoe_vlm import flops
+from cmoe_vlm.boundaries import AllTokens, ConversionRamp
 from cmoe_vlm.chunking import ChunkConfig
 from cmoe_vlm.convert import convert, layer_map, main, overrides_for
 from cmoe_vlm.config import apply_overrides, from_dict
@@ -25,19 +27,15 @@ def tiny_baseline(layers=(1, 2, 2)) -> ConceptMoEVLM:
     return ConceptMoEVLM(vcfg).eval()
 
 
-def batch(T=24):
+def batch(T=24) -> Batch:
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, 256, (2, T), generator=g)
     doc_ids = torch.tensor([[0] * 10 + [1] * (T - 10), [0] * (T - 4) + [-1] * 4])
-    return dict(input_ids=ids, doc_ids=doc_ids)
+    return Batch.of(ids, doc_ids=doc_ids)
 
 
 def k_paper(cfg):
     return cfg.concept_moe_cfg.top_k
-
-
-def force_r1(model: ConceptMoEVLM) -> None:
-    model.lm.chunk.cfg = dataclasses.replace(model.lm.chunk.cfg, force_all_boundaries=True)
 
 
 @pytest.mark.parametrize("split", [(1, 2), (2, 1), (0, 3)])
@@ -45,11 +43,10 @@ def force_r1(model: ConceptMoEVLM) -> None:
 def test_lossless_start_at_r1(split, merge):
     base = tiny_baseline()
     conv, _ = convert(base, *split, strategy="none", target_ratio=2.0, merge=merge)
-    force_r1(conv)
     with torch.no_grad():
-        ref = base(**batch()).logits
-        out = conv(**batch())
-    assert bool(out.boundaries[batch()["doc_ids"] >= 0].all())
+        ref = base(batch()).logits
+        out = conv(batch(), boundaries=AllTokens())
+    assert bool(out.boundaries[batch().doc_ids >= 0].all())
     assert conv.lm.cfg.num_joint_layers == split[1]
     torch.testing.assert_close(out.logits, ref, atol=1e-5, rtol=0)
 
@@ -57,20 +54,20 @@ def test_lossless_start_at_r1(split, merge):
 def test_lossless_start_through_cached_decoding():
     base = tiny_baseline()
     conv, _ = convert(base, 1, 2, strategy="none", target_ratio=2.0)
-    force_r1(conv)
-    ids = batch()["input_ids"][:1, :12]
+    ids = batch().input_ids[:1, :12]
     with torch.no_grad():
-        ref = base(input_ids=ids).logits
+        ref = base(Batch.of(ids)).logits
         state = conv.new_state(1)
-        steps = [conv(input_ids=ids[:, :5], state=state).logits]
-        steps += [conv(input_ids=ids[:, i:i + 1], state=state).logits for i in range(5, 12)]
+        steps = [conv.extend(Batch.of(ids[:, :5]), state, boundaries=AllTokens()).logits]
+        steps += [conv.step(ids[:, i], state, boundaries=AllTokens())[:, None] for i in range(5, 12)]
     torch.testing.assert_close(torch.cat(steps, 1), ref, atol=1e-5, rtol=0)
 
 
 def test_conversion_details_and_reallocation():
     base = tiny_baseline((1, 2, 2))
     mapping = layer_map(base.cfg.model, dataclasses.replace(base.cfg.model, encoder_layers=2, concept_layers=1))
-    assert mapping["lm.encoder.1."] == "lm.concept.0." and mapping["lm.concept.0."] == "lm.concept.1."
+    assert (mapping["lm.encoder.layers.1."] == "lm.concept.layers.0."
+            and mapping["lm.concept.layers.0."] == "lm.concept.layers.1.")
     conv, rows = convert(base, 2, 2, strategy="more_experts", target_ratio=2.0)
     cfg = conv.cfg.model
     assert cfg.chunk.enabled and cfg.chunk.init == "identity" and cfg.chunk.merge == "last"
@@ -83,12 +80,13 @@ def test_conversion_details_and_reallocation():
         wcfg.concept_moe_cfg, top_k=k)), 2.0).flops_per_token / wrows[0].cost.flops_per_token - 1)
     k = k_paper(wcfg)
     assert abs(wrows[1].flops_ratio - 1) == pytest.approx(off(k)) and off(k) <= min(off(max(k - 1, 1)), off(k + 1))
-    for (k, v), (k0, v0) in zip(conv.lm.concept[0].state_dict().items(), base.lm.concept[1].state_dict().items()):
+    for (k, v), (k0, v0) in zip(conv.lm.concept.layers[0].state_dict().items(),
+                                base.lm.concept.layers[1].state_dict().items()):
         assert k == k0 and torch.equal(v, v0)
     looped, lrows = convert(base, 1, 2, strategy="looped", target_ratio=2.0)
     assert looped.cfg.model.loop_layers >= 1
     # flops.py takes the closest (loop, top_k) pair when none is within 2.5%, and refuses beyond 10%.
-    assert abs(flops._mismatch("concept", looped.cfg.model, lrows[0].config, 2.0)) <= 0.1
+    assert abs(flops.flops_mismatch("concept", looped.cfg.model, lrows[0].config, 2.0)) <= 0.1
     with pytest.raises(ValueError, match="concept layer"):
         convert(base, 3, 2)
 
@@ -116,25 +114,26 @@ def test_forced_boundaries_start_lossless_and_leave_the_ratio_loss_alone():
     base = tiny_baseline()
     conv, _ = convert(base, 1, 2, strategy="none", target_ratio=2.0)
     lm = conv.lm.train()
-    ids = torch.randint(0, 256, (2, 40), generator=torch.Generator().manual_seed(3))
+    ids = Batch.of(torch.randint(0, 256, (2, 40), generator=torch.Generator().manual_seed(3)))
+    ids.labels = ids.input_ids
     torch.manual_seed(0)
-    free = lm(ids, labels=ids)
+    free = lm(ids)
     assert free.compression["all"].ratio > 1.2  # the converted chunker compresses on its own
     with torch.no_grad():
         ref = base.lm(ids).logits
-    lm.forced_boundary_prob = 1.0
+    ramp = ConversionRamp(ramp_steps=4, step=0)
+    assert ramp.probability == 1.0 and ConversionRamp(4, 2).probability == 0.5 and ConversionRamp(4, 9).probability == 0
     torch.manual_seed(0)
-    full = lm(ids, labels=ids)
+    full = lm(ids, boundaries=ramp)
     assert bool(full.boundaries.all())
     torch.testing.assert_close(full.logits, ref, rtol=0, atol=1e-5)
     torch.testing.assert_close(full.ratio_loss, free.ratio_loss)  # same seed: same sampled chunker boundaries
-    lm.forced_boundary_prob = 0.5
     torch.manual_seed(0)
-    half = lm(ids, labels=ids)
+    half = lm(ids, boundaries=ConversionRamp(ramp_steps=4, step=2))
     torch.testing.assert_close(half.ratio_loss, free.ratio_loss)
     added = (half.boundaries & ~free.boundaries).sum() / (~free.boundaries).sum()
     assert 0.3 < float(added) < 0.7
-    lm.eval()  # evaluation never forces
+    lm.eval()  # evaluation (no policy passed) never forces
     with torch.no_grad():
         assert not bool(lm(ids).boundaries.all())
 

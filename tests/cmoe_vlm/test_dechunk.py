@@ -5,7 +5,7 @@ from cmoe_vlm.dechunk import DechunkModule, ema_scan, plug_back, straight_throug
 
 
 def ema_loop(c_hat, p, reset, eps=1e-4):
-    """Slow reference of spec §4: one concept at a time."""
+    """Slow reference of docs/design.md §4: one concept at a time."""
     p = p.clamp(eps, 1 - eps)
     out = torch.zeros_like(c_hat)
     B, M, _ = c_hat.shape
@@ -27,7 +27,7 @@ def test_scan_equals_loop_reference(M, block):
     p = torch.rand(3, M, dtype=torch.float64)
     reset = torch.rand(3, M) < 0.05
     reset[:, 0] = True
-    got = DechunkModule(block=block)(c_hat, p, reset)
+    got = DechunkModule(block=block).ema(c_hat, p, reset)
     torch.testing.assert_close(got, ema_loop(c_hat, p, reset), atol=1e-5, rtol=1e-5)
 
 
@@ -39,7 +39,7 @@ def test_scan_gradients_match_reference(M, block):
     reset = torch.zeros(2, M, dtype=torch.bool)
     reset[:, [0, 20]] = True
     w = torch.randn(2, M, 3, dtype=torch.float64)
-    (DechunkModule(block=block)(c_hat, p, reset) * w).sum().backward()
+    (DechunkModule(block=block).ema(c_hat, p, reset) * w).sum().backward()
     g = (c_hat.grad.clone(), p.grad.clone())
     c_hat.grad = p.grad = None
     (ema_loop(c_hat, p, reset) * w).sum().backward()
@@ -57,7 +57,7 @@ def test_long_sequence_with_tiny_p_does_not_overflow():
     c_hat = torch.randn(1, M, 4)
     reset = torch.zeros(1, M, dtype=torch.bool)
     reset[0, 0] = True
-    got = DechunkModule()(c_hat, p, reset)
+    got = DechunkModule().ema(c_hat, p, reset)
     assert torch.isfinite(got).all()
     torch.testing.assert_close(got[:, :300], ema_loop(c_hat[:, :300], p[:, :300], reset[:, :300]),
                                atol=1e-5, rtol=1e-4)
@@ -70,8 +70,8 @@ def test_init_state_continues_the_recurrence():
     p = torch.rand(2, 10)
     reset = torch.zeros(2, 10, dtype=torch.bool)
     reset[:, 0] = True
-    full = DechunkModule()(c_hat, p, reset)
-    tail = DechunkModule()(c_hat[:, 6:], p[:, 6:], reset[:, 6:], init=full[:, 5])
+    full = DechunkModule().ema(c_hat, p, reset)
+    tail = DechunkModule().ema(c_hat[:, 6:], p[:, 6:], reset[:, 6:], init=full[:, 5])
     torch.testing.assert_close(tail, full[:, 6:])
 
 

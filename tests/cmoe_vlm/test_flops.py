@@ -13,6 +13,7 @@ import yaml
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
+from cmoe_base import Batch
 from cmoe_vlm import flops
 from cmoe_vlm.chunking import ChunkConfig
 from cmoe_vlm.config import ConfigError
@@ -51,7 +52,8 @@ def test_total_params_equal_the_module(name):
     assert flops.total_params(cfg) == sum(p.numel() for p in model.parameters())
     counts = flops.param_counts(cfg)
     assert counts["chunk"] == (sum(p.numel() for p in model.chunk.parameters()) if model.chunk else 0)
-    assert counts["concept"] == sum(p.numel() for p in model.concept.parameters())
+    assert counts["concept"] == sum(p.numel() for p in model.concept.layers.parameters())
+    assert counts["concept"] + counts["concept_maps"] == sum(p.numel() for p in model.concept.parameters())
     assert counts["decoder"] == sum(p.numel() for p in model.decoder.parameters())
 
 
@@ -60,7 +62,7 @@ def test_activated_params_count_top_k_experts(name):
     cfg = CONFIGS[name]
     model = ConceptMoE(cfg)
     inactive = 0
-    for blk in [*model.encoder, *model.concept, *model.decoder]:
+    for blk in [*model.encoder.layers, *model.concept.layers, *model.decoder.layers]:
         e = blk.moe.experts
         per_expert = (e.w13.numel() + e.w2.numel()) // e.w13.shape[0]
         inactive += (blk.moe.cfg.num_experts - blk.moe.cfg.top_k) * per_expert
@@ -72,7 +74,7 @@ def _count(model, x, math_sdpa=False):
     fc = FlopCounterMode(display=False)
     ctx = sdpa_kernel(SDPBackend.MATH) if math_sdpa else torch.enable_grad()
     with torch.no_grad(), ctx, fc:
-        out = model(x)
+        out = model(Batch.of(x))
     counts = {mod: {str(op).split(".")[1]: n for op, n in ops.items()} for mod, ops in fc.get_flop_counts().items()}
     g = counts["Global"]
     unexpected = set(g) - {"mm", "addmm", "bmm"}
@@ -133,7 +135,7 @@ def test_kv_bytes_match_a_prefilled_cache(name):
     T = 80
     state = model.new_state(1)
     with torch.no_grad():
-        model(torch.randint(0, cfg.vocab_size, (1, T)), state=state)
+        model.extend(Batch.of(torch.randint(0, cfg.vocab_size, (1, T))), state)
     ratio = T / int(state.num_concepts[0]) if cfg.chunk.enabled else None
     held = sum(state.cache_bytes().values())
     assert held == pytest.approx(T * flops.kv_cache_bytes_per_token(cfg, ratio, bytes_per_value=4), rel=1e-9)

@@ -9,11 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from cmoe_base import Batch
 from cmoe_vlm.chunking import ChunkConfig
-from cmoe_vlm.generation import (decode_step, generate, generate_text, generate_with_state, prefill, prompt_batch,
-                                 sample_next)
+from cmoe_vlm.generation import generate, generate_text, generate_with_state, prompt_batch, sample_next
 from cmoe_vlm.layers.moe import MoEConfig
 from cmoe_vlm.model import ConceptMoE, ModelConfig
+from cmoe_vlm.session import InferenceSession
 from cmoe_vlm.vlm import ConceptMoEVLM, VLMConfig
 from data_pipelines.sequence import build_sequence
 from data_pipelines.tokenizer import ByteTokenizer
@@ -89,9 +90,8 @@ def test_cached_generation_equals_uncached(name, prompts):
 def test_batch_dict_prompts_and_bare_lm():
     m = vlm("sum")
     batch = prompt_batch(m, IMAGE_PROMPTS)
-    assert batch["doc_ids"][0].tolist().count(-1) == batch["input_ids"].shape[1] - len(IMAGE_PROMPTS[0])
-    as_dict = {k: v for k, v in batch.items() if k != "lengths"}
-    assert generate(m, as_dict, 8) == generate(m, IMAGE_PROMPTS, 8)
+    assert batch.doc_ids[0].tolist().count(-1) == batch.input_ids.shape[1] - len(IMAGE_PROMPTS[0])
+    assert generate(m, batch, 8) == generate(m, IMAGE_PROMPTS, 8)
     lm = m.lm  # a bare ConceptMoE takes text prompts
     assert generate(lm, TEXT_PROMPTS, 8) == generate(lm, TEXT_PROMPTS, 8, use_cache=False)
     with pytest.raises(ValueError, match="text-only"):
@@ -101,14 +101,15 @@ def test_batch_dict_prompts_and_bare_lm():
 @pytest.mark.parametrize("name", ["sum", "last-gqa", "looped-wide"])
 def test_concept_cache_holds_one_entry_per_chunk(name):
     m = vlm(name)
-    out, state = generate_with_state(m, IMAGE_PROMPTS, 20, stop_ids=[7, 11, 13])
+    out, session = generate_with_state(m, IMAGE_PROMPTS, 20, stop_ids=[7, 11, 13])
+    state = session.state
     # a full forward over prompt + output, row by row, gives the chunks
     for i, (s, new) in enumerate(zip(IMAGE_PROMPTS, out)):
         ids = torch.tensor([s.input_ids + new])
         mod = torch.tensor([s.modality + [0] * len(new)])
         imgs = torch.stack(s.images)
         with torch.no_grad():
-            res = m(ids, modality=mod, images=imgs)
+            res = m(Batch.of(ids, modality=mod, images=imgs))
         chunks = int(res.boundaries.sum())
         assert 1 < chunks < ids.shape[1]
         for cache in state.concept:
@@ -135,24 +136,28 @@ def test_padded_span_matches_unpadded():
     doc[0, 18:] = -1
     with torch.no_grad():
         st = lm.new_state(2)
-        lm(x, doc_ids=doc, state=st)
+        lm.extend(Batch.of(x, doc_ids=doc), st)
         alone = lm.new_state(1)
-        lm(x[:1, :18], state=alone)
+        lm.extend(Batch.of(x[:1, :18]), alone)
         for a, b in zip(st.encoder + st.concept + st.decoder, alone.encoder + alone.concept + alone.decoder):
             n = int(b.lengths[0])
             assert int(a.lengths[0]) == n
             torch.testing.assert_close(a.k[0, :, :n], b.k[0, :, :n])
-        for f in ("last_key", "carry", "c_bar", "num_tokens"):
-            torch.testing.assert_close(getattr(st, f)[0], getattr(alone, f)[0])
+        for f in STATE_FIELDS:
+            torch.testing.assert_close(f(st)[0], f(alone)[0])
         # and the next token continues identically
         nxt = torch.tensor([[5], [6]])
-        ya = lm(nxt, state=st).logits[0]
-        yb = lm(nxt[:1], state=alone).logits[0]
+        ya = lm.extend(Batch.of(nxt), st).logits[0]
+        yb = lm.extend(Batch.of(nxt[:1]), alone).logits[0]
         torch.testing.assert_close(ya, yb)
         with pytest.raises(ValueError, match="padding"):
             bad = torch.zeros_like(x)
             bad[0, 3] = -1
-            lm(x, doc_ids=bad, state=lm.new_state(2))
+            lm.extend(Batch.of(x, doc_ids=bad), lm.new_state(2))
+
+
+STATE_FIELDS = (lambda s: s.chunk.last_key, lambda s: s.merge.carry, lambda s: s.dechunk.c_bar,
+                lambda s: s.num_tokens)  # the per-row state outside the KV caches
 
 
 @pytest.mark.parametrize("name", ["sum", "last-gqa", "looped-wide", "converted"])
@@ -171,14 +176,14 @@ def test_one_token_steps_equal_the_span_path(name):
     with torch.no_grad():
         st_step, st_span = lm.new_state(2), lm.new_state(2)
         prompt = torch.tensor([[-1] * 4, [0] * 4])
-        lm(x[:, :4], doc_ids=prompt, state=st_step)
-        lm(x[:, :4], doc_ids=prompt, state=st_span)
+        lm.extend(Batch.of(x[:, :4], doc_ids=prompt), st_step)
+        lm.extend(Batch.of(x[:, :4], doc_ids=prompt), st_span)
         step_logits = [[], []]
         for t in range(4, 24):
-            out = lm(x[:, t:t + 1], doc_ids=torch.where(active[:, t:t + 1], 0, -1), state=st_step).logits
+            out = lm.step(x[:, t], st_step, active=active[:, t])
             for r in range(2):
                 if active[r, t]:
-                    step_logits[r].append(out[r, 0])
+                    step_logits[r].append(out[r])
         # the span path: each row's active tokens as one padded span
         rows = [x[r, 4:][active[r, 4:]] for r in range(2)]
         n = max(len(r) for r in rows)
@@ -186,11 +191,11 @@ def test_one_token_steps_equal_the_span_path(name):
         doc = torch.full((2, n), -1)
         for r, ids in enumerate(rows):
             span[r, :len(ids)], doc[r, :len(ids)] = ids, 0
-        ref = lm(span, doc_ids=doc, state=st_span).logits
+        ref = lm.extend(Batch.of(span, doc_ids=doc), st_span).logits
     for r in range(2):
         torch.testing.assert_close(torch.stack(step_logits[r]), ref[r, :len(rows[r])])
-    for f in ("last_key", "carry", "c_bar", "num_tokens"):
-        torch.testing.assert_close(getattr(st_step, f), getattr(st_span, f))
+    for f in STATE_FIELDS:
+        torch.testing.assert_close(f(st_step), f(st_span))
     for a, b in zip(st_step.concept, st_span.concept):
         assert torch.equal(a.lengths, b.lengths)
         for r in range(2):
@@ -248,11 +253,12 @@ def test_generate_text_and_prefill_decode_steps():
     assert isinstance(text, str)
     ids = generate(m, [seq("look: ", image(5), " it is")], 8, stop_ids=[TOK.eos_id])[0]
     assert text == TOK.decode(ids)
-    # prefill + decode_step are the building blocks: the cache sizes follow the chunks
+    # a session's prefill + step are the building blocks: the cache sizes follow the chunks
     batch = prompt_batch(m, TEXT_PROMPTS)
-    state, logits = prefill(m, batch)
-    assert state.num_tokens.tolist() == batch["lengths"].tolist()
-    logits2 = decode_step(m, state, logits.argmax(-1))
+    session = InferenceSession(m)
+    logits = session.prefill(batch)
+    assert session.num_tokens.tolist() == [len(p) for p in TEXT_PROMPTS]
+    logits2 = session.step(logits.argmax(-1))
     assert logits2.shape == (3, TOK.vocab_size)
 
 

@@ -8,9 +8,12 @@ import pytest
 import torch
 from PIL import Image
 
-from cmoe_vlm import inspect as ins
-from cmoe_vlm.eval.runner import ModelRunner
+from cmoe_base import Batch
 from cmoe_vlm.export import save_pretrained
+from cmoe_vlm.inspection import analysis, render
+from cmoe_vlm.inspection.__main__ import main as inspection_main
+from cmoe_vlm.inspection.samples import load_samples
+from cmoe_vlm.runner import ModelRunner
 from cmoe_vlm.training.config import load_experiment
 from cmoe_vlm.vlm import ConceptMoEVLM
 from data_pipelines.builtin import draw_scene
@@ -44,7 +47,7 @@ def files(tmp_path_factory):
 
 def test_outputs_and_ratios_match_the_boundary_masks(model_dir, files, tmp_path, capsys):
     out = tmp_path / "inspect"
-    rc = ins.main(["--model", str(model_dir), "--data", *files, "builtin", "--num-samples", "12", "--show", "3",
+    rc = inspection_main(["--model", str(model_dir), "--data", *files, "builtin", "--num-samples", "12", "--show", "3",
                    "--out", str(out)])
     assert rc == 0
     summary = json.loads((out / "compression.json").read_text())
@@ -63,7 +66,7 @@ def test_outputs_and_ratios_match_the_boundary_masks(model_dir, files, tmp_path,
 
     # independent recomputation: same samples, our own forward, counts from the masks
     runner = ModelRunner.load(model_dir)
-    docs = ins.load_samples([*files, "builtin"], 12)
+    docs = load_samples([*files, "builtin"], 12)
     tokens = {"all": 0, "text": 0, "image": 0}
     bounds = dict.fromkeys(tokens, 0)
     lines = [json.loads(x) for x in (out / "samples.jsonl").read_text().splitlines()]
@@ -73,7 +76,7 @@ def test_outputs_and_ratios_match_the_boundary_masks(model_dir, files, tmp_path,
         mod = torch.tensor([seq.modality])
         imgs = torch.stack(seq.images) if seq.images else None
         with torch.no_grad():
-            o = runner.model(ids, modality=mod, images=imgs, doc_ids=torch.zeros_like(ids))
+            o = runner.model(Batch.of(ids, modality=mod, images=imgs))
         b = o.boundaries[0]
         assert line["boundary"] == b.int().tolist() and line["modality"] == mod[0].tolist()
         for name, sel in (("all", torch.ones_like(b)), ("text", mod[0] == 0), ("image", mod[0] == 1)):
@@ -93,12 +96,12 @@ def test_outputs_and_ratios_match_the_boundary_masks(model_dir, files, tmp_path,
 
 
 def test_sample_chunks_bookkeeping():
-    s = ins.SampleChunks(input_ids=list(range(7)), modality=np.array([0, 0, 1, 1, 1, 0, 0]),
+    s = analysis.SampleChunks(input_ids=list(range(7)), modality=np.array([0, 0, 1, 1, 1, 0, 0]),
                          boundary=np.array([1, 0, 1, 0, 1, 1, 0], dtype=bool), p=np.zeros(7), images=[])
     assert s.chunks() == [(0, 1, True), (1, 3, True), (3, 5, True), (5, 6, True), (6, 7, False)]
     assert s.chunk_id.tolist() == [0, 1, 1, 2, 2, 3, 4]
     assert s.counts() == {"all": (7, 4), "text": (4, 2), "image": (3, 2)}
-    assert "|" in ins.ansi_view(s, list("abcdefg"), color=False)
+    assert "|" in render.ansi_view(s, list("abcdefg"), color=False)
 
 
 def test_knife_edge_diagnostics():
@@ -106,12 +109,12 @@ def test_knife_edge_diagnostics():
     grid, P = (2, 2), 4
     flat = np.array([0.2, 1.0, 0.49, 0.49, 0.49, 0.3])      # text, then an all-alike image, then text
     varied = np.array([0.6, 1.0, 0.1, 0.9, 0.52, 0.45])
-    samples = [ins.SampleChunks(input_ids=list(range(6)), modality=np.array([0, 1, 1, 1, 1, 0]), p=p,
+    samples = [analysis.SampleChunks(input_ids=list(range(6)), modality=np.array([0, 1, 1, 1, 1, 0]), p=p,
                                 boundary=p >= 0.5, images=[]) for p in (flat, varied)]
     for s in samples:
         s.boundary[0] = True
         s.reported = s.counts()  # what the model would report for these masks
-    mod = ins.summarise(samples, grid)["modalities"]
+    mod = analysis.summarise(samples, grid)["modalities"]
     stds = [float(p[2:1 + P].std()) for p in (flat, varied)]  # the forced first patch excluded
     assert mod["image"]["within_image_p_std"]["min"] == pytest.approx(0.0)
     assert mod["image"]["within_image_p_std"]["max"] == pytest.approx(max(stds))

@@ -2,7 +2,8 @@
 gives the same keys, values and attention as the per-row path."""
 import torch
 
-from cmoe_vlm.layers.attention import Attention, KVCache
+from cmoe_base import DocumentLayout
+from cmoe_vlm.layers.attention import Attention, AttentionConfig, AttentionLayout, KVCache
 from cmoe_vlm.layers.rope import rope_angles
 
 
@@ -34,7 +35,7 @@ def test_fast_and_per_row_paths_store_and_attend_alike():
     """The same writes through the int path (common length) and the tensor path (common length
     hidden) leave equal caches, and an attention layer reading them gives equal outputs."""
     torch.manual_seed(0)
-    attn = Attention(16, num_heads=2, num_kv_heads=2).eval()
+    attn = Attention(AttentionConfig(dim=16, num_heads=2, num_kv_heads=2, head_dim=8)).eval()
     x = torch.randn(2, 9, 16)
     outs, caches = [], []
     for hide in (False, True):
@@ -45,7 +46,7 @@ def test_fast_and_per_row_paths_store_and_attend_alike():
                 cache.common_length = None  # force the per-row path
             rope = rope_angles(torch.arange(lo, hi).expand(2, -1), 8, 10000.0)
             with torch.no_grad():
-                ys.append(attn(x[:, lo:hi], rope, cache=cache))
+                ys.append(attn.extend(x[:, lo:hi], rope, cache))
             cache.advance(hi - lo)
         outs.append(torch.cat(ys, 1))
         caches.append(cache)
@@ -53,5 +54,6 @@ def test_fast_and_per_row_paths_store_and_attend_alike():
     torch.testing.assert_close(caches[0].k[:, :, :9], caches[1].k[:, :, :9])
     torch.testing.assert_close(caches[0].v[:, :, :9], caches[1].v[:, :, :9])
     with torch.no_grad():  # and both equal the uncached causal forward
-        full = attn(x, rope_angles(torch.arange(9).expand(2, -1), 8, 10000.0))
+        full = attn(x, rope_angles(torch.arange(9).expand(2, -1), 8, 10000.0),
+                    AttentionLayout.of(DocumentLayout.single(2, 9)))
     torch.testing.assert_close(outs[0], full, atol=1e-5, rtol=1e-5)

@@ -1,9 +1,10 @@
 import pytest
 import torch
 
+from cmoe_base import Batch, DocumentLayout, Modality
 from cmoe_vlm.chunking import ChunkConfig
 from cmoe_vlm.layers.moe import MoEConfig
-from cmoe_vlm.model import ConceptMoE, ModelConfig, document_positions
+from cmoe_vlm.model import ConceptMoE, ModelConfig
 
 
 def tiny(enabled=True, **kw) -> ModelConfig:
@@ -49,9 +50,9 @@ def test_causality(name, packed, training):
         y = x.clone()
         y[:, t + 1:] = torch.randint(0, 64, (2, T - t - 1))
         torch.manual_seed(1)  # same boundary samples in training mode
-        a = m(x, doc_ids=doc).logits
+        a = m(Batch.of(x, doc_ids=doc)).logits
         torch.manual_seed(1)
-        b = m(y, doc_ids=doc).logits
+        b = m(Batch.of(y, doc_ids=doc)).logits
         torch.testing.assert_close(a[:, : t + 1], b[:, : t + 1], atol=1e-5, rtol=1e-5)
         assert not torch.allclose(a[:, t + 1:], b[:, t + 1:])
 
@@ -63,19 +64,23 @@ def test_no_attention_across_packed_documents(name):
     doc = packed_docs()
     y = x.clone()
     y[0, :20] = torch.randint(0, 64, (20,))  # change document 0 of row 0 only
-    a, b = m(x, doc_ids=doc).logits, m(y, doc_ids=doc).logits
+    a, b = m(Batch.of(x, doc_ids=doc)).logits, m(Batch.of(y, doc_ids=doc)).logits
     torch.testing.assert_close(a[0, 20:], b[0, 20:], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(a[1], b[1], atol=1e-5, rtol=1e-5)
     # a packed document behaves exactly as the same document alone at the start of a row
-    alone = m(x[:1, 20:35]).logits
+    alone = m(Batch.of(x[:1, 20:35])).logits
     torch.testing.assert_close(a[0, 20:35], alone[0], atol=1e-5, rtol=1e-5)
 
 
 def test_document_positions():
     doc = torch.tensor([[0, 0, 0, 1, 1, 2, -1, -1]])
-    starts, pos = document_positions(doc)
-    assert pos.tolist() == [[0, 1, 2, 0, 1, 0, 0, 1]]
-    assert starts.tolist() == [[True, False, False, True, False, True, True, False]]
+    layout = DocumentLayout.from_doc_ids(doc)
+    assert layout.positions.tolist() == [[0, 1, 2, 0, 1, 0, 0, 1]]
+    assert layout.starts.tolist() == [[True, False, False, True, False, True, True, False]]
+    assert layout.lengths == ((3, 2, 1),) and not layout.single_document
+    assert torch.equal(DocumentLayout.from_lengths([[3, 2, 1]], 8).doc_ids, doc)
+    with pytest.raises(ValueError, match="back to back"):
+        DocumentLayout.from_doc_ids(torch.tensor([[0, 0, -1, 0]]))
 
 
 @pytest.mark.parametrize("name", list(VARIANTS))
@@ -83,15 +88,15 @@ def test_cached_decoding_matches_full_forward(name):
     m = model_for(name)
     x = torch.randint(0, 64, (3, 40))
     with torch.no_grad():
-        full = m(x).logits
+        full = m(Batch.of(x)).logits
         for prefill in (1, 17):
             state = m.new_state(3)
-            outs = [m(x[:, :prefill], state=state).logits]
-            outs += [m(x[:, t:t + 1], state=state).logits for t in range(prefill, 40)]
+            outs = [m.extend(Batch.of(x[:, :prefill]), state).logits]
+            outs += [m.step(x[:, t], state)[:, None] for t in range(prefill, 40)]
             torch.testing.assert_close(torch.cat(outs, 1), full, atol=1e-4, rtol=1e-4)
         # variable-size continuation spans
         state = m.new_state(3)
-        outs = [m(x[:, a:b], state=state).logits for a, b in [(0, 5), (5, 6), (6, 30), (30, 40)]]
+        outs = [m.extend(Batch.of(x[:, a:b]), state).logits for a, b in [(0, 5), (5, 6), (6, 30), (30, 40)]]
         torch.testing.assert_close(torch.cat(outs, 1), full, atol=1e-4, rtol=1e-4)
 
 
@@ -100,11 +105,11 @@ def test_concept_cache_holds_one_entry_per_chunk(name):
     m = model_for(name)
     x = torch.randint(0, 64, (3, 50))
     with torch.no_grad():
-        full = m(x)
+        full = m(Batch.of(x))
         state = m.new_state(3)
-        m(x[:, :10], state=state)
+        m.extend(Batch.of(x[:, :10]), state)
         for t in range(10, 50):
-            m(x[:, t:t + 1], state=state)
+            m.step(x[:, t], state)
     chunks = full.boundaries.sum(1)
     assert (chunks < 50).all() and (chunks > 1).all()
     for cache in state.concept:
@@ -117,10 +122,10 @@ def test_concept_cache_holds_one_entry_per_chunk(name):
 def test_baseline_has_no_chunking_parts_and_ratio_one():
     base, cm = ConceptMoE(VARIANTS["baseline"]), ConceptMoE(VARIANTS["conceptmoe"])
     assert base.chunk is None and base.dechunk is None
-    assert not any("concept_qkv" in n for n, _ in base.named_parameters())
-    assert sum("concept_qkv" in n for n, _ in cm.named_parameters()) == 2  # all decoder layers joint
+    assert not any(".joint." in n for n, _ in base.named_parameters())
+    assert sum(n.endswith("joint.proj.weight") for n, _ in cm.named_parameters()) == 2  # all decoder layers joint
     x = torch.randint(0, 64, (2, 16))
-    out = base(x, labels=x)
+    out = base(Batch.of(x, labels=x))
     assert out.compression["all"].ratio == 1.0 and out.ratio_loss.item() == 0.0
     assert out.loss.item() == pytest.approx(out.lm_loss.item() + 0.01 * out.lb_loss.item(), rel=1e-5)
 
@@ -130,7 +135,7 @@ def test_losses_and_backward():
     x = torch.randint(0, 64, (2, 48))
     labels = x.roll(-1, 1)
     labels[:, -1] = -100
-    out = m(x, labels=labels, doc_ids=packed_docs())
+    out = m(Batch.of(x, doc_ids=packed_docs(), labels=labels))
     out.loss.backward()
     assert out.ratio_loss.item() >= 1.0 - 1e-4  # its minimum is 1
     assert m.chunk.q_proj.weight.grad is not None and m.chunk.q_proj.weight.grad.abs().sum() > 0
@@ -140,7 +145,7 @@ def test_losses_and_backward():
 
 
 def test_ratio_integral_accumulates_the_rate_error_and_adds_mu_times_mean_p():
-    from cmoe_vlm.chunking import IMAGE, TEXT, ratio_loss
+    from cmoe_vlm.chunking import ratio_loss
 
     torch.manual_seed(0)
     eta = 0.5
@@ -149,15 +154,15 @@ def test_ratio_integral_accumulates_the_rate_error_and_adds_mu_times_mean_p():
     model = ConceptMoE(cfg).train()
     x = torch.randint(0, 64, (2, 40))
     modality = torch.zeros_like(x)
-    modality[:, 10:26] = IMAGE
+    modality[:, 10:26] = Modality.IMAGE
     labels = torch.randint(0, 64, x.shape)
     assert model.ratio_mu.tolist() == [0.0, 0.0] and "ratio_mu" in model.state_dict()
     mu = torch.tensor([0.3, -0.2])
     model.ratio_mu.copy_(mu)
 
-    out = model(x, labels=labels, modality=modality)
+    out = model(Batch.of(x, modality=modality, labels=labels))
     p, b = out.boundary_probs, out.boundaries
-    sets = {"text": modality == TEXT, "image": modality == IMAGE}
+    sets = {"text": modality == Modality.TEXT, "image": modality == Modality.IMAGE}
     targets = {"text": 2.0, "image": 3.0}
     paper = sum(ratio_loss(p, b, targets[k], sets[k]) for k in sets)
     extra = sum(mu[i] * p[sets[k]].mean() for i, k in enumerate(sets))
@@ -169,5 +174,15 @@ def test_ratio_integral_accumulates_the_rate_error_and_adds_mu_times_mean_p():
     assert model.chunk.q_proj.weight.grad.abs().sum() > 0
     model.eval()
     with torch.no_grad():
-        model(x, labels=labels, modality=modality)
+        model(Batch.of(x, modality=modality, labels=labels))
     torch.testing.assert_close(model.ratio_mu, want)  # evaluation leaves the controller alone
+
+
+def test_force_all_boundaries_moved_to_a_boundary_policy():
+    """Configs written before the boundary policies carry chunk.force_all_boundaries: false (every
+    export does); it loads as the default. True asks for what is now AllTokens(): a clear error."""
+    from cmoe_vlm.config import ConfigError, from_dict
+
+    assert from_dict(ModelConfig, {"chunk": {"force_all_boundaries": False}}).chunk == ChunkConfig()
+    with pytest.raises(ConfigError, match=r"model.chunk.force_all_boundaries = True: .*AllTokens\(\)"):
+        from_dict(ModelConfig, {"chunk": {"force_all_boundaries": True}}, prefix="model")

@@ -9,8 +9,8 @@ import torch
 import webdataset as wds
 from PIL import Image
 
+from cmoe_base import IGNORE_INDEX, Batch
 from data_pipelines.builtin import write_builtin_dataset
-from data_pipelines.sequence import IGNORE_INDEX
 
 TOKENS_PER_IMAGE = 16
 
@@ -42,18 +42,28 @@ def text_docs(n: int, start: int = 0) -> list[dict]:
             for i in range(start, start + n)]
 
 
-def check_batch(batch: dict[str, torch.Tensor], tok, tokens_per_image: int, seq_len: int) -> None:
-    """Assert every rule of the packed-batch contract (packing.py docstring)."""
-    ids, mod, doc, lab = batch["input_ids"], batch["modality"], batch["doc_ids"], batch["labels"]
+def check_batch(batch: Batch, tok, tokens_per_image: int, seq_len: int) -> None:
+    """Assert every rule of the packed-batch contract (packing.py and cmoe_base/batch.py docstrings)."""
+    assert isinstance(batch, Batch)
+    ids, mod, doc, lab = batch.input_ids, batch.modality, batch.doc_ids, batch.labels
     B, T = ids.shape
+    assert batch.image_tokens == int((mod == 1).sum())
+    layout = batch.layout
+    assert len(layout.lengths) == B and all(n > 0 for row in layout.lengths for n in row)
+    for b in range(B):  # the host lengths say what the device ids say; positions restart per document
+        want = [d for d, n in enumerate(layout.lengths[b]) for _ in range(n)]
+        assert doc[b].tolist() == want + [-1] * (T - len(want))
+        pos = [p for n in layout.lengths[b] for p in range(n)] + list(range(T - len(want)))
+        assert layout.positions[b].tolist() == pos
+        assert layout.starts[b].tolist() == [p == 0 for p in pos]
     assert T == seq_len and mod.shape == doc.shape == lab.shape == (B, T)
-    assert all(t.dtype == torch.long for t in (ids, mod, doc, lab, batch["num_images"]))
-    assert batch["images"].shape[0] * tokens_per_image == int((mod == 1).sum())
-    assert batch["images"].shape[1] == 3 and batch["images"].dtype == torch.float32
-    assert batch["num_images"].shape == (B,) and int(batch["num_images"].sum()) == batch["images"].shape[0]
+    assert all(t.dtype == torch.long for t in (ids, mod, doc, lab, batch.num_images))
+    assert batch.images.shape[0] * tokens_per_image == int((mod == 1).sum())
+    assert batch.images.shape[1] == 3 and batch.images.dtype == torch.float32
+    assert batch.num_images.shape == (B,) and int(batch.num_images.sum()) == batch.images.shape[0]
     for b in range(B):
         i, m, d, lb = ids[b].tolist(), mod[b].tolist(), doc[b].tolist(), lab[b].tolist()
-        assert int(batch["num_images"][b]) * tokens_per_image == sum(m)
+        assert int(batch.num_images[b]) * tokens_per_image == sum(m)
         n = d.index(-1) if -1 in d else T
         assert all(x == -1 for x in d[n:]), "padding only at the row end"
         assert all(i[t] == tok.pad_id and m[t] == 0 for t in range(n, T))

@@ -25,7 +25,7 @@ def run(shards: str, workers: int = 0) -> tuple[StreamingLoader, int]:
     cfg = DataConfig(shards=shards, seq_len=64, batch_size=2, num_workers=workers, shuffle_buffer=4,
                      tokens_per_image=TOKENS_PER_IMAGE, image_size=16)
     loader = StreamingLoader(cfg)
-    docs = sum(int((b["input_ids"] == TOK.bos_id).sum()) for b in loader)
+    docs = sum(int((b.input_ids == TOK.bos_id).sum()) for b in loader)
     return loader, docs
 
 

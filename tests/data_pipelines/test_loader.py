@@ -1,10 +1,12 @@
 import copy
+import dataclasses
 import itertools
 import re
 
 import pytest
 import torch
 
+from cmoe_base import Batch
 from cmoe_vlm.config import ConfigError, from_dict
 from data_pipelines.loader import DataConfig, StreamingLoader, default_image_transform
 from data_pipelines.tokenizer import ByteTokenizer
@@ -20,14 +22,18 @@ def config(shards, **kw) -> DataConfig:
     return DataConfig(**{**base, **kw})
 
 
-def same(a: list[dict], b: list[dict]) -> bool:
-    return len(a) == len(b) and all(x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
-                                    for x, y in zip(a, b))
+def same(a: list[Batch], b: list[Batch]) -> bool:
+    def equal(x, y) -> bool:
+        if dataclasses.is_dataclass(x):
+            return type(x) is type(y) and all(equal(getattr(x, f.name), getattr(y, f.name))
+                                              for f in dataclasses.fields(x))
+        return torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y
+    return len(a) == len(b) and all(equal(x, y) for x, y in zip(a, b))
 
 
-def stream_ids(batches: list[dict]) -> list[int]:
+def stream_ids(batches: list[Batch]) -> list[int]:
     """Document ids ('id=NNNNNN;') in a single-worker stream: rows concatenated in order."""
-    text = TOK.decode([t for b in batches for row, doc in zip(b["input_ids"], b["doc_ids"])
+    text = TOK.decode([t for b in batches for row, doc in zip(b.input_ids, b.doc_ids)
                        for t in row[doc >= 0].tolist()])
     return [int(m) for m in re.findall(r"id=(\d{6});", text)]
 
@@ -38,10 +44,10 @@ def test_batches_obey_the_contract(builtin_dirs, workers):
     batches = list(StreamingLoader(cfg))
     for b in batches:
         check_batch(b, TOK, TOKENS_PER_IMAGE, cfg.seq_len)
-        assert b["images"].shape[2:] == (32, 32)
-        assert not len(b["images"]) or -1.0 <= b["images"].min() <= b["images"].max() <= 1.0
-    assert sum(b["num_images"].sum().item() for b in batches) > 100
-    bos = sum((b["input_ids"] == TOK.bos_id).sum().item() for b in batches)
+        assert b.images.shape[2:] == (32, 32)
+        assert not len(b.images) or -1.0 <= b.images.min() <= b.images.max() <= 1.0
+    assert sum(b.num_images.sum().item() for b in batches) > 100
+    bos = sum((b.input_ids == TOK.bos_id).sum().item() for b in batches)
     assert bos == 300  # each of the 300 samples exactly once per epoch
 
 

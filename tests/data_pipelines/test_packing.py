@@ -28,20 +28,20 @@ def test_documents_concatenate_and_pad_at_end():
     docs = [build_sequence(["abc"], TOK, TPI), build_sequence(["de"], TOK, TPI)]  # 5 + 4 tokens
     batch = pack(docs, seq_len=12)
     check_batch(batch, TOK, TPI, 12)
-    assert batch["doc_ids"][0].tolist() == [0] * 5 + [1] * 4 + [-1] * 3
-    assert batch["input_ids"][0, -3:].tolist() == [TOK.pad_id] * 3
-    assert batch["labels"][0].tolist() == [97, 98, 99, TOK.eos_id, -100, 100, 101, TOK.eos_id] + [-100] * 4
+    assert batch.doc_ids[0].tolist() == [0] * 5 + [1] * 4 + [-1] * 3
+    assert batch.input_ids[0, -3:].tolist() == [TOK.pad_id] * 3
+    assert batch.labels[0].tolist() == [97, 98, 99, TOK.eos_id, -100, 100, 101, TOK.eos_id] + [-100] * 4
 
 
 def test_long_document_is_split_into_a_new_document_without_bos():
     doc = build_sequence(["abcdefghij"], TOK, TPI)  # 12 tokens
     batch = pack([doc], seq_len=8)
     check_batch(batch, TOK, TPI, 8)
-    assert batch["input_ids"].shape == (2, 8)
-    assert batch["input_ids"][0].tolist() == doc.input_ids[:8]
-    assert batch["input_ids"][1, :4].tolist() == doc.input_ids[8:]  # continuation: no bos
-    assert batch["doc_ids"][1].tolist() == [0] * 4 + [-1] * 4
-    assert batch["labels"][0, -1].item() == -100  # the split loses the target across rows
+    assert batch.input_ids.shape == (2, 8)
+    assert batch.input_ids[0].tolist() == doc.input_ids[:8]
+    assert batch.input_ids[1, :4].tolist() == doc.input_ids[8:]  # continuation: no bos
+    assert batch.doc_ids[1].tolist() == [0] * 4 + [-1] * 4
+    assert batch.labels[0, -1].item() == -100  # the split loses the target across rows
 
 
 def test_split_never_cuts_an_image_block():
@@ -50,22 +50,22 @@ def test_split_never_cuts_an_image_block():
     batch = pack([first, second], seq_len=12)
     check_batch(batch, TOK, TPI, 12)
     # row 0: first (6) + bos x (2) then the image block (6) does not fit in 4: padded
-    assert batch["doc_ids"][0].tolist() == [0] * 6 + [1] * 2 + [-1] * 4
-    assert batch["num_images"].tolist() == [0, 1, 1]  # [img] y | [img] eos: each block whole
-    assert torch.equal(batch["images"], torch.stack([img(1.0), img(2.0)]))
+    assert batch.doc_ids[0].tolist() == [0] * 6 + [1] * 2 + [-1] * 4
+    assert batch.num_images.tolist() == [0, 1, 1]  # [img] y | [img] eos: each block whole
+    assert torch.equal(batch.images, torch.stack([img(1.0), img(2.0)]))
 
 
 def test_images_are_row_major_and_counted_per_row():
     docs = [build_sequence([img(float(i)), "cap"], TOK, TPI) for i in range(5)]  # 12 tokens each
     batch = pack(docs, seq_len=24)
     check_batch(batch, TOK, TPI, 24)
-    assert batch["num_images"].tolist() == [2, 2, 1]
-    assert batch["images"][:, 0, 0, 0].tolist() == [0.0, 1.0, 2.0, 3.0, 4.0]
+    assert batch.num_images.tolist() == [2, 2, 1]
+    assert batch.images[:, 0, 0, 0].tolist() == [0.0, 1.0, 2.0, 3.0, 4.0]
 
 
 def test_no_images_gives_an_empty_image_tensor():
     batch = pack([build_sequence(["hello"], TOK, TPI)], seq_len=8)
-    assert batch["images"].shape == (0, *SHAPE)
+    assert batch.images.shape == (0, *SHAPE)
 
 
 def test_resume_with_a_split_document_continues_it():
@@ -85,7 +85,7 @@ def test_sequence_batch_is_one_unpadded_row():
     seq = build_sequence([img(0.5), "a red circle"], TOK, TPI)
     batch = sequence_batch(seq, SHAPE)
     check_batch(batch, TOK, TPI, len(seq))
-    assert batch["labels"][0].tolist() == seq.labels()
+    assert batch.labels[0].tolist() == seq.labels()
 
 
 def test_image_block_longer_than_seq_len_is_a_config_error():

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from cmoe_base import Batch
 from cmoe_vlm.layers.moe import MoE, MoEConfig
 from cmoe_vlm.training.engine import setup_distributed
 from cmoe_vlm.training.expert_parallel import DeepSpeedMoE, plain_state_dict, swap_in_deepspeed_moe
@@ -48,7 +49,7 @@ def test_swap_keeps_the_model_state_in_plain_layout():
                                    decoder_layers=1, moe=MoEConfig(num_experts=4, top_k=2, expert_hidden=32),
                                    chunk=ChunkConfig())).eval()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    x = torch.randint(0, 64, (2, 20))
+    x = Batch.of(torch.randint(0, 64, (2, 20)))
     ref = model(x).logits
     assert swap_in_deepspeed_moe(model, ep_size=1) == 3
     for mod in model.modules():
@@ -67,7 +68,7 @@ def deepspeed_cmd(*args: str) -> list[str]:
 
 @pytest.mark.slow
 def test_two_node_launch_on_loopback(builtin_data, tmp_path):
-    """DeepSpeed's own multi-node launcher, two 'nodes' on this machine (spec §12): --no_ssh, one
+    """DeepSpeed's own multi-node launcher, two 'nodes' on this machine (docs/design.md §12): --no_ssh, one
     launcher per node rank, expert parallelism across the nodes."""
     out = tmp_path / "nodes"
     hostfile = tmp_path / "hostfile"

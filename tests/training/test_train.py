@@ -173,8 +173,12 @@ def _nan(out):
 def test_config_errors_name_the_field(tmp_path):
     with pytest.raises(ConfigError, match="train.zero_stage = 3: .*use 2"):
         load_experiment(ROOT / "configs/tiny.yaml", ["train.zero_stage=3"])
-    with pytest.raises(ConfigError, match="data.tokens_per_image"):
-        load_experiment(ROOT / "configs/tiny.yaml", ["projector.reduction=1"])
+    with pytest.raises(ConfigError, match="data.tokens_per_image"):  # an override that disagrees with the model
+        load_experiment(ROOT / "configs/tiny.yaml", ["projector.reduction=1", "data.tokens_per_image=16"])
+    with pytest.raises(ConfigError, match="data.image_size"):
+        load_experiment(ROOT / "configs/tiny.yaml", ["data.image_size=32"])
+    derived = load_experiment(ROOT / "configs/tiny.yaml", ["projector.reduction=1", "vision.img_size=32"]).data
+    assert (derived.tokens_per_image, derived.image_size) == (16, 32)  # 4x4 patches of 8 px, no reduction
     proc = subprocess.run([sys.executable, str(ROOT / "train_vlm.py"), str(ROOT / "configs/tiny.yaml"),
                            "model.chunk.target_ratio=0.5"], capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 2 and "model.chunk.target_ratio = 0.5" in proc.stderr

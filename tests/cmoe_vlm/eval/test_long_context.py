@@ -10,9 +10,10 @@ import pytest
 import torch
 from PIL import Image
 
+from cmoe_base import Batch
 from cmoe_vlm.eval import long_context as lc
-from cmoe_vlm.eval.runner import ModelRunner
 from cmoe_vlm.export import save_pretrained
+from cmoe_vlm.runner import ModelRunner
 from cmoe_vlm.training.config import load_experiment
 from cmoe_vlm.vlm import ConceptMoEVLM
 from data_pipelines.tokenizer import ByteTokenizer
@@ -50,8 +51,8 @@ def with_oracle(runner, monkeypatch, wrong=False):
         ids = torch.zeros(len(seqs), T, dtype=torch.long)
         for i, s in enumerate(seqs):
             ids[i, :len(s)] = torch.tensor(s.input_ids)
-        return induction_logits(ids, runner.tok.vocab_size, wrong=wrong), {}
-    monkeypatch.setattr(runner, "_logits", fake)
+        return induction_logits(ids, runner.tok.vocab_size, wrong=wrong)
+    monkeypatch.setattr(runner, "logits", fake)
 
 
 @pytest.mark.parametrize("probe", lc.PROBES)
@@ -154,7 +155,7 @@ def test_briefly_trained_conceptmoe_copies_from_context():
             for g in opt.param_groups:
                 g["lr"] = 3e-3 * min(1.0, (step + 1) / 50) * 0.5 * (1 + math.cos(math.pi * step / steps))
             ids, labels, doc = batch(32)
-            out = model(ids, labels=labels, doc_ids=doc)
+            out = model(Batch.of(ids, doc_ids=doc, labels=labels))
             opt.zero_grad()
             out.loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -199,7 +200,7 @@ def test_shipped_passkey_model_retrieves_unseen_keys():
 
     item = lc.make_probe("passkey", 224, 0.5, random.Random(0), runner.tok)
     ids = torch.tensor([runner.sequence([item.prompt]).input_ids])
-    comp = runner.model.lm(ids).compression["all"]
+    comp = runner.model.lm(Batch.of(ids)).compression["all"]
     assert float(comp.tokens) / float(comp.concepts) > 1.2
 
     torch.manual_seed(0)

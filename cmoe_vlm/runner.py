@@ -1,4 +1,4 @@
-"""One loaded checkpoint, ready to score and generate: the layer every evaluation goes through.
+"""One loaded checkpoint, ready to score and generate: what evaluation and inspection go through.
 
     runner = ModelRunner.load("runs/tiny/final")
     runner.loglikelihood([[image, "Question: What colour is the circle? Answer:"]], [" red"])
@@ -8,13 +8,14 @@
 Prompts are lists of pieces (text or PIL images), laid out exactly as in training by
 `data_pipelines.sequence.build_sequence` (bos, no eos). Scoring batches rows of different lengths
 left-aligned with padding at the end (doc_ids = −1), which no real token attends to. Generation is
-`cmoe_vlm.generation.generate` (greedy or sampled, KV cache). The tasks, the long-context probes and the
-harness adapters (lm-eval, lmms-eval) all call these methods, so they agree by construction.
+`cmoe_vlm.generation.generate` (greedy, an InferenceSession). The tasks, the long-context probes,
+the harness adapters (lm-eval, lmms-eval) and the inspection all call these methods, so they agree
+by construction.
 """
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence as SequenceABC
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,12 +23,15 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from data_pipelines.sequence import Sequence, build_sequence
+from cmoe_base import Batch, Modality
+from data_pipelines.sequence import TokenSequence, build_sequence
 from data_pipelines.tokenizer import Tokenizer, load_tokenizer
 
-from ..export import load_pretrained
-from ..generation import generate, prompt_batch
-from ..vlm import ConceptMoEVLM
+from .boundaries import BoundaryPolicy
+from .export import load_pretrained
+from .generation import generate, prompt_batch
+from .model import ModelOutput
+from .vlm import ConceptMoEVLM
 
 Pieces = list[Any]  # str | PIL.Image.Image | image tensor (3, H, W)
 
@@ -65,13 +69,10 @@ class ModelRunner:
     def load(cls, folder: str | Path, device: str = "cpu", batch_size: int = 8) -> ModelRunner:
         model, meta = load_pretrained(folder, device=device)
         tok = load_tokenizer(meta.get("tokenizer", "byte"))
-        if meta.get("tokens_per_image", model.cfg.tokens_per_image) != model.cfg.tokens_per_image:
-            raise ValueError(f"{folder}: tokens_per_image {meta['tokens_per_image']} in config.json does not match "
-                             f"the model's {model.cfg.tokens_per_image}")
         return cls(model, tok, batch_size, name=Path(folder).as_posix())
 
     # ------------------------------------------------------------------ sequences
-    def sequence(self, pieces: Pieces, add_eos: bool = False) -> Sequence:
+    def sequence(self, pieces: Pieces, add_eos: bool = False) -> TokenSequence:
         """Pieces -> token sequence (bos first; images transformed to tensors)."""
         pieces = [p if isinstance(p, (str, torch.Tensor)) else self.transform(p.convert("RGB")) for p in pieces]
         return build_sequence(pieces, self.tok, self.tokens_per_image, add_bos=True, add_eos=add_eos)
@@ -81,11 +82,15 @@ class ModelRunner:
             raise ValueError(f"{what} has {n} tokens, more than the model's max_seq_len = {self.max_len}")
 
     @torch.no_grad()
-    def _logits(self, seqs: list[Sequence]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def forward(self, seqs: list[TokenSequence], boundaries: BoundaryPolicy | None = None) -> tuple[ModelOutput, Batch]:
+        """One scoring forward over sequences (one row each, left-aligned; eval-mode boundaries
+        unless a policy says otherwise): the model's output and the batch it ran on."""
         batch = prompt_batch(self.model, seqs)
-        out = self.model(batch["input_ids"], modality=batch["modality"], images=batch.get("images"),
-                         doc_ids=batch["doc_ids"])
-        return out.logits.float(), batch
+        return self.model(batch, boundaries=boundaries), batch
+
+    def logits(self, seqs: list[TokenSequence]) -> torch.Tensor:
+        """fp32 logits (B, T, V) of a scoring forward over `seqs`."""
+        return self.forward(seqs)[0].logits.float()
 
     # ------------------------------------------------------------------ scoring
     def loglikelihood(self, contexts: list[Pieces], continuations: list[str]) -> list[Scored]:
@@ -100,7 +105,7 @@ class ModelRunner:
                 raise ValueError(f"request {i}: the continuation {cont!r} encodes to no tokens")
             n_ctx = len(seq)
             seq.input_ids += cont_ids
-            seq.modality += [0] * len(cont_ids)
+            seq.modality += [int(Modality.TEXT)] * len(cont_ids)
             self._check_len(len(seq), f"request {i} (context + continuation)")
             items.append((seq, n_ctx, cont_ids))
         return self._score(items)
@@ -114,13 +119,14 @@ class ModelRunner:
                 raise ValueError(f"request {i}: empty context or continuation")
             ids = list(ctx) + list(cont)
             self._check_len(len(ids), f"request {i}")
-            items.append((Sequence(input_ids=ids, modality=[0] * len(ids)), len(ctx), list(cont)))
+            items.append((TokenSequence(input_ids=ids, modality=[int(Modality.TEXT)] * len(ids)), len(ctx),
+                          list(cont)))
         return self._score(items)
 
-    def _score(self, items: list[tuple[Sequence, int, list[int]]]) -> list[Scored]:
+    def _score(self, items: list[tuple[TokenSequence, int, list[int]]]) -> list[Scored]:
         results: list[Scored] = []
         for chunk in _batches(items, self.batch_size):
-            logits, _ = self._logits([s for s, _, _ in chunk])
+            logits = self.logits([s for s, _, _ in chunk])
             logp = F.log_softmax(logits, dim=-1)
             for r, (_, n_ctx, cont_ids) in enumerate(chunk):
                 pos = torch.arange(n_ctx - 1, n_ctx - 1 + len(cont_ids), device=logp.device)
@@ -142,8 +148,8 @@ class ModelRunner:
         windows = [[self.tok.bos_id] + ids[i:i + step] for i in range(0, len(ids), step)]
         nll, n = 0.0, 0
         for chunk in _batches(windows, self.batch_size):
-            seqs = [Sequence(input_ids=w, modality=[0] * len(w)) for w in chunk]
-            logits, _ = self._logits(seqs)
+            seqs = [TokenSequence(input_ids=w, modality=[int(Modality.TEXT)] * len(w)) for w in chunk]
+            logits = self.logits(seqs)
             logp = F.log_softmax(logits, dim=-1)
             for r, w in enumerate(chunk):
                 target = torch.tensor(w[1:], device=logp.device)
@@ -170,7 +176,7 @@ class ModelRunner:
         return texts
 
 
-def cut_at_stop(text: str, stop: SequenceABC[str]) -> str:
+def cut_at_stop(text: str, stop: Sequence[str]) -> str:
     cuts = [text.index(s) for s in stop if s and s in text]
     return text[:min(cuts)] if cuts else text
 

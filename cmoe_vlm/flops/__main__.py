@@ -1,0 +1,3 @@
+from cmoe_vlm.flops.cli import main
+
+raise SystemExit(main())

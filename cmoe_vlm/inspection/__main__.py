@@ -1,0 +1,38 @@
+"""CLI: python -m cmoe_vlm.inspection --model DIR --data SPEC... --out DIR (see the package docstring)."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from cmoe_vlm import inspection
+from cmoe_vlm.inspection.report import inspect_model
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m cmoe_vlm.inspection", description=inspection.__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True, help="checkpoint folder (config.json + model.safetensors)")
+    ap.add_argument("--data", required=True, nargs="+", help="shard folders/patterns, 'builtin', or files")
+    ap.add_argument("--out", required=True, help="output folder")
+    ap.add_argument("--num-samples", type=int, default=64)
+    ap.add_argument("--show", type=int, default=4, help="samples rendered as HTML/terminal text/image maps")
+    ap.add_argument("--no-color", action="store_true", help="terminal view with | after boundaries instead of colours")
+    ap.add_argument("--quiet", action="store_true", help="do not print the sample views")
+    args = ap.parse_args(argv)
+    summary = inspect_model(args.model, args.data, args.out, args.num_samples, args.show,
+                            color=not args.no_color and sys.stdout.isatty(), quiet=args.quiet)
+    mods = summary["modalities"]
+    for m in ("all", "text", "image"):
+        if mods[m]["tokens"]:
+            sp = mods[m]["ratio_per_sample"]
+            print(f"{m:>5}: ratio {mods[m]['ratio']:.2f} (per sample {sp['mean']:.2f} ± {sp['std']:.2f}, "
+                  f"{sp['min']:.2f}-{sp['max']:.2f}), mean p {mods[m]['mean_p']:.2f}, "
+                  f"chunk length {mods[m]['chunk_length']['mean']:.2f}")
+    print(f"tokens joining no concept (the other modality's tail before a switch): "
+          f"{summary['tokens_left_out_before_modality_switch']}")
+    print(f"wrote {args.out}/compression.json, samples.html and PNGs")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

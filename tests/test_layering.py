@@ -1,0 +1,82 @@
+"""Imports only go down: between the top-level packages, and between the modules of cmoe_vlm.
+
+Read from the source (every import statement, lazy ones inside functions included), not from
+what happens to be loaded, so a new upward import fails here the day it is written.
+"""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("cmoe_base", "data_pipelines", "vision", "cmoe_vlm")
+# Which project packages each package may import (the ground floor first).
+ALLOWED = {"cmoe_base": set(), "data_pipelines": {"cmoe_base"}, "vision": {"cmoe_base"},
+           "cmoe_vlm": {"cmoe_base", "data_pipelines", "vision"}}
+
+# The modules of cmoe_vlm from the bottom up: each may import only modules listed before it.
+# A package's __init__ comes after its modules, its __main__ after its __init__.
+CMOE_VLM_LAYERS = """
+    config
+    layers.norm layers.rope layers.moe layers.attention layers.joint_decoding layers.block layers
+    chunking boundaries merge dechunk model_config concept_model model vlm
+    flops.accounting flops.reallocation flops.cli flops flops.__main__
+    export session generation runner convert hf
+    inspection.samples inspection.analysis inspection.render inspection.plots inspection.report inspection
+    inspection.__main__
+    eval.tasks eval.long_context eval.builtin_suite eval.harness eval.cli eval eval.__main__
+    training.config training.optim training.engine training.metrics training.checkpoint
+    training.expert_parallel training.loop training
+    __init__
+""".split()
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    if parts[-1] == "__init__" and len(parts) > 1:
+        parts = parts[:-1]
+    return ".".join(parts)
+
+
+def imports(path: Path, known: set[str]) -> set[str]:
+    """Absolute names of the project modules `path` imports (relative imports resolved; `from pkg
+    import module` counts the module, not the package)."""
+    name = module_name(path)
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            out.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[:len(package.split(".")) - node.level + 1]
+                base = ".".join(anchor + ([base] if base else []))
+            submodules = {f"{base}.{a.name}" for a in node.names} & known
+            out |= submodules if len(submodules) == len(node.names) else submodules | {base}
+    return {m for m in out if m.split(".")[0] in PACKAGES}
+
+
+def sources() -> dict[str, Path]:
+    return {module_name(p): p for pkg in PACKAGES for p in (ROOT / pkg).rglob("*.py")}
+
+
+def test_packages_import_only_downward():
+    src = sources()
+    bad = [(mod, dep) for mod, path in src.items() for dep in imports(path, set(src))
+           if dep.split(".")[0] != mod.split(".")[0] and dep.split(".")[0] not in ALLOWED[mod.split(".")[0]]]
+    assert not bad, f"upward or sideways imports between packages: {bad}"
+
+
+def test_cmoe_vlm_modules_import_only_from_layers_below():
+    src = sources()
+    mods = {m: p for m, p in src.items() if m.split(".")[0] == "cmoe_vlm"}
+    rank = {("cmoe_vlm" if m == "__init__" else f"cmoe_vlm.{m}"): i for i, m in enumerate(CMOE_VLM_LAYERS)}
+    assert set(rank) == set(mods), f"modules missing from CMOE_VLM_LAYERS: {sorted(set(mods) - set(rank))}; " \
+                                   f"listed but gone: {sorted(set(rank) - set(mods))}"
+    bad = []
+    for mod, path in mods.items():
+        for dep in imports(path, set(src)):
+            if dep in rank and dep != mod and rank[dep] >= rank[mod]:
+                bad.append(f"{mod} imports {dep}")
+    assert not bad, "imports from the same or a higher layer:\n" + "\n".join(sorted(bad))
