@@ -14,7 +14,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", required=True, help="checkpoint folder (config.json + model.safetensors)")
     ap.add_argument("--data", required=True, nargs="+", help="shard folders/patterns, 'builtin', or files")
     ap.add_argument("--out", required=True, help="output folder")
-    ap.add_argument("--num-samples", type=int, default=64)
+    ap.add_argument("--num-samples", type=int, default=64, help="held-out samples to analyse (default 64)")
     ap.add_argument("--show", type=int, default=4, help="samples rendered as HTML/terminal text/image maps")
     ap.add_argument("--no-color", action="store_true", help="terminal view with | after boundaries instead of colours")
     ap.add_argument("--quiet", action="store_true", help="do not print the sample views")
