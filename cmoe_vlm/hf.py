@@ -21,7 +21,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .config import from_dict, to_dict
 from .export import VERSION
-from .hf_export import AUTO_MAP, write_transformers_files
+from .hf_folder import AUTO_MAP, write_transformers_files
 from .hf_generation import (ConceptCache, ConceptGeneration, check_no_other_inputs, packed_batch, resolve_modality,
                             restore_columns)
 from .hf_processing import ConceptMoEImageProcessor, ConceptMoEProcessor

@@ -11,8 +11,8 @@ records: input size, interpolation, crop, mean/std), so a PIL image gives the te
 `ConceptMoEProcessor` splits each text at its `<image>` markers and builds the sequence with
 `data_pipelines.sequence.build_sequence` (bos, text, `<img_start>` + tokens_per_image image tokens +
 `<img_end>` per image), pads on the left (for generation) and returns input_ids, attention_mask,
-mm_token_type_ids (1 at image positions) and pixel_values. Its tokenizer is the export's (a
-transformers tokenizer holding the image tokens).
+mm_token_type_ids (1 at image positions) and pixel_values. Its tokenizer is the export's, with the
+image tokens added as `data_pipelines.tokenizer.HFTokenizer` adds them in training.
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ from transformers.image_processing_utils import BaseImageProcessor
 
 from cmoe_base import Modality
 from data_pipelines.sequence import build_sequence
-from data_pipelines.tokenizer import IMAGE_TOKENS
+from data_pipelines.tokenizer import IMAGE_TOKENS, HFTokenizer
 
 TIMM_FIELDS = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
 
@@ -72,25 +72,6 @@ class ConceptMoEImageProcessor(BaseImageProcessor):
     preprocess = __call__
 
 
-class _TokenIds:
-    """Our `Tokenizer` interface (what build_sequence needs) over a transformers tokenizer that holds
-    the image tokens."""
-
-    def __init__(self, tok):
-        ids = {name: tok.convert_tokens_to_ids(text) for name, text in IMAGE_TOKENS.items()}
-        missing = [IMAGE_TOKENS[n] for n, i in ids.items() if i is None or i == tok.unk_token_id]
-        if missing or tok.bos_token_id is None:
-            raise ValueError(f"the tokenizer lacks {missing + ([] if tok.bos_token_id is not None else ['a bos token'])}: "
-                             f"use the tokenizer the model was trained with (its export folder's)")
-        self._tok = tok
-        self.bos_id, self.eos_id = tok.bos_token_id, tok.eos_token_id
-        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        self.img_start_id, self.img_end_id, self.image_id = ids["img_start"], ids["img_end"], ids["image"]
-
-    def encode(self, text: str) -> list[int]:
-        return self._tok.encode(text, add_special_tokens=False)
-
-
 class ConceptMoEProcessor(ProcessorMixin):
     """Text with `<image>` markers + images -> the model's inputs (see the module docstring)."""
 
@@ -114,7 +95,7 @@ class ConceptMoEProcessor(ProcessorMixin):
         markers = sum(t.count(self.image_marker) for t in texts)
         if markers != len(flat):
             raise ValueError(f"{markers} {self.image_marker} markers in the text but {len(flat)} images")
-        tok, queue, seqs = _TokenIds(self.tokenizer), iter(flat), []
+        tok, queue, seqs = self.token_ids(), iter(flat), []
         for t in texts:
             parts = t.split(self.image_marker)
             pieces = [p for i, part in enumerate(parts) for p in ([next(queue)] if i else []) + ([part] if part else [])]
@@ -130,6 +111,11 @@ class ConceptMoEProcessor(ProcessorMixin):
         if flat:
             data["pixel_values"] = self.image_processor(flat, return_tensors="pt")["pixel_values"]
         return BatchFeature(data, tensor_type=return_tensors)
+
+    def token_ids(self) -> HFTokenizer:
+        """The tokenizer as training used it: with pad/bos/eos and the image tokens added when its files
+        lack them (`HFTokenizer` adds them, in the same order, at the same ids)."""
+        return HFTokenizer(self.tokenizer)  # adds nothing the second time
 
     def batch_decode(self, *args: Any, **kwargs: Any) -> list[str]:
         kwargs.setdefault("skip_special_tokens", True)

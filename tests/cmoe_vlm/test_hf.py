@@ -149,8 +149,8 @@ def test_images_through_pixel_values_and_generate(exported):
 
 @pytest.fixture(scope="module")
 def bpe_export(tmp_path_factory):
-    """An export trained with a small BPE tokenizer, its tokenizer files copied in (what the export
-    itself will do once it copies tokenizers), and that tokenizer."""
+    """An export trained with a small BPE tokenizer, its tokenizer files copied in as they are (without
+    the image tokens training adds), and that tokenizer as training used it."""
     from tokenizers import Tokenizer as RawTokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -165,7 +165,7 @@ def bpe_export(tmp_path_factory):
     tok = HFTokenizer(tmp / "tok")
     model = tiny_vlm(tok.vocab_size)
     folder = save_pretrained(model, tmp / "m", tokenizer=str(tmp / "tok"))
-    tok._tok.save_pretrained(folder)
+    transformers.AutoTokenizer.from_pretrained(tmp / "tok").save_pretrained(folder)
     return model, folder, tok
 
 

@@ -37,7 +37,7 @@ PROCESSOR_AUTO_MAP = {"AutoProcessor": "modeling_cmoe_vlm.ConceptMoEProcessor",
                       "AutoImageProcessor": "modeling_cmoe_vlm.ConceptMoEImageProcessor"}
 
 MODELING_SOURCE = '''\
-"""cmoe-vlm's transformers classes for this folder (written by cmoe_vlm/hf_export.py).
+"""cmoe-vlm's transformers classes for this folder (written by cmoe_vlm/hf_folder.py).
 
 With cmoe-vlm installed they come from it; otherwise from the source files in cmoe_vlm_code.py,
 which a meta-path finder serves as the packages cmoe_base, vision, data_pipelines and cmoe_vlm.
@@ -149,7 +149,7 @@ def write_remote_code(folder: str | Path) -> None:
     """Write modeling_cmoe_vlm.py and cmoe_vlm_code.py into an export folder."""
     folder = Path(folder)
     lines = ['"""Source files of cmoe-vlm that modeling_cmoe_vlm.py imports, one string per line',
-             '(written by cmoe_vlm/hf_export.py)."""', "FILES = {"]
+             '(written by cmoe_vlm/hf_folder.py)."""', "FILES = {"]
     for path, text in sorted(source_files().items()):
         lines.append(f"    {path!r}: [")
         lines += [f"        {line!r}," for line in text.split("\n")]
