@@ -148,24 +148,13 @@ def test_images_through_pixel_values_and_generate(exported):
 
 
 @pytest.fixture(scope="module")
-def bpe_export(tmp_path_factory):
+def bpe_export(tmp_path_factory, bpe_tokenizer_folder):
     """An export trained with a small BPE tokenizer, its tokenizer files copied in as they are (without
     the image tokens training adds), and that tokenizer as training used it."""
-    from tokenizers import Tokenizer as RawTokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tmp = tmp_path_factory.mktemp("bpe")
-    raw = RawTokenizer(models.BPE(unk_token="<unk>"))
-    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    raw.train_from_iterator(["two red circles and a blue square", "how many circles? 3"] * 20, trainer)
-    raw.decoder = decoders.ByteLevel()
-    PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="<unk>", bos_token="<s>").save_pretrained(tmp / "tok")
-    tok = HFTokenizer(tmp / "tok")
+    tok = HFTokenizer(bpe_tokenizer_folder)
     model = tiny_vlm(tok.vocab_size)
-    folder = save_pretrained(model, tmp / "m", tokenizer=str(tmp / "tok"))
-    transformers.AutoTokenizer.from_pretrained(tmp / "tok").save_pretrained(folder)
+    folder = save_pretrained(model, tmp_path_factory.mktemp("bpe") / "m", tokenizer=str(bpe_tokenizer_folder))
+    transformers.AutoTokenizer.from_pretrained(bpe_tokenizer_folder).save_pretrained(folder)
     return model, folder, tok
 
 
@@ -231,3 +220,15 @@ def test_trust_remote_code_loads_an_export_without_cmoe_vlm(bpe_export, tmp_path
     assert proc.stdout.strip().splitlines()[-1] == str(generate(model, [seq], 4)[0])
     for name in ("cmoe_vlm_code.py", "modeling_cmoe_vlm.py"):
         assert (resaved / name).read_text() == (folder / name).read_text()
+
+
+def test_a_tokenizer_larger_than_the_model_is_a_config_error_naming_both(bpe_tokenizer_folder, tmp_path, capsys):
+    """Was: IndexError inside the embedding, after loading and building everything."""
+    from cmoe_base import ConfigError
+    from cmoe_vlm.eval.cli import main as eval_main
+
+    folder = save_pretrained(tiny_vlm(), tmp_path / "m", tokenizer=str(bpe_tokenizer_folder))  # 262 < 294
+    with pytest.raises(ConfigError, match="the tokenizer has 294 ids but the model's vocab_size is 262"):
+        ModelRunner.load(folder)
+    assert eval_main(["--model", str(folder), "--suite", "none", "--probes", "passkey", "--out", str(tmp_path)]) == 2
+    assert "294 ids" in capsys.readouterr().err
