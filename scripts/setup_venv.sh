@@ -33,8 +33,8 @@ if ! .venv/bin/python -c "import torch, torchvision" 2>/dev/null; then
 fi
 echo "[setup] deepspeed"
 .venv/bin/python -c "import deepspeed" 2>/dev/null || $PIP --no-build-isolation deepspeed
-echo "[setup] cmoe-vlm (editable) with dev and eval extras"
-$PIP -e ".[dev,eval]"
+echo "[setup] cmoe-vlm (editable) with dev, eval and wandb extras"
+$PIP -e ".[dev,eval,wandb]"
 echo "$WANT" > "$STAMP"
 echo "[setup] done: $(.venv/bin/python -c 'import torch, deepspeed, timm; print("torch", torch.__version__, "deepspeed", deepspeed.__version__, "timm", timm.__version__)' 2>/dev/null)"
 [ "$LMMS" = 0 ] || bash scripts/setup_lmms_venv.sh .venv .venv-lmms
