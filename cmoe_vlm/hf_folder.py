@@ -27,10 +27,13 @@ import json
 from pathlib import Path
 from typing import Any
 
+from data_pipelines.tokenizer import IMAGE_TOKENS
+
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("cmoe_base", "vision", "data_pipelines", "cmoe_vlm")
 ENTRY_MODULES = ("cmoe_vlm.hf", "cmoe_vlm.hf_processing")
 MODELING_FILE, CODE_FILE = "modeling_cmoe_vlm.py", "cmoe_vlm_code.py"
+TIMM_FIELDS = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
 AUTO_MAP = {"AutoConfig": "modeling_cmoe_vlm.ConceptMoEConfig",
             "AutoModelForCausalLM": "modeling_cmoe_vlm.ConceptMoEForCausalLM"}
 PROCESSOR_AUTO_MAP = {"AutoProcessor": "modeling_cmoe_vlm.ConceptMoEProcessor",
@@ -159,12 +162,27 @@ def write_remote_code(folder: str | Path) -> None:
     (folder / MODELING_FILE).write_text(MODELING_SOURCE)
 
 
+def image_processor_fields(encoder) -> dict[str, Any]:
+    """The data config of a `vision.VisionEncoder`'s eval transform (what ConceptMoEImageProcessor
+    applies): input size, interpolation, mean/std, crop."""
+    from vision.transforms import data_config
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in data_config(encoder).items() if k in TIMM_FIELDS}
+
+
+def processor_config(model) -> dict[str, Any]:
+    """processor_config.json of `model` (a ConceptMoEVLM): what AutoProcessor builds ConceptMoEProcessor from."""
+    return {"processor_class": "ConceptMoEProcessor", "tokens_per_image": model.cfg.tokens_per_image,
+            "image_marker": IMAGE_TOKENS["image"],
+            "image_processor": {"image_processor_type": "ConceptMoEImageProcessor",
+                                **image_processor_fields(model.vision)},
+            "auto_map": PROCESSOR_AUTO_MAP}
+
+
 def write_transformers_files(folder: str | Path, model) -> dict[str, Any]:
     """processor_config.json and the remote code of `model` (a ConceptMoEVLM) into an export folder;
-    returns what config.json adds (its auto_map)."""
-    from .hf_processing import processor_config
+    returns what config.json adds (its auto_map). Imports no transformers (exports are written by
+    training runs)."""
     folder = Path(folder)
-    config = {**processor_config(model), "auto_map": PROCESSOR_AUTO_MAP}
-    (folder / "processor_config.json").write_text(json.dumps(config, indent=2))
+    (folder / "processor_config.json").write_text(json.dumps(processor_config(model), indent=2))
     write_remote_code(folder)
     return {"auto_map": AUTO_MAP}

@@ -16,7 +16,6 @@ image tokens added as `data_pipelines.tokenizer.HFTokenizer` adds them in traini
 """
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -27,7 +26,8 @@ from cmoe_base import Modality
 from data_pipelines.sequence import build_sequence
 from data_pipelines.tokenizer import IMAGE_TOKENS, HFTokenizer
 
-TIMM_FIELDS = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
+from .hf_folder import TIMM_FIELDS, image_processor_fields
+
 
 
 class ConceptMoEImageProcessor(BaseImageProcessor):
@@ -48,9 +48,7 @@ class ConceptMoEImageProcessor(BaseImageProcessor):
     @classmethod
     def for_encoder(cls, encoder) -> ConceptMoEImageProcessor:
         """The processor of a `vision.VisionEncoder`: its eval transform's data config."""
-        from vision.transforms import data_config
-        cfg = data_config(encoder)
-        return cls(**{k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items() if k in TIMM_FIELDS})
+        return cls(**image_processor_fields(encoder))
 
     def to_dict(self) -> dict[str, Any]:
         out = super().to_dict()
@@ -125,10 +123,3 @@ class ConceptMoEProcessor(ProcessorMixin):
         kwargs.setdefault("skip_special_tokens", True)
         return self.tokenizer.decode(*args, **kwargs)
 
-
-def processor_config(model) -> dict[str, Any]:
-    """The processor_config.json of `model` (a ConceptMoEVLM): what AutoProcessor builds its processor from."""
-    image = ConceptMoEImageProcessor.for_encoder(model.vision)
-    return {"processor_class": ConceptMoEProcessor.__name__, "tokens_per_image": model.cfg.tokens_per_image,
-            "image_marker": IMAGE_TOKENS["image"],
-            "image_processor": {**image.to_dict(), "image_processor_type": type(image).__name__}}
