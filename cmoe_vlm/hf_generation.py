@@ -228,6 +228,12 @@ class ConceptGeneration:
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs: dict, generation_mode, batch_size: int,
                                       max_cache_length: int) -> None:
+        """Our cache for generate(), which calls this once, with the prompts' full attention mask: also
+        where right-padded prompts are refused (the next token of a row follows its last column)."""
+        mask = model_kwargs.get("attention_mask")
+        if mask is not None and not bool(mask[:, -1].all()):
+            raise ValueError("generate: right-padded prompts (attention_mask ends in 0): the next token of a row "
+                             "follows its last column, so pad on the left (tokenizer.padding_side = 'left')")
         user = model_kwargs.get("cache")
         if user is not None:
             if not isinstance(user, ConceptCache):
@@ -243,19 +249,13 @@ class ConceptGeneration:
         model_kwargs["cache"] = ConceptCache()
 
     def prepare_inputs_for_generation(self, input_ids: torch.Tensor, modality: torch.Tensor | None = None,
-                                      images: torch.Tensor | None = None, is_first_iteration: bool | None = False,
-                                      **kwargs: Any) -> dict[str, Any]:
+                                      images: torch.Tensor | None = None, **kwargs: Any) -> dict[str, Any]:
         if images is not None:  # our name for pixel_values: the same handling (prefill only, with a cache)
             kwargs["pixel_values"] = images
-        inputs = super().prepare_inputs_for_generation(input_ids, is_first_iteration=is_first_iteration, **kwargs)
+        inputs = super().prepare_inputs_for_generation(input_ids, **kwargs)
         if modality is not None:  # the prompt's; generated tokens are text
             full = F.pad(modality, (0, input_ids.shape[1] - modality.shape[1]), value=int(Modality.TEXT))
             inputs["modality"] = full[:, -inputs["input_ids"].shape[1]:]
-        if is_first_iteration and kwargs.get("cache") is not None and inputs.get("attention_mask") is not None:
-            mask = inputs["attention_mask"]
-            if not bool(mask[:, -1].all()):
-                raise ValueError("generate: right-padded prompts (attention_mask ends in 0): the next token of a "
-                                 "row follows its last column, so pad on the left (tokenizer.padding_side = 'left')")
         return inputs
 
     def _expand_inputs_for_generation(self, expand_size: int = 1, is_encoder_decoder: bool = False,

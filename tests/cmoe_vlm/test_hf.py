@@ -120,8 +120,11 @@ def test_padded_batches_give_the_logits_of_single_rows(exported):
     # generation from left-padded prompts: what our generator gives each prompt (ragged batch)
     out = hf.generate(ids, attention_mask=mask, max_new_tokens=10, eos_token_id=None)
     assert out[:, ids.shape[1]:].tolist() == generate(model, seqs, 10)
-    with pytest.raises(ValueError, match="pad on the left"):
-        hf.generate(ids.flip(1), attention_mask=mask.flip(1), max_new_tokens=2)
+    chunked = hf.generate(ids, attention_mask=mask, max_new_tokens=10, eos_token_id=None, prefill_chunk_size=4)
+    assert torch.equal(chunked, out)  # the first chunk is all padding in row 1: a span without tokens
+    for use_cache in (True, False):
+        with pytest.raises(ValueError, match="pad on the left"):
+            hf.generate(ids.flip(1), attention_mask=mask.flip(1), max_new_tokens=2, use_cache=use_cache)
     with pytest.raises(TypeError, match="position_ids"):
         hf(ids, attention_mask=mask, position_ids=mask.cumsum(1))
 
