@@ -6,7 +6,10 @@ under the same names `ConceptMoEForCausalLM` uses. `import cmoe_vlm.hf` register
 
 Labels follow the transformers convention here (unshifted: the model shifts them, within a
 document, and never asks to predict an image position); `ConceptMoEVLM` itself takes them
-already shifted, as the data pipeline produces them.
+already shifted, as the data pipeline produces them. Attention masks, pixel values and
+`generate()` over our concept-level cache: cmoe_vlm/hf_generation.py; the processors:
+hf_processing.py; what an export adds for transformers (processor config, remote code):
+hf_folder.py (docs/design.md §15).
 """
 from __future__ import annotations
 
