@@ -49,6 +49,8 @@ def save_pretrained(model: ConceptMoEVLM, out_dir: str | Path, tokenizer: str = 
     os.umask(umask)
     os.chmod(tmp, 0o666 & ~umask)
     tmp.replace(out / "model.safetensors")
+    from .hf_folder import write_transformers_files  # processor config, remote code
+    meta.update(write_transformers_files(out, model))
     (out / "config.json").write_text(json.dumps(meta, indent=2))
     return out
 

@@ -9,9 +9,12 @@ ByteTokenizer ids: 0..255 are the UTF-8 bytes, then
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from cmoe_base import check
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 IMAGE_TOKENS = {"img_start": "<img_start>", "img_end": "<img_end>", "image": "<image>"}
 
@@ -52,10 +55,13 @@ class HFTokenizer:
     (`len(tokenizer)`), so it is the embedding size the model needs.
     """
 
-    def __init__(self, folder: str | Path):
-        from transformers import AutoTokenizer
-
-        tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    def __init__(self, folder: str | Path | PreTrainedTokenizerBase):
+        """A local folder, or a loaded transformers tokenizer (the tokens are added to it in place)."""
+        if isinstance(folder, (str, Path)):
+            from transformers import AutoTokenizer
+            tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+        else:
+            tok = folder
         missing = {name: f"<{name}>" for name in ("pad", "bos", "eos") if getattr(tok, f"{name}_token") is None}
         if missing:
             tok.add_special_tokens({f"{name}_token": text for name, text in missing.items()})

@@ -21,7 +21,7 @@ CMOE_VLM_LAYERS = """
     layers.norm layers.rope layers.moe layers.attention layers.joint_decoding layers.block layers
     chunking boundaries merge dechunk model_config concept_model model vlm
     flops.accounting flops.reallocation flops.cli flops flops.__main__
-    export session generation runner convert hf
+    hf_folder hf_processing export session generation runner convert hf_generation hf
     inspection.samples inspection.analysis inspection.render inspection.plots inspection.report inspection
     inspection.__main__
     eval.vqa_metric eval.tasks eval.long_context eval.builtin_suite eval.harness_tasks eval.harness eval.lmms_adapter

@@ -35,6 +35,10 @@ class TrainConfig:
     seed: int = 0
     log_every: int = 1
     tensorboard: bool = True
+    wandb: bool = False                    # Weights & Biases (the `wandb` extra); see training/metrics.py
+    wandb_project: str = "cmoe-vlm"
+    wandb_name: str | None = None          # run name (default: out_dir's folder name)
+    wandb_mode: Literal["online", "offline"] = "online"  # offline: OUT/wandb, for a later `wandb sync`
     ckpt_every: int = 100
     keep_last: int = 2
     resume: bool = True                    # continue from the newest complete checkpoint in out_dir
@@ -146,6 +150,10 @@ def check_experiment(exp: ExperimentConfig, world_size: int) -> Tokenizer:
             check(moe.norm_topk_prob or moe.top_k == 1, f"{name}.norm_topk_prob", moe.norm_topk_prob,
                   "must be true with train.ep_size > 1 (DeepSpeed MoE renormalises the top-k gates)")
     user_deepspeed_config(t)
+    if t.wandb:
+        import importlib.util
+        check(importlib.util.find_spec("wandb") is not None, "train.wandb", t.wandb,
+              "needs the wandb package: pip install 'cmoe-vlm[wandb]' (or set train.wandb=false)")
     if t.precision == "bf16":
         import torch
         check(torch.cuda.is_available() and torch.cuda.is_bf16_supported(), "train.precision", t.precision,
