@@ -3,10 +3,16 @@
     save_pretrained(model, "runs/tiny/final", tokenizer="byte")
     model, info = load_pretrained("runs/tiny/final")
 
-`config.json` holds the VLM config (model, vision, projector; tokens per image follow from it) and
-the tokenizer spec. Folders written by older versions load: missing config fields take their
-defaults, and version-1 weight names are renamed on load (`model.upgrade_legacy_keys`). The folder is also a transformers folder (`model_type: cmoe_vlm`):
-`AutoModelForCausalLM.from_pretrained(folder)` works once `cmoe_vlm.hf` is imported.
+`config.json` holds the VLM config (model, vision, projector; tokens per image follow from it), the
+tokenizer spec and the tokenizer's bos/eos/pad ids (also in `generation_config.json`). The folder
+carries its tokenizer as Hugging Face files, so `AutoTokenizer.from_pretrained(folder)` loads it (the
+byte tokenizer too) and the folder can be moved: a local tokenizer folder is recorded as
+`"tokenizer": "included"`, which `load_pretrained` resolves to the export folder itself.
+
+Folders written by older versions load: missing config fields take their defaults, and version-1
+weight names are renamed on load (`model.upgrade_legacy_keys`). The folder is also a transformers
+folder (`model_type: cmoe_vlm`): `AutoModelForCausalLM.from_pretrained(folder)` works once
+`cmoe_vlm.hf` is imported.
 """
 from __future__ import annotations
 
@@ -19,10 +25,13 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from data_pipelines.tokenizer import Tokenizer, load_tokenizer, save_tokenizer
+
 from .config import from_dict, to_dict
 from .vlm import ConceptMoEVLM, VLMConfig
 
 FORMAT, VERSION = "cmoe-vlm", 2  # 2: the concept model and joint decoding have their own weight names
+TOKENIZER_INCLUDED = "included"  # config.json's tokenizer spec for "the tokenizer files in this folder"
 
 
 class NonFiniteWeightsError(ValueError):
@@ -40,9 +49,11 @@ def save_pretrained(model: ConceptMoEVLM, out_dir: str | Path, tokenizer: str = 
         raise NonFiniteWeightsError(f"{out}: not exported: {len(bad)} of {len(state)} tensors hold NaN or inf "
                                     f"({', '.join(bad[:5])}{', ...' if len(bad) > 5 else ''})")
     out.mkdir(parents=True, exist_ok=True)
+    tok = load_tokenizer(tokenizer)
+    write_tokenizer(tokenizer, tok, out)
     meta = {"format": FORMAT, "version": VERSION, "model_type": "cmoe_vlm",  # also a transformers folder
-            "architectures": ["ConceptMoEForCausalLM"], "vlm": to_dict(model.cfg), "tokenizer": tokenizer,
-            **(extra or {})}
+            "architectures": ["ConceptMoEForCausalLM"], "vlm": to_dict(model.cfg),
+            "tokenizer": "byte" if tokenizer == "byte" else TOKENIZER_INCLUDED, **special_ids(tok), **(extra or {})}
     tmp = out / "model.safetensors.tmp"
     save_file({k: v.detach().cpu().clone().contiguous() for k, v in state.items()}, str(tmp))
     umask = os.umask(0)  # safetensors creates the file 0600; give it the mode config.json gets
@@ -53,8 +64,26 @@ def save_pretrained(model: ConceptMoEVLM, out_dir: str | Path, tokenizer: str = 
     return out
 
 
+def special_ids(tok: Tokenizer) -> dict[str, int]:
+    """The tokenizer's bos/eos/pad ids under transformers' config names."""
+    return {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id}
+
+
+def write_tokenizer(spec: str, tok: Tokenizer, out: Path) -> None:
+    """The tokenizer's files and `generation_config.json` (its ids, read by transformers' `generate`)."""
+    save_tokenizer(spec, out)
+    (out / "generation_config.json").write_text(json.dumps(special_ids(tok), indent=2))
+
+
+def tokenizer_spec(meta: dict[str, Any], path: str | Path) -> str:
+    """The `load_tokenizer` spec of the export at `path` with config.json `meta`."""
+    spec = meta.get("tokenizer", "byte")
+    return str(Path(path)) if spec == TOKENIZER_INCLUDED else spec
+
+
 def load_pretrained(path: str | Path, device: str | torch.device = "cpu") -> tuple[ConceptMoEVLM, dict[str, Any]]:
-    """Rebuild the model from a folder written by `save_pretrained`; returns (model in eval mode, config.json)."""
+    """Rebuild the model from a folder written by `save_pretrained`; returns (model in eval mode, config.json
+    with its tokenizer spec resolved: "byte", or a folder holding the tokenizer files)."""
     path = Path(path)
     if not (path / "config.json").exists():
         raise FileNotFoundError(f"{path}: no config.json; expected a folder written by save_pretrained "
@@ -62,6 +91,7 @@ def load_pretrained(path: str | Path, device: str | torch.device = "cpu") -> tup
     meta = json.loads((path / "config.json").read_text())
     if meta.get("format") != FORMAT:
         raise ValueError(f"{path}/config.json: format {meta.get('format')!r} is not {FORMAT!r}")
+    meta["tokenizer"] = tokenizer_spec(meta, path)
     cfg = from_dict(VLMConfig, meta["vlm"])
     # The ViT's weights come from model.safetensors: do not look for its original checkpoint file.
     cfg = replace(cfg, vision=replace(cfg.vision, pretrained=False, checkpoint_path=None))

@@ -19,6 +19,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, Pret
 from transformers.modeling_outputs import CausalLMOutput
 
 from cmoe_base import IGNORE_INDEX, Batch
+from data_pipelines.tokenizer import ByteTokenizer
 
 from .config import from_dict, to_dict
 from .export import VERSION
@@ -36,9 +37,10 @@ class ConceptMoEConfig(PretrainedConfig):
         self.tokenizer = tokenizer
         model = self.vlm.get("model", {})
         kwargs.setdefault("vocab_size", model.get("vocab_size", 262))
-        kwargs.setdefault("bos_token_id", 257)
-        kwargs.setdefault("eos_token_id", 258)
-        kwargs.setdefault("pad_token_id", 256)
+        if tokenizer == "byte":  # exports carry their tokenizer's ids; older byte-tokenizer ones did not
+            kwargs.setdefault("bos_token_id", ByteTokenizer.bos_id)
+            kwargs.setdefault("eos_token_id", ByteTokenizer.eos_id)
+            kwargs.setdefault("pad_token_id", ByteTokenizer.pad_id)
         super().__init__(**kwargs)
 
     def vlm_config(self) -> VLMConfig:
