@@ -59,7 +59,7 @@ import torch
 
 from . import flops
 from .config import to_overrides
-from .export import load_pretrained, save_pretrained
+from .export import ID_KEYS, load_pretrained, save_pretrained
 from .model import ModelConfig
 from .vlm import ConceptMoEVLM, VLMConfig
 
@@ -170,9 +170,11 @@ def convert(baseline: ConceptMoEVLM, encoder_layers: int, decoder_layers: int, s
     return converted.eval(), rows
 
 
-def overrides_for(cfg: VLMConfig) -> list[str]:
-    """`model.* vision.* projector.*` key=value overrides that make an experiment config build this model."""
-    return [line for section in ("model", "vision", "projector") for line in to_overrides(getattr(cfg, section), section)]
+def overrides_for(cfg: VLMConfig, parts: list[str] | None = None) -> list[str]:
+    """`model.* vision.* projector.*` key=value overrides that make an experiment config build this model
+    (only `model.*` for an export whose trained parts are the LM alone, e.g. an import)."""
+    sections = ("model",) if parts == ["lm"] else ("model", "vision", "projector")
+    return [line for section in sections for line in to_overrides(getattr(cfg, section), section)]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -204,8 +206,10 @@ def main(argv: list[str] | None = None) -> int:
     info = {"baseline": str(args.baseline), "encoder_layers": args.encoder_layers,
             "decoder_layers": args.decoder_layers, "strategy": args.strategy, "target_ratio": args.target_ratio,
             "merge": args.merge, "match": args.match, "flops": [r.summary() for r in rows]}
-    out = save_pretrained(converted, args.out, meta.get("tokenizer", "byte"), extra={"converted_from": info})
-    (out / "train_overrides.txt").write_text("\n".join(overrides_for(converted.cfg)) + "\n")
+    parts = {"parts": meta["parts"]} if "parts" in meta else {}  # an import's placeholder vision stays marked
+    out = save_pretrained(converted, args.out, meta.get("tokenizer", "byte"), extra={"converted_from": info, **parts},
+                          ids={k: meta[k] for k in ID_KEYS if k in meta} or None)
+    (out / "train_overrides.txt").write_text("\n".join(overrides_for(converted.cfg, meta.get("parts"))) + "\n")
     print(f"wrote {out} (continue with: train_vlm.py CONFIG $(cat {out}/train_overrides.txt) "
           f"train.init_from={out} train.ratio_ramp_steps=N)")
     return 0

@@ -17,17 +17,17 @@ folder (`model_type: cmoe_vlm`): `AutoModelForCausalLM.from_pretrained(folder)` 
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from data_pipelines.tokenizer import Tokenizer, load_tokenizer, save_tokenizer
 
 from .config import from_dict, to_dict
+from .tensor_files import SafetensorsWriter
 from .vlm import ConceptMoEVLM, VLMConfig
 
 FORMAT, VERSION = "cmoe-vlm", 2  # 2: the concept model and joint decoding have their own weight names
@@ -39,9 +39,12 @@ class NonFiniteWeightsError(ValueError):
 
 
 def save_pretrained(model: ConceptMoEVLM, out_dir: str | Path, tokenizer: str = "byte",
-                    extra: dict[str, Any] | None = None, state: dict[str, torch.Tensor] | None = None) -> Path:
+                    extra: dict[str, Any] | None = None, state: dict[str, torch.Tensor] | None = None,
+                    ids: dict[str, int | None] | None = None) -> Path:
     """Write `model` (or `state`, its weights in the plain layout, e.g. gathered from expert-parallel
-    ranks) with its config. Refuses (NonFiniteWeightsError, naming them) weights that are not finite."""
+    ranks) with its config and tokenizer; the bos/eos/pad `ids` are the tokenizer's unless given (a
+    conversion keeps its baseline's). Refuses (NonFiniteWeightsError, naming them) weights that are
+    not finite."""
     out = Path(out_dir)
     state = model.state_dict() if state is None else state
     bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
@@ -49,34 +52,36 @@ def save_pretrained(model: ConceptMoEVLM, out_dir: str | Path, tokenizer: str = 
         raise NonFiniteWeightsError(f"{out}: not exported: {len(bad)} of {len(state)} tensors hold NaN or inf "
                                     f"({', '.join(bad[:5])}{', ...' if len(bad) > 5 else ''})")
     out.mkdir(parents=True, exist_ok=True)
-    tok = load_tokenizer(tokenizer)
-    write_tokenizer(tokenizer, tok, out)
-    meta = {"format": FORMAT, "version": VERSION, "model_type": "cmoe_vlm",  # also a transformers folder
-            "architectures": ["ConceptMoEForCausalLM"], "vlm": to_dict(model.cfg),
-            "tokenizer": "byte" if tokenizer == "byte" else TOKENIZER_INCLUDED, **special_ids(tok), **(extra or {})}
-    tmp = out / "model.safetensors.tmp"
-    save_file({k: v.detach().cpu().clone().contiguous() for k, v in state.items()}, str(tmp))
-    umask = os.umask(0)  # safetensors creates the file 0600; give it the mode config.json gets
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
-    tmp.replace(out / "model.safetensors")
-    (out / "config.json").write_text(json.dumps(meta, indent=2))
+    save_tokenizer(tokenizer, out)
+    with SafetensorsWriter(out / "model.safetensors", {k: v.to("meta") for k, v in state.items()}) as writer:
+        for k, v in state.items():
+            writer.write(k, v)
+    ids = special_ids(load_tokenizer(tokenizer)) if ids is None else ids
+    write_config(out, model.cfg, "byte" if tokenizer == "byte" else TOKENIZER_INCLUDED, ids, extra)
     return out
+
+
+ID_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
 
 
 def special_ids(tok: Tokenizer) -> dict[str, int]:
     """The tokenizer's bos/eos/pad ids under transformers' config names."""
-    return {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id}
+    return dict(zip(ID_KEYS, (tok.bos_id, tok.eos_id, tok.pad_id)))
 
 
-def write_tokenizer(spec: str, tok: Tokenizer, out: Path) -> None:
-    """The tokenizer's files and `generation_config.json` (its ids, read by transformers' `generate`)."""
-    save_tokenizer(spec, out)
-    (out / "generation_config.json").write_text(json.dumps(special_ids(tok), indent=2))
+def write_config(out: Path, cfg: VLMConfig, tokenizer: str | None, ids: dict[str, int | None],
+                 extra: dict[str, Any] | None = None) -> None:
+    """config.json (our format, also a transformers config) and generation_config.json (the ids, which
+    transformers' `generate` reads)."""
+    meta = {"format": FORMAT, "version": VERSION, "model_type": "cmoe_vlm",  # also a transformers folder
+            "architectures": ["ConceptMoEForCausalLM"], "vlm": to_dict(cfg), "tokenizer": tokenizer, **ids,
+            **(extra or {})}
+    (out / "generation_config.json").write_text(json.dumps(ids, indent=2))
+    (out / "config.json").write_text(json.dumps(meta, indent=2))
 
 
-def tokenizer_spec(meta: dict[str, Any], path: str | Path) -> str:
-    """The `load_tokenizer` spec of the export at `path` with config.json `meta`."""
+def tokenizer_spec(meta: dict[str, Any], path: str | Path) -> str | None:
+    """The `load_tokenizer` spec of the export at `path` with config.json `meta` (None: it has no tokenizer)."""
     spec = meta.get("tokenizer", "byte")
     return str(Path(path)) if spec == TOKENIZER_INCLUDED else spec
 
