@@ -206,8 +206,8 @@ def main(argv: list[str] | None = None) -> int:
     info = {"baseline": str(args.baseline), "encoder_layers": args.encoder_layers,
             "decoder_layers": args.decoder_layers, "strategy": args.strategy, "target_ratio": args.target_ratio,
             "merge": args.merge, "match": args.match, "flops": [r.summary() for r in rows]}
-    parts = {"parts": meta["parts"]} if "parts" in meta else {}  # an import's placeholder vision stays marked
-    out = save_pretrained(converted, args.out, meta.get("tokenizer", "byte"), extra={"converted_from": info, **parts},
+    kept = {k: meta[k] for k in ("parts", "tokenizer_vocab_size") if k in meta}  # an import's marks (training/init.py)
+    out = save_pretrained(converted, args.out, meta.get("tokenizer", "byte"), extra={"converted_from": info, **kept},
                           ids={k: meta[k] for k in ID_KEYS if k in meta} or None)
     (out / "train_overrides.txt").write_text("\n".join(overrides_for(converted.cfg, meta.get("parts"))) + "\n")
     print(f"wrote {out} (continue with: train_vlm.py CONFIG $(cat {out}/train_overrides.txt) "

@@ -17,6 +17,7 @@ folder (`model_type: cmoe_vlm`): `AutoModelForCausalLM.from_pretrained(folder)` 
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,7 @@ from .vlm import ConceptMoEVLM, VLMConfig
 
 FORMAT, VERSION = "cmoe-vlm", 2  # 2: the concept model and joint decoding have their own weight names
 TOKENIZER_INCLUDED = "included"  # config.json's tokenizer spec for "the tokenizer files in this folder"
+TOWER_FOLDER = "vision_tower"    # a transformers vision tower's config files, inside the export
 
 
 class NonFiniteWeightsError(ValueError):
@@ -57,8 +59,33 @@ def save_pretrained(model: ConceptMoEVLM, out_dir: str | Path, tokenizer: str = 
         for k, v in state.items():
             writer.write(k, v)
     ids = special_ids(load_tokenizer(tokenizer)) if ids is None else ids
-    write_config(out, model.cfg, "byte" if tokenizer == "byte" else TOKENIZER_INCLUDED, ids, extra)
+    write_config(out, exported_config(model.cfg, out), "byte" if tokenizer == "byte" else TOKENIZER_INCLUDED, ids,
+                 extra)
     return out
+
+
+def exported_config(cfg: VLMConfig, out: Path) -> VLMConfig:
+    """The config an export records: its weights hold the vision tower (no pretrained file to load), and a
+    transformers tower's config.json and preprocessor_config.json are copied into out/vision_tower/,
+    recorded by that relative name (`resolve_files` makes it absolute on load)."""
+    vision = replace(cfg.vision, pretrained=False, checkpoint_path=None)
+    if vision.backend == "transformers":
+        tower = out / TOWER_FOLDER
+        tower.mkdir(exist_ok=True)
+        for name in ("config.json", "preprocessor_config.json"):
+            source = Path(vision.model_name) / name
+            if source.is_file() and source.resolve() != (tower / name).resolve():
+                shutil.copyfile(source, tower / name)
+        vision = replace(vision, model_name=TOWER_FOLDER)
+    return replace(cfg, vision=vision)
+
+
+def resolve_files(cfg: VLMConfig, folder: str | Path) -> VLMConfig:
+    """`cfg` as read from the export at `folder`, with a relative tower folder made absolute."""
+    v = cfg.vision
+    if v.backend != "transformers" or Path(v.model_name).is_absolute():
+        return cfg
+    return replace(cfg, vision=replace(v, model_name=str(Path(folder) / v.model_name)))
 
 
 ID_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
@@ -97,7 +124,7 @@ def load_pretrained(path: str | Path, device: str | torch.device = "cpu") -> tup
     if meta.get("format") != FORMAT:
         raise ValueError(f"{path}/config.json: format {meta.get('format')!r} is not {FORMAT!r}")
     meta["tokenizer"] = tokenizer_spec(meta, path)
-    cfg = from_dict(VLMConfig, meta["vlm"])
+    cfg = resolve_files(from_dict(VLMConfig, meta["vlm"]), path)
     # The ViT's weights come from model.safetensors: do not look for its original checkpoint file.
     cfg = replace(cfg, vision=replace(cfg.vision, pretrained=False, checkpoint_path=None))
     model = ConceptMoEVLM(cfg)

@@ -22,7 +22,7 @@ from cmoe_base import IGNORE_INDEX, Batch
 from data_pipelines.tokenizer import ByteTokenizer
 
 from .config import from_dict, to_dict
-from .export import VERSION
+from .export import VERSION, resolve_files
 from .model import LEGACY_KEYS
 from .vlm import ConceptMoEVLM, VLMConfig
 
@@ -44,8 +44,9 @@ class ConceptMoEConfig(PretrainedConfig):
         super().__init__(**kwargs)
 
     def vlm_config(self) -> VLMConfig:
-        """Validated VLMConfig (fields missing from older files take their defaults)."""
-        return from_dict(VLMConfig, self.vlm)
+        """Validated VLMConfig (fields missing from older files take their defaults; a vision tower folder
+        inside the export resolved against it)."""
+        return resolve_files(from_dict(VLMConfig, self.vlm), self.name_or_path)
 
 
 def shift_hf_labels(labels: torch.Tensor, modality: torch.Tensor | None, doc_ids: torch.Tensor | None) -> torch.Tensor:

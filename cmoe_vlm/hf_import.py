@@ -127,9 +127,10 @@ def import_checkpoint(src: str | Path, out: str | Path) -> ImportReport:
         save_tokenizer(str(src), out)
     else:
         print(f"note: {src} has no tokenizer files: set data.tokenizer when training from {out}", file=sys.stderr)
+    marks = {"parts": ["lm"], **({"tokenizer_vocab_size": len(tok)} if tokenizer else {})}  # see training/init.py
     write_config(out, vcfg, TOKENIZER_INCLUDED if tokenizer else None, ids,
-                 {"parts": ["lm"], "imported_from": {"family": family.name, "architecture": family.architecture,
-                                                     "config": raw}})
+                 {**marks, "imported_from": {"family": family.name, "architecture": family.architecture,
+                                             "config": raw}})
     (out / "train_overrides.txt").write_text("\n".join(to_overrides(cfg, "model")) + "\n")
     return ImportReport(family.name, cfg.concept_layers, flops.total_params(cfg), source.nbytes(), time.perf_counter() - t0,
                         peak_rss_bytes(), tokenizer)

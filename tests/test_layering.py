@@ -24,10 +24,10 @@ CMOE_VLM_LAYERS = """
     export session generation runner convert hf_families hf_import hf_export hf
     inspection.samples inspection.analysis inspection.render inspection.plots inspection.report inspection
     inspection.__main__
-    eval.vqa_metric eval.tasks eval.long_context eval.builtin_suite eval.harness_tasks eval.harness
-    eval.lmms_adapter eval.cli eval eval.__main__
+    eval.vqa_metric eval.tasks eval.long_context eval.builtin_suite eval.harness_tasks eval.harness eval.lmms_adapter
+    eval.cli eval eval.__main__
     training.config training.optim training.engine training.metrics training.checkpoint training.resume
-    training.expert_parallel training.loop training train
+    training.expert_parallel training.init training.loop training train
     __init__
 """.split()
 

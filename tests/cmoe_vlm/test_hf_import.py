@@ -235,3 +235,58 @@ def test_truncated_safetensors_is_an_error_not_a_crash(imported, tmp_path):
     (tmp_path / "model.safetensors").write_bytes(data[:len(data) // 2])
     with pytest.raises(TensorFileError, match="truncated"):
         TensorSource.open(tmp_path)
+
+
+def test_a_vlm_from_an_imported_lm_and_a_vision_tower(bpe_tokenizer, tmp_path):
+    """train.init_from an import + a transformers tower (configs/pretrained.yaml): model.vocab_size follows
+    the tokenizer (the image tokens and pad it adds grow the 400-row embedding to 404), the new rows and
+    the LM head's start as the mean of the trained ones, the source's rows and logits are kept, the tower
+    is the pretrained one (the import's placeholder is not used), and a short run trains and exports."""
+    from pathlib import Path
+
+    from transformers import AutoTokenizer, SiglipImageProcessor, SiglipVisionConfig, SiglipVisionModel
+
+    from cmoe_vlm.training.config import check_experiment, load_experiment
+    from cmoe_vlm.training.init import fit_vocab, load_initial_weights
+    from cmoe_vlm.training.loop import train
+    from cmoe_vlm.vlm import ConceptMoEVLM
+    from data_pipelines.builtin import write_builtin_dataset
+
+    source = build_source("mixtral", tmp_path / "src", bpe_tokenizer, vocab_size=400)
+    assert import_main([str(tmp_path / "src"), "--out", str(tmp_path / "lm")]) == 0
+    torch.manual_seed(0)
+    tower = SiglipVisionModel(SiglipVisionConfig(hidden_size=48, intermediate_size=64, num_hidden_layers=1,
+                                                 num_attention_heads=3, image_size=32, patch_size=8)).eval()
+    tower.save_pretrained(tmp_path / "tower")
+    SiglipImageProcessor(size={"height": 32, "width": 32}).save_pretrained(tmp_path / "tower")
+    data = write_builtin_dataset(tmp_path / "data", num_train=40, num_heldout=4, maxcount=20, text_chars=400)
+    overrides = (tmp_path / "lm" / "train_overrides.txt").read_text().split() + [
+        f"train.init_from={tmp_path / 'lm'}", f"data.tokenizer={tmp_path / 'lm'}",
+        f"vision.model_name={tmp_path / 'tower'}",
+        f"data.shards={data['train']}", "data.seq_len=128", "data.batch_size=2", "data.num_workers=0",
+        "data.shuffle_buffer=10", "train.steps=2", "train.warmup_steps=1", "train.tensorboard=false",
+        f"train.out_dir={tmp_path / 'run'}"]
+    config = str(Path(__file__).resolve().parents[2] / "configs" / "pretrained.yaml")
+    exp = load_experiment(config, overrides)
+    assert exp.model.vocab_size == 400
+    with pytest.warns(UserWarning, match="model.vocab_size raised from 400 to 404"):
+        exp = fit_vocab(exp, check_experiment(exp, 1))
+    model = ConceptMoEVLM(exp.vlm).eval()
+    load_initial_weights(model, str(tmp_path / "lm"))
+    for ours, theirs in ((model.lm.embed.weight, source.model.embed_tokens.weight),
+                         (model.lm.lm_head.weight, source.lm_head.weight)):
+        assert ours.shape == (404, 32) and torch.equal(ours[:400], theirs)
+        torch.testing.assert_close(ours[400:], theirs.mean(0).expand(4, -1))
+    torch.testing.assert_close(model.vision.vit.model.state_dict(), tower.state_dict())
+    ids, mask = ragged_batch()
+    with torch.no_grad():
+        want = source(ids, attention_mask=mask).logits
+        got = model(Batch.of(ids, doc_ids=torch.where(mask.bool(), 0, -1))).logits[..., :400]
+    assert (want - got)[mask.bool()].abs().max().item() <= 1e-4
+
+    summary = train(load_experiment(config, overrides))
+    assert summary["step"] == 2
+    final, meta = load_pretrained(tmp_path / "run" / "final")
+    assert final.cfg.model.vocab_size == 404 and "parts" not in meta and final.cfg.vision.backend == "transformers"
+    assert AutoTokenizer.from_pretrained(tmp_path / "run" / "final").encode(TEXT) == \
+        AutoTokenizer.from_pretrained(tmp_path / "src").encode(TEXT)
