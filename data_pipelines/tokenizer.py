@@ -56,6 +56,18 @@ def _bytes_to_unicode() -> dict[int, str]:
     return {**{b: chr(b) for b in printable}, **{b: chr(256 + i) for i, b in enumerate(others)}}
 
 
+def auto_tokenizer(folder: str | Path):
+    """`transformers.AutoTokenizer` of a local folder. In a cmoe-vlm export, whose config.json is ours
+    (transformers knows its model_type only once `cmoe_vlm.hf` is imported), the tokenizer's own
+    tokenizer_config.json names its class: no model config is read (nor warned about)."""
+    from transformers import AutoTokenizer, PretrainedConfig
+
+    config = Path(folder) / "config.json"
+    ours = config.is_file() and json.loads(config.read_text()).get("format") == "cmoe-vlm"
+    return AutoTokenizer.from_pretrained(str(folder), local_files_only=True,
+                                         **({"config": PretrainedConfig()} if ours else {}))
+
+
 def save_byte_tokenizer(out: str | Path) -> None:
     """The ByteTokenizer as `tokenizers` files: a ByteLevel pre-tokenizer with a vocabulary of the 256
     byte characters (id = byte value) and no merges, then the six special tokens at their ids. With
@@ -87,9 +99,7 @@ class HFTokenizer:
     """
 
     def __init__(self, folder: str | Path):
-        from transformers import AutoTokenizer
-
-        tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+        tok = auto_tokenizer(folder)
         missing = {name: f"<{name}>" for name in ("pad", "bos", "eos") if getattr(tok, f"{name}_token") is None}
         if missing:
             tok.add_special_tokens({f"{name}_token": text for name, text in missing.items()})
@@ -114,10 +124,8 @@ def save_tokenizer(spec: str, out: str | Path) -> None:
     if spec == "byte":
         save_byte_tokenizer(out)
         return
-    from transformers import AutoTokenizer
-
     check(Path(spec).is_dir(), "tokenizer", spec, "must be 'byte' or an existing local folder")
-    AutoTokenizer.from_pretrained(str(spec), local_files_only=True).save_pretrained(str(out))
+    auto_tokenizer(spec).save_pretrained(str(out))
 
 
 def load_tokenizer(spec: str) -> Tokenizer:

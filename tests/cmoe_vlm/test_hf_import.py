@@ -290,3 +290,17 @@ def test_a_vlm_from_an_imported_lm_and_a_vision_tower(bpe_tokenizer, tmp_path):
     assert final.cfg.model.vocab_size == 404 and "parts" not in meta and final.cfg.vision.backend == "transformers"
     assert AutoTokenizer.from_pretrained(tmp_path / "run" / "final").encode(TEXT) == \
         AutoTokenizer.from_pretrained(tmp_path / "src").encode(TEXT)
+
+
+def test_the_papers_recipe_is_the_default_conversion(bpe_tokenizer, tmp_path, capsys):
+    """`python -m cmoe_vlm.convert --baseline IMPORT --out DIR` alone: 4 encoder + 4 decoder layers, joint
+    decoding in the last 4, more active experts in the concept model, the FLOPs table printed, and the
+    command to continue with (tokenizer included)."""
+    build_source("mixtral", tmp_path / "src", bpe_tokenizer, num_hidden_layers=10)
+    assert import_main([str(tmp_path / "src"), "--out", str(tmp_path / "lm")]) == 0
+    assert convert_main(["--baseline", str(tmp_path / "lm"), "--out", str(tmp_path / "conv")]) == 0
+    printed = capsys.readouterr().out
+    cfg = load_pretrained(tmp_path / "conv")[0].cfg.model
+    assert (cfg.encoder_layers, cfg.concept_layers, cfg.decoder_layers, cfg.num_joint_layers) == (4, 2, 4, 4)
+    assert cfg.concept_moe_cfg.top_k > cfg.moe.top_k and cfg.chunk.target_ratio == 1.5
+    assert "FLOPs/tok" in printed and f"data.tokenizer={tmp_path / 'conv'}" in printed
