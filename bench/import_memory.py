@@ -6,9 +6,10 @@
 Builds a random transformers MixtralForCausalLM of a few hundred MB (fp32), saves it sharded
 (`--shard`), imports it in a fresh process and reads that process's peak resident memory (its
 rusage from wait4; this script imports no torch itself, and builds in another child, because Linux
-carries a parent's peak RSS into a forked child's). The same import of a 1-layer model of the family gives the process's own
-footprint (Python, torch, transformers, timm: ~0.75 GiB of it is the imports, measured), so the
-result shows both the peak against the checkpoint and what the weights add. Writes OUT/import_memory.json.
+carries a parent's peak RSS into a forked child's). The same import of a 1-layer model of the
+family gives the process's own footprint (Python, torch, transformers, timm: ~0.75 GiB of it is the
+imports, measured), so the result shows both the peak against the checkpoint and what the weights
+add. Writes OUT/import_memory.json.
 """
 from __future__ import annotations
 

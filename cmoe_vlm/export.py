@@ -34,6 +34,7 @@ from .vlm import ConceptMoEVLM, VLMConfig
 FORMAT, VERSION = "cmoe-vlm", 2  # 2: the concept model and joint decoding have their own weight names
 TOKENIZER_INCLUDED = "included"  # config.json's tokenizer spec for "the tokenizer files in this folder"
 TOWER_FOLDER = "vision_tower"    # a transformers vision tower's config files, inside the export
+ID_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")  # the tokenizer's special ids, as transformers names them
 
 
 class NonFiniteWeightsError(ValueError):
@@ -86,9 +87,6 @@ def resolve_files(cfg: VLMConfig, folder: str | Path) -> VLMConfig:
     if v.backend != "transformers" or Path(v.model_name).is_absolute():
         return cfg
     return replace(cfg, vision=replace(v, model_name=str(Path(folder) / v.model_name)))
-
-
-ID_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
 
 
 def special_ids(tok: Tokenizer) -> dict[str, int]:

@@ -77,7 +77,8 @@ def rope_from_hf(hf: Any) -> tuple[float, RopeScaling | None]:
     p = dict(getattr(hf, "rope_parameters", None) or {})
     theta = float(p.get("rope_theta", getattr(hf, "rope_theta", 10000.0)))
     partial = p.get("partial_rotary_factor", getattr(hf, "partial_rotary_factor", 1.0))
-    _require(partial in (None, 1, 1.0), f"partial_rotary_factor = {partial}: RoPE on part of each head is not supported")
+    _require(partial in (None, 1, 1.0), f"partial_rotary_factor = {partial}: RoPE on part of each head is not "
+                                        f"supported")
     kind = p.get("rope_type", p.get("type", "default"))
     if kind == "default":
         return theta, None
@@ -154,8 +155,8 @@ class Family:
         fill what `raw`, the config.json, leaves out). Raises Unsupported for anything we cannot reproduce."""
         self.check_keys(raw)
         _require(hf.hidden_act == "silu", f"hidden_act = {hf.hidden_act!r}: only silu (SwiGLU experts) is supported")
-        _require(not getattr(hf, "attention_dropout", 0), f"attention_dropout = {hf.attention_dropout}: our attention has "
-                                                          f"no dropout (set it to 0 in config.json to import)")
+        _require(not getattr(hf, "attention_dropout", 0), f"attention_dropout = {hf.attention_dropout}: our "
+                                                          f"attention has no dropout (set it to 0 to import)")
         self._check_family(hf)
         heads, dim = hf.num_attention_heads, hf.hidden_size
         head_dim = getattr(hf, "head_dim", None) or dim // heads
@@ -178,8 +179,8 @@ class Family:
 
     def _check_family(self, hf: Any) -> None:
         if self.name == "mixtral":
-            _require(hf.sliding_window is None, f"sliding_window = {hf.sliding_window}: sliding-window attention is not "
-                                                f"supported (set it to null if no input exceeds it)")
+            _require(hf.sliding_window is None, f"sliding_window = {hf.sliding_window}: sliding-window attention is "
+                                                f"not supported (set it to null if no input exceeds it)")
             _require(not hf.router_jitter_noise, f"router_jitter_noise = {hf.router_jitter_noise}: router noise in "
                                                  f"training is not supported (set it to 0 to import)")
         if self.name in ("qwen2_moe", "qwen3_moe"):
@@ -203,9 +204,10 @@ class Family:
                  "looped or wider concept layers have no transformers family")
         _require(cfg.concept_moe in (None, cfg.moe), "layers with different MoE configs have no transformers family")
         m = cfg.moe
+        shared = "needs a sigmoid-gated shared expert" if self.shared_expert else "has no shared expert"
         _require(bool(m.shared_expert_hidden) == self.shared_expert and m.shared_expert_gate == self.shared_expert,
-                 f"{self.name} {'needs a sigmoid-gated shared expert' if self.shared_expert else 'has no shared expert'}"
-                 f" (moe.shared_expert_hidden = {m.shared_expert_hidden}, shared_expert_gate = {m.shared_expert_gate})")
+                 f"{self.name} {shared} (moe.shared_expert_hidden = {m.shared_expert_hidden}, "
+                 f"shared_expert_gate = {m.shared_expert_gate})")
         _require(m.norm_topk_prob or self.name != "mixtral", "mixtral always renormalises the top-k weights "
                                                              "(moe.norm_topk_prob = false)")
         allowed_bias = {"none"} | ({"all" if self.bias_on_output else "qkv"} if self.bias_key else set())

@@ -14,8 +14,10 @@ cmoe_vlm.hf`) take, with the source's logits. It holds:
   one layer, not the model (the peak resident memory is printed against the checkpoint's size);
 - config.json: the baseline's config, `"parts": ["lm"]` (the vision tower and projector in the file
   are placeholders of the default shape: `train.init_from` takes only the LM from this export and
-  builds the vision side from the experiment's config), the tokenizer's bos/eos/pad ids, and
-  `imported_from` (family and their config.json, which `cmoe_vlm.hf_export` writes back);
+  builds the vision side from the experiment's config), `tokenizer_vocab_size` (the embedding rows
+  the source trained; `train.init_from` starts the others at the mean row), the tokenizer's
+  bos/eos/pad ids, and `imported_from` (family and their config.json, which `cmoe_vlm.hf_export`
+  writes back);
 - the tokenizer files (the source tokenizer, as `AutoTokenizer` loads it) and generation_config.json;
 - train_overrides.txt: the `model.*` overrides that make an experiment config build this model.
 
@@ -132,8 +134,8 @@ def import_checkpoint(src: str | Path, out: str | Path) -> ImportReport:
                  {**marks, "imported_from": {"family": family.name, "architecture": family.architecture,
                                              "config": raw}})
     (out / "train_overrides.txt").write_text("\n".join(to_overrides(cfg, "model")) + "\n")
-    return ImportReport(family.name, cfg.concept_layers, flops.total_params(cfg), source.nbytes(), time.perf_counter() - t0,
-                        peak_rss_bytes(), tokenizer)
+    return ImportReport(family.name, cfg.concept_layers, flops.total_params(cfg), source.nbytes(),
+                        time.perf_counter() - t0, peak_rss_bytes(), tokenizer)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -62,7 +62,8 @@ def read_header(path: Path) -> tuple[dict[str, Entry], dict[str, str]]:
     for name, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
         dtype = DTYPES.get(info.get("dtype"))
         if dtype is None:
-            raise TensorFileError(f"{path}: tensor {name} has dtype {info.get('dtype')!r}; supported: {', '.join(DTYPES)}")
+            raise TensorFileError(f"{path}: tensor {name} has dtype {info.get('dtype')!r}; supported: "
+                                  f"{', '.join(DTYPES)}")
         shape = tuple(int(s) for s in info["shape"])
         lo, hi = (int(x) for x in info["data_offsets"])
         numel = 1

@@ -2,8 +2,9 @@
 
 Built from timm's data config, so switching to a real checkpoint brings its own interpolation,
 crop and mean/std; a transformers tower (vision/hf_tower.py) brings its image processor's resize,
-centre crop, rescale and mean/std, applied as transformers applies them. The input size comes from the model itself (`patch_embed.img_size`): timm's
-`resolve_data_config` reports the pretrained config's 224 even when img_size is overridden.
+centre crop, rescale and mean/std, applied as transformers applies them. The input size comes from
+the model itself (`patch_embed.img_size`): timm's `resolve_data_config` reports the pretrained
+config's 224 even when img_size is overridden.
 
 Training uses the eval transform unless `vision.augment` is on: the built-in data names sides and
 colours in its captions ("red square on the left"), so flips and colour jitter would make the

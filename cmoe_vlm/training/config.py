@@ -42,7 +42,7 @@ class TrainConfig:
     max_nonfinite: int = 5                 # stop after this many consecutive non-finite steps
     eval_batches: int = 8                  # held-out batches in the end-of-run evaluation
     heldout_shards: str | None = None      # held-out data for the end-of-run evaluation (null = none)
-    init_from: str | None = None           # start from an export's weights (convert / hf_import output; training/init.py)
+    init_from: str | None = None           # start from an export's weights (convert, hf_import; training/init.py)
     ratio_ramp_steps: int = 0              # achieved R ramps from 1: boundaries forced w.p. 1 − step/N (conversion)
 
     def __post_init__(self):

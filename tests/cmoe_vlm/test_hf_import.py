@@ -10,7 +10,7 @@ import shutil
 import pytest
 import torch
 
-from cmoe_base import Batch
+from cmoe_base import Batch, ConfigError
 from cmoe_vlm.boundaries import AllTokens
 from cmoe_vlm.convert import main as convert_main
 from cmoe_vlm.export import load_pretrained
@@ -271,6 +271,9 @@ def test_a_vlm_from_an_imported_lm_and_a_vision_tower(bpe_tokenizer, tmp_path):
     assert exp.model.vocab_size == 400
     with pytest.warns(UserWarning, match="model.vocab_size raised from 400 to 404"):
         exp = fit_vocab(exp, check_experiment(exp, 1))
+    without_init = load_experiment(config, [o for o in overrides if not o.startswith("train.init_from")])
+    with pytest.raises(ConfigError, match=r"model.vocab_size = 400: must be >= the tokenizer's vocabulary \(404"):
+        check_experiment(without_init, 1)  # from scratch the size is stated, not raised
     model = ConceptMoEVLM(exp.vlm).eval()
     load_initial_weights(model, str(tmp_path / "lm"))
     for ours, theirs in ((model.lm.embed.weight, source.model.embed_tokens.weight),
