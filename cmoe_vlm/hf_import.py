@@ -92,7 +92,7 @@ def import_checkpoint(src: str | Path, out: str | Path) -> ImportReport:
     cfg = family.model_config(hf, raw)
     source = TensorSource.open(src)
     rules = family.import_rules(cfg, source.names)
-    used = {n for r in rules for n in r.inputs}
+    used = {n for r in rules for n in r.inputs} | ({"lm_head.weight"} if cfg.tie_embeddings else set())  # = embed
     unused = sorted(n for n in source.names if n not in used and not n.endswith(IGNORED_TENSORS))
     if unused:
         raise Unsupported(f"{len(unused)} checkpoint tensors have no place in {family.name}'s layers as we "

@@ -227,6 +227,9 @@ def test_pickles_and_stray_tensors_are_refused(imported, tmp_path, capsys):
     save_file({**state, "model.layers.0.self_attn.o_proj.bias": torch.zeros(32)}, folder / "model.safetensors")
     assert import_main([str(folder), "--out", str(tmp_path / "dst")]) == 2
     assert "o_proj.bias" in capsys.readouterr().err and not (tmp_path / "dst").exists()
+    # a tied checkpoint that also stores its LM head (transformers ties it on load) is fine
+    save_file({**state, "lm_head.weight": state["model.embed_tokens.weight"].clone()}, folder / "model.safetensors")
+    assert import_main([str(folder), "--out", str(tmp_path / "dst")]) == 0
 
 
 def test_truncated_safetensors_is_an_error_not_a_crash(imported, tmp_path):
@@ -307,3 +310,24 @@ def test_the_papers_recipe_is_the_default_conversion(bpe_tokenizer, tmp_path, ca
     assert (cfg.encoder_layers, cfg.concept_layers, cfg.decoder_layers, cfg.num_joint_layers) == (4, 2, 4, 4)
     assert cfg.concept_moe_cfg.top_k > cfg.moe.top_k and cfg.chunk.target_ratio == 1.5
     assert "FLOPs/tok" in printed and f"data.tokenizer={tmp_path / 'conv'}" in printed
+
+
+def test_bf16_checkpoints_import_in_their_dtype(bpe_tokenizer, tmp_path):
+    """A bf16 checkpoint (as most published ones are) is read and written in bf16, and the import
+    computes the logits of those weights (fp32 compute on both sides)."""
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    import cmoe_vlm.hf  # noqa: F401
+
+    source = build_source("qwen2_moe", tmp_path / "src", bpe_tokenizer)
+    source.to(torch.bfloat16).save_pretrained(tmp_path / "src")
+    assert import_main([str(tmp_path / "src"), "--out", str(tmp_path / "lm")]) == 0
+    with safe_open(tmp_path / "lm" / "model.safetensors", "pt") as f:
+        assert f.get_slice("lm.concept.layers.0.moe.experts.w13").get_dtype() == "BF16"
+    ours = AutoModelForCausalLM.from_pretrained(tmp_path / "lm", dtype=torch.float32).eval()
+    ids, mask = ragged_batch()
+    with torch.no_grad():
+        want = source.float()(ids, attention_mask=mask).logits
+        got = ours(ids, attention_mask=mask).logits
+    assert (want - got)[mask.bool()].abs().max().item() <= 1e-4
