@@ -127,7 +127,6 @@ def rope_to_hf(cfg: ModelConfig) -> dict[str, Any]:
 class Family:
     name: str                  # transformers' model_type
     architecture: str          # the CausalLM class
-    config_class: str          # the transformers config class
     moe_module: str            # the MoE block's name in hub checkpoints
     expert_names: tuple[str, str, str]  # one expert's gate, up and down projections in hub checkpoints
     expert_width_key: str
@@ -348,19 +347,19 @@ class Family:
 
 
 FAMILIES = {f.name: f for f in (
-    Family("mixtral", "MixtralForCausalLM", "MixtralConfig", "block_sparse_moe", ("w1", "w3", "w2"),
+    Family("mixtral", "MixtralForCausalLM", "block_sparse_moe", ("w1", "w3", "w2"),
            "intermediate_size", "num_local_experts", family_keys=frozenset({"sliding_window", "router_jitter_noise"})),
-    Family("qwen2_moe", "Qwen2MoeForCausalLM", "Qwen2MoeConfig", "mlp", ("gate_proj", "up_proj", "down_proj"),
+    Family("qwen2_moe", "Qwen2MoeForCausalLM", "mlp", ("gate_proj", "up_proj", "down_proj"),
            "moe_intermediate_size", "num_experts", shared_expert=True, bias_key="qkv_bias",
            family_keys=frozenset({"use_sliding_window", "sliding_window", "max_window_layers", "layer_types",
                                   "decoder_sparse_step", "mlp_only_layers", "norm_topk_prob", "qkv_bias",
                                   "shared_expert_intermediate_size", "intermediate_size"})),
-    Family("qwen3_moe", "Qwen3MoeForCausalLM", "Qwen3MoeConfig", "mlp", ("gate_proj", "up_proj", "down_proj"),
+    Family("qwen3_moe", "Qwen3MoeForCausalLM", "mlp", ("gate_proj", "up_proj", "down_proj"),
            "moe_intermediate_size", "num_experts", bias_key="attention_bias", bias_on_output=True, qk_norm="head",
            family_keys=frozenset({"use_sliding_window", "sliding_window", "max_window_layers", "decoder_sparse_step",
                                   "mlp_only_layers", "norm_topk_prob", "attention_bias", "intermediate_size",
                                   "num_local_experts"})),
-    Family("olmoe", "OlmoeForCausalLM", "OlmoeConfig", "mlp", ("gate_proj", "up_proj", "down_proj"),
+    Family("olmoe", "OlmoeForCausalLM", "mlp", ("gate_proj", "up_proj", "down_proj"),
            "intermediate_size", "num_experts", bias_key="attention_bias", bias_on_output=True, qk_norm="full",
            family_keys=frozenset({"norm_topk_prob", "attention_bias", "clip_qkv"})),
 )}

@@ -83,6 +83,7 @@ class TensorSource:
     def __init__(self, entries: dict[str, Entry]):
         self.entries = entries
         self._file: tuple[Path, object] | None = None  # the last file read, kept open
+        self._last: tuple[str, torch.Tensor] | None = None  # the last tensor read (rules splitting one tensor)
 
     @classmethod
     def open(cls, folder: str | Path) -> TensorSource:
@@ -124,6 +125,10 @@ class TensorSource:
         return torch.empty(e.shape, dtype=e.dtype, device="meta")
 
     def load(self, name: str) -> torch.Tensor:
+        """The tensor `name`, read from its file (or kept from the previous call: several rules in a row
+        may each take a slice of one stacked tensor)."""
+        if self._last is not None and self._last[0] == name:
+            return self._last[1]
         e = self.entries[name]
         if self._file is None or self._file[0] != e.path:
             self.close()
@@ -133,9 +138,11 @@ class TensorSource:
         f.seek(e.start)
         if e.nbytes and f.readinto(out.view(-1).view(torch.uint8).numpy()) != e.nbytes:
             raise TensorFileError(f"{e.path}: tensor {name} is cut short")
+        self._last = (name, out)
         return out
 
     def close(self) -> None:
+        self._last = None
         if self._file is not None:
             self._file[1].close()
             self._file = None
