@@ -7,7 +7,7 @@
 1. trains a baseline MoE (chunking off) on the built-in data; or, with `--baseline hf-mixtral`,
    pre-trains transformers' own `MixtralForCausalLM` (its code, byte-level ids) on the same text,
    saves it as a transformers folder (OUT/hf_mixtral) and imports that with `cmoe_vlm.hf_import`
-   (docs/design.md §15): every later run builds the import's model (its train_overrides.txt);
+   (docs/design.md §16): every later run builds the import's model (its train_overrides.txt);
 2. converts its final export with `cmoe_vlm.convert` for each strategy (default: more experts and
    looped concept layers), activated FLOPs matched at the target R;
 3. continues training the baseline and every converted model for the same number of steps on the

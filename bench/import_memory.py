@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Peak memory of `python -m cmoe_vlm.hf_import` against the checkpoint's size (docs/design.md §15).
+"""Peak memory of `python -m cmoe_vlm.hf_import` against the checkpoint's size (docs/design.md §16).
 
     python bench/import_memory.py [--hidden 512 --layers 8 --experts 8 --expert-hidden 1536] [--out DIR]
 

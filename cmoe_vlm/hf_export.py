@@ -1,4 +1,4 @@
-"""Write a baseline export back in its transformers family's own format (docs/design.md §15).
+"""Write a baseline export back in its transformers family's own format (docs/design.md §16).
 
     python -m cmoe_vlm.hf_export SRC --out DST [--family mixtral]    # also: cmoe-hf-export ...
 

@@ -1,4 +1,4 @@
-"""Hugging Face MoE families as our layers (docs/design.md §15): configs and weight names, both ways.
+"""Hugging Face MoE families as our layers (docs/design.md §16): configs and weight names, both ways.
 
 A family is one transformers architecture whose forward our baseline MoE reproduces exactly with
 the right layer options (`ModelConfig` fields): Mixtral, Qwen2-MoE, Qwen3-MoE and OLMoE.

@@ -1,4 +1,4 @@
-"""Import a pretrained Hugging Face MoE language model as a cmoe-vlm baseline (docs/design.md §15).
+"""Import a pretrained Hugging Face MoE language model as a cmoe-vlm baseline (docs/design.md §16).
 
     python -m cmoe_vlm.hf_import SRC --out DST          # also: cmoe-hf-import SRC --out DST
 
@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{report.peak_rss_bytes / mib:.0f} MiB ({report.peak_rss_bytes / max(report.checkpoint_bytes, 1):.2f}x "
           f"the checkpoint)")
     print(f"wrote {args.out}: a baseline MoE (chunking off). Next: python -m cmoe_vlm.convert --baseline {args.out} "
-          f"--out CONVERTED (docs/design.md §15)")
+          f"--out CONVERTED (docs/design.md §16)")
     return 0
 
 

@@ -37,7 +37,7 @@ class ModelConfig:
     lb_loss_weight: float = 0.01
     init_std: float = 0.02
     tie_embeddings: bool = False
-    # Layer options of imported families (docs/design.md §15); the defaults are the plain layers.
+    # Layer options of imported families (docs/design.md §16); the defaults are the plain layers.
     head_dim: int | None = None            # None = width / num_heads; set: q/k/v heads of this size
     attention_bias: Literal["none", "qkv", "all"] = "none"  # bias on q/k/v (Qwen2-MoE), and on the output
     qk_norm: Literal["none", "head", "full"] = "none"       # RMSNorm of q and k before RoPE (see AttentionConfig)

@@ -4,7 +4,7 @@ Positions are given per token, not assumed to be 0..T-1: packed documents restar
 concept model sees the original position of each concept's boundary token (docs/design.md §6).
 The rotate-half convention (pairs (i, i + head_dim/2)) and the scaled frequencies ("linear",
 "llama3", "yarn") are computed as transformers computes them, so imported models see the angles
-they were trained with (docs/design.md §15).
+they were trained with (docs/design.md §16).
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""A run's starting weights from an export (`train.init_from`; docs/design.md §15).
+"""A run's starting weights from an export (`train.init_from`; docs/design.md §16).
 
 The export's model config must build the experiment's model, except the vocabulary, which may grow:
 with `train.init_from`, `model.vocab_size` follows the tokenizer (`fit_vocab`), and the embedding and

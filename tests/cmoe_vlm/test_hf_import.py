@@ -1,4 +1,4 @@
-"""Import of transformers MoE checkpoints, conversion of the import, export back (docs/design.md §15).
+"""Import of transformers MoE checkpoints, conversion of the import, export back (docs/design.md §16).
 
 Every source is a tiny random model built offline from transformers' own config classes, with its
 weights perturbed so that biases and norm weights are not at their initial values, and saved with
