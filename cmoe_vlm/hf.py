@@ -22,8 +22,10 @@ from transformers import (AutoConfig, AutoImageProcessor, AutoModelForCausalLM, 
                           PretrainedConfig, PreTrainedModel)
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from data_pipelines.tokenizer import ByteTokenizer
+
 from .config import from_dict, to_dict
-from .export import VERSION
+from .export import VERSION, resolve_files
 from .hf_folder import AUTO_MAP, write_transformers_files
 from .hf_generation import (ConceptCache, ConceptGeneration, check_no_other_inputs, packed_batch, resolve_modality,
                             restore_columns)
@@ -42,14 +44,16 @@ class ConceptMoEConfig(PretrainedConfig):
         self.tokenizer = tokenizer
         model = self.vlm.get("model", {})
         kwargs.setdefault("vocab_size", model.get("vocab_size", 262))
-        kwargs.setdefault("bos_token_id", 257)
-        kwargs.setdefault("eos_token_id", 258)
-        kwargs.setdefault("pad_token_id", 256)
+        if tokenizer == "byte":  # exports carry their tokenizer's ids; older byte-tokenizer ones did not
+            kwargs.setdefault("bos_token_id", ByteTokenizer.bos_id)
+            kwargs.setdefault("eos_token_id", ByteTokenizer.eos_id)
+            kwargs.setdefault("pad_token_id", ByteTokenizer.pad_id)
         super().__init__(**kwargs)
 
     def vlm_config(self) -> VLMConfig:
-        """Validated VLMConfig (fields missing from older files take their defaults)."""
-        return from_dict(VLMConfig, self.vlm)
+        """Validated VLMConfig (fields missing from older files take their defaults; a vision tower folder
+        inside the export resolved against it)."""
+        return resolve_files(from_dict(VLMConfig, self.vlm), self.name_or_path)
 
 
 class ConceptMoEForCausalLM(ConceptGeneration, PreTrainedModel, GenerationMixin):

@@ -163,8 +163,12 @@ def write_remote_code(folder: str | Path) -> None:
 
 
 def image_processor_fields(encoder) -> dict[str, Any]:
-    """The data config of a `vision.VisionEncoder`'s eval transform (what ConceptMoEImageProcessor
-    applies): input size, interpolation, mean/std, crop."""
+    """What ConceptMoEImageProcessor applies for a `vision.VisionEncoder`: its timm eval transform's data
+    config (input size, interpolation, mean/std, crop), or a transformers tower's processor settings."""
+    if encoder.cfg.backend == "transformers":  # the tower's own image processor, as training applies it
+        from vision.hf_tower import processor_settings
+        settings = processor_settings(encoder.cfg.model_name)
+        return {"tower": {k: list(v) if isinstance(v, tuple) else v for k, v in settings.items()}}
     from vision.transforms import data_config
     return {k: list(v) if isinstance(v, tuple) else v for k, v in data_config(encoder).items() if k in TIMM_FIELDS}
 

@@ -31,14 +31,16 @@ from .hf_folder import TIMM_FIELDS, image_processor_fields
 
 
 class ConceptMoEImageProcessor(BaseImageProcessor):
-    """PIL images -> pixel_values (N, 3, H, W) through timm's eval transform for the recorded data config."""
+    """PIL images -> pixel_values (N, 3, H, W) through the encoder's eval transform: timm's for the
+    recorded data config, or a transformers tower's recorded processor settings."""
 
     model_input_names = ["pixel_values"]
 
     def __init__(self, input_size: list[int] | None = None, interpolation: str = "bicubic",
                  mean: list[float] | None = None, std: list[float] | None = None, crop_pct: float = 1.0,
-                 crop_mode: str = "center", **kwargs: Any):
+                 crop_mode: str = "center", tower: dict[str, Any] | None = None, **kwargs: Any):
         super().__init__(**kwargs)
+        self.tower = tower  # a transformers tower's processor settings (vision.hf_tower.processor_settings)
         self.input_size = list(input_size or (3, 64, 64))
         self.interpolation, self.crop_pct, self.crop_mode = interpolation, crop_pct, crop_mode
         self.mean = list(mean or (0.5, 0.5, 0.5))
@@ -56,6 +58,9 @@ class ConceptMoEImageProcessor(BaseImageProcessor):
         return out
 
     def transform(self, image) -> torch.Tensor:
+        if self._transform is None and self.tower is not None:
+            from vision.transforms import settings_transform
+            self._transform = settings_transform(self.tower)
         if self._transform is None:
             from timm.data import create_transform
             cfg = {k: tuple(v) if isinstance(v, list) else v for k, v in ((k, getattr(self, k)) for k in TIMM_FIELDS)}

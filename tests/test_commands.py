@@ -31,7 +31,8 @@ getattr(importlib.import_module(module), func)()
 
 
 def test_expected_commands_are_declared():
-    assert {"cmoe-train", "cmoe-eval", "cmoe-convert", "cmoe-shards", "cmoe-flops", "cmoe-lm-eval"} <= set(COMMANDS)
+    assert {"cmoe-train", "cmoe-eval", "cmoe-convert", "cmoe-shards", "cmoe-flops", "cmoe-lm-eval", "cmoe-hf-import",
+            "cmoe-hf-export"} <= set(COMMANDS)
     assert FAST <= set(COMMANDS)
 
 

@@ -11,6 +11,7 @@ import yaml
 from data_pipelines.loader import DataConfig, check_data, list_shards
 from data_pipelines.tokenizer import Tokenizer, load_tokenizer
 from vision import ProjectorConfig, VisionConfig, input_size
+from vision.hf_tower import tower_config
 
 from ..config import ConfigError, apply_overrides, check, from_dict, load_yaml
 from ..model import ModelConfig
@@ -45,7 +46,7 @@ class TrainConfig:
     max_nonfinite: int = 5                 # stop after this many consecutive non-finite steps
     eval_batches: int = 8                  # held-out batches in the end-of-run evaluation
     heldout_shards: str | None = None      # held-out data for the end-of-run evaluation (null = none)
-    init_from: str | None = None           # start from an export's weights (e.g. cmoe_vlm.convert output)
+    init_from: str | None = None           # start from an export's weights (convert, hf_import; training/init.py)
     ratio_ramp_steps: int = 0              # achieved R ramps from 1: boundaries forced w.p. 1 − step/N (conversion)
 
     def __post_init__(self):
@@ -165,13 +166,15 @@ def check_experiment(exp: ExperimentConfig, world_size: int) -> Tokenizer:
         tokenizer = load_tokenizer(exp.data.tokenizer)
     except ConfigError as e:
         raise ConfigError(f"data.{e}") from None
-    check(tokenizer.vocab_size <= exp.model.vocab_size, "model.vocab_size", exp.model.vocab_size,
+    check(tokenizer.vocab_size <= exp.model.vocab_size or t.init_from, "model.vocab_size", exp.model.vocab_size,
           f"must be >= the tokenizer's vocabulary ({tokenizer.vocab_size}, data.tokenizer = {exp.data.tokenizer!r})")
     if t.init_from:
         check((Path(t.init_from) / "config.json").is_file(), "train.init_from", t.init_from,
               "must be an export folder (config.json + model.safetensors): a run's <out_dir>/final, a converted "
               "model, or a checkpoint exported with python -m cmoe_vlm.training.checkpoint")
-    if exp.vision.pretrained:
+    if exp.vision.backend == "transformers":
+        tower_config(exp.vision.model_name)  # a ConfigError naming vision.model_name
+    elif exp.vision.pretrained:
         check(Path(exp.vision.checkpoint_path).is_file(), "vision.checkpoint_path", exp.vision.checkpoint_path,
               "no such file")
     return tokenizer

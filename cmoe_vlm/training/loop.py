@@ -22,13 +22,14 @@ from vision import build_image_transform
 from ..boundaries import ConversionRamp
 from ..chunking import CollapseMonitor, ModalityStats
 from ..config import to_dict
-from ..export import load_pretrained, save_pretrained
+from ..export import save_pretrained
 from ..vlm import ConceptMoEVLM
 from . import resume
 from .checkpoint import Checkpointer
 from .config import ExperimentConfig, check_experiment, training_data
 from .engine import build_engine, collective_device, setup_distributed
 from .expert_parallel import plain_state_dict, swap_in_deepspeed_moe
+from .init import fit_vocab, load_initial_weights
 from .metrics import MetricsLogger, WandbRun, compression_histograms, flatten
 from .optim import apply_hyperparameters
 
@@ -108,17 +109,6 @@ def compression_summary(stats: dict[str, ModalityStats]) -> dict[str, float]:
     return out
 
 
-def load_initial_weights(model: ConceptMoEVLM, path: str) -> None:
-    """Copy an export's weights (e.g. a converted model) into `model`; the configs must build the same model."""
-    src, _ = load_pretrained(path)
-    want, have = to_dict(model.cfg.model), to_dict(src.cfg.model)
-    diff = sorted(k for k in set(want) | set(have) if want.get(k) != have.get(k))
-    if diff:
-        raise ValueError(f"train.init_from = {path}: its model config differs in {', '.join(diff)}; build the same "
-                         f"model (a converted export lists the overrides in {path}/train_overrides.txt)")
-    model.load_state_dict(src.state_dict())
-
-
 def sync_step(stop: bool, skip: bool, controller: list[torch.Tensor], world: int) -> tuple[bool, bool]:
     """Make the per-step decisions global with one all-reduce (world > 1; none on one process): stop when
     any rank got a signal, skip the update when any rank found a non-finite gradient, and average the
@@ -144,6 +134,7 @@ def train(exp: ExperimentConfig) -> dict[str, Any]:
     rank, world = setup_distributed()
     out_dir = Path(cfg.out_dir)
     tokenizer = check_experiment(exp, world)
+    exp = fit_vocab(exp, tokenizer)  # with train.init_from, model.vocab_size follows the tokenizer
     ckpt = Checkpointer(out_dir, cfg.keep_last, rank)
     record = resume.experiment_record(exp, world)
     latest = ckpt.latest() if cfg.resume else None
