@@ -39,9 +39,6 @@ FAMILIES = {  # each exercises the options its family brings
                                     "high_freq_factor": 4.0, "original_max_position_embeddings": 32,
                                     "rope_theta": 10000.0})),
 }
-# Greedy tokens go through GenerationMixin without its cache until the cmoe_vlm model takes
-# transformers' default cache; then drop use_cache=False here (one line).
-OUR_HF_GENERATE = dict(use_cache=False)
 TEXT = "The for statement is used to iterate over the elements of a sequence (such as a string)."
 
 
@@ -113,7 +110,7 @@ def test_import_gives_the_source_logits_tokens_and_tokenizer(imported, family):
     prompt = torch.tensor([tok_src.encode(TEXT)[:12]])
     with torch.no_grad():
         want = source.generate(prompt, max_new_tokens=10, do_sample=False)[0, prompt.shape[1]:].tolist()
-        got_hf = ours.generate(prompt, max_new_tokens=10, do_sample=False, **OUR_HF_GENERATE)[0, prompt.shape[1]:]
+        got_hf = ours.generate(prompt, max_new_tokens=10, do_sample=False)[0, prompt.shape[1]:]  # our ConceptCache
     model, _ = load_pretrained(dst)
     got = generate(model, Batch.of(prompt), max_new_tokens=10, stop_ids=[tok_src.eos_token_id])[0]
     assert got_hf.tolist() == want

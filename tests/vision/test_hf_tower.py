@@ -108,3 +108,7 @@ def test_vlm_with_a_tower_exports_self_contained(tmp_path):
         torch.testing.assert_close(hf(ids, modality=modality, images=image).logits, want, rtol=0, atol=0)
     assert dataclasses.replace(loaded.cfg.vision, model_name="x") == dataclasses.replace(
         vcfg.vision, model_name="x", pretrained=False)
+    # AutoProcessor applies the tower's own preprocessing, recorded in the export (the tower folder is gone)
+    from transformers import AutoProcessor
+    pixels = AutoProcessor.from_pretrained(tmp_path / "m").image_processor(photo())["pixel_values"]
+    torch.testing.assert_close(pixels, image, rtol=0, atol=1e-6)
