@@ -4,7 +4,9 @@ The commands are read from the README itself (its ```bash and ```python blocks, 
 a copy of the tracked files with this environment's `bin/` first on PATH (what `source
 .venv/bin/activate` does) and the copy on PYTHONPATH (the editable install points at the original).
 Before them, `make demo`'s training line runs (it writes data/builtin/ and runs/tiny/final, which
-the README's commands build on). To stay within the test budget each command gets short settings
+the README's commands build on), and the files the pretrained section expects a user to bring (a
+Mixtral checkpoint, a SigLIP tower, shards: `write_stand_ins`) are written as tiny random stand-ins of
+the same formats. To stay within the test budget each command gets short settings
 appended (`SHORT`: 2 training steps, 2 records per task, ...), and artefacts are shared: the
 baseline the training section trains is the one the evaluation and the conversion use.
 
@@ -28,6 +30,7 @@ SHORT = [
     ("cmoe-train ", "train.steps=2 train.eval_batches=1 data.num_workers=1"),
     ("python train_vlm.py ", "train.steps=2 train.eval_batches=1 data.num_workers=1"),
     ("cmoe-eval ", "--limit 2 --lengths 256 --samples 1 --compression-samples 4"),
+    ("python -m cmoe_vlm.eval ", "--limit 2 --lengths 256 --samples 1 --compression-samples 4"),
     ("cmoe-inspect ", "--num-samples 4 --show 1"),
     ("cmoe-lm-eval ", "--limit 2"),
 ]
@@ -64,6 +67,31 @@ def demo_training_line() -> str:
     return recipe.replace("$(PY)", "python").replace("$(ARGS)", SHORT[0][1])
 
 
+def write_stand_ins(root: Path, tokenizer_folder) -> None:
+    """What the README's pretrained section expects a user to have, as tiny random stand-ins of the same
+    kind: a transformers Mixtral folder with its tokenizer, a SigLIP vision tower with its image
+    processor, and a folder of image-text shards."""
+    import torch
+    from transformers import (AutoTokenizer, MixtralConfig, MixtralForCausalLM, SiglipImageProcessor,
+                              SiglipVisionConfig, SiglipVisionModel)
+
+    from data_pipelines.builtin import write_builtin_dataset
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_folder)
+    torch.manual_seed(0)
+    lm = MixtralForCausalLM(MixtralConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=24, num_hidden_layers=10,
+                                          num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+                                          num_experts_per_tok=2, max_position_embeddings=4096,
+                                          bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id))
+    lm.save_pretrained(root / "checkpoints/Mixtral-8x7B-v0.1")
+    tok.save_pretrained(root / "checkpoints/Mixtral-8x7B-v0.1")
+    tower = root / "checkpoints/siglip-so400m-patch14-384"
+    SiglipVisionModel(SiglipVisionConfig(hidden_size=48, intermediate_size=64, num_hidden_layers=1, num_attention_heads=3,
+                                         image_size=32, patch_size=8)).save_pretrained(tower)
+    SiglipImageProcessor(size={"height": 32, "width": 32}).save_pretrained(tower)
+    write_builtin_dataset(root / "data/mine", num_train=40, num_heldout=4, maxcount=20, text_chars=400)
+
+
 def plan(commands: list[tuple[str, str]]) -> tuple[list[tuple[str, str]], set[str]]:
     """The commands to run (short settings appended) and the NOT_RUN prefixes that matched."""
     runs, skipped = [], set()
@@ -82,7 +110,7 @@ def plan(commands: list[tuple[str, str]]) -> tuple[list[tuple[str, str]], set[st
 
 
 @pytest.mark.slow
-def test_readme_commands_run_as_written(tmp_path):
+def test_readme_commands_run_as_written(tmp_path, bpe_tokenizer):
     commands = readme_commands((ROOT / "README.md").read_text())
     runs, skipped = plan(commands)
     assert skipped == {prefix for prefix, _ in NOT_RUN}, f"NOT_RUN entries matching no README command: " \
@@ -94,6 +122,7 @@ def test_readme_commands_run_as_written(tmp_path):
         if (ROOT / name).is_file():
             (clone / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(ROOT / name, clone / name)
+    write_stand_ins(clone, bpe_tokenizer)
     venv_bin = str(Path(sys.executable).parent)
     env = {**os.environ, "PATH": f"{venv_bin}{os.pathsep}{os.environ['PATH']}", "PYTHONPATH": str(clone),
            "VIRTUAL_ENV": str(Path(venv_bin).parent), "PYTHONWARNINGS": "ignore::DeprecationWarning"}
