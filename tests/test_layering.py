@@ -22,7 +22,7 @@ CMOE_VLM_LAYERS = """
     chunking boundaries merge dechunk model_config concept_model model vlm
     flops.accounting flops.reallocation flops.cli flops flops.__main__
     hf_folder hf_processing export session generation runner convert hf_families hf_import hf_export hf_generation hf
-    inspection.samples inspection.analysis inspection.render inspection.plots inspection.report inspection
+    inspection.samples inspection.image_content inspection.analysis inspection.render inspection.plots inspection.report inspection
     inspection.__main__
     eval.vqa_metric eval.tasks eval.long_context eval.builtin_suite eval.harness_tasks eval.harness eval.lmms_adapter
     eval.cli eval eval.__main__

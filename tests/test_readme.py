@@ -45,6 +45,17 @@ NOT_RUN = [
     (".venv-lmms/bin/lmms-eval ", "needs .venv-lmms: tests/cmoe_vlm/eval/test_harness.py runs this CLI"),
     ("python bench/", "a benchmark (minutes to hours)"),
 ]
+# README paths of outputs that only `make demo`'s evaluation line writes (not run here)
+DEMO_ONLY = ("runs/tiny/eval/",)
+
+
+def readme_output_files(text: str) -> list[str]:
+    """The output files the README names (`runs/...` with an extension; {a,b} expanded)."""
+    out = []
+    for path in re.findall(r"`(runs/[^`\s<>*]+\.[a-z]+)`", text):
+        m = re.search(r"\{([^}]*)\}", path)
+        out += [path[:m.start()] + alt + path[m.end():] for alt in m.group(1).split(",")] if m else [path]
+    return out
 
 
 def readme_commands(text: str) -> list[tuple[str, str]]:
@@ -138,4 +149,8 @@ def test_readme_commands_run_as_written(tmp_path, bpe_tokenizer):
         assert proc.returncode == 0, f"README command failed ({proc.returncode}): {cmd}\n{proc.stdout[-2000:]}\n" \
                                      f"{proc.stderr[-3000:]}"
     assert (clone / "runs/conv_train/final/config.json").is_file()
+    named = [p for p in readme_output_files((ROOT / "README.md").read_text()) if not p.startswith(DEMO_ONLY)]
+    assert "runs/eval/tiny/long_context/heatmap_passkey.png" in named and "runs/tiny/inspect/samples.html" in named
+    missing = [p for p in named if not (clone / p).is_file()]
+    assert not missing, f"the README names outputs the commands did not write: {missing}"
     assert not any((clone / name).exists() for name in ("eval", "inspect")), "a README command wrote into the repo root"

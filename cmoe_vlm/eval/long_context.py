@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -185,28 +186,33 @@ def markdown_table(results: dict[str, Any], probe: str, metric: str = "accuracy"
 
 
 def heatmap(results: dict[str, Any], probe: str, path: Path, title: str = "", metric: str = "accuracy") -> Path:
+    """One cell per (needle depth, context length), its value written in it; large enough to read
+    when embedded (at least 720 × 540 px)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib import colormaps
+
+    from ..inspection.plots import annotate_cells
 
     depths, lengths = results["depths"], results["lengths"]
-    grid = [[next(c[metric] for c in results["cells"] if c["probe"] == probe and c["length"] == n and c["depth"] == d)
-             for n in lengths] for d in depths]
-    fig, ax = plt.subplots(figsize=(1.2 + 1.1 * len(lengths), 1.2 + 0.6 * len(depths)))
-    im = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
-    for i, row in enumerate(grid):
-        for j, v in enumerate(row):
-            ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=8)
-    ax.set_xticks(range(len(lengths)), [str(n) for n in lengths])
-    ax.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths])
-    ax.set_xlabel("context length (tokens)")
-    ax.set_ylabel("needle depth (0% = start)")
-    ax.set_title(title or f"{probe}: {metric} ({results['samples']} samples per cell)", fontsize=9)
-    fig.colorbar(im, ax=ax, label=metric)
+    grid = np.array([[next(c[metric] for c in results["cells"] if c["probe"] == probe and c["length"] == n
+                           and c["depth"] == d) for n in lengths] for d in depths])
+    fig, ax = plt.subplots(figsize=(max(6.0, 2.5 + 1.5 * len(lengths)), max(4.5, 1.8 + 0.8 * len(depths))))
+    cmap = colormaps["RdYlGn"]
+    im = ax.imshow(grid, vmin=0, vmax=1, cmap=cmap, aspect="auto", extent=(0, len(lengths), len(depths), 0))
+    annotate_cells(ax, grid, cmap, 0, 1, fontsize=13)
+    ax.set_xticks(np.arange(len(lengths)) + 0.5, [str(n) for n in lengths], fontsize=11)
+    ax.set_yticks(np.arange(len(depths)) + 0.5, [f"{d:.0%}" for d in depths], fontsize=11)
+    ax.set_xlabel("context length (tokens)", fontsize=12)
+    ax.set_ylabel("needle depth (0% = start)", fontsize=12)
+    ax.set_title(title or f"{probe}: {metric} ({results['samples']} samples per cell)", fontsize=12)
+    bar = fig.colorbar(im, ax=ax)
+    bar.set_label(metric, fontsize=12)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
 

@@ -13,6 +13,7 @@ from cmoe_base import Modality
 from data_pipelines.packing import split_point
 
 from ..runner import ModelRunner
+from .image_content import REPEAT_TOLERANCE, change_repeat_rates, cell_difference, model_pixels
 
 P_BINS = np.linspace(0.0, 1.0, 21)
 
@@ -27,6 +28,7 @@ class SampleChunks:
     p: np.ndarray             # (T,) boundary probability
     images: list[torch.Tensor]  # the transformed image tensors the model saw
     reported: dict[str, tuple[int, int]] = field(default_factory=dict)  # model's (tokens, concepts)
+    image_diffs: list[np.ndarray] = field(default_factory=list)  # per image (P,) `cell_difference`
 
     @property
     def chunk_id(self) -> np.ndarray:
@@ -61,6 +63,11 @@ def image_starts(modality: np.ndarray) -> np.ndarray:
 
 @torch.no_grad()
 def analyse(runner: ModelRunner, docs: list[list[Any]]) -> list[SampleChunks]:
+    from vision.transforms import image_mean_std
+
+    mean_std = image_mean_std(runner.model.vision)
+    grid = runner.model.cfg.image_grid
+    above = runner.model.cfg.model.chunk.image_chunking == "2d"
     out = []
     for pieces in docs:
         seq = runner.sequence(pieces, add_eos=True)
@@ -73,7 +80,8 @@ def analyse(runner: ModelRunner, docs: list[list[Any]]) -> list[SampleChunks]:
             input_ids=list(seq.input_ids), modality=np.array(seq.modality),
             boundary=res.boundaries[0].cpu().numpy().astype(bool), p=res.boundary_probs[0].float().cpu().numpy(),
             images=list(seq.images),
-            reported={k: (int(s.tokens), int(s.concepts)) for k, s in res.compression.items()}))
+            reported={k: (int(s.tokens), int(s.concepts)) for k, s in res.compression.items()},
+            image_diffs=[cell_difference(model_pixels(img, mean_std), grid, above) for img in seq.images]))
     return out
 
 
@@ -85,7 +93,43 @@ def _spread(values: list[float]) -> dict[str, float]:
             "median": float(np.median(a)), "p90": float(np.percentile(a, 90)), "max": float(a.max()), "samples": len(a)}
 
 
-def summarise(samples: list[SampleChunks], grid: tuple[int, int]) -> dict[str, Any]:
+def image_records(samples: list[SampleChunks], grid: tuple[int, int]) -> list[dict[str, Any]]:
+    """One record per image: where it is, its boundaries and ratio, the spread of p over its
+    non-forced patches, and whether it is degenerate (one chunk, or every token a boundary)."""
+    P = grid[0] * grid[1]
+    out = []
+    for i, s in enumerate(samples):
+        for k, start in enumerate(image_starts(s.modality)):
+            n = int(s.boundary[start:start + P].sum())
+            out.append({"sample": i, "image": k, "start": int(start), "boundaries": n, "ratio": round(P / max(n, 1), 2),
+                        "p_std": float(s.p[start + 1:start + P].std()),  # the first patch is a forced boundary
+                        "degenerate": "one chunk" if n <= 1 else "all boundaries" if n == P else None})
+    return out
+
+
+def images_to_show(records: list[dict[str, Any]], n: int) -> list[dict[str, Any]]:
+    """Up to n images, most compressed first, covering the range: one per distinct ratio (the one
+    with the most varied p), then a spread over all images by ratio."""
+    order = sorted(records, key=lambda r: (-r["ratio"], -r["p_std"]))
+    first_of_ratio: dict[float, dict[str, Any]] = {}
+    for r in order:
+        first_of_ratio.setdefault(r["ratio"], r)
+    distinct = list(first_of_ratio.values())
+    if len(distinct) >= n:
+        return _evenly(distinct, n)
+    rest = [r for r in order if all(r is not d for d in distinct)]
+    return sorted(distinct + _evenly(rest, n - len(distinct)), key=lambda r: (-r["ratio"], -r["p_std"]))
+
+
+def _evenly(items: list[Any], m: int) -> list[Any]:
+    """m items spread evenly over the list, its first and last included (all of them if m >= len)."""
+    if m >= len(items):
+        return list(items)
+    return [items[i] for i in sorted({round(x) for x in np.linspace(0, len(items) - 1, m)})]
+
+
+def summarise(samples: list[SampleChunks], grid: tuple[int, int],
+              tolerance: float = REPEAT_TOLERANCE) -> dict[str, Any]:
     per_mod: dict[str, Any] = {}
     mixed = open_tail = 0
     for name, m in (("all", None), *((m.label, m) for m in Modality)):
@@ -125,20 +169,24 @@ def summarise(samples: list[SampleChunks], grid: tuple[int, int]) -> dict[str, A
             if closed:
                 mixed += int((s.modality[start:end] != s.modality[end - 1]).sum())
             open_tail += not closed
-    # per-image extremes (whole images can flip between one chunk and all boundaries)
-    P = grid[0] * grid[1]
-    per_image, p_std = [], []
-    for s in samples:
-        for start in image_starts(s.modality):
-            per_image.append(int(s.boundary[start:start + P].sum()))
-            p_std.append(float(s.p[start + 1:start + P].std()))  # the first patch is a forced boundary
-    if per_image:
-        per_mod["image"]["per_image_boundaries"] = _spread([float(x) for x in per_image])
+    records = image_records(samples, grid)
+    if records:
+        img = per_mod["image"]
+        n = len(records)
+        img["images"] = n
+        img["per_image_boundaries"] = _spread([float(r["boundaries"]) for r in records])
+        # per-image ratios are P / boundaries: a few discrete values, so counted, not summarised
+        img["per_image_ratio"] = {f"{k:.2f}": v for k, v in sorted(Counter(r["ratio"] for r in records).items())}
         # how differently the chunker scores the patches of one image: near 0 = all-or-nothing images
-        per_mod["image"]["within_image_p_std"] = _spread(p_std)
-        per_mod["image"]["images_one_chunk"] = sum(x <= 1 for x in per_image)
-        per_mod["image"]["images_all_boundaries"] = sum(x == P for x in per_image)
-        per_mod["image"]["images"] = len(per_image)
+        img["within_image_p_std"] = _spread([r["p_std"] for r in records])
+        img["images_one_chunk"] = sum(r["degenerate"] == "one chunk" for r in records)
+        img["images_all_boundaries"] = sum(r["degenerate"] == "all boundaries" for r in records)
+        img["degenerate_fraction"] = (img["images_one_chunk"] + img["images_all_boundaries"]) / n
+        with_pixels = [(s.image_diffs[k], s.boundary[st:st + len(s.image_diffs[k])])
+                       for s in samples for k, st in enumerate(image_starts(s.modality)) if k < len(s.image_diffs)]
+        if with_pixels:
+            img["content"] = change_repeat_rates([d for d, _ in with_pixels], [b for _, b in with_pixels], tolerance)
+        img["per_image"] = records
     reported = {}
     for name in ("all", "text", "image"):
         t = sum(s.reported.get(name, (0, 0))[0] for s in samples)

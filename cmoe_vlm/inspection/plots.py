@@ -1,16 +1,18 @@
-"""PNG figures of the inspection: per-image chunk maps, compression, chunk lengths, p histograms."""
+"""PNG figures of the inspection: each shown image with its chunk map, p heatmap and changing cells;
+compression per modality, chunk lengths, p histograms."""
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-
-from cmoe_base import Modality
 
 from .analysis import SampleChunks, image_starts
+from .image_content import REPEAT_TOLERANCE, SUBCELLS, model_pixels
+
+DISCRETE_MAX = 12   # at most this many distinct values: a bar per value, not a histogram
+ANNOTATE_MAX_COLS = 16  # token grids up to this wide get their p written in each cell
+COLOURS = {"text": "#5b9bd5", "image": "#ed7d31"}
 
 
 def _plt():
@@ -21,102 +23,184 @@ def _plt():
     return plt
 
 
+def annotate_cells(ax, values: np.ndarray, cmap, vmin: float, vmax: float, fmt: str = "{:.2f}",
+                   fontsize: float = 10) -> None:
+    """Write each cell's value over an imshow of `values` (rows, cols), black or white, whichever
+    reads better on that cell's colour."""
+    for (r, c), v in np.ndenumerate(values):
+        rgb = cmap((v - vmin) / max(vmax - vmin, 1e-12))[:3]
+        light = 0.299 * rgb[0] + 0.587 * rgb[1] + 0.114 * rgb[2] > 0.5
+        ax.text(c + 0.5, r + 0.5, fmt.format(v), ha="center", va="center", fontsize=fontsize,
+                color="black" if light else "white")
+
+
+def _outline_chunks(ax, cid: np.ndarray) -> None:
+    """Thick lines between cells of different chunks (and around the image), in token units."""
+    import matplotlib.patheffects as pe
+    from matplotlib.collections import LineCollection
+
+    rows, cols = cid.shape
+    r, c = np.nonzero(cid[:, :-1] != cid[:, 1:])  # a vertical edge right of (r, c)
+    segs = [[(x + 1, y), (x + 1, y + 1)] for y, x in zip(r, c)]
+    r, c = np.nonzero(cid[:-1] != cid[1:])         # a horizontal edge below (r, c)
+    segs += [[(x, y + 1), (x + 1, y + 1)] for y, x in zip(r, c)]
+    segs += [[(0, 0), (cols, 0), (cols, rows), (0, rows), (0, 0)]]
+    ax.add_collection(LineCollection(segs, colors="black", linewidths=2.5, capstyle="round",
+                                     path_effects=[pe.Stroke(linewidth=4.5, foreground="white"), pe.Normal()]))
+
+
 def image_chunk_map(s: SampleChunks, image_index: int, grid: tuple[int, int], mean_std, path: Path,
-                    title: str) -> Path:
-    """Two panels: the image as the model saw it, and the same image with its chunk map."""
+                    title: str, tolerance: float = REPEAT_TOLERANCE) -> Path:
+    """Four panels over the image as the model saw it: the image with its token grid, the chunk map
+    (a colour and an outline per chunk, a dot on each boundary token), the boundary probability p per
+    token (colour bar), and which tokens change or repeat their predecessor's pixels."""
     plt = _plt()
     from matplotlib import colormaps
+    from matplotlib.patches import Patch
 
     rows, cols = grid
-    starts = image_starts(s.modality)
-    start = int(starts[image_index])
     P = rows * cols
+    start = int(image_starts(s.modality)[image_index])
     cid = s.chunk_id[start:start + P].reshape(rows, cols)
     bnd = s.boundary[start:start + P].reshape(rows, cols)
     pgrid = s.p[start:start + P].reshape(rows, cols)
-    mean, std = (torch.tensor(x).view(3, 1, 1) for x in mean_std)
-    img = (s.images[image_index].cpu().float() * std + mean).clamp(0, 1).permute(1, 2, 0).numpy()
+    img = model_pixels(s.images[image_index], mean_std)
     H, W = img.shape[:2]
-    ch, cw = H / rows, W / cols
-    uniq = {c: i for i, c in enumerate(sorted(set(cid.ravel().tolist())))}
+    extent = (0, cols, rows, 0)  # token units: cell (r, c) is the unit square at (c, r)
+    grey = np.repeat(img.mean(-1, keepdims=True), 3, -1)
+    fig, axes = plt.subplots(2, 2, figsize=(12, 12.5))
+    (a_img, a_chunk), (a_p, a_content) = axes
+    for ax in axes.ravel():
+        ax.imshow(img if ax is a_img or ax is a_chunk else grey, extent=extent, interpolation="nearest")
+        ax.set_xticks(range(cols + 1))
+        ax.set_yticks(range(rows + 1))
+        ax.tick_params(labelsize=8, length=0)
+        ax.set_xlim(0, cols)
+        ax.set_ylim(rows, 0)
+    a_img.grid(color="white", lw=0.6, alpha=0.7)
+    a_img.set_title(f"model input: {H}×{W} px, {rows}×{cols} tokens of {H // rows}×{W // cols} px,\n"
+                    f"read in raster order (left→right, top→bottom)", fontsize=11)
+
+    # chunk map: colour and outline per chunk, a dot on each boundary (it closes its chunk)
     palette = colormaps["tab20"]
-    colour = np.array([[palette(uniq[c] % 20)[:3] for c in row] for row in cid.tolist()])
-    overlay = np.kron(colour, np.ones((int(math.ceil(ch)), int(math.ceil(cw)), 1)))[:H, :W]
-    fig, axes = plt.subplots(1, 3, figsize=(10, 3.8))
-    axes[0].imshow(img)
-    axes[0].set_title("image (model input)", fontsize=9)
-    axes[1].imshow(img)
-    axes[1].imshow(overlay, alpha=0.55)
-    for r in range(rows):  # white lines between cells of different chunks
-        for c in range(cols):
-            if c + 1 < cols and cid[r, c] != cid[r, c + 1]:
-                axes[1].plot([(c + 1) * cw - 0.5] * 2, [r * ch - 0.5, (r + 1) * ch - 0.5], color="white", lw=2)
-            if r + 1 < rows and cid[r, c] != cid[r + 1, c]:
-                axes[1].plot([c * cw - 0.5, (c + 1) * cw - 0.5], [(r + 1) * ch - 0.5] * 2, color="white", lw=2)
-            if bnd[r, c]:
-                axes[1].plot((c + 0.5) * cw - 0.5, (r + 0.5) * ch - 0.5, "o", color="black", ms=5, mec="white")
-    axes[1].set_title(f"chunk map: {len(uniq)} chunks, {int(bnd.sum())} boundaries (●)", fontsize=9)
-    im = axes[2].imshow(pgrid, vmin=0, vmax=1, cmap="viridis")
-    for r in range(rows):
-        for c in range(cols):
-            axes[2].text(c, r, f"{pgrid[r, c]:.2f}", ha="center", va="center", fontsize=7,
-                         color="white" if pgrid[r, c] < 0.6 else "black")
-    axes[2].set_title("boundary probability p per patch", fontsize=9)
-    fig.colorbar(im, ax=axes[2], fraction=0.046)
-    for ax in axes:
-        ax.set_xticks([])
-        ax.set_yticks([])
-    fig.suptitle(title, fontsize=10)
-    fig.text(0.5, 0.01, "Patches are read in raster order (left→right, top→bottom); a boundary patch closes its "
-             "chunk; the first patch's chunk may start in the text before the image.", ha="center", fontsize=7)
-    fig.tight_layout(rect=(0, 0.04, 1, 0.95))
-    fig.savefig(path, dpi=100)
+    order = {c: i for i, c in enumerate(sorted(set(cid.ravel().tolist())))}
+    colour = np.array([[palette((2 * order[c] + order[c] // 10) % 20)[:3] for c in row] for row in cid.tolist()])
+    a_chunk.imshow(colour, extent=extent, alpha=0.5, interpolation="nearest")
+    _outline_chunks(a_chunk, cid)
+    br, bc = np.nonzero(bnd)
+    a_chunk.scatter(bc + 0.5, br + 0.5, s=60, color="black", edgecolors="white", linewidths=1.5, zorder=3)
+    nb = int(bnd.sum())
+    a_chunk.set_title(f"chunk map: {len(order)} chunk{'s' * (len(order) != 1)} (a colour and an outline each),\n"
+                      f"● = boundary token ({nb}), the last token of its chunk", fontsize=11)
+
+    # p over the image
+    cmap = colormaps["viridis"]
+    im = a_p.imshow(pgrid, extent=extent, vmin=0, vmax=1, cmap=cmap, alpha=0.75, interpolation="nearest")
+    if cols <= ANNOTATE_MAX_COLS:
+        annotate_cells(a_p, pgrid, cmap, 0, 1, fontsize=11 if cols <= 8 else 7)
+    bar = fig.colorbar(im, ax=a_p, fraction=0.046, pad=0.03)
+    bar.set_label("boundary probability p (boundary at p ≥ 0.5)", fontsize=10)
+    bar.ax.axhline(0.5, color="red", lw=2)
+    p_rest = s.p[start + 1:start + P]
+    a_p.set_title(f"boundary probability per token: mean {p_rest.mean():.2f}, spread (std) {p_rest.std():.3f}\n"
+                  f"over the non-forced tokens (the first is forced, p = 1)", fontsize=11)
+
+    # content: does each token's cell change from the one the chunker compares it with?
+    diff = s.image_diffs[image_index] if image_index < len(s.image_diffs) else None
+    if diff is not None:
+        changes = (diff > tolerance).reshape(rows, cols)
+        shade = np.zeros((rows, cols, 4))
+        shade[changes] = (1.0, 0.35, 0.0, 0.55)
+        shade[~changes] = (0.2, 0.2, 0.2, 0.55)
+        shade[0, 0] = (1, 1, 1, 0.0)
+        a_content.imshow(shade, extent=extent, interpolation="nearest")
+        a_content.add_patch(plt.Rectangle((0, 0), 1, 1, fill=False, hatch="//", edgecolor="white", lw=0))
+        a_content.scatter(bc + 0.5, br + 0.5, s=60, color="black", edgecolors="white", linewidths=1.5, zorder=3)
+        ch, rp = changes.ravel()[1:], ~changes.ravel()[1:]
+        b = bnd.ravel()[1:]
+        a_content.set_title(f"boundaries on changing tokens: {int(b[ch].sum())}/{int(ch.sum())}, "
+                            f"on repeating: {int(b[rp].sum())}/{int(rp.sum())}\n"
+                            f"repeat: mean |Δ| of {SUBCELLS}×{SUBCELLS} block means ≤ {tolerance:g} "
+                            f"vs the cell scored against", fontsize=11)
+        a_content.legend(handles=[Patch(color=(1.0, 0.35, 0.0, 0.55), label="changes"),
+                                  Patch(color=(0.2, 0.2, 0.2, 0.55), label="repeats"),
+                                  Patch(facecolor="none", edgecolor="gray", hatch="//", label="first (forced)")],
+                         loc="upper center", bbox_to_anchor=(0.5, -0.04), ncol=3, fontsize=10, frameon=False)
+    else:
+        a_content.set_axis_off()
+    fig.suptitle(title, fontsize=13)
+    fig.text(0.5, 0.005, "Axes in token cells. The first token's chunk may start in the text before the image; "
+             "tokens after an image's last boundary join no concept (docs/design.md §4).", ha="center", fontsize=9)
+    fig.tight_layout(rect=(0, 0.015, 1, 0.97))
+    fig.savefig(path, dpi=90)
     plt.close(fig)
     return path
 
 
+def value_counts_panel(ax, values: list[float], colour: str) -> str:
+    """The distribution of `values` on ax: a bar per distinct value when there are few (ratios of
+    small images take only P / k values), else a histogram. Returns which ('bars' or 'histogram')."""
+    distinct, counts = np.unique(np.round(values, 2), return_counts=True)
+    if len(distinct) <= DISCRETE_MAX:
+        span = distinct[-1] - distinct[0] if len(distinct) > 1 else 1.0
+        ax.bar(distinct, counts, width=max(span * 0.03, 0.05), color=colour)
+        ax.set_xticks(distinct, [f"{v:g}" for v in distinct], fontsize=9)
+        for x, n in zip(distinct, counts):
+            ax.text(x, n, str(n), ha="center", va="bottom", fontsize=9)
+        kind = "bars"
+    else:
+        ax.hist(values, bins=20, color=colour, edgecolor="white")
+        kind = "histogram"
+    from matplotlib.ticker import MaxNLocator
+
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    return kind
+
+
+def chunk_length_panel(ax, m: str, stats: dict[str, Any], colour: str) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    h = stats["chunk_length"]["histogram"]
+    ax.bar([int(k) for k in h], list(h.values()), color=colour)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel(f"{m} tokens in the chunk")
+    ax.set_ylabel("chunks")
+    ax.set_title(f"{m}: chunk lengths (mean {stats['chunk_length']['mean']:.2f})", fontsize=10)
+
+
 def summary_plots(summary: dict[str, Any], samples: list[SampleChunks], out: Path, label: str,
                   targets: dict[str, float]) -> dict[str, str]:
+    """compression.png, chunk_lengths.png, boundary_probs.png under out: one panel per modality."""
     plt = _plt()
     mods = [m for m in ("text", "image") if summary["modalities"][m]["tokens"]]
     paths = {}
-    # compression per modality: per-sample ratios (dots, box) and the pooled ratio (bar)
-    fig, ax = plt.subplots(figsize=(5.5, 4))
-    for i, m in enumerate(mods):
-        code = int(Modality.TEXT if m == "text" else Modality.IMAGE)
-        vals = [c[0] / max(c[1], 1) for c in (s.counts()[m] for s in samples) if c[0]]
-        ax.bar(i, summary["modalities"][m]["ratio"], color="#9cc3e6" if m == "text" else "#f4b183", alpha=0.6,
-               label="pooled ratio (all tokens / all boundaries)" if i == 0 else None)
-        ax.boxplot([vals], positions=[i], widths=0.35, showfliers=False)
-        ax.scatter(np.full(len(vals), i) + np.random.default_rng(code).uniform(-0.12, 0.12, len(vals)), vals, s=8,
-                   color="k", alpha=0.5, label="one sample" if i == 0 else None)
-    for name, r in targets.items():
-        ax.axhline(r, ls="--", color="gray")
-        ax.text(len(mods) - 0.5, r, f" target {name} R={r:g}", va="bottom", ha="right", fontsize=8)
-    ax.set_xticks(range(len(mods)), mods)
-    ax.set_ylabel("compression ratio (tokens per chunk)")
-    ax.set_title(f"{label}: compression per modality ({summary['num_samples']} samples)", fontsize=9)
-    ax.legend(fontsize=7, loc="upper left")
-    fig.tight_layout()
-    fig.savefig(out / "compression.png", dpi=100)
-    plt.close(fig)
-    paths["compression_png"] = str(out / "compression.png")
+
     def per_modality(name: str, title: str, draw) -> None:  # one panel per modality, saved as name.png
-        fig, axes = plt.subplots(1, len(mods), figsize=(4.5 * len(mods), 3.5), squeeze=False)
+        fig, axes = plt.subplots(1, len(mods), figsize=(5.5 * len(mods), 4.2), squeeze=False)
         for ax, m in zip(axes[0], mods):
-            draw(ax, m, summary["modalities"][m], "#9cc3e6" if m == "text" else "#f4b183")
-        fig.suptitle(f"{label}: {title}", fontsize=10)
+            draw(ax, m, summary["modalities"][m], COLOURS[m])
+        fig.suptitle(f"{label}: {title}", fontsize=11)
         fig.tight_layout()
         fig.savefig(out / f"{name}.png", dpi=100)
         plt.close(fig)
         paths[f"{name}_png"] = str(out / f"{name}.png")
 
-    def chunk_lengths(ax, m, stats, colour) -> None:
-        h = stats["chunk_length"]["histogram"]
-        ax.bar([int(k) for k in h], list(h.values()), color=colour)
-        ax.set_xlabel(f"{m} tokens in the chunk")
-        ax.set_ylabel("chunks")
-        ax.set_title(f"{m}: chunk lengths (mean {stats['chunk_length']['mean']:.2f})", fontsize=9)
+    def compression(ax, m, stats, colour) -> None:
+        if m == "image" and "per_image" in stats:
+            values, unit = [r["ratio"] for r in stats["per_image"]], "images"
+        else:
+            values, unit = [t / max(b, 1) for t, b in (s.counts()[m] for s in samples) if t], "samples"
+        value_counts_panel(ax, values, colour)
+        ax.axvline(stats["ratio"], color="black", lw=1.5, label=f"pooled ratio {stats['ratio']:.2f}")
+        if m in targets:
+            ax.axvline(targets[m], color="gray", ls="--", lw=1.5, label=f"target R = {targets[m]:g}")
+        elif "all" in targets:
+            ax.axvline(targets["all"], color="gray", ls=":", lw=1.5, label=f"joint target (all tokens) R = {targets['all']:g}")
+        ax.set_xlabel(f"{m} ratio per {unit[:-1]} (tokens / boundaries)")
+        ax.set_ylabel(unit)
+        ax.set_title(f"{m}: compression of {len(values)} {unit}", fontsize=10)
+        ax.legend(fontsize=8)
 
     def boundary_probs(ax, m, stats, colour) -> None:
         bp = stats["boundary_prob"]
@@ -125,9 +209,10 @@ def summary_plots(summary: dict[str, Any], samples: list[SampleChunks], out: Pat
         ax.axvline(0.5, color="red", ls="--", label="threshold 0.5")
         ax.set_xlabel("boundary probability p")
         ax.set_ylabel("tokens")
-        ax.set_title(f"{m}: p ≥ 0.5 for {bp['fraction_at_or_above_0.5']:.0%} of tokens", fontsize=9)
-        ax.legend(fontsize=7)
+        ax.set_title(f"{m}: p ≥ 0.5 for {bp['fraction_at_or_above_0.5']:.0%} of tokens", fontsize=10)
+        ax.legend(fontsize=8)
 
-    per_modality("chunk_lengths", "how many tokens each chunk holds", chunk_lengths)
+    per_modality("compression", f"compression per modality ({summary['num_samples']} samples)", compression)
+    per_modality("chunk_lengths", "how many tokens each chunk holds", chunk_length_panel)
     per_modality("boundary_probs", "boundary probabilities (forced boundaries have p = 1)", boundary_probs)
     return paths

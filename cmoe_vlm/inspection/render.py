@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import html
+from typing import Any
 
 from cmoe_base import Modality
 
@@ -86,10 +87,67 @@ def html_sample(s: SampleChunks, strings: list[str], idx: int, image_files: list
     return f'<h2>Sample {idx}</h2><p class="stats">{stats}</p><div class="text">{"".join(parts)}</div>'
 
 
+def _rate(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.0%}"
+
+
+def html_overview(summary: dict[str, Any], plots: list[str], images: list[tuple[str, dict[str, Any]]]) -> str:
+    """The report's top: per-modality compression, what the image chunker does with changing and
+    repeating content, the summary plots, and the chosen image maps (file, image record)."""
+    mods = summary["modalities"]
+    rows = []
+    for m in ("all", "text", "image"):
+        e = mods[m]
+        if e["tokens"]:
+            sp = e["ratio_per_sample"]
+            rows.append(f"<tr><td>{m}</td><td>{e['tokens']}</td><td>{e['boundaries']}</td><td><b>{e['ratio']:.2f}</b>"
+                        f"</td><td>{sp['min']:.2f} / {sp['median']:.2f} / {sp['max']:.2f}</td><td>{e['mean_p']:.2f}</td>"
+                        f"</tr>")
+    parts = ['<h2>Compression</h2><table class="t"><tr><th>tokens</th><th>count</th><th>boundaries</th>'
+             '<th>ratio</th><th>per sample min / median / max</th><th>mean p</th></tr>' + "".join(rows) + "</table>"]
+    img = mods["image"]
+    if img.get("images"):
+        items = []
+        c = img.get("content")
+        if c:
+            ch, rp = c["changing"], c["repeating"]
+            q = c["rate_changing_over_repeating"]
+            items.append(f"<li>Boundary rate on <b>changing</b> image tokens {_rate(ch['rate'])} "
+                         f"({ch['boundaries']} of {ch['tokens']}), on <b>repeating</b> ones {_rate(rp['rate'])} "
+                         f"({rp['boundaries']} of {rp['tokens']}); changing / repeating = "
+                         f"{'n/a' if q is None else f'{q:.2f}'}. A token repeats when its pixel cell differs from "
+                         f"the cell the chunker scores it against ({html.escape(summary.get('image_chunking', 'raster'))}"
+                         f" scan) by at most {c['tolerance']:g} in mean absolute value ([0, 1] RGB, the image as the "
+                         f"model saw it); the first token of each image ({c['first_tokens_excluded']}) is a forced "
+                         f"boundary and left out.</li>")
+        items.append(f"<li><b>Degenerate images</b>: {img['degenerate_fraction']:.0%} of {img['images']} "
+                     f"({img['images_one_chunk']} one chunk, {img['images_all_boundaries']} every token a "
+                     f"boundary).</li>")
+        sd = img["within_image_p_std"]
+        items.append(f"<li><b>Within-image spread of p</b> (std over each image's non-forced tokens): median "
+                     f"{sd['median']:.3f}, range {sd['min']:.3f}-{sd['max']:.3f}; near 0 means the chunker scores "
+                     f"every patch of an image alike (all-or-nothing images).</li>")
+        counts = ", ".join(f"{r} &times; {n}" for r, n in img["per_image_ratio"].items())
+        items.append(f"<li>Per-image ratios (ratio &times; images): {counts}.</li>")
+        parts.append("<h2>Images</h2><ul>" + "".join(items) + "</ul>")
+    parts.append("".join(f'<img src="{html.escape(p)}" alt="{html.escape(p)}" class="plot">' for p in plots))
+    if images:
+        parts.append(f"<h2>{len(images)} images, most compressed first</h2><p>Chosen over all {summary['num_samples']} "
+                     "samples to cover the range of per-image ratios. Each shows the image as the model saw it, its "
+                     "chunk map (one colour and outline per chunk, &#9679; = boundary token), the boundary "
+                     "probability per token and which tokens change or repeat their predecessor's pixels.</p>")
+        for name, r in images:
+            parts.append(f'<p class="stats">sample {r["sample"]}, image {r["image"]}: ratio {r["ratio"]:.2f}, '
+                         f'p spread {r["p_std"]:.3f}{", " + r["degenerate"] if r["degenerate"] else ""}</p>'
+                         f'<img src="{html.escape(name)}" alt="{html.escape(name)}" class="map">')
+    return "\n".join(parts) + "<h2>Samples</h2>\n"
+
+
 HTML_HEAD = """<!doctype html><html><head><meta charset="utf-8"><title>Chunk boundaries</title>
-<style>body{{font-family:sans-serif;max-width:70em;margin:2em auto;line-height:1.9}}
+<style>body{{font-family:sans-serif;max-width:80em;margin:2em auto;line-height:1.9}}
 .text{{font-family:monospace;white-space:pre-wrap;word-break:break-all}}
-.tok{{padding:1px 0}} .tok.b{{border-right:3px solid #c00}} .map{{margin:.5em 0;max-width:48em}}
+.tok{{padding:1px 0}} .tok.b{{border-right:3px solid #c00}} .map{{margin:.5em 0;width:100%;max-width:64em}}
+.plot{{max-width:100%;margin:.5em 0}} .t td,.t th{{padding:2px 10px;text-align:right}}
 .stats{{color:#444}} .legend span{{padding:2px 6px;margin-right:4px}}</style></head><body>
 <h1>How {model} chunks its input</h1>
 <p>The model groups consecutive tokens into <b>chunks</b> (concepts); the expensive middle of the model
@@ -99,9 +157,7 @@ token</b>: the last token of its chunk. Hover over a token to see its boundary p
 is a boundary when p &ge; 0.5); &#8629; is a line break, &#10216;bos&#10217;/&#10216;eos&#10217; start
 and end a document, &#10216;img&#10217;/&#10216;/img&#10217; enclose an image.</p>
 <p>Images are shown as pictures with their <b>chunk map</b>: each image token covers one cell of the
-grid; cells of the same colour belong to one chunk, white lines separate different chunks, and a dot
-marks a boundary patch. The compression ratio of a modality is its tokens divided by its boundaries
-(higher = more compression).</p>
-<p class="legend">Summary over {n} samples: {summary}. See compression.json and the PNG plots for the
-distributions.</p>
+grid; cells of one colour, inside one outline, belong to one chunk, and a dot marks a boundary token.
+The compression ratio of a modality is its tokens divided by its boundaries (higher = more compression).</p>
+<p class="legend">Summary over {n} samples: {summary}. compression.json has every number below.</p>
 """
