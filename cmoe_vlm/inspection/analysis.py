@@ -13,7 +13,7 @@ from cmoe_base import Modality
 from data_pipelines.packing import split_point
 
 from ..runner import ModelRunner
-from .image_content import REPEAT_TOLERANCE, change_repeat_rates, cell_difference, model_pixels
+from .image_content import REPEAT_TOLERANCE, cell_difference, change_repeat_rates, model_pixels
 
 P_BINS = np.linspace(0.0, 1.0, 21)
 
@@ -101,7 +101,8 @@ def image_records(samples: list[SampleChunks], grid: tuple[int, int]) -> list[di
     for i, s in enumerate(samples):
         for k, start in enumerate(image_starts(s.modality)):
             n = int(s.boundary[start:start + P].sum())
-            out.append({"sample": i, "image": k, "start": int(start), "boundaries": n, "ratio": round(P / max(n, 1), 2),
+            out.append({"sample": i, "image": k, "start": int(start), "boundaries": n,
+                        "ratio": round(P / max(n, 1), 2),
                         "p_std": float(s.p[start + 1:start + P].std()),  # the first patch is a forced boundary
                         "degenerate": "one chunk" if n <= 1 else "all boundaries" if n == P else None})
     return out

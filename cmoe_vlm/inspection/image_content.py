@@ -62,12 +62,14 @@ def cell_difference(pixels: np.ndarray, grid: tuple[int, int], above: bool = Fal
 
 
 def change_repeat_rates(diffs: list[np.ndarray], boundaries: list[np.ndarray],
-                   tolerance: float = REPEAT_TOLERANCE) -> dict[str, object]:
+                        tolerance: float = REPEAT_TOLERANCE) -> dict[str, object]:
     """Pooled over images (each a (P,) cell difference and (P,) boundary mask): the boundary rate on
-    changing and on repeating tokens, and their quotient (the first token of each image excluded)."""
+    changing and on repeating tokens, and their quotient (None when a rate is missing or the
+    repeating rate is 0); the first token of each image is left out."""
     d = np.concatenate([x[1:] for x in diffs]) if diffs else np.zeros(0)
     b = np.concatenate([x[1:] for x in boundaries]) if boundaries else np.zeros(0, dtype=bool)
-    out: dict[str, object] = {"tolerance": tolerance, "first_tokens_excluded": len(diffs)}
+    out: dict[str, object] = {"tolerance": tolerance, "cell_blocks": SUBCELLS,
+                              "first_tokens_excluded": len(diffs)}
     for name, sel in (("changing", d > tolerance), ("repeating", d <= tolerance)):
         n = int(sel.sum())
         out[name] = {"tokens": n, "boundaries": int(b[sel].sum()), "rate": float(b[sel].mean()) if n else None}

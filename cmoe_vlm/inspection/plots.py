@@ -84,6 +84,7 @@ def image_chunk_map(s: SampleChunks, image_index: int, grid: tuple[int, int], me
     # chunk map: colour and outline per chunk, a dot on each boundary (it closes its chunk)
     palette = colormaps["tab20"]
     order = {c: i for i, c in enumerate(sorted(set(cid.ravel().tolist())))}
+    # tab20 holds 10 hues in dark/light pairs: neighbouring chunks get different hues
     colour = np.array([[palette((2 * order[c] + order[c] // 10) % 20)[:3] for c in row] for row in cid.tolist()])
     a_chunk.imshow(colour, extent=extent, alpha=0.5, interpolation="nearest")
     _outline_chunks(a_chunk, cid)
@@ -140,6 +141,8 @@ def image_chunk_map(s: SampleChunks, image_index: int, grid: tuple[int, int], me
 def value_counts_panel(ax, values: list[float], colour: str) -> str:
     """The distribution of `values` on ax: a bar per distinct value when there are few (ratios of
     small images take only P / k values), else a histogram. Returns which ('bars' or 'histogram')."""
+    from matplotlib.ticker import MaxNLocator
+
     distinct, counts = np.unique(np.round(values, 2), return_counts=True)
     if len(distinct) <= DISCRETE_MAX:
         span = distinct[-1] - distinct[0] if len(distinct) > 1 else 1.0
@@ -151,13 +154,12 @@ def value_counts_panel(ax, values: list[float], colour: str) -> str:
     else:
         ax.hist(values, bins=20, color=colour, edgecolor="white")
         kind = "histogram"
-    from matplotlib.ticker import MaxNLocator
-
     ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     return kind
 
 
 def chunk_length_panel(ax, m: str, stats: dict[str, Any], colour: str) -> None:
+    """Chunks per length (tokens of modality m in the chunk), on integer axes."""
     from matplotlib.ticker import MaxNLocator
 
     h = stats["chunk_length"]["histogram"]
@@ -196,7 +198,8 @@ def summary_plots(summary: dict[str, Any], samples: list[SampleChunks], out: Pat
         if m in targets:
             ax.axvline(targets[m], color="gray", ls="--", lw=1.5, label=f"target R = {targets[m]:g}")
         elif "all" in targets:
-            ax.axvline(targets["all"], color="gray", ls=":", lw=1.5, label=f"joint target (all tokens) R = {targets['all']:g}")
+            ax.axvline(targets["all"], color="gray", ls=":", lw=1.5,
+                       label=f"joint target (all tokens) R = {targets['all']:g}")
         ax.set_xlabel(f"{m} ratio per {unit[:-1]} (tokens / boundaries)")
         ax.set_ylabel(unit)
         ax.set_title(f"{m}: compression of {len(values)} {unit}", fontsize=10)

@@ -100,10 +100,10 @@ def html_overview(summary: dict[str, Any], plots: list[str], images: list[tuple[
         e = mods[m]
         if e["tokens"]:
             sp = e["ratio_per_sample"]
-            rows.append(f"<tr><td>{m}</td><td>{e['tokens']}</td><td>{e['boundaries']}</td><td><b>{e['ratio']:.2f}</b>"
-                        f"</td><td>{sp['min']:.2f} / {sp['median']:.2f} / {sp['max']:.2f}</td><td>{e['mean_p']:.2f}</td>"
-                        f"</tr>")
-    parts = ['<h2>Compression</h2><table class="t"><tr><th>tokens</th><th>count</th><th>boundaries</th>'
+            rows.append(f"<tr><td>{m}</td><td>{e['tokens']}</td><td>{e['boundaries']}</td>"
+                        f"<td><b>{e['ratio']:.2f}</b></td><td>{sp['min']:.2f} / {sp['median']:.2f} / {sp['max']:.2f}"
+                        f"</td><td>{e['mean_p']:.2f}</td></tr>")
+    parts = ['<h2>Compression</h2><table class="t"><tr><th></th><th>tokens</th><th>boundaries</th>'
              '<th>ratio</th><th>per sample min / median / max</th><th>mean p</th></tr>' + "".join(rows) + "</table>"]
     img = mods["image"]
     if img.get("images"):
@@ -116,10 +116,10 @@ def html_overview(summary: dict[str, Any], plots: list[str], images: list[tuple[
                          f"({ch['boundaries']} of {ch['tokens']}), on <b>repeating</b> ones {_rate(rp['rate'])} "
                          f"({rp['boundaries']} of {rp['tokens']}); changing / repeating = "
                          f"{'n/a' if q is None else f'{q:.2f}'}. A token repeats when its pixel cell differs from "
-                         f"the cell the chunker scores it against ({html.escape(summary.get('image_chunking', 'raster'))}"
-                         f" scan) by at most {c['tolerance']:g} in mean absolute value ([0, 1] RGB, the image as the "
-                         f"model saw it); the first token of each image ({c['first_tokens_excluded']}) is a forced "
-                         f"boundary and left out.</li>")
+                         f"the cell the chunker scores it against ({html.escape(summary['image_chunking'])} scan) "
+                         f"by at most {c['tolerance']:g} in mean absolute value of their {c['cell_blocks']}×"
+                         f"{c['cell_blocks']} block means ([0, 1] RGB, the image as the model saw it); the first "
+                         f"token of each image ({c['first_tokens_excluded']}) is a forced boundary and left out.</li>")
         items.append(f"<li><b>Degenerate images</b>: {img['degenerate_fraction']:.0%} of {img['images']} "
                      f"({img['images_one_chunk']} one chunk, {img['images_all_boundaries']} every token a "
                      f"boundary).</li>")
@@ -132,10 +132,11 @@ def html_overview(summary: dict[str, Any], plots: list[str], images: list[tuple[
         parts.append("<h2>Images</h2><ul>" + "".join(items) + "</ul>")
     parts.append("".join(f'<img src="{html.escape(p)}" alt="{html.escape(p)}" class="plot">' for p in plots))
     if images:
-        parts.append(f"<h2>{len(images)} images, most compressed first</h2><p>Chosen over all {summary['num_samples']} "
-                     "samples to cover the range of per-image ratios. Each shows the image as the model saw it, its "
-                     "chunk map (one colour and outline per chunk, &#9679; = boundary token), the boundary "
-                     "probability per token and which tokens change or repeat their predecessor's pixels.</p>")
+        parts.append(f"<h2>{len(images)} images, most compressed first</h2><p>Chosen over all "
+                     f"{summary['num_samples']} samples to cover the range of per-image ratios. Each shows the "
+                     "image as the model saw it, its chunk map (one colour and outline per chunk, &#9679; = "
+                     "boundary token), the boundary probability per token and which tokens change or repeat "
+                     "their predecessor's pixels.</p>")
         for name, r in images:
             parts.append(f'<p class="stats">sample {r["sample"]}, image {r["image"]}: ratio {r["ratio"]:.2f}, '
                          f'p spread {r["p_std"]:.3f}{", " + r["degenerate"] if r["degenerate"] else ""}</p>'
