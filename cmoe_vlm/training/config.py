@@ -101,6 +101,9 @@ class ExperimentConfig:
             check(given is None or given == value, f"data.{name}", given,
                   f"must equal what the vision and projector configs give ({value}); leave it out to derive it")
         self.data = replace(self.data, **derived)
+        check(self.data.seq_len <= self.model.max_seq_len, "data.seq_len", self.data.seq_len,
+              f"must be <= model.max_seq_len = {self.model.max_seq_len} (a row may hold one document as long "
+              f"as the row; raise model.max_seq_len for longer rows)")
         check(self.model.vocab_size >= 262 or self.data.tokenizer != "byte", "model.vocab_size",
               self.model.vocab_size, "must be >= 262 for the built-in byte tokenizer")
 

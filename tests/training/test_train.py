@@ -177,6 +177,8 @@ def test_config_errors_name_the_field(tmp_path):
         load_experiment(ROOT / "configs/tiny.yaml", ["projector.reduction=1", "data.tokens_per_image=16"])
     with pytest.raises(ConfigError, match="data.image_size"):
         load_experiment(ROOT / "configs/tiny.yaml", ["data.image_size=32"])
+    with pytest.raises(ConfigError, match="data.seq_len = 8192: must be <= model.max_seq_len = 4096"):
+        load_experiment(ROOT / "configs/tiny.yaml", ["data.seq_len=8192"])
     derived = load_experiment(ROOT / "configs/tiny.yaml", ["projector.reduction=1", "vision.img_size=32"]).data
     assert (derived.tokens_per_image, derived.image_size) == (16, 32)  # 4x4 patches of 8 px, no reduction
     proc = subprocess.run([sys.executable, str(ROOT / "train_vlm.py"), str(ROOT / "configs/tiny.yaml"),
