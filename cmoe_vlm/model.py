@@ -55,6 +55,7 @@ class ModelOutput:
     tokens_per_expert: list[torch.Tensor] = field(default_factory=list)  # one (E,) per MoE layer call
     boundary_probs: torch.Tensor | None = None  # (B, T) of the boundaries used
     boundaries: torch.Tensor | None = None      # (B, T) bool
+    concept_lengths: tuple[tuple[int, ...], ...] | None = None  # host: concepts per document of each row (chunking)
 
 
 @dataclass
@@ -154,6 +155,8 @@ class ConceptMoE(nn.Module):
             y, decoder_stats = self.decoder(self._decoder_input(h, c_bar, used), rope, attn, concept=c_bar)
         logits = self.lm_head(self.norm(y))
         out = self._output(logits, batch, own, used, encoder_stats + concept_stats + decoder_stats)
+        if own is not None:
+            out.concept_lengths = concepts.layout.lengths  # what the concept model ran on (MFU, cmoe_vlm/flops)
         if own is not None and self.cfg.chunk.ratio_integral > 0 and self.training and torch.is_grad_enabled():
             self._update_ratio_integral(own, batch)  # the one buffer a training forward writes
         return out

@@ -35,7 +35,8 @@ def run_train(args: list[str], **kw) -> subprocess.Popen:
 
 def test_single_process_run_learns(builtin_data, tmp_path):
     out = tmp_path / "run"
-    proc = run_train(overrides(builtin_data, out, "train.steps=40", "train.lr=3e-3", "train.eval_batches=2"))
+    proc = run_train(overrides(builtin_data, out, "train.steps=40", "train.lr=3e-3", "train.eval_batches=2",
+                               "train.peak_tflops=0.1"))
     log, _ = proc.communicate(timeout=900)
     assert proc.returncode == 0, log[-3000:]
     m = read_metrics(out)
@@ -51,6 +52,10 @@ def test_single_process_run_learns(builtin_data, tmp_path):
     assert sorted(p.name for p in (out / "checkpoints").iterdir() if p.name.startswith("step_")) == ["step_00000040"]
     for key in ("ratio_window_text", "ratio_window_image", "ratio_all", "tokens_per_s", "grad_norm", "expert_load/max_over_mean", "lr"):
         assert key in m[40], key
+    # MFU: realized training FLOPs per token (3x forward, at the achieved compression), over the given peak
+    assert summary["peak_source"] == "train.peak_tflops" and summary["checkpointed_blocks"] == 0
+    assert 1e6 < m[40]["flops_per_token"] < 3 * 20e6 and m[40]["mfu"] == pytest.approx(m[40]["tflops"] / 0.1)
+    assert m[40]["tflops"] * 1e12 == pytest.approx(m[40]["tokens_per_s"] * m[40]["flops_per_token"], rel=1e-6)
 
 
 def wait_for_steps(out_dir: Path, n: int, proc: subprocess.Popen) -> None:
