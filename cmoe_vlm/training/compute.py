@@ -21,13 +21,16 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from ..layers.block import Block
 from ..model import ConceptMoE
-from .config import TrainConfig
+
+if TYPE_CHECKING:  # not at run time: the GPU check imports this without the data pipeline (webdataset)
+    from .config import TrainConfig
 
 
 def checkpointed_blocks(lm: ConceptMoE, mode: str) -> list[Block]:
@@ -52,11 +55,11 @@ def compile_enabled(cfg: TrainConfig, device: torch.device) -> bool:
     return device.type == "cuda" if cfg.compile == "auto" else bool(cfg.compile)
 
 
-def apply_compile(lm: ConceptMoE) -> int:
+def apply_compile(lm: ConceptMoE, backend: str = "inductor") -> int:
     """torch.compile every block in place (state-dict names unchanged); returns how many."""
     blocks = [m for m in lm.modules() if isinstance(m, Block)]
     for blk in blocks:
-        blk.compile()
+        blk.compile(backend=backend)
     return len(blocks)
 
 
