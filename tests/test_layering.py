@@ -27,7 +27,8 @@ CMOE_VLM_LAYERS = """
     eval.vqa_metric eval.tasks eval.long_context eval.builtin_suite eval.harness_tasks eval.harness eval.lmms_adapter
     eval.cli eval eval.__main__
     training.config training.optim training.engine training.mfu training.compute training.metrics training.checkpoint
-    training.resume training.expert_parallel training.loop training train
+    training.resume
+    training.expert_parallel training.loop training train
     __init__
 """.split()
 

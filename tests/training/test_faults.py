@@ -13,6 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from cmoe_base import Batch
 from cmoe_vlm.config import ConfigError
 from cmoe_vlm.export import NonFiniteWeightsError, load_pretrained, save_pretrained
 from cmoe_vlm.training import loop
@@ -329,6 +330,6 @@ def test_two_process_faults_on_one_rank(builtin_data, tmp_path):
     assert mine.keys() == final.keys() and all(torch.equal(mine[k], final[k]) for k in final)
     expert3 = load_deepspeed_file(ckpt / "layer_0_expert_3_mp_rank_00_model_states.pt")
     w = next(v for k, v in expert3.items() if k.endswith("w13.weight"))
-    torch.testing.assert_close(mine["lm.encoder.0.moe.experts.w13"][3], w.T.float())
+    torch.testing.assert_close(mine["lm.encoder.layers.0.moe.experts.w13"][3], w.T.float())
     model, _ = load_pretrained(export)
-    assert torch.isfinite(model(torch.randint(0, 256, (1, 32))).logits).all()
+    assert torch.isfinite(model(Batch.of(torch.randint(0, 256, (1, 32)))).logits).all()
