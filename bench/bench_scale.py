@@ -106,10 +106,11 @@ def random_batch(cfg: ModelConfig, rows: int, T: int, docs: int, seed: int = 0) 
     return Batch(x, torch.zeros_like(x), layout, labels=x.roll(-1, 1))
 
 
-def train_steps(model: torch.nn.Module, batches, optimizer, bf16: bool, device: torch.device, steps: int,
-                min_steps: int = 1) -> tuple[list[float], list, list[float]]:
-    """Up to `steps` training steps (fwd under autocast, bwd, optimizer), stopping after `min_steps` once
-    a step has taken over ONE_STEP_AFTER seconds: (seconds per step, outputs, losses)."""
+def train_steps(model: torch.nn.Module, batches, update, bf16: bool, device: torch.device, steps: int,
+                min_steps: int = 1, after=lambda i, out: None) -> tuple[list[float], list, list[float]]:
+    """Up to `steps` training steps (forward under autocast, backward, `update()`), stopping after
+    `min_steps` once a step has taken over ONE_STEP_AFTER seconds; `after(i, out)` runs after each
+    step, untimed. Returns (seconds per step, outputs, losses)."""
     times, outs, losses = [], [], []
     for i in range(steps):
         batch = batches(i)
@@ -117,14 +118,24 @@ def train_steps(model: torch.nn.Module, batches, optimizer, bf16: bool, device: 
         with compute.autocast(device, bf16):
             out = model(batch)
         out.loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        update()
         losses.append(out.loss.item())
         times.append(time.perf_counter() - t0)
         outs.append(out)
+        after(i, out)
         if i + 1 >= min_steps and times[0] > ONE_STEP_AFTER:
             break
     return times, outs, losses
+
+
+def adamw(model: torch.nn.Module, lr: float = 1e-4):
+    """Our AdamW (param groups) without warm-up, as an update callable for `train_steps`."""
+    opt, _ = build_optimizer(model, TrainConfig(lr=lr, warmup_steps=0))
+
+    def update() -> None:
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return update
 
 
 def steady(times: list[float]) -> float:
@@ -140,12 +151,11 @@ def run_point(p: dict) -> dict:
     cfg = model_config(p["config"], p["chunking"], p["T"])
     model = ConceptMoE(cfg).train()
     compute.apply_activation_checkpointing(model, p.get("ac", "off"))
-    opt, _ = build_optimizer(model, TrainConfig(lr=1e-4, warmup_steps=0))
     rows = p.get("rows", 1)
     batch = random_batch(cfg, rows, p["T"], p["docs"])
     bf16 = p.get("dtype", "fp32") == "bf16"
     rss_before = rss_gib()
-    times, outs, _ = train_steps(model, lambda i: batch, opt, bf16, torch.device("cpu"), p.get("steps", 3),
+    times, outs, _ = train_steps(model, lambda i: batch, adamw(model), bf16, torch.device("cpu"), p.get("steps", 3),
                                  p.get("min_steps", 1))
     step_s = steady(times)
     flops = mfu.step_flops(model, batch, outs[-1])
@@ -224,18 +234,15 @@ def precision_run(dtype: str, steps: int, rows: int, seq_len: int, data_dir: str
     opt, sched = build_optimizer(model, exp.train)
     loader = iter(StreamingLoader(exp.data, image_transform=build_image_transform(model.vision, train=True)))
     batches = [next(loader) for _ in range(steps)]
-    times, outs, losses = [], [], []
-    for i in range(steps):
-        t0 = time.perf_counter()
-        with compute.autocast(torch.device("cpu"), dtype == "bf16"):
-            out = model(batches[i])
-        out.loss.backward()
+
+    def update() -> None:
         torch.nn.utils.clip_grad_norm_(model.parameters(), exp.train.grad_clip)
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
-        losses.append(out.loss.item())
-        times.append(time.perf_counter() - t0)
+
+    times, _, losses = train_steps(model, batches.__getitem__, update, dtype == "bf16", torch.device("cpu"), steps,
+                                   min_steps=steps)
     tokens = sum(b.num_tokens() for b in batches[1:])
     return {"dtype": dtype, "steps": steps, "rows": rows, "seq_len": seq_len, "losses": losses,
             "tokens_per_s": tokens / max(sum(times[1:]), 1e-9), "step_s": steady(times),
@@ -276,20 +283,15 @@ def compile_run(compiled: bool, steps: int, backend: str, rows: int = 4, T: int 
     model = ConceptMoE(cfg).train()
     if compiled:
         compute.apply_compile(model, backend=backend)
-    opt, _ = build_optimizer(model, TrainConfig(lr=1e-3, warmup_steps=0))
-    graphs, concepts, times, losses = {}, [], [], []
-    for i in range(steps):
-        batch = random_batch(cfg, rows, T, docs=1 + i % 5, seed=i)
-        t0 = time.perf_counter()
-        out = model(batch)
-        out.loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(out.loss.item())
-        times.append(time.perf_counter() - t0)
+    graphs, concepts = {}, []
+
+    def after(i: int, out) -> None:
         concepts.append(sum(map(sum, out.concept_lengths)))
         if compiled and i + 1 in (1, 2, 5, 20, 50, 100, 200, steps):
             graphs[i + 1] = compute.compiled_graphs()
+
+    times, _, losses = train_steps(model, lambda i: random_batch(cfg, rows, T, docs=1 + i % 5, seed=i),
+                                   adamw(model, 1e-3), False, torch.device("cpu"), steps, min_steps=steps, after=after)
     later = times[5:] or times[-1:]
     return {"compiled": compiled, "backend": backend if compiled else None, "steps": steps,
             "first_step_s": times[0], "second_step_s": times[1] if steps > 1 else None,
@@ -328,12 +330,12 @@ def profile_point(p: dict) -> dict:
     torch.manual_seed(0)
     cfg = model_config(p["config"], True, p["T"])
     model = ConceptMoE(cfg).train()
-    opt, _ = build_optimizer(model, TrainConfig(lr=1e-4, warmup_steps=0))
+    update = adamw(model)
     batch = random_batch(cfg, p["rows"], p["T"], p["docs"])
     bf16 = p["dtype"] == "bf16"
-    train_steps(model, lambda i: batch, opt, bf16, torch.device("cpu"), 1)
+    train_steps(model, lambda i: batch, update, bf16, torch.device("cpu"), 1)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        train_steps(model, lambda i: batch, opt, bf16, torch.device("cpu"), 1)
+        train_steps(model, lambda i: batch, update, bf16, torch.device("cpu"), 1)
     ops = [(e.key, e.self_cpu_time_total / 1e6) for e in prof.key_averages()]
     total = sum(t for _, t in ops)
 
