@@ -14,9 +14,11 @@ compile. Writes OUT/scale.json and OUT/scale.png and prints a table. Sections (`
              torch.profiler breakdown of where a step's time goes
 
 Every point runs in its own process (peak RSS is the process's), one after another. MFU divides the
-realized FLOPs (cmoe_vlm/training/mfu.py) by the CPU matmul peak measured at the start and at the end of
-the run in this process (both recorded). The machine this was written on is shared: compare ratios
-measured side by side in one run; the load average is recorded, and the figure says "preliminary".
+realized FLOPs (cmoe_vlm/training/mfu.py) by the CPU matmul peak measured at the start of the run (the
+end's is recorded too); the mfu section's points measure it in their own process just before and after
+their steps instead, the fairest denominator on a machine whose load changes. The machine this was
+written on is shared: compare ratios measured side by side in one run; the load average is recorded,
+and the figure says "preliminary".
 
     python bench/bench_scale.py [--out bench/results/scale] [--sections all|scale,ac,...] [--quick]
 
@@ -154,6 +156,8 @@ def run_point(p: dict) -> dict:
     rows = p.get("rows", 1)
     batch = random_batch(cfg, rows, p["T"], p["docs"])
     bf16 = p.get("dtype", "fp32") == "bf16"
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    peak_before = None if p.get("peak") else mfu.measure_matmul_peak(dtype)
     rss_before = rss_gib()
     times, outs, _ = train_steps(model, lambda i: batch, adamw(model), bf16, torch.device("cpu"), p.get("steps", 3),
                                  p.get("min_steps", 1))
@@ -161,8 +165,11 @@ def run_point(p: dict) -> dict:
     flops = mfu.step_flops(model, batch, outs[-1])
     tokens = batch.num_tokens()
     concepts = sum(map(sum, outs[-1].concept_lengths)) if outs[-1].concept_lengths else tokens
-    peak = p.get("peak") or mfu.measure_matmul_peak(torch.bfloat16 if bf16 else torch.float32)
+    # no peak given: the matmul peak measured right before and after the steps, in this process (on a
+    # shared machine, the fairest denominator for this point)
+    peak = p.get("peak") or (peak_before + mfu.measure_matmul_peak(dtype)) / 2
     return {**{k: v for k, v in p.items() if k != "peak"}, "steps_run": len(times), "step_s": step_s,
+            "peak_gflops": peak / 1e9, "peak_measured_here": not p.get("peak"),
             "first_step_s": times[0], "tokens_per_s": rows * p["T"] / step_s, "ratio": tokens / concepts,
             "flops_per_token": flops / tokens, "tflops": flops / step_s / 1e12, "mfu": flops / step_s / peak,
             "peak_rss_gib": peak_rss_gib(), "rss_before_step_gib": rss_before, "load": load()}
@@ -232,8 +239,9 @@ def precision_run(dtype: str, steps: int, rows: int, seq_len: int, data_dir: str
     torch.manual_seed(exp.train.seed)
     model = ConceptMoEVLM(exp.vlm).train()
     opt, sched = build_optimizer(model, exp.train)
-    loader = iter(StreamingLoader(exp.data, image_transform=build_image_transform(model.vision, train=True)))
-    batches = [next(loader) for _ in range(steps)]
+    loader = StreamingLoader(exp.data, image_transform=build_image_transform(model.vision, train=True))
+    epochs = (batch for _ in range(steps) for batch in loader)  # as many epochs as it takes
+    batches = [next(epochs) for _ in range(steps)]
 
     def update() -> None:
         torch.nn.utils.clip_grad_norm_(model.parameters(), exp.train.grad_clip)
@@ -362,8 +370,8 @@ def section_mfu(quick: bool, peaks: dict) -> dict:
     shape = dict(config="tiny", T=128, rows=2) if quick else dict(config="small", T=1024, rows=8)
     out = {}
     for dtype in ("fp32", "bf16"):
-        p = dict(**shape, docs=1, chunking=True, ac="off", dtype=dtype, steps=2 if quick else 4, min_steps=2 if quick else 3,
-                 peak=peaks[dtype])
+        # the peak measured in the point's own process, just before and after its steps
+        p = dict(**shape, docs=1, chunking=True, ac="off", dtype=dtype, steps=2 if quick else 4, min_steps=2 if quick else 3)
         out[dtype] = run_points([p], in_process=quick)[0]
         if quick:
             out[dtype]["profile"] = profile_point(p)
