@@ -1,9 +1,7 @@
 # cmoe-vlm: the two quick-start targets (each sets up .venv/ first), plus a few helpers.
 PY := .venv/bin/python
 export PYTHONWARNINGS ?= ignore::DeprecationWarning
-# OpenMP threads spin-wait by default: on a shared 2-core machine that costs several x (measured)
-export OMP_WAIT_POLICY ?= PASSIVE
-export DS_ACCELERATOR ?= $(if $(shell command -v nvidia-smi 2>/dev/null),cuda,cpu)
+# OMP_WAIT_POLICY and DS_ACCELERATOR: set by the code itself (cmoe_base/runtime.py), for direct commands too
 
 .PHONY: setup demo test test-fast bench flops clean
 

@@ -1,4 +1,4 @@
-"""The scale path on CPU (docs/design.md §15): long packed rows, MFU, activation checkpointing, bf16,
+"""The scale path on CPU (docs/design.md §17): long packed rows, MFU, activation checkpointing, bf16,
 compile. Writes OUT/scale.json and OUT/scale.png and prints a table. Sections (`--sections`):
 
   scale      training step (fwd + bwd + AdamW) of the LM over T = 1K ... 32K tokens in one row, tiny and

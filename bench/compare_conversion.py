@@ -2,8 +2,12 @@
 """Continual-training conversion, end to end (issue 9): baseline → convert → continue, side by side.
 
     python bench/compare_conversion.py [--quick] [--out bench/results/conversion]
+    python bench/compare_conversion.py --data pydoc --baseline hf-mixtral ...   # from a transformers model
 
-1. trains a baseline MoE (chunking off) on the built-in data;
+1. trains a baseline MoE (chunking off) on the built-in data; or, with `--baseline hf-mixtral`,
+   pre-trains transformers' own `MixtralForCausalLM` (its code, byte-level ids) on the same text,
+   saves it as a transformers folder (OUT/hf_mixtral) and imports that with `cmoe_vlm.hf_import`
+   (docs/design.md §16): every later run builds the import's model (its train_overrides.txt);
 2. converts its final export with `cmoe_vlm.convert` for each strategy (default: more experts and
    looped concept layers), activated FLOPs matched at the target R;
 3. continues training the baseline and every converted model for the same number of steps on the
@@ -26,6 +30,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cmoe_vlm.convert import convert, overrides_for  # noqa: E402
+from cmoe_vlm.hf_import import main as hf_import_main  # noqa: E402
 from cmoe_vlm.export import load_pretrained, save_pretrained  # noqa: E402
 from cmoe_vlm.training.config import load_experiment  # noqa: E402
 from cmoe_vlm.training.loop import train  # noqa: E402
@@ -37,17 +42,66 @@ QUICK = ["model.dim=64", "model.moe.expert_hidden=64", "model.moe.num_experts=8"
          "data.seq_len=256", "data.batch_size=4", "data.shuffle_buffer=50", "data.num_workers=0"]
 
 
-def write_pydoc_dataset(out_dir: Path) -> None:
+def pydoc_split() -> dict[str, list[str]]:
     """CPython's pydoc topics (pydoc_data.topics: 79 help pages of real English and code, in every
-    Python install) as text shards: every 10th topic by sorted name held out (8), the rest train (71).
-    Unlike the templated built-in text, its loss stays well above zero, so relative gaps mean something.
+    Python install): every 10th topic by sorted name held out (8), the rest train (71). Unlike the
+    templated built-in text, its loss stays well above zero, so relative gaps mean something.
     (Topics "if" and "else" share one page, so one held-out page also appears in training.)"""
     from pydoc_data.topics import topics
 
     names = sorted(topics)
-    for split, keep in (("train", lambda i: i % 10 != 0), ("heldout", lambda i: i % 10 == 0)):
-        docs = [{"txt": topics[k].encode()} for i, k in enumerate(names) if keep(i)]
-        write_shards(docs, out_dir / split, total=len(docs), desc=f"pydoc {split}")
+    return {"train": [topics[k] for i, k in enumerate(names) if i % 10 != 0],
+            "heldout": [topics[k] for i, k in enumerate(names) if i % 10 == 0]}
+
+
+def write_pydoc_dataset(out_dir: Path) -> None:
+    """`pydoc_split` as text shards."""
+    for split, texts in pydoc_split().items():
+        write_shards([{"txt": t.encode()} for t in texts], out_dir / split, total=len(texts), desc=f"pydoc {split}")
+
+
+def pretrain_hf_mixtral(out: Path, steps: int, seq_len: int, batch_size: int, lr: float, seed: int = 0) -> None:
+    """Pre-train a transformers MixtralForCausalLM (dim 128, 6 layers, 8 experts top-2, byte ids) on the
+    pydoc training topics (random windows of `seq_len` tokens, one document each) with AdamW and a
+    cosine schedule, and save it with its (byte) tokenizer as a transformers folder at `out`."""
+    import math
+
+    import torch
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    from data_pipelines.tokenizer import ByteTokenizer, save_byte_tokenizer
+
+    tok = ByteTokenizer()
+    docs = [torch.tensor(tok.encode(t)) for t in pydoc_split()["train"]]
+    docs = [d for d in docs if len(d) > seq_len]
+    config = MixtralConfig(vocab_size=tok.vocab_size, hidden_size=128, intermediate_size=128, num_hidden_layers=6,
+                           num_attention_heads=4, num_key_value_heads=4, num_local_experts=8, num_experts_per_tok=2,
+                           max_position_embeddings=4096, rope_parameters={"rope_type": "default", "rope_theta": 1e4},
+                           output_router_logits=True, router_aux_loss_coef=0.01, bos_token_id=tok.bos_id,
+                           eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
+    torch.manual_seed(seed)
+    model = MixtralForCausalLM(config).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
+    g = torch.Generator().manual_seed(seed)
+    for step in range(steps):
+        for group in opt.param_groups:
+            warm = min(1.0, (step + 1) / 20)
+            group["lr"] = lr * warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / steps)))
+        rows = []
+        for i in torch.randint(len(docs), (batch_size,), generator=g).tolist():
+            start = int(torch.randint(len(docs[i]) - seq_len, (1,), generator=g))
+            rows.append(docs[i][start:start + seq_len])
+        ids = torch.stack(rows)
+        loss = model(ids, labels=ids).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad()
+        if step % 50 == 0 or step == steps - 1:
+            print(f"hf-mixtral pre-training step {step}: loss {loss.item():.4f}", flush=True)
+    model.config.output_router_logits = False
+    model.eval().save_pretrained(out)
+    save_byte_tokenizer(out)
 
 
 def read_metrics(run: Path) -> list[dict]:
@@ -80,6 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--strategies", default="more_experts,looped", help="comma-separated: more_experts,looped,none")
     ap.add_argument("--cont-lr", type=float, default=None, help="continued-training LR (default: half the config's)")
     ap.add_argument("--ratio-loss-weight", type=float, default=None, help="default: the config's")
+    ap.add_argument("--baseline", choices=("ours", "hf-mixtral"), default="ours",
+                    help="pre-train our baseline MoE, or transformers' MixtralForCausalLM (then imported)")
     ap.add_argument("--reuse-baseline", action="store_true",
                     help="skip pre-training when OUT/baseline/final exists (e.g. to try longer continuations)")
     ap.add_argument("overrides", nargs="*", help="extra key=value overrides for every run")
@@ -116,10 +172,21 @@ def main(argv: list[str] | None = None) -> int:
     base_export = out / "baseline" / "final"
     if args.reuse_baseline and (base_export / "config.json").exists():
         print(f"== baseline pre-training: reusing {base_export}")
+    elif args.baseline == "hf-mixtral":
+        print(f"== transformers MixtralForCausalLM pre-training: {base_steps} steps, then cmoe_vlm.hf_import")
+        t0 = time.perf_counter()
+        if args.data != "pydoc":
+            raise SystemExit("--baseline hf-mixtral pre-trains on text: use it with --data pydoc")
+        pretrain_hf_mixtral(out / "hf_mixtral", base_steps, probe.data.seq_len, probe.data.batch_size, probe.train.lr)
+        timings["baseline"] = time.perf_counter() - t0
+        if hf_import_main([str(out / "hf_mixtral"), "--out", str(base_export)]) != 0:
+            raise SystemExit("the import failed")
     else:
         print(f"== baseline pre-training: {base_steps} steps")
         run("baseline", ["model.chunk.enabled=false", f"train.steps={base_steps}"])
     baseline, meta = load_pretrained(base_export)
+    if "imported_from" in meta:  # every run builds the imported model: its overrides join the common ones
+        common += (base_export / "train_overrides.txt").read_text().split()
 
     cont = [f"train.steps={cont_steps}", f"train.lr={cont_lr}", f"train.warmup_steps={max(1, cont_steps // 20)}"]
     runs = {"baseline continued": ("baseline_continued", ["model.chunk.enabled=false",

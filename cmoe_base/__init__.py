@@ -4,11 +4,24 @@
     modality.py  Modality (TEXT = 0, IMAGE = 1), the one definition of the modality codes
     batch.py     Batch and DocumentLayout: the packed-batch contract between the data pipeline
                  and the model (docs/design.md, "The batch contract")
+    runtime.py   environment defaults applied before torch loads (OMP_WAIT_POLICY, DS_ACCELERATOR)
 
-It imports none of the three packages, so none of them imports a package that imports it.
+It imports none of the three packages, so none of them imports a package that imports it. Each of
+them imports it first: importing it applies the runtime defaults and loads no torch (the batch
+names load batch.py, and torch, when first used).
 """
-from cmoe_base.batch import IGNORE_INDEX, Batch, DocumentLayout
-from cmoe_base.checks import ConfigError, check
-from cmoe_base.modality import Modality
+from cmoe_base.runtime import apply_runtime_defaults
+
+apply_runtime_defaults()
+
+from cmoe_base.checks import ConfigError, check  # noqa: E402
+from cmoe_base.modality import Modality  # noqa: E402
 
 __all__ = ["Batch", "ConfigError", "DocumentLayout", "IGNORE_INDEX", "Modality", "check"]
+
+
+def __getattr__(name: str):
+    if name in ("Batch", "DocumentLayout", "IGNORE_INDEX"):
+        from cmoe_base import batch
+        return getattr(batch, name)
+    raise AttributeError(f"module 'cmoe_base' has no attribute {name!r}")

@@ -26,7 +26,7 @@ class ConceptModel(nn.Module):
         super().__init__()
         d, dc = cfg.dim, cfg.concept_width
         self.attn_cfg = cfg.attention(dc)
-        self.rope_theta = cfg.rope_theta
+        self.rope_theta, self.rope_scaling = cfg.rope_theta, cfg.rope_scaling
         self.layers = nn.ModuleList(Block(self.attn_cfg, cfg.concept_moe_cfg) for _ in range(cfg.concept_layers))
         self.schedule = cfg.concept_schedule()
         self.proj_in = nn.Linear(d, dc, bias=False) if dc != d else None
@@ -39,7 +39,7 @@ class ConceptModel(nn.Module):
         return [self.layers[i] for i in self.schedule]
 
     def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return rope_angles(positions, self.attn_cfg.head_dim, self.rope_theta)
+        return rope_angles(positions, self.attn_cfg.head_dim, self.rope_theta, self.rope_scaling)
 
     def _in(self, x: torch.Tensor) -> torch.Tensor:
         return x if self.proj_in is None else self.proj_in(x)

@@ -1,12 +1,14 @@
 """Convert a trained baseline MoE into ConceptMoE for continual training (docs/design.md §2, §5, §8, §11).
 
-    python -m cmoe_vlm.convert --baseline runs/base/final --out runs/conv --encoder-layers 2 \\
-        --decoder-layers 2 [--strategy more_experts|looped|none] [--target-ratio 1.5] [--merge last]
+    python -m cmoe_vlm.convert --baseline runs/base/final --out runs/conv [--encoder-layers 4] \\
+        [--decoder-layers 4] [--strategy more_experts|looped|none] [--target-ratio 1.5] [--merge last]
 
-The baseline (an export with `model.chunk.enabled: false`) is one stack of token-level layers:
-its encoder + concept + decoder lists, in that order. The user re-splits that stack: the first
-`--encoder-layers` become the encoder, the last `--decoder-layers` the decoder, the rest the
-concept model. Weights are copied unchanged; what is new:
+The baseline (an export with `model.chunk.enabled: false`, e.g. a `cmoe_vlm.hf_import` of a
+pretrained MoE) is one stack of token-level layers: its encoder + concept + decoder lists, in that
+order. The user re-splits that stack: the first `--encoder-layers` become the encoder, the last
+`--decoder-layers` the decoder, the rest the concept model; the defaults are the paper's recipe
+(4 + 4, joint decoding in the last 4 decoder layers, more active experts in the concept model).
+Weights are copied unchanged; what is new:
 
 - the chunk module, W_q = W_k = I (`chunk.init: identity`, the spec's option for converted models),
   merge `last` by default (the demo's mode; a concept is its boundary token's encoder output);
@@ -59,7 +61,7 @@ import torch
 
 from . import flops
 from .config import to_overrides
-from .export import load_pretrained, save_pretrained
+from .export import ID_KEYS, load_pretrained, save_pretrained
 from .model import ModelConfig
 from .vlm import ConceptMoEVLM, VLMConfig
 
@@ -170,9 +172,11 @@ def convert(baseline: ConceptMoEVLM, encoder_layers: int, decoder_layers: int, s
     return converted.eval(), rows
 
 
-def overrides_for(cfg: VLMConfig) -> list[str]:
-    """`model.* vision.* projector.*` key=value overrides that make an experiment config build this model."""
-    return [line for section in ("model", "vision", "projector") for line in to_overrides(getattr(cfg, section), section)]
+def overrides_for(cfg: VLMConfig, parts: list[str] | None = None) -> list[str]:
+    """`model.* vision.* projector.*` key=value overrides that make an experiment config build this model
+    (only `model.*` for an export whose trained parts are the LM alone, e.g. an import)."""
+    sections = ("model",) if parts == ["lm"] else ("model", "vision", "projector")
+    return [line for section in sections for line in to_overrides(getattr(cfg, section), section)]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -180,8 +184,10 @@ def main(argv: list[str] | None = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--baseline", required=True, help="exported baseline folder (save_pretrained, chunking off)")
     ap.add_argument("--out", required=True, help="folder for the converted export")
-    ap.add_argument("--encoder-layers", type=int, required=True, help="first N baseline layers -> encoder")
-    ap.add_argument("--decoder-layers", type=int, required=True, help="last N baseline layers -> decoder")
+    ap.add_argument("--encoder-layers", type=int, default=4, help="first N baseline layers -> encoder (default 4, "
+                                                                  "the paper's)")
+    ap.add_argument("--decoder-layers", type=int, default=4, help="last N baseline layers -> decoder (default 4, "
+                                                                  "the paper's)")
     ap.add_argument("--strategy", choices=STRATEGIES, default="more_experts",
                     help="compute reallocation matched in activated FLOPs (default more_experts)")
     ap.add_argument("--target-ratio", type=float, default=1.5, help="target compression R (default 1.5)")
@@ -204,10 +210,13 @@ def main(argv: list[str] | None = None) -> int:
     info = {"baseline": str(args.baseline), "encoder_layers": args.encoder_layers,
             "decoder_layers": args.decoder_layers, "strategy": args.strategy, "target_ratio": args.target_ratio,
             "merge": args.merge, "match": args.match, "flops": [r.summary() for r in rows]}
-    out = save_pretrained(converted, args.out, meta.get("tokenizer", "byte"), extra={"converted_from": info})
-    (out / "train_overrides.txt").write_text("\n".join(overrides_for(converted.cfg)) + "\n")
+    kept = {k: meta[k] for k in ("parts", "tokenizer_vocab_size") if k in meta}  # an import's marks (training/init.py)
+    out = save_pretrained(converted, args.out, meta.get("tokenizer", "byte"), extra={"converted_from": info, **kept},
+                          ids={k: meta[k] for k in ID_KEYS if k in meta} or None)
+    (out / "train_overrides.txt").write_text("\n".join(overrides_for(converted.cfg, meta.get("parts"))) + "\n")
+    tokenizer = f" data.tokenizer={out}" if meta.get("tokenizer", "byte") != "byte" else ""
     print(f"wrote {out} (continue with: train_vlm.py CONFIG $(cat {out}/train_overrides.txt) "
-          f"train.init_from={out} train.ratio_ramp_steps=N)")
+          f"train.init_from={out}{tokenizer} train.ratio_ramp_steps=N)")
     return 0
 
 

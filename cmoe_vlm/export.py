@@ -3,26 +3,38 @@
     save_pretrained(model, "runs/tiny/final", tokenizer="byte")
     model, info = load_pretrained("runs/tiny/final")
 
-`config.json` holds the VLM config (model, vision, projector; tokens per image follow from it) and
-the tokenizer spec. Folders written by older versions load: missing config fields take their
-defaults, and version-1 weight names are renamed on load (`model.upgrade_legacy_keys`). The folder is also a transformers folder (`model_type: cmoe_vlm`):
-`AutoModelForCausalLM.from_pretrained(folder)` works once `cmoe_vlm.hf` is imported.
+`config.json` holds the VLM config (model, vision, projector; tokens per image follow from it), the
+tokenizer spec and the tokenizer's bos/eos/pad ids (also in `generation_config.json`). The folder
+carries its tokenizer as Hugging Face files, so `AutoTokenizer.from_pretrained(folder)` loads it (the
+byte tokenizer too) and the folder can be moved: a local tokenizer folder is recorded as
+`"tokenizer": "included"`, which `load_pretrained` resolves to the export folder itself.
+
+Folders written by older versions load: missing config fields take their defaults, and version-1
+weight names are renamed on load (`model.upgrade_legacy_keys`). The folder is also a transformers
+folder (`model_type: cmoe_vlm`): `AutoModelForCausalLM.from_pretrained(folder)` works once
+`cmoe_vlm.hf` is imported.
 """
 from __future__ import annotations
 
 import json
-import os
+import shutil
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+
+from data_pipelines.tokenizer import Tokenizer, load_tokenizer, save_tokenizer
 
 from .config import from_dict, to_dict
+from .tensor_files import SafetensorsWriter
 from .vlm import ConceptMoEVLM, VLMConfig
 
 FORMAT, VERSION = "cmoe-vlm", 2  # 2: the concept model and joint decoding have their own weight names
+TOKENIZER_INCLUDED = "included"  # config.json's tokenizer spec for "the tokenizer files in this folder"
+TOWER_FOLDER = "vision_tower"    # a transformers vision tower's config files, inside the export
+ID_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")  # the tokenizer's special ids, as transformers names them
 
 
 class NonFiniteWeightsError(ValueError):
@@ -30,9 +42,12 @@ class NonFiniteWeightsError(ValueError):
 
 
 def save_pretrained(model: ConceptMoEVLM, out_dir: str | Path, tokenizer: str = "byte",
-                    extra: dict[str, Any] | None = None, state: dict[str, torch.Tensor] | None = None) -> Path:
+                    extra: dict[str, Any] | None = None, state: dict[str, torch.Tensor] | None = None,
+                    ids: dict[str, int | None] | None = None) -> Path:
     """Write `model` (or `state`, its weights in the plain layout, e.g. gathered from expert-parallel
-    ranks) with its config. Refuses (NonFiniteWeightsError, naming them) weights that are not finite."""
+    ranks) with its config and tokenizer; the bos/eos/pad `ids` are the tokenizer's unless given (a
+    conversion keeps its baseline's). Refuses (NonFiniteWeightsError, naming them) weights that are
+    not finite."""
     out = Path(out_dir)
     state = model.state_dict() if state is None else state
     bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
@@ -40,21 +55,67 @@ def save_pretrained(model: ConceptMoEVLM, out_dir: str | Path, tokenizer: str = 
         raise NonFiniteWeightsError(f"{out}: not exported: {len(bad)} of {len(state)} tensors hold NaN or inf "
                                     f"({', '.join(bad[:5])}{', ...' if len(bad) > 5 else ''})")
     out.mkdir(parents=True, exist_ok=True)
-    meta = {"format": FORMAT, "version": VERSION, "model_type": "cmoe_vlm",  # also a transformers folder
-            "architectures": ["ConceptMoEForCausalLM"], "vlm": to_dict(model.cfg), "tokenizer": tokenizer,
-            **(extra or {})}
-    tmp = out / "model.safetensors.tmp"
-    save_file({k: v.detach().cpu().clone().contiguous() for k, v in state.items()}, str(tmp))
-    umask = os.umask(0)  # safetensors creates the file 0600; give it the mode config.json gets
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
-    tmp.replace(out / "model.safetensors")
-    (out / "config.json").write_text(json.dumps(meta, indent=2))
+    save_tokenizer(tokenizer, out)
+    with SafetensorsWriter(out / "model.safetensors", {k: v.to("meta") for k, v in state.items()}) as writer:
+        for k, v in state.items():
+            writer.write(k, v)
+    ids = special_ids(load_tokenizer(tokenizer)) if ids is None else ids
+    from .hf_folder import write_transformers_files  # processor config, remote code
+    extra = {**(extra or {}), **write_transformers_files(out, model)}
+    write_config(out, exported_config(model.cfg, out), "byte" if tokenizer == "byte" else TOKENIZER_INCLUDED, ids,
+                 extra)
     return out
 
 
+def exported_config(cfg: VLMConfig, out: Path) -> VLMConfig:
+    """The config an export records: its weights hold the vision tower (no pretrained file to load), and a
+    transformers tower's config.json and preprocessor_config.json are copied into out/vision_tower/,
+    recorded by that relative name (`resolve_files` makes it absolute on load)."""
+    vision = replace(cfg.vision, pretrained=False, checkpoint_path=None)
+    if vision.backend == "transformers":
+        tower = out / TOWER_FOLDER
+        tower.mkdir(exist_ok=True)
+        for name in ("config.json", "preprocessor_config.json"):
+            source = Path(vision.model_name) / name
+            if source.is_file() and source.resolve() != (tower / name).resolve():
+                shutil.copyfile(source, tower / name)
+        vision = replace(vision, model_name=TOWER_FOLDER)
+    return replace(cfg, vision=vision)
+
+
+def resolve_files(cfg: VLMConfig, folder: str | Path) -> VLMConfig:
+    """`cfg` as read from the export at `folder`, with a relative tower folder made absolute."""
+    v = cfg.vision
+    if v.backend != "transformers" or Path(v.model_name).is_absolute():
+        return cfg
+    return replace(cfg, vision=replace(v, model_name=str(Path(folder) / v.model_name)))
+
+
+def special_ids(tok: Tokenizer) -> dict[str, int]:
+    """The tokenizer's bos/eos/pad ids under transformers' config names."""
+    return dict(zip(ID_KEYS, (tok.bos_id, tok.eos_id, tok.pad_id)))
+
+
+def write_config(out: Path, cfg: VLMConfig, tokenizer: str | None, ids: dict[str, int | None],
+                 extra: dict[str, Any] | None = None) -> None:
+    """config.json (our format, also a transformers config) and generation_config.json (the ids, which
+    transformers' `generate` reads)."""
+    meta = {"format": FORMAT, "version": VERSION, "model_type": "cmoe_vlm",  # also a transformers folder
+            "architectures": ["ConceptMoEForCausalLM"], "vlm": to_dict(cfg), "tokenizer": tokenizer, **ids,
+            **(extra or {})}
+    (out / "generation_config.json").write_text(json.dumps(ids, indent=2))
+    (out / "config.json").write_text(json.dumps(meta, indent=2))
+
+
+def tokenizer_spec(meta: dict[str, Any], path: str | Path) -> str | None:
+    """The `load_tokenizer` spec of the export at `path` with config.json `meta` (None: it has no tokenizer)."""
+    spec = meta.get("tokenizer", "byte")
+    return str(Path(path)) if spec == TOKENIZER_INCLUDED else spec
+
+
 def load_pretrained(path: str | Path, device: str | torch.device = "cpu") -> tuple[ConceptMoEVLM, dict[str, Any]]:
-    """Rebuild the model from a folder written by `save_pretrained`; returns (model in eval mode, config.json)."""
+    """Rebuild the model from a folder written by `save_pretrained`; returns (model in eval mode, config.json
+    with its tokenizer spec resolved: "byte", or a folder holding the tokenizer files)."""
     path = Path(path)
     if not (path / "config.json").exists():
         raise FileNotFoundError(f"{path}: no config.json; expected a folder written by save_pretrained "
@@ -62,7 +123,8 @@ def load_pretrained(path: str | Path, device: str | torch.device = "cpu") -> tup
     meta = json.loads((path / "config.json").read_text())
     if meta.get("format") != FORMAT:
         raise ValueError(f"{path}/config.json: format {meta.get('format')!r} is not {FORMAT!r}")
-    cfg = from_dict(VLMConfig, meta["vlm"])
+    meta["tokenizer"] = tokenizer_spec(meta, path)
+    cfg = resolve_files(from_dict(VLMConfig, meta["vlm"]), path)
     # The ViT's weights come from model.safetensors: do not look for its original checkpoint file.
     cfg = replace(cfg, vision=replace(cfg.vision, pretrained=False, checkpoint_path=None))
     model = ConceptMoEVLM(cfg)

@@ -6,7 +6,10 @@ under the same names `ConceptMoEForCausalLM` uses. `import cmoe_vlm.hf` register
 
 Labels follow the transformers convention here (unshifted: the model shifts them, within a
 document, and never asks to predict an image position); `ConceptMoEVLM` itself takes them
-already shifted, as the data pipeline produces them.
+already shifted, as the data pipeline produces them. Attention masks, pixel values and
+`generate()` over our concept-level cache: cmoe_vlm/hf_generation.py; the processors:
+hf_processing.py; what an export adds for transformers (processor config, remote code):
+hf_folder.py (docs/design.md §15).
 """
 from __future__ import annotations
 
@@ -15,13 +18,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PretrainedConfig, PreTrainedModel
-from transformers.modeling_outputs import CausalLMOutput
+from transformers import (AutoConfig, AutoImageProcessor, AutoModelForCausalLM, AutoProcessor, GenerationMixin,
+                          PretrainedConfig, PreTrainedModel)
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from cmoe_base import IGNORE_INDEX, Batch
+from data_pipelines.tokenizer import ByteTokenizer
 
 from .config import from_dict, to_dict
-from .export import VERSION
+from .export import VERSION, resolve_files
+from .hf_folder import AUTO_MAP, write_transformers_files
+from .hf_generation import (ConceptCache, ConceptGeneration, check_no_other_inputs, packed_batch, resolve_modality,
+                            restore_columns)
+from .hf_processing import ConceptMoEImageProcessor, ConceptMoEProcessor
 from .model import LEGACY_KEYS
 from .vlm import ConceptMoEVLM, VLMConfig
 
@@ -36,33 +44,22 @@ class ConceptMoEConfig(PretrainedConfig):
         self.tokenizer = tokenizer
         model = self.vlm.get("model", {})
         kwargs.setdefault("vocab_size", model.get("vocab_size", 262))
-        kwargs.setdefault("bos_token_id", 257)
-        kwargs.setdefault("eos_token_id", 258)
-        kwargs.setdefault("pad_token_id", 256)
+        if tokenizer == "byte":  # exports carry their tokenizer's ids; older byte-tokenizer ones did not
+            kwargs.setdefault("bos_token_id", ByteTokenizer.bos_id)
+            kwargs.setdefault("eos_token_id", ByteTokenizer.eos_id)
+            kwargs.setdefault("pad_token_id", ByteTokenizer.pad_id)
         super().__init__(**kwargs)
 
     def vlm_config(self) -> VLMConfig:
-        """Validated VLMConfig (fields missing from older files take their defaults)."""
-        return from_dict(VLMConfig, self.vlm)
+        """Validated VLMConfig (fields missing from older files take their defaults; a vision tower folder
+        inside the export resolved against it)."""
+        return resolve_files(from_dict(VLMConfig, self.vlm), self.name_or_path)
 
 
-def shift_hf_labels(labels: torch.Tensor, modality: torch.Tensor | None, doc_ids: torch.Tensor | None) -> torch.Tensor:
-    """transformers-style labels (B, T) -> ours: target of position t is labels[t+1] when t+1 is a
-    text token of the same document; −100 otherwise."""
-    from data_pipelines.sequence import shift_labels
-    modality = torch.zeros_like(labels) if modality is None else modality
-    doc_ids = torch.zeros_like(labels) if doc_ids is None else doc_ids
-    shifted = shift_labels(labels.clamp_min(0), modality, doc_ids)
-    ignored = torch.zeros_like(labels, dtype=torch.bool)
-    ignored[:, :-1] = labels[:, 1:] == IGNORE_INDEX
-    return shifted.masked_fill(ignored, IGNORE_INDEX)
-
-
-class ConceptMoEForCausalLM(PreTrainedModel, GenerationMixin):
+class ConceptMoEForCausalLM(ConceptGeneration, PreTrainedModel, GenerationMixin):
     config_class = ConceptMoEConfig
     base_model_prefix = ""
     main_input_name = "input_ids"
-    _supports_cache_class = False
 
     def __init__(self, config: ConceptMoEConfig):
         super().__init__(config)
@@ -86,6 +83,12 @@ class ConceptMoEForCausalLM(PreTrainedModel, GenerationMixin):
                                                   for p, r in LEGACY_KEYS))
         return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
 
+    def save_pretrained(self, save_directory, *args, **kwargs) -> None:
+        """transformers' save, plus what our export adds for transformers (processor config, remote code)."""
+        self.config.auto_map = AUTO_MAP
+        super().save_pretrained(save_directory, *args, **kwargs)
+        write_transformers_files(save_directory, self.vlm)
+
     @property
     def vlm(self) -> ConceptMoEVLM:
         return self._vlm[0]
@@ -97,21 +100,32 @@ class ConceptMoEForCausalLM(PreTrainedModel, GenerationMixin):
         return self.lm.lm_head
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                labels: torch.Tensor | None = None, modality: torch.Tensor | None = None,
-                images: torch.Tensor | None = None, doc_ids: torch.Tensor | None = None, **_: Any) -> CausalLMOutput:
-        """Full forward (no cache: transformers' generate recomputes; `cmoe_vlm.generation` is the
-        cached path). attention_mask marks right padding (0) as its own, ignored document."""
-        if doc_ids is None and attention_mask is not None:
-            doc_ids = torch.where(attention_mask.bool(), 0, -1)
-        ours = None if labels is None else shift_hf_labels(labels, modality, doc_ids)
-        out = self.vlm(Batch.of(input_ids, modality=modality, doc_ids=doc_ids, labels=ours, images=images))
-        return CausalLMOutput(loss=out.loss, logits=out.logits)
-
-    def prepare_inputs_for_generation(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                                      **kwargs: Any) -> dict[str, Any]:
-        return {"input_ids": input_ids, "attention_mask": attention_mask,
-                **{k: kwargs[k] for k in ("modality", "images") if kwargs.get(k) is not None}}
+                labels: torch.Tensor | None = None, pixel_values: torch.Tensor | None = None,
+                mm_token_type_ids: torch.Tensor | None = None, modality: torch.Tensor | None = None,
+                images: torch.Tensor | None = None, doc_ids: torch.Tensor | None = None, cache: ConceptCache | None = None,
+                use_cache: bool | None = None, **kwargs: Any) -> CausalLMOutputWithPast:
+        """transformers' conventions (cmoe_vlm/hf_generation.py): attention_mask (B, T) marks each row's
+        tokens, anywhere in the row (positions count them from 0); pixel_values (N, 3, H, W) (or
+        `images`) fill the image positions that mm_token_type_ids (or `modality`) mark with 1;
+        `doc_ids` (B, T) instead of a mask gives packed documents (−1 padding at row ends). With a
+        `cache` (or use_cache=True) the columns extend its decoding state: generate() decodes so."""
+        check_no_other_inputs(kwargs)
+        images = pixel_values if pixel_values is not None else images
+        modality = resolve_modality(input_ids, modality, mm_token_type_ids, images,
+                                    getattr(self.config, "image_token_id", None))
+        if cache is not None or use_cache:
+            if labels is not None or doc_ids is not None:
+                raise ValueError("labels and doc_ids need the full forward: pass use_cache=False")
+            cache = ConceptCache() if cache is None else cache
+            logits = cache.forward(self.vlm, input_ids, attention_mask, modality, images)
+            return CausalLMOutputWithPast(logits=logits, cache=cache)
+        batch, order = packed_batch(input_ids, attention_mask, modality, images, doc_ids, labels)
+        out = self.vlm(batch)
+        return CausalLMOutputWithPast(loss=out.loss, logits=restore_columns(out.logits, order))
 
 
 AutoConfig.register(MODEL_TYPE, ConceptMoEConfig)
 AutoModelForCausalLM.register(ConceptMoEConfig, ConceptMoEForCausalLM)
+AutoImageProcessor.register(ConceptMoEConfig, image_processor_classes={  # one class: timm's transform
+    "torchvision": ConceptMoEImageProcessor, "pil": ConceptMoEImageProcessor})
+AutoProcessor.register(ConceptMoEConfig, ConceptMoEProcessor)

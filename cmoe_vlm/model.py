@@ -103,7 +103,7 @@ class ConceptMoE(nn.Module):
         self.chunk = ChunkModule(d, cfg.chunk) if cfg.chunk.enabled else None
         self.merger = MERGE_RULES[cfg.chunk.merge]() if cfg.chunk.enabled else None
         self.dechunk = DechunkModule() if cfg.chunk.enabled else None
-        self.norm = RMSNorm(d)
+        self.norm = RMSNorm(d, cfg.norm_eps)
         self.lm_head = nn.Linear(d, cfg.vocab_size, bias=False)
         if cfg.chunk.enabled and cfg.chunk.ratio_integral > 0:
             # integral term of the ratio control, one per token set; a buffer, so checkpoints keep it
@@ -114,10 +114,12 @@ class ConceptMoE(nn.Module):
         self.register_load_state_dict_pre_hook(upgrade_legacy_keys)
 
     def reset_parameters(self) -> None:
-        """Normal(0, init_std) everywhere; residual output projections scaled by 1/sqrt(2·depth)."""
+        """Normal(0, init_std) for matrices, zero biases; residual output projections scaled by 1/sqrt(2·depth)."""
         std = self.cfg.init_std
         depth = len(self.encoder) + len(self.concept.schedule) + len(self.decoder)
         for name, p in self.named_parameters():
+            if name.endswith(".bias"):
+                nn.init.zeros_(p)
             if p.dim() < 2 or name.startswith("chunk."):
                 continue
             residual = name.endswith(("attn.out.weight", "experts.w2", "shared.w2.weight"))
@@ -127,7 +129,7 @@ class ConceptMoE(nn.Module):
 
     def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Token-level RoPE angles, computed once per forward and used by every token-level layer."""
-        return rope_angles(positions, self.attn_cfg.head_dim, self.cfg.rope_theta)
+        return rope_angles(positions, self.attn_cfg.head_dim, self.cfg.rope_theta, self.cfg.rope_scaling)
 
     # ---------------------------------------------------------------------------------------- training
     def forward(self, batch: Batch, inputs_embeds: torch.Tensor | None = None, above_index: torch.Tensor | None = None,

@@ -6,12 +6,14 @@ concept, no joint decoding. Values derived from others are properties, stated no
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 from cmoe_base import check
 
 from .chunking import ChunkConfig
 from .layers.attention import AttentionConfig
 from .layers.moe import MoEConfig
+from .layers.rope import RopeScaling
 
 
 @dataclass
@@ -31,16 +33,30 @@ class ModelConfig:
     chunk: ChunkConfig = field(default_factory=ChunkConfig)
     max_seq_len: int = 4096
     rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None  # scaled RoPE frequencies (linear, llama3, yarn); None = plain
     lb_loss_weight: float = 0.01
     init_std: float = 0.02
     tie_embeddings: bool = False
+    # Layer options of imported families (docs/design.md §16); the defaults are the plain layers.
+    head_dim: int | None = None            # None = width / num_heads; set: q/k/v heads of this size
+    attention_bias: Literal["none", "qkv", "all"] = "none"  # bias on q/k/v (Qwen2-MoE), and on the output
+    qk_norm: Literal["none", "head", "full"] = "none"       # RMSNorm of q and k before RoPE (see AttentionConfig)
+    clip_qkv: float | None = None          # clamp q/k/v to ±clip_qkv (OLMoE)
+    norm_eps: float = 1e-6                 # every RMSNorm's epsilon
 
     def __post_init__(self):
         check(self.vocab_size >= 2, "vocab_size", self.vocab_size, "must be >= 2")
-        check(self.dim > 0 and self.num_heads > 0 and self.dim % self.num_heads == 0, "num_heads", self.num_heads,
-              f"must divide dim={self.dim}")
-        check((self.dim // self.num_heads) % 2 == 0, "num_heads", self.num_heads,
-              f"dim/num_heads must be even for RoPE (dim={self.dim})")
+        check(self.num_heads > 0, "num_heads", self.num_heads, "must be > 0")
+        if self.head_dim is None:
+            check(self.dim > 0 and self.dim % self.num_heads == 0, "num_heads", self.num_heads,
+                  f"must divide dim={self.dim}")
+            check((self.dim // self.num_heads) % 2 == 0, "num_heads", self.num_heads,
+                  f"dim/num_heads must be even for RoPE (dim={self.dim})")
+        else:
+            check(self.head_dim > 0 and self.head_dim % 2 == 0, "head_dim", self.head_dim,
+                  "must be a positive even number (RoPE rotates pairs), or null for dim / num_heads")
+        check(self.clip_qkv is None or self.clip_qkv > 0, "clip_qkv", self.clip_qkv, "must be > 0, or null")
+        check(self.norm_eps > 0, "norm_eps", self.norm_eps, "must be > 0")
         kv = self.kv_heads
         check(kv > 0 and self.num_heads % kv == 0, "num_kv_heads", self.num_kv_heads,
               f"must divide num_heads={self.num_heads}")
@@ -50,8 +66,8 @@ class ModelConfig:
         check(0 <= self.loop_layers <= self.concept_layers, "loop_layers", self.loop_layers,
               f"must be between 0 and concept_layers={self.concept_layers}")
         cdim = self.concept_width
-        check(cdim % self.num_heads == 0 and (cdim // self.num_heads) % 2 == 0, "concept_dim", self.concept_dim,
-              f"must be a multiple of 2*num_heads={2 * self.num_heads}")
+        check(self.head_dim is not None or (cdim % self.num_heads == 0 and (cdim // self.num_heads) % 2 == 0),
+              "concept_dim", self.concept_dim, f"must be a multiple of 2*num_heads={2 * self.num_heads}")
         check(self.joint_layers is None or 0 <= self.joint_layers <= self.decoder_layers, "joint_layers",
               self.joint_layers, f"must be between 0 and decoder_layers={self.decoder_layers} (or null = all)")
         check(self.max_seq_len > 0, "max_seq_len", self.max_seq_len, "must be > 0")
@@ -78,7 +94,9 @@ class ModelConfig:
     def attention(self, width: int) -> AttentionConfig:
         """The attention layers of a stack of hidden size `width` (dim, or concept_width)."""
         return AttentionConfig(dim=width, num_heads=self.num_heads, num_kv_heads=self.kv_heads,
-                               head_dim=width // self.num_heads)
+                               head_dim=self.head_dim or width // self.num_heads,
+                               qkv_bias=self.attention_bias != "none", out_bias=self.attention_bias == "all",
+                               qk_norm=self.qk_norm, clip_qkv=self.clip_qkv, norm_eps=self.norm_eps)
 
     def concept_schedule(self) -> list[int]:
         """Concept layer indices in execution order: all layers, then the looped ones again."""

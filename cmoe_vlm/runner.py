@@ -23,7 +23,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from cmoe_base import Batch, Modality
+from cmoe_base import Batch, ConfigError, Modality
 from data_pipelines.sequence import TokenSequence, build_sequence
 from data_pipelines.tokenizer import Tokenizer, load_tokenizer
 
@@ -56,6 +56,7 @@ class ModelRunner:
     def __init__(self, model: ConceptMoEVLM, tokenizer: Tokenizer, batch_size: int = 8, name: str = "model"):
         from vision import build_image_transform
 
+        check_vocab(tokenizer, model.cfg.model.vocab_size, name)
         self.model = model.eval()
         self.tok = tokenizer
         self.batch_size = batch_size
@@ -174,6 +175,15 @@ class ModelRunner:
                                 top_p=top_p, top_k=top_k, seed=seed):
                 texts.append(cut_at_stop(self.tok.decode(ids), stop))
         return texts
+
+
+def check_vocab(tokenizer: Tokenizer, vocab_size: int, where: str = "model") -> None:
+    """A tokenizer with more ids than the model's embedding would fail deep inside a forward
+    (IndexError in the embedding): refuse it up front, naming both numbers."""
+    if tokenizer.vocab_size > vocab_size:
+        raise ConfigError(f"{where}: the tokenizer has {tokenizer.vocab_size} ids but the model's vocab_size is "
+                          f"{vocab_size}: use the tokenizer the model was trained with (its export's "
+                          f"config.json names it)")
 
 
 def cut_at_stop(text: str, stop: Sequence[str]) -> str:

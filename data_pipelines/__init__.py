@@ -9,5 +9,6 @@
     errors.py     SkipCounter: bad input skipped and counted by reason
 
 Import from the modules (`from data_pipelines.loader import StreamingLoader`): the package itself
-imports nothing, so `python -m data_pipelines.shards` and `.builtin` run cleanly.
+imports none of its modules, so `python -m data_pipelines.shards` and `.builtin` run cleanly.
 """
+import cmoe_base  # noqa: F401  first: its runtime defaults must precede torch (cmoe_base/runtime.py)

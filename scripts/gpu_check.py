@@ -1,4 +1,4 @@
-"""GPU check of the scale path (docs/design.md §15): one table of tokens/s, MFU, memory, compiled vs eager.
+"""GPU check of the scale path (docs/design.md §17): one table of tokens/s, MFU, memory, compiled vs eager.
 
     python scripts/gpu_check.py [--out gpu_check.json] [--budget-s 420]    # on a CUDA machine
     python scripts/gpu_check.py --device cpu --quick                      # the CPU smoke test of the same code

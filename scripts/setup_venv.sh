@@ -27,14 +27,25 @@ fi
 
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 PIP=".venv/bin/python -m pip install --disable-pip-version-check -q"
-echo "[setup] torch + torchvision ($TORCH_PINS)"
+# pip is silent while it unpacks and installs (minutes for torch): a line every 30 s says it is alive
+pip_with_ticker() {
+  local start=$SECONDS
+  ( while sleep 30; do echo "[setup]   ... still installing ($((SECONDS - start)) s)"; done ) &
+  local ticker=$!
+  local rc=0
+  $PIP "$@" || rc=$?
+  kill "$ticker" 2>/dev/null; wait "$ticker" 2>/dev/null || true
+  echo "[setup]   took $((SECONDS - start)) s"
+  return "$rc"
+}
+echo "[setup] torch + torchvision ($TORCH_PINS; the first time the longest step: see README, Quick start)"
 if ! .venv/bin/python -c "import torch, torchvision" 2>/dev/null; then
-  $PIP $TORCH_PINS
+  pip_with_ticker $TORCH_PINS
 fi
 echo "[setup] deepspeed"
-.venv/bin/python -c "import deepspeed" 2>/dev/null || $PIP --no-build-isolation deepspeed
-echo "[setup] cmoe-vlm (editable) with dev and eval extras"
-$PIP -e ".[dev,eval]"
+.venv/bin/python -c "import deepspeed" 2>/dev/null || pip_with_ticker --no-build-isolation deepspeed
+echo "[setup] cmoe-vlm (editable) with dev, eval and wandb extras"
+pip_with_ticker -e ".[dev,eval,wandb]"
 echo "$WANT" > "$STAMP"
-echo "[setup] done: $(.venv/bin/python -c 'import torch, deepspeed, timm; print("torch", torch.__version__, "deepspeed", deepspeed.__version__, "timm", timm.__version__)' 2>/dev/null)"
+echo "[setup] done: $(.venv/bin/python -c 'import cmoe_base, torch, deepspeed, timm; print("torch", torch.__version__, "deepspeed", deepspeed.__version__, "timm", timm.__version__)' 2>/dev/null)"
 [ "$LMMS" = 0 ] || bash scripts/setup_lmms_venv.sh .venv .venv-lmms

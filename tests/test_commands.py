@@ -12,7 +12,7 @@ tomllib = pytest.importorskip("tomllib", reason="tomllib needs Python >= 3.11")
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMANDS = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
-FAST = {"cmoe-train", "cmoe-eval", "cmoe-shards", "cmoe-lm-eval"}  # parse before importing torch
+FAST = {"cmoe-train", "cmoe-eval", "cmoe-shards", "cmoe-lm-eval", "cmoe-flops"}  # parse before importing torch
 OWN_PARSER = set(COMMANDS) - {"cmoe-lm-eval"}  # cmoe-lm-eval is lm-eval's command line
 
 # Imports the command's function, calls it, and stops it at its first parse_args: reports the
@@ -31,7 +31,8 @@ getattr(importlib.import_module(module), func)()
 
 
 def test_expected_commands_are_declared():
-    assert {"cmoe-train", "cmoe-eval", "cmoe-convert", "cmoe-shards", "cmoe-flops", "cmoe-lm-eval"} <= set(COMMANDS)
+    assert {"cmoe-train", "cmoe-eval", "cmoe-convert", "cmoe-shards", "cmoe-flops", "cmoe-lm-eval", "cmoe-hf-import",
+            "cmoe-hf-export"} <= set(COMMANDS)
     assert FAST <= set(COMMANDS)
 
 
@@ -46,3 +47,20 @@ def test_command_parses_with_every_option_described(command):
         assert report["undocumented"] == [], f"{command}: options without help: {report['undocumented']}"
     if command in FAST:
         assert not report["torch"], f"{command} imports torch before parsing its arguments"
+
+
+def test_direct_commands_get_the_runtime_defaults_before_torch():
+    """OMP_WAIT_POLICY and DS_ACCELERATOR used to come only from the Makefile: a direct command
+    (python train_vlm.py, python -m cmoe_vlm.eval, a console command) spin-waited. Importing any of
+    our packages sets them, before anything has loaded torch (whose OpenMP reads them once)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "DS_ACCELERATOR")}
+    env["PYTHONPATH"] = str(ROOT)
+    probe = ("import os, sys; import {}; print(os.environ.get('OMP_WAIT_POLICY'), "
+             "os.environ.get('DS_ACCELERATOR') in ('cpu', 'cuda'), 'torch' in sys.modules)")
+    for package in ("cmoe_vlm", "data_pipelines", "cmoe_base"):
+        proc = subprocess.run([sys.executable, "-c", probe.format(package)], env=env, capture_output=True, text=True,
+                              timeout=120)
+        assert proc.stdout.split() == ["PASSIVE", "True", "False"], (package, proc.stdout, proc.stderr[-1000:])
+    proc = subprocess.run([sys.executable, "-c", probe.format("cmoe_vlm")], env={**env, "OMP_WAIT_POLICY": "ACTIVE"},
+                          capture_output=True, text=True, timeout=120)
+    assert proc.stdout.split()[0] == "ACTIVE"  # a value the user set wins

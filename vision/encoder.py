@@ -1,27 +1,31 @@
-"""ViT image encoder built through timm: images in, patch tokens out (prefix tokens dropped).
+"""ViT image encoder, built through timm or read from a transformers folder: images in, patch tokens out.
 
 Any timm ViT-like model (one with a `patch_embed` and `num_prefix_tokens`: vit_*, deit, eva,
 beit, ...) is built with `pretrained=False` and optional size overrides, so the tiny CPU config
-is the same code as a real checkpoint. Weights only ever come from a local file: there is no
-network. Output tokens keep raster order (row by row, left to right), which is the order the LM
-sees them in and the order the 2d image chunking relies on.
+is the same code as a real checkpoint. `backend: transformers` takes a SigLIP or CLIP vision tower
+from a local folder instead (vision/hf_tower.py). Weights only ever come from local files: there is
+no network. Prefix tokens are dropped; output tokens keep raster order (row by row, left to right),
+which is the order the LM sees them in and the order the 2d image chunking relies on.
 """
 from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import timm
 import torch
 from torch import nn
 
 from cmoe_base import ConfigError, check
+from vision.hf_tower import TransformersTower, tower_geometry
 
 
 @dataclass
 class VisionConfig:
-    model_name: str = "vit_tiny_patch16_224"  # any timm ViT-like name
+    model_name: str = "vit_tiny_patch16_224"  # any timm ViT-like name; backend transformers: a local folder
+    backend: Literal["timm", "transformers"] = "timm"  # transformers: a SigLIP / CLIP vision tower (hf_tower.py)
     # Architecture overrides; None keeps the timm default of `model_name`.
     img_size: int | None = None
     patch_size: int | None = None
@@ -30,7 +34,8 @@ class VisionConfig:
     num_heads: int | None = None
     dynamic_img_size: bool = False  # accept any input size divisible by the patch size
     drop_path_rate: float = 0.0
-    # Weights: `pretrained: true` loads `checkpoint_path` (.safetensors/.pt/.pth); never downloads.
+    # Weights: `pretrained: true` loads `checkpoint_path` (.safetensors/.pt/.pth), or with backend
+    # transformers the folder's safetensors; never downloads.
     pretrained: bool = False
     checkpoint_path: str | None = None
     freeze: bool = False  # no gradients, and the ViT stays in eval mode under .train()
@@ -40,6 +45,13 @@ class VisionConfig:
 
     def __post_init__(self) -> None:
         check(bool(self.model_name), "model_name", self.model_name, "must name a timm ViT, e.g. vit_tiny_patch16_224")
+        if self.backend == "transformers":
+            for name in ("img_size", "patch_size", "embed_dim", "depth", "num_heads", "checkpoint_path", "crop_pct"):
+                check(getattr(self, name) is None, name, getattr(self, name),
+                      "must be null with backend transformers: the tower folder's config and image processor decide")
+            check(not self.dynamic_img_size and self.drop_path_rate == 0, "dynamic_img_size", self.dynamic_img_size,
+                  "and drop_path_rate must be off with backend transformers")
+            return
         for name in ("img_size", "patch_size", "embed_dim", "depth", "num_heads"):
             value = getattr(self, name)
             check(value is None or value > 0, name, value, "must be > 0, or null for the timm default")
@@ -81,6 +93,8 @@ def create_vit(cfg: VisionConfig) -> nn.Module:
 
 def patch_grid(cfg: VisionConfig) -> tuple[int, int]:
     """(rows, cols) of patch tokens at the configured image size, without allocating weights."""
+    if cfg.backend == "transformers":
+        return tower_geometry(cfg.model_name).grid_size
     with torch.device("meta"):
         vit = create_vit(cfg)
     return tuple(vit.patch_embed.grid_size)
@@ -89,6 +103,8 @@ def patch_grid(cfg: VisionConfig) -> tuple[int, int]:
 def input_size(cfg: VisionConfig) -> tuple[int, int]:
     """(height, width) of the images the encoder takes (img_size, or the timm default), without
     allocating weights. Taken from the model: timm's data config reports the pretrained size."""
+    if cfg.backend == "transformers":
+        return tower_geometry(cfg.model_name).img_size
     with torch.device("meta"):
         vit = create_vit(cfg)
     return tuple(vit.patch_embed.img_size)
@@ -131,9 +147,12 @@ class VisionEncoder(nn.Module):
     def __init__(self, cfg: VisionConfig):
         super().__init__()
         self.cfg = cfg
-        self.vit = create_vit(cfg)
-        if cfg.pretrained:
-            load_weights(self.vit, cfg.checkpoint_path)
+        if cfg.backend == "transformers":
+            self.vit = TransformersTower(cfg.model_name, cfg.pretrained)
+        else:
+            self.vit = create_vit(cfg)
+            if cfg.pretrained:
+                load_weights(self.vit, cfg.checkpoint_path)
         if cfg.freeze:
             self.vit.requires_grad_(False)
             self.vit.eval()

@@ -1,8 +1,10 @@
 """Image preprocessing matched to the encoder: PIL image -> normalised (3, H, W) float tensor.
 
 Built from timm's data config, so switching to a real checkpoint brings its own interpolation,
-crop and mean/std. The input size comes from the model itself (`patch_embed.img_size`): timm's
-`resolve_data_config` reports the pretrained config's 224 even when img_size is overridden.
+crop and mean/std; a transformers tower (vision/hf_tower.py) brings its image processor's resize,
+centre crop, rescale and mean/std, applied as transformers applies them. The input size comes from
+the model itself (`patch_embed.img_size`): timm's `resolve_data_config` reports the pretrained
+config's 224 even when img_size is overridden.
 
 Training uses the eval transform unless `vision.augment` is on: the built-in data names sides and
 colours in its captions ("red square on the left"), so flips and colour jitter would make the
@@ -17,6 +19,7 @@ from PIL import Image
 from timm.data import create_transform, resolve_data_config
 
 from vision.encoder import VisionEncoder
+from vision.hf_tower import processor_settings
 
 TRAIN_CROP_SCALE = (0.5, 1.0)  # random resized crop keeps at least half the image area
 
@@ -29,8 +32,46 @@ def data_config(encoder: VisionEncoder) -> dict[str, Any]:
     return resolve_data_config(args, model=encoder.vit)
 
 
+def tower_transform(encoder: VisionEncoder, train: bool) -> Callable[[Image.Image], torch.Tensor]:
+    """The transformers tower's image processor as torchvision transforms (`settings_transform`); with
+    `vision.augment` in training, a mild random resized crop replaces its resize and crop."""
+    from torchvision.transforms import InterpolationMode, v2
+
+    p = processor_settings(encoder.cfg.model_name)
+    if train and encoder.cfg.augment:
+        resample = InterpolationMode(Image.Resampling(p["resample"]).name.lower())
+        crop = v2.RandomResizedCrop(encoder.img_size, scale=TRAIN_CROP_SCALE, interpolation=resample)
+        return settings_transform({**p, "size": None, "crop": None}, first=crop)
+    return settings_transform(p)
+
+
+def settings_transform(p: dict[str, Any], first: Callable | None = None) -> Callable[[Image.Image], torch.Tensor]:
+    """A tower's preprocessing from its `processor_settings` (also as recorded in an export's processor
+    config), as transformers 5.24 runs it (its torchvision backend): the image as a uint8 tensor,
+    antialiased resize, centre crop, then rescale and normalise in float; the same pixel values to
+    ~1e-7. `first`: a step applied to the uint8 tensor before the resize (training augmentation)."""
+    from torchvision.transforms import InterpolationMode, v2
+
+    resample = InterpolationMode(Image.Resampling(p["resample"]).name.lower())
+    steps: list[Callable] = [lambda im: im.convert("RGB"), v2.PILToTensor()]
+    if first is not None:
+        steps.append(first)
+    if p["size"] is not None:
+        size = p["size"] if isinstance(p["size"], int) else list(p["size"])
+        steps.append(v2.Resize(size, interpolation=resample, antialias=True))
+    if p["crop"] is not None:
+        steps.append(v2.CenterCrop(list(p["crop"])))
+    scale = p["rescale"]
+    steps.append(lambda x: x.float() * scale if scale is not None else x.float())
+    if p["mean"] is not None:
+        steps.append(v2.Normalize(list(p["mean"]), list(p["std"])))
+    return v2.Compose(steps)
+
+
 def build_image_transform(encoder: VisionEncoder, train: bool) -> Callable[[Image.Image], torch.Tensor]:
     """PIL.Image -> FloatTensor (3, H, W) at the encoder's img_size, normalised with its mean/std."""
+    if encoder.cfg.backend == "transformers":
+        return tower_transform(encoder, train)
     cfg = data_config(encoder)
     if train and encoder.cfg.augment:
         return create_transform(**cfg, is_training=True, scale=TRAIN_CROP_SCALE, hflip=0.0, color_jitter=None)
@@ -39,5 +80,8 @@ def build_image_transform(encoder: VisionEncoder, train: bool) -> Callable[[Imag
 
 def image_mean_std(encoder: VisionEncoder) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """(mean, std) per channel that the transform normalises with (to undo it for display)."""
+    if encoder.cfg.backend == "transformers":
+        p = processor_settings(encoder.cfg.model_name)
+        return (p["mean"], p["std"]) if p["mean"] is not None else ((0.0,) * 3, (1.0,) * 3)
     cfg = data_config(encoder)
     return tuple(cfg["mean"]), tuple(cfg["std"])

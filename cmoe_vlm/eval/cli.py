@@ -145,7 +145,12 @@ def main(argv: list[str] | None = None) -> int:
         suite = load_suite(write_builtin_suite(out / "suite"))
     else:
         suite = load_suite(args.suite)
-    results = {model_name(m): evaluate_model(m, suite, out, args) for m in args.model}
+    from cmoe_base import ConfigError
+    try:
+        results = {model_name(m): evaluate_model(m, suite, out, args) for m in args.model}
+    except ConfigError as e:  # e.g. a tokenizer that does not fit the model
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
     (out / "results.json").write_text(json.dumps({"suite": args.suite, "models": results}, indent=2))
     md = markdown(results)
     (out / "results.md").write_text(md)

@@ -54,7 +54,7 @@ def layer_flops(cfg: ModelConfig, dim: int, moe: MoEConfig, joint: bool = False)
         if joint else 0,
         "router": 2 * dim * moe.num_experts,
         "experts": moe.top_k * expert_flops(dim, moe),
-        "shared": 2 * 3 * dim * moe.shared_expert_hidden,
+        "shared": 2 * 3 * dim * moe.shared_expert_hidden + (2 * dim if moe.shared_expert_gate else 0),
     }
 
 
@@ -66,15 +66,18 @@ def fixed_layer_flops(cfg: ModelConfig, dim: int, moe: MoEConfig) -> int:
 
 def layer_params(cfg: ModelConfig, dim: int, moe: MoEConfig, joint: bool = False) -> dict[str, int]:
     """Parameters of one block, by part ("experts" = all routed experts, "expert" = one of them)."""
-    q, kv = _attn_widths(cfg, dim)
+    attn = cfg.attention(dim)
+    q, kv = attn.q_dim, attn.kv_dim
     one_expert = 3 * dim * moe.expert_hidden
+    qk_norm = {"none": 0, "head": 2 * attn.head_dim, "full": q + kv}[attn.qk_norm]
+    bias = (q + 2 * kv if attn.qkv_bias else 0) + (dim if attn.out_bias else 0)
     return {
-        "norms": 2 * dim + (dim if joint else 0),
-        "attention": dim * (q + 2 * kv) + q * dim,
+        "norms": 2 * dim + (dim if joint else 0) + qk_norm,
+        "attention": dim * (q + 2 * kv) + q * dim + bias,
         "joint": dim * (q + 2 * kv) if joint else 0,
         "router": dim * moe.num_experts,
         "experts": moe.num_experts * one_expert,
-        "shared": 3 * dim * moe.shared_expert_hidden,
+        "shared": 3 * dim * moe.shared_expert_hidden + (dim if moe.shared_expert_gate else 0),
         "expert": one_expert,
     }
 

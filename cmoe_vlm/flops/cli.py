@@ -1,6 +1,7 @@
 """`python -m cmoe_vlm.flops CONFIG.yaml [--ratio R] [--seq-len N]` (or `cmoe-flops`): a config's
 params, activated FLOPs per token, attention-map FLOPs and KV bytes, and the FLOPs-matched
-ConceptMoE proposals for it, as a table or JSON."""
+ConceptMoE proposals for it, as a table or JSON. The model code (and torch) loads after the
+arguments are parsed."""
 from __future__ import annotations
 
 import argparse
@@ -8,17 +9,20 @@ import dataclasses
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cmoe_base import ConfigError
 
 from ..config import from_dict, load_yaml
-from ..model_config import ModelConfig
-from .accounting import account, kv_cache_bytes_per_token
-from .reallocation import Proposal, propose
+
+if TYPE_CHECKING:
+    from ..model_config import ModelConfig
+    from .reallocation import Proposal
 
 
 def model_config_from_data(data: dict) -> ModelConfig:
     """A ModelConfig from YAML data: a top-level `model:` section, or a bare ModelConfig mapping."""
+    from ..model_config import ModelConfig
     if "model" in data:
         if not isinstance(data["model"], dict):
             raise ConfigError(f"model = {data['model']!r}: must be a mapping of ModelConfig fields")
@@ -86,6 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--kv-bytes", type=int, default=2, help="bytes per cached value (default 2, bf16)")
     ap.add_argument("--json", action="store_true", help="print the records as JSON instead of a table")
     args = ap.parse_args(argv)
+    from .accounting import account, kv_cache_bytes_per_token
+    from .reallocation import Proposal, propose
     try:
         cfg = load_model_config(args.config)
     except (ConfigError, OSError) as e:

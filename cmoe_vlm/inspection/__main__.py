@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from cmoe_base import ConfigError
 from cmoe_vlm import inspection
 from cmoe_vlm.inspection.report import inspect_model
 
@@ -19,8 +20,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-color", action="store_true", help="terminal view with | after boundaries instead of colours")
     ap.add_argument("--quiet", action="store_true", help="do not print the sample views")
     args = ap.parse_args(argv)
-    summary = inspect_model(args.model, args.data, args.out, args.num_samples, args.show,
-                            color=not args.no_color and sys.stdout.isatty(), quiet=args.quiet)
+    try:
+        summary = inspect_model(args.model, args.data, args.out, args.num_samples, args.show,
+                                color=not args.no_color and sys.stdout.isatty(), quiet=args.quiet)
+    except ConfigError as e:  # e.g. a tokenizer that does not fit the model
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
     mods = summary["modalities"]
     for m in ("all", "text", "image"):
         if mods[m]["tokens"]:

@@ -10,12 +10,14 @@ Joint decoding (docs/design.md §5) enters as `extra_qkv`, added to the layer's 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .document_attention import AttentionLayout
+from .norm import RMSNorm
 from .rope import apply_rope
 
 __all__ = ["Attention", "AttentionConfig", "AttentionLayout", "KVCache"]
@@ -23,11 +25,20 @@ __all__ = ["Attention", "AttentionConfig", "AttentionLayout", "KVCache"]
 
 @dataclass
 class AttentionConfig:
-    """One attention layer's shape. head_dim is its own field (HF families set it apart from dim/heads)."""
+    """One attention layer's shape and options. head_dim is its own field (HF families set it apart
+    from dim/heads). The options default to the plain layer; imported families set them:
+    q/k/v bias (Qwen2-MoE), output bias too (Qwen3-MoE, OLMoE), q/k RMSNorm before RoPE, per head
+    over head_dim ("head", Qwen3-MoE) or over the whole q and k projections ("full", OLMoE), and
+    q/k/v clipped to ±clip_qkv after it (OLMoE)."""
     dim: int
     num_heads: int
     num_kv_heads: int
     head_dim: int
+    qkv_bias: bool = False
+    out_bias: bool = False
+    qk_norm: Literal["none", "head", "full"] = "none"
+    clip_qkv: float | None = None
+    norm_eps: float = 1e-6  # of the q/k norms, and of the block's pre-norms
 
     @property
     def q_dim(self) -> int:
@@ -130,8 +141,23 @@ class Attention(nn.Module):
     def __init__(self, cfg: AttentionConfig):
         super().__init__()
         self.cfg = cfg
-        self.qkv = nn.Linear(cfg.dim, cfg.qkv_dim, bias=False)
-        self.out = nn.Linear(cfg.q_dim, cfg.dim, bias=False)
+        self.qkv = nn.Linear(cfg.dim, cfg.qkv_dim, bias=cfg.qkv_bias)
+        self.out = nn.Linear(cfg.q_dim, cfg.dim, bias=cfg.out_bias)
+        norm_widths = {"none": None, "head": (cfg.head_dim, cfg.head_dim), "full": (cfg.q_dim, cfg.kv_dim)}[cfg.qk_norm]
+        self.q_norm = RMSNorm(norm_widths[0], cfg.norm_eps) if norm_widths else None
+        self.k_norm = RMSNorm(norm_widths[1], cfg.norm_eps) if norm_widths else None
+
+    def _normalise(self, qkv: torch.Tensor) -> torch.Tensor:
+        """q/k norm, then clipping, on the projection (B, T, qkv_dim), before RoPE (as the families do)."""
+        c = self.cfg
+        q, k, v = qkv.split((c.q_dim, c.kv_dim, c.kv_dim), dim=-1)
+        if c.qk_norm == "head":
+            q = self.q_norm(q.unflatten(-1, (c.num_heads, c.head_dim))).flatten(-2)
+            k = self.k_norm(k.unflatten(-1, (c.num_kv_heads, c.head_dim))).flatten(-2)
+        elif c.qk_norm == "full":
+            q, k = self.q_norm(q), self.k_norm(k)
+        qkv = torch.cat([q, k, v], dim=-1)
+        return qkv if c.clip_qkv is None else qkv.clamp(-c.clip_qkv, c.clip_qkv)
 
     def _project(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
                  extra_qkv: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -141,6 +167,8 @@ class Attention(nn.Module):
         qkv = self.qkv(x)
         if extra_qkv is not None:
             qkv = qkv + extra_qkv
+        if c.qk_norm != "none" or c.clip_qkv is not None:
+            qkv = self._normalise(qkv)
         qk, v = qkv.split((c.q_dim + c.kv_dim, c.kv_dim), dim=-1)
         qk = apply_rope(qk.view(B, T, c.num_heads + c.num_kv_heads, c.head_dim), *rope)  # q and k heads at once
         q, k = qk.transpose(1, 2).split((c.num_heads, c.num_kv_heads), dim=1)  # (B, H, T, Dh)

@@ -23,10 +23,10 @@ class Block(nn.Module):
 
     def __init__(self, attn: AttentionConfig, moe: MoEConfig, joint: bool = False):
         super().__init__()
-        self.attn_norm = RMSNorm(attn.dim)
+        self.attn_norm = RMSNorm(attn.dim, attn.norm_eps)
         self.attn = Attention(attn)
-        self.joint = JointDecoding(attn.dim, attn.qkv_dim) if joint else None
-        self.ffn_norm = RMSNorm(attn.dim)
+        self.joint = JointDecoding(attn.dim, attn.qkv_dim, attn.norm_eps) if joint else None
+        self.ffn_norm = RMSNorm(attn.dim, attn.norm_eps)
         self.moe = MoE(attn.dim, moe)
 
     def _extra_qkv(self, concept: torch.Tensor | None) -> torch.Tensor | None:

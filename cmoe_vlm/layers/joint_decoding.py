@@ -16,9 +16,9 @@ from .norm import RMSNorm
 
 
 class JointDecoding(nn.Module):
-    def __init__(self, dim: int, qkv_dim: int):
+    def __init__(self, dim: int, qkv_dim: int, norm_eps: float = 1e-6):
         super().__init__()
-        self.norm = RMSNorm(dim)
+        self.norm = RMSNorm(dim, norm_eps)
         self.proj = nn.Linear(dim, qkv_dim, bias=False)
 
     def forward(self, c_bar: torch.Tensor) -> torch.Tensor:

@@ -24,7 +24,9 @@ class MoEConfig:
     top_k: int = 2
     expert_hidden: int = 256          # SwiGLU hidden width of one expert
     shared_expert_hidden: int = 0     # 0 = no shared expert; else an always-on SwiGLU of this width
-    norm_topk_prob: bool = True       # renormalise the k selected router probabilities to sum to 1
+    shared_expert_gate: bool = False  # scale the shared expert by sigmoid(w·x) per token (Qwen2-MoE)
+    norm_topk_prob: bool = True       # renormalise the k selected router probabilities to sum to 1 (Mixtral;
+                                      # false: the softmax's own top-k values, Qwen-MoE and OLMoE by default)
     impl: Literal["auto", "loop", "grouped"] = "auto"  # auto: grouped_mm on CUDA, loop on CPU
 
     def __post_init__(self):
@@ -33,6 +35,8 @@ class MoEConfig:
               f"must be between 1 and num_experts={self.num_experts}")
         check(self.expert_hidden >= 1, "expert_hidden", self.expert_hidden, "must be >= 1")
         check(self.shared_expert_hidden >= 0, "shared_expert_hidden", self.shared_expert_hidden, "must be >= 0")
+        check(not self.shared_expert_gate or self.shared_expert_hidden > 0, "shared_expert_gate",
+              self.shared_expert_gate, "needs a shared expert (shared_expert_hidden > 0)")
 
 
 @dataclass
@@ -117,6 +121,12 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
 
 
+def shared_expert(shared: SwiGLU, gate: nn.Linear | None, x_ND: torch.Tensor) -> torch.Tensor:
+    """The shared expert's output (N, dim), scaled by its gate sigmoid(w·x) (N, 1) when it has one."""
+    y = shared(x_ND)
+    return y if gate is None else y * torch.sigmoid(gate(x_ND))
+
+
 def count_per_expert(experts_M: torch.Tensor, num_experts: int) -> torch.Tensor:
     """(M,) expert ids -> (E,) assignments per expert; a fixed output shape (bincount's depends on
     the data, which torch.compile cannot trace)."""
@@ -130,6 +140,7 @@ class MoE(nn.Module):
         self.router = nn.Linear(dim, cfg.num_experts, bias=False)
         self.experts = Experts(cfg.num_experts, dim, cfg.expert_hidden, cfg.impl)
         self.shared = SwiGLU(dim, cfg.shared_expert_hidden) if cfg.shared_expert_hidden else None
+        self.shared_gate = nn.Linear(dim, 1, bias=False) if cfg.shared_expert_gate else None
 
     def forward(self, x: torch.Tensor, with_stats: bool = True) -> tuple[torch.Tensor, MoEStats | None]:
         """x (..., dim) -> (..., dim), stats (None without `with_stats`: decoding reads no balance
@@ -154,7 +165,7 @@ class MoE(nn.Module):
             y_M = y_M * weights_NK.reshape(-1)[order_M, None].to(y_M.dtype)
             out_ND = torch.zeros_like(x_ND).index_add_(0, token_M, y_M.to(x_ND.dtype))
         if self.shared is not None:
-            out_ND = out_ND + self.shared(x_ND)
+            out_ND = out_ND + shared_expert(self.shared, self.shared_gate, x_ND)
         if not with_stats:
             return out_ND.view(shape), None
 

@@ -1,4 +1,4 @@
-"""How the model runs in training: precision, activation checkpointing, torch.compile (docs/design.md §15).
+"""How the model runs in training: precision, activation checkpointing, torch.compile (docs/design.md §17).
 
 Applied to a built model by the training loop (and the benchmarks), so model code stays free of them:
 

@@ -11,6 +11,7 @@ import yaml
 from data_pipelines.loader import DataConfig, check_data, list_shards
 from data_pipelines.tokenizer import Tokenizer, load_tokenizer
 from vision import ProjectorConfig, VisionConfig, input_size
+from vision.hf_tower import tower_config
 
 from ..config import ConfigError, apply_overrides, check, from_dict, load_yaml
 from ..model import ModelConfig
@@ -32,20 +33,24 @@ class TrainConfig:
     ep_size: int = 1                       # expert-parallel group size (DeepSpeed MoE when > 1)
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on GPUs that support it, fp32 on CPU;
                                            # bf16 = autocast over fp32 master weights, CPU or GPU (training/compute.py)
-    compile: bool | Literal["auto"] = "auto"  # torch.compile each block; auto = on CUDA only (slower on CPU, design §15)
+    compile: bool | Literal["auto"] = "auto"  # torch.compile each block; auto = on CUDA only (slower on CPU, design §17)
     activation_checkpointing: Literal["off", "blocks", "concept"] | bool = "off"  # recompute blocks in backward
     peak_tflops: float | None = None       # the device's peak for MFU (null: GPU table, or CPU measured once)
     deepspeed_config: str | None = None    # a user's DeepSpeed JSON; its keys override the generated ones
     seed: int = 0
     log_every: int = 1
     tensorboard: bool = True
+    wandb: bool = False                    # Weights & Biases (the `wandb` extra); see training/metrics.py
+    wandb_project: str = "cmoe-vlm"
+    wandb_name: str | None = None          # run name (default: out_dir's folder name)
+    wandb_mode: Literal["online", "offline"] = "online"  # offline: OUT/wandb, for a later `wandb sync`
     ckpt_every: int = 100
     keep_last: int = 2
     resume: bool = True                    # continue from the newest complete checkpoint in out_dir
     max_nonfinite: int = 5                 # stop after this many consecutive non-finite steps
     eval_batches: int = 8                  # held-out batches in the end-of-run evaluation
     heldout_shards: str | None = None      # held-out data for the end-of-run evaluation (null = none)
-    init_from: str | None = None           # start from an export's weights (e.g. cmoe_vlm.convert output)
+    init_from: str | None = None           # start from an export's weights (convert, hf_import; training/init.py)
     ratio_ramp_steps: int = 0              # achieved R ramps from 1: boundaries forced w.p. 1 − step/N (conversion)
 
     def __post_init__(self):
@@ -159,6 +164,10 @@ def check_experiment(exp: ExperimentConfig, world_size: int) -> Tokenizer:
             check(moe.norm_topk_prob or moe.top_k == 1, f"{name}.norm_topk_prob", moe.norm_topk_prob,
                   "must be true with train.ep_size > 1 (DeepSpeed MoE renormalises the top-k gates)")
     user_deepspeed_config(t)
+    if t.wandb:
+        import importlib.util
+        check(importlib.util.find_spec("wandb") is not None, "train.wandb", t.wandb,
+              "needs the wandb package: pip install 'cmoe-vlm[wandb]' (or set train.wandb=false)")
     if t.precision == "bf16":
         import torch
         check(not torch.cuda.is_available() or torch.cuda.is_bf16_supported(), "train.precision", t.precision,
@@ -170,13 +179,15 @@ def check_experiment(exp: ExperimentConfig, world_size: int) -> Tokenizer:
         tokenizer = load_tokenizer(exp.data.tokenizer)
     except ConfigError as e:
         raise ConfigError(f"data.{e}") from None
-    check(tokenizer.vocab_size <= exp.model.vocab_size, "model.vocab_size", exp.model.vocab_size,
+    check(tokenizer.vocab_size <= exp.model.vocab_size or t.init_from, "model.vocab_size", exp.model.vocab_size,
           f"must be >= the tokenizer's vocabulary ({tokenizer.vocab_size}, data.tokenizer = {exp.data.tokenizer!r})")
     if t.init_from:
         check((Path(t.init_from) / "config.json").is_file(), "train.init_from", t.init_from,
               "must be an export folder (config.json + model.safetensors): a run's <out_dir>/final, a converted "
               "model, or a checkpoint exported with python -m cmoe_vlm.training.checkpoint")
-    if exp.vision.pretrained:
+    if exp.vision.backend == "transformers":
+        tower_config(exp.vision.model_name)  # a ConfigError naming vision.model_name
+    elif exp.vision.pretrained:
         check(Path(exp.vision.checkpoint_path).is_file(), "vision.checkpoint_path", exp.vision.checkpoint_path,
               "no such file")
     return tokenizer

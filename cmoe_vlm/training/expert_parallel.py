@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..layers.moe import MoE, MoEStats, SwiGLU
+from ..layers.moe import MoE, MoEStats, SwiGLU, shared_expert
 
 
 def expert_parallel_rank(ep_size: int) -> int:
@@ -41,7 +41,7 @@ class DeepSpeedMoE(nn.Module):
         self.layer = DSMoE(hidden_size=dim, expert=SwiGLU(dim, hidden), num_experts=cfg.num_experts, ep_size=ep_size,
                            k=cfg.top_k, drop_tokens=False, use_residual=False, min_capacity=0,
                            top2_2nd_expert_sampling=False)  # plain top-k, as our router
-        self.shared = moe.shared
+        self.shared, self.shared_gate = moe.shared, moe.shared_gate
         self.load_plain(moe)
 
     def _local_experts(self) -> list[SwiGLU]:
@@ -69,8 +69,9 @@ class DeepSpeedMoE(nn.Module):
             gathered.append(torch.cat(parts))
         state = {"router.weight": self.layer.deepspeed_moe.gate.wg.weight.detach().clone(),
                  "experts.w13": gathered[0], "experts.w2": gathered[1]}
-        if self.shared is not None:
-            state.update({f"shared.{k}": v for k, v in self.shared.state_dict().items()})
+        for name in ("shared", "shared_gate"):
+            if getattr(self, name) is not None:
+                state.update({f"{name}.{k}": v for k, v in getattr(self, name).state_dict().items()})
         return state
 
     def forward(self, x: torch.Tensor, with_stats: bool = True) -> tuple[torch.Tensor, MoEStats | None]:
@@ -79,7 +80,7 @@ class DeepSpeedMoE(nn.Module):
         out, _, counts = self.layer(x_ND[None])  # DeepSpeed expects (batch, tokens, dim)
         out = out.reshape(shape)
         if self.shared is not None:
-            out = out + self.shared(x_ND).view(shape)
+            out = out + shared_expert(self.shared, self.shared_gate, x_ND).view(shape)
         if not with_stats:
             return out, None
         # Our balance loss, not DeepSpeed's l_aux (its top-2 variant counts first choices only), so

@@ -22,14 +22,15 @@ from vision import build_image_transform
 from ..boundaries import ConversionRamp
 from ..chunking import CollapseMonitor, ModalityStats
 from ..config import to_dict
-from ..export import load_pretrained, save_pretrained
+from ..export import save_pretrained
 from ..vlm import ConceptMoEVLM
 from . import compute, mfu, resume
 from .checkpoint import Checkpointer
 from .config import ExperimentConfig, check_experiment, training_data
 from .engine import build_engine, collective_device, setup_distributed, use_bf16
 from .expert_parallel import plain_state_dict, swap_in_deepspeed_moe
-from .metrics import MetricsLogger, flatten
+from .init import fit_vocab, load_initial_weights
+from .metrics import MetricsLogger, WandbRun, compression_histograms, flatten
 from .optim import apply_hyperparameters
 
 
@@ -65,9 +66,11 @@ def grad_norm(model: torch.nn.Module) -> float | None:
 
 
 @torch.no_grad()
-def evaluate(model: ConceptMoEVLM, loader: StreamingLoader, max_batches: int) -> dict[str, Any]:
+def evaluate(model: ConceptMoEVLM, loader: StreamingLoader, max_batches: int,
+             histograms: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
     """Held-out LM loss, bits per byte-token, and per-modality compression with the eval threshold.
-    Without a single predicted token there is no loss to report: only `predicted_tokens` = 0."""
+    Without a single predicted token there is no loss to report: only `predicted_tokens` = 0. A given
+    `histograms` dict receives the per-modality boundary probabilities and chunk lengths (trackers)."""
     was_training = model.training
     model.eval()
     nll = n_tok = 0.0
@@ -79,6 +82,10 @@ def evaluate(model: ConceptMoEVLM, loader: StreamingLoader, max_batches: int) ->
         mask = batch.labels != IGNORE_INDEX
         nll += float(out.lm_loss) * int(mask.sum())
         n_tok += int(mask.sum())
+        if histograms is not None:
+            for k, v in compression_histograms(out.boundary_probs, out.boundaries, batch.modality,
+                                               batch.layout.starts, batch.layout.valid).items():
+                histograms[k] = torch.cat([histograms[k], v]) if k in histograms else v
         for name, s in out.compression.items():
             acc = totals.setdefault(name, [0.0, 0.0, 0.0])
             acc[0] += float(s.tokens)
@@ -112,17 +119,6 @@ def throughput(window: dict[str, Any], world: int, peak: float | None) -> dict[s
             **({"mfu": rate / peak} if peak else {})}
 
 
-def load_initial_weights(model: ConceptMoEVLM, path: str) -> None:
-    """Copy an export's weights (e.g. a converted model) into `model`; the configs must build the same model."""
-    src, _ = load_pretrained(path)
-    want, have = to_dict(model.cfg.model), to_dict(src.cfg.model)
-    diff = sorted(k for k in set(want) | set(have) if want.get(k) != have.get(k))
-    if diff:
-        raise ValueError(f"train.init_from = {path}: its model config differs in {', '.join(diff)}; build the same "
-                         f"model (a converted export lists the overrides in {path}/train_overrides.txt)")
-    model.load_state_dict(src.state_dict())
-
-
 def sync_step(stop: bool, skip: bool, controller: list[torch.Tensor], world: int) -> tuple[bool, bool]:
     """Make the per-step decisions global with one all-reduce (world > 1; none on one process): stop when
     any rank got a signal, skip the update when any rank found a non-finite gradient, and average the
@@ -148,6 +144,7 @@ def train(exp: ExperimentConfig) -> dict[str, Any]:
     rank, world = setup_distributed()
     out_dir = Path(cfg.out_dir)
     tokenizer = check_experiment(exp, world)
+    exp = fit_vocab(exp, tokenizer)  # with train.init_from, model.vocab_size follows the tokenizer
     ckpt = Checkpointer(out_dir, cfg.keep_last, rank)
     record = resume.experiment_record(exp, world)
     latest = ckpt.latest() if cfg.resume else None
@@ -199,7 +196,8 @@ def train(exp: ExperimentConfig) -> dict[str, Any]:
         out_dir.mkdir(parents=True, exist_ok=True)
         if latest is None or diff["applied"] or diff["ignored"]:  # the run's config as it is from now on
             (out_dir / "config.json").write_text(json.dumps(to_dict(exp), indent=2, default=str))
-    logger = MetricsLogger(out_dir, enabled=rank == 0, tensorboard=cfg.tensorboard, start_step=step)
+    wandb = WandbRun(cfg.wandb_project, cfg.wandb_name, cfg.wandb_mode, to_dict(exp)) if cfg.wandb else None
+    logger = MetricsLogger(out_dir, enabled=rank == 0, tensorboard=cfg.tensorboard, start_step=step, wandb=wandb)
 
     stop = {"signal": None}
 
@@ -329,7 +327,9 @@ def train(exp: ExperimentConfig) -> dict[str, Any]:
                            steps_per_epoch=None)
         eval_loader = StreamingLoader(eval_cfg, tokenizer=tokenizer,
                                       image_transform=build_image_transform(model.vision, train=False))
-        summary["heldout"] = evaluate(model, eval_loader, cfg.eval_batches)
+        histograms: dict[str, torch.Tensor] = {}
+        summary["heldout"] = evaluate(model, eval_loader, cfg.eval_batches, histograms)
+        logger.log_eval(step, summary["heldout"], histograms)
         if not summary["heldout"]["predicted_tokens"]:
             summary["heldout"]["error"] = (f"train.heldout_shards = {cfg.heldout_shards!r} gave no token to predict "
                                            f"(skipped: {eval_loader.skipped}): no held-out loss")

@@ -1,21 +1,96 @@
-"""Training metrics: JSONL file, TensorBoard scalars, and the progress-bar summary."""
+"""Training metrics: JSONL file, trackers (TensorBoard, Weights & Biases), the progress-bar summary.
+
+OUT/metrics.jsonl keeps the flat keys of each logged step. Trackers get them under namespaces:
+`train/` (losses, lr, grad norm, throughput, expert load, skipped samples), `compression/` (ratios,
+token and concept counts, targets, the ratio controller; the held-out boundary-probability and
+chunk-length histograms per modality) and `eval/` (the held-out evaluation: LM loss, bits per
+token, per-modality ratio and mean p with the evaluation threshold).
+
+Weights & Biases is an optional extra (`pip install 'cmoe-vlm[wandb]'`, `train.wandb=true`);
+`train.wandb_mode=offline` writes the run under OUT/wandb for a later `wandb sync`. A resumed run
+continues the same W&B run (its id is kept in OUT/wandb_run_id).
+"""
 from __future__ import annotations
 
 import json
+import re
+import secrets
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from cmoe_base import Modality
+
+COMPRESSION_KEY = re.compile(r"^(ratio_(all|text|image)$|ratio_window_|tokens_(all|text|image)$|concepts_|"
+                             r"target_ratio_|ratio_integral_|forced_boundary_prob$)")
+
+
+def tracker_tag(key: str) -> str:
+    """A metrics.jsonl key -> its tracker tag: `compression/...` or `train/...`."""
+    return f"compression/{key}" if COMPRESSION_KEY.match(key) else f"train/{key}"
+
+
+@dataclass
+class WandbRun:
+    """Where a run goes in Weights & Biases (train.wandb_*)."""
+    project: str
+    name: str | None = None
+    mode: str = "online"
+    config: dict[str, Any] = field(default_factory=dict)
+
+
+class TensorBoardTracker:
+    def __init__(self, folder: Path, start_step: int):
+        from torch.utils.tensorboard import SummaryWriter
+        # events of the steps about to be logged again are hidden (TensorBoard's purge_step)
+        self.writer = SummaryWriter(str(folder), purge_step=start_step + 1 if start_step else None)
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        for tag, value in values.items():
+            self.writer.add_scalar(tag, value, step)
+
+    def histograms(self, step: int, values: dict[str, torch.Tensor]) -> None:
+        for tag, value in values.items():
+            self.writer.add_histogram(tag, value, step)
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class WandbTracker:
+    def __init__(self, out: Path, run: WandbRun):
+        import wandb
+        self.wandb = wandb
+        id_file = out / "wandb_run_id"
+        run_id = id_file.read_text().strip() if id_file.exists() else secrets.token_hex(8)
+        id_file.write_text(run_id)
+        self.run = wandb.init(project=run.project, name=run.name or out.name, dir=str(out), config=run.config,
+                              id=run_id, resume="allow", mode=run.mode)
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        self.run.log(values, step=step)
+
+    def histograms(self, step: int, values: dict[str, torch.Tensor]) -> None:
+        self.run.log({tag: self.wandb.Histogram(v.float().cpu().numpy()) for tag, v in values.items()}, step=step)
+
+    def close(self) -> None:
+        self.run.finish()
+
 
 class MetricsLogger:
-    """Writes one JSON object per logged step to OUT/metrics.jsonl and scalars to TensorBoard (rank 0).
+    """Writes one JSON object per logged step to OUT/metrics.jsonl and the same values to the trackers
+    (rank 0).
 
     A run that starts at `start_step` (a resume; 0 for a fresh start) first drops the rows of later
     steps, which it is about to log again: the file keeps one row per step."""
 
-    def __init__(self, out_dir: str | Path, enabled: bool, tensorboard: bool, start_step: int = 0):
+    def __init__(self, out_dir: str | Path, enabled: bool, tensorboard: bool, start_step: int = 0,
+                 wandb: WandbRun | None = None):
         self.enabled = enabled
         self.file = None
-        self.tb = None
+        self.trackers: list[TensorBoardTracker | WandbTracker] = []
         if not enabled:
             return
         out = Path(out_dir)
@@ -29,25 +104,55 @@ class MetricsLogger:
             tmp.replace(path)
         self.file = open(path, "a")
         if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-            # events of the steps about to be logged again are hidden (TensorBoard's purge_step)
-            self.tb = SummaryWriter(str(out / "tensorboard"), purge_step=start_step + 1 if start_step else None)
+            self.trackers.append(TensorBoardTracker(out / "tensorboard", start_step))
+        if wandb is not None:
+            self.trackers.append(WandbTracker(out, wandb))
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         if not self.enabled:
             return
         self.file.write(json.dumps({"step": step, **metrics}) + "\n")
         self.file.flush()
-        if self.tb is not None:
-            for key, value in metrics.items():
-                if isinstance(value, (int, float)):
-                    self.tb.add_scalar(key, value, step)
+        scalars = {tracker_tag(k): v for k, v in metrics.items() if isinstance(v, (int, float))}
+        for tracker in self.trackers:
+            tracker.scalars(step, scalars)
+
+    def log_eval(self, step: int, heldout: dict[str, Any], histograms: dict[str, torch.Tensor]) -> None:
+        """The held-out evaluation (`loop.evaluate`'s result) under eval/, its histograms under compression/."""
+        if not self.enabled:
+            return
+        scalars = {f"eval/{k}": v for k, v in heldout.items() if isinstance(v, (int, float))}
+        for name, stats in heldout.get("compression", {}).items():
+            scalars.update({f"eval/ratio_{name}": stats["ratio"], f"eval/mean_p_{name}": stats["mean_p"]})
+        for tracker in self.trackers:
+            tracker.scalars(step, scalars)
+            tracker.histograms(step, {f"compression/eval_{k}": v for k, v in histograms.items() if v.numel()})
 
     def close(self) -> None:
         if self.file:
             self.file.close()
-        if self.tb:
-            self.tb.close()
+        for tracker in self.trackers:
+            tracker.close()
+
+
+def compression_histograms(p: torch.Tensor, b: torch.Tensor, modality: torch.Tensor, starts: torch.Tensor,
+                           valid: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per modality, the boundary probabilities of its tokens and the lengths of its chunks, from one
+    batch's (B, T) boundary probabilities p, boundaries b, modality, document starts and validity.
+    A chunk is the tokens after the previous boundary of its document up to its boundary, and has the
+    modality of its boundary token; tokens after a document's last boundary make no chunk yet."""
+    b = b & valid
+    pos = torch.arange(b.shape[1], device=b.device).expand_as(b)
+    doc_start = torch.where(starts, pos, 0).cummax(dim=1).values
+    last = torch.where(b, pos, -1).cummax(dim=1).values  # latest boundary at or before each position
+    before = torch.cat([torch.full_like(last[:, :1], -1), last[:, :-1]], dim=1)
+    length = pos - torch.maximum(before, doc_start - 1)
+    out = {}
+    for m in Modality:
+        here = (modality == m) & valid
+        out[f"boundary_p_{m.label}"] = p[here].detach().float().cpu()
+        out[f"chunk_length_{m.label}"] = length[here & b].float().cpu()
+    return out
 
 
 def _step(line: str) -> int | None:

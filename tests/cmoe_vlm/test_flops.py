@@ -42,6 +42,12 @@ CONFIGS = {
     "shared_expert": small(moe=MoEConfig(num_experts=4, top_k=1, expert_hidden=32, shared_expert_hidden=48)),
     "joint_last_1": small(joint_layers=1),
     "tied": small(tie_embeddings=True, chunk=OFF),
+    # the options of imported families: Qwen2-MoE (q/k/v bias, gated shared expert), OLMoE (full q/k
+    # norm, all biases), Qwen3-MoE (per-head q/k norm, head_dim apart from dim / heads)
+    "qwen2_moe_like": small(attention_bias="qkv", moe=MoEConfig(num_experts=4, top_k=2, expert_hidden=32,
+                                                                shared_expert_hidden=48, shared_expert_gate=True)),
+    "olmoe_like": small(attention_bias="all", qk_norm="full", chunk=OFF),
+    "qwen3_moe_like": small(qk_norm="head", head_dim=24, num_kv_heads=2),
 }
 
 

@@ -4,6 +4,7 @@ import torch
 from cmoe_base import Batch, DocumentLayout, Modality
 from cmoe_vlm.chunking import ChunkConfig
 from cmoe_vlm.layers.moe import MoEConfig
+from cmoe_vlm.layers.rope import RopeScaling
 from cmoe_vlm.model import ConceptMoE, ModelConfig
 
 
@@ -21,6 +22,11 @@ VARIANTS = {
     "last-merge-gqa": tiny(chunk=dict(merge="last"), num_kv_heads=2),
     "looped-wide": tiny(loop_layers=1, concept_dim=48, joint_layers=1,
                         concept_moe=MoEConfig(num_experts=4, top_k=3, expert_hidden=32)),
+    # the layer options imported families bring (docs/design.md §16), all at once
+    "imported-options": tiny(num_kv_heads=2, head_dim=12, attention_bias="all", qk_norm="full", clip_qkv=2.0,
+                             norm_eps=1e-5, rope_scaling=RopeScaling("yarn", 4.0, 16),
+                             moe=MoEConfig(num_experts=4, top_k=2, expert_hidden=32, shared_expert_hidden=16,
+                                           shared_expert_gate=True, norm_topk_prob=False)),
 }
 
 

@@ -2,6 +2,7 @@
 of a rotated query and key depends only on their distance."""
 import math
 
+import pytest
 import torch
 
 from cmoe_vlm.layers.rope import apply_rope, rope_angles
@@ -49,3 +50,37 @@ def test_bf16_input_comes_back_in_bf16():
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out.float(), rotate_reference(x.float(), torch.arange(4)[None], 10000.0).float(),
                                atol=2e-2, rtol=2e-2)
+
+
+SCALINGS = {
+    "linear": {"rope_type": "linear", "factor": 4.0},
+    "llama3": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 64},
+    "yarn": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128},
+    "yarn-mscale-untruncated": {"rope_type": "yarn", "factor": 16.0, "original_max_position_embeddings": 256,
+                                "mscale": 0.707, "mscale_all_dim": 1.0, "beta_fast": 16, "truncate": False},
+}
+
+
+@pytest.mark.parametrize("name", SCALINGS)
+def test_scaled_frequencies_match_transformers(name):
+    """Our cos/sin for each scaled RoPE type equal transformers' (its inverse frequencies and
+    attention factor), read through the importer's mapping of `rope_parameters`."""
+    from transformers import MixtralConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from cmoe_vlm.hf_families import rope_from_hf
+
+    hf = MixtralConfig(hidden_size=128, num_attention_heads=4, head_dim=32, max_position_embeddings=1024,
+                       rope_parameters={**SCALINGS[name], "rope_theta": 50000.0})
+    inv_freq, factor = ROPE_INIT_FUNCTIONS[hf.rope_parameters["rope_type"]](hf, torch.device("cpu"))
+    positions = torch.tensor([[0, 1, 7, 100, 1023]])
+    angles = positions.float()[..., None] * inv_freq  # transformers: cat(freqs, freqs), cos/sin × factor
+    want_cos = torch.cat([angles, angles], -1).cos() * factor
+    want_sin = torch.cat([angles, angles], -1).sin() * factor
+    theta, scaling = rope_from_hf(hf)
+    assert theta == 50000.0 and scaling.type == hf.rope_parameters["rope_type"]
+    cos, sin = rope_angles(positions, 32, theta, scaling)
+    torch.testing.assert_close(cos[:, :, 0], want_cos, atol=1e-6, rtol=0)
+    torch.testing.assert_close(sin[:, :, 0, 16:], want_sin[..., 16:], atol=1e-6, rtol=0)  # first half: −sin
+    torch.testing.assert_close(sin[:, :, 0, :16], -want_sin[..., :16], atol=1e-6, rtol=0)

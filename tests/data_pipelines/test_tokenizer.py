@@ -17,18 +17,8 @@ def test_byte_tokenizer_roundtrip_and_specials():
 
 
 @pytest.fixture
-def hf_folder(tmp_path):
-    from tokenizers import Tokenizer as RawTokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    raw = RawTokenizer(models.BPE(unk_token="<unk>"))
-    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    raw.train_from_iterator(["two red circles and a blue square", "how many circles? 3"] * 20, trainer)
-    raw.decoder = decoders.ByteLevel()
-    PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="<unk>", bos_token="<s>").save_pretrained(tmp_path)
-    return tmp_path
+def hf_folder(bpe_tokenizer_folder):
+    return bpe_tokenizer_folder
 
 
 def test_hf_tokenizer_from_local_folder(hf_folder):

@@ -1,4 +1,5 @@
-"""train_vlm.py end to end on built-in shards: learning, exact resume after kill -9, guards."""
+"""train_vlm.py end to end on built-in shards: learning (and its trackers), exact resume after kill -9, guards."""
+import importlib.util
 import json
 import os
 import signal
@@ -35,8 +36,11 @@ def run_train(args: list[str], **kw) -> subprocess.Popen:
 
 def test_single_process_run_learns(builtin_data, tmp_path):
     out = tmp_path / "run"
+    trackers = ["train.tensorboard=true"]  # and W&B offline where installed (CI: always, tests/training/test_metrics.py)
+    if importlib.util.find_spec("wandb") is not None or os.environ.get("CI"):
+        trackers += ["train.wandb=true", "train.wandb_mode=offline"]
     proc = run_train(overrides(builtin_data, out, "train.steps=40", "train.lr=3e-3", "train.eval_batches=2",
-                               "train.peak_tflops=0.1"))
+                               "train.peak_tflops=0.1", *trackers))
     log, _ = proc.communicate(timeout=900)
     assert proc.returncode == 0, log[-3000:]
     m = read_metrics(out)
@@ -56,6 +60,16 @@ def test_single_process_run_learns(builtin_data, tmp_path):
     assert summary["peak_source"] == "train.peak_tflops" and summary["checkpointed_blocks"] == 0
     assert 1e6 < m[40]["flops_per_token"] < 3 * 20e6 and m[40]["mfu"] == pytest.approx(m[40]["tflops"] / 0.1)
     assert m[40]["tflops"] * 1e12 == pytest.approx(m[40]["tokens_per_s"] * m[40]["flops_per_token"], rel=1e-6)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    tags = events.Tags()
+    assert {"train/lm_loss", "train/mfu", "compression/ratio_window_text", "eval/lm_loss", "eval/ratio_image"} <= set(tags["scalars"])
+    assert [e.step for e in events.Scalars("eval/lm_loss")] == [40]
+    assert events.Scalars("eval/lm_loss")[0].value == pytest.approx(summary["heldout"]["lm_loss"])
+    assert {"compression/eval_chunk_length_text", "compression/eval_boundary_p_image"} <= set(tags["histograms"])
+    if "train.wandb=true" in trackers:
+        assert list((out / "wandb").glob("offline-run-*/run-*.wandb"))
 
 
 def wait_for_steps(out_dir: Path, n: int, proc: subprocess.Popen) -> None:
