@@ -91,7 +91,7 @@ def test_bucket_plan():
         AttentionLayout.of(DocumentLayout.from_lengths([[3, 4]], 7), kernel="causal")
 
 
-@pytest.mark.parametrize("name", ["conceptmoe", "looped-wide", "baseline"])
+@pytest.mark.parametrize("name", ["conceptmoe", "looped-wide", "baseline", "imported-options"])
 def test_model_equals_the_dense_reference_at_both_levels(name, monkeypatch):
     """A training forward and backward over packed rows (the concept level's documents come from the
     sampled boundaries) gives the same loss, logits and gradients with the dense mask."""
