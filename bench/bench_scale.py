@@ -14,11 +14,11 @@ compile. Writes OUT/scale.json and OUT/scale.png and prints a table. Sections (`
              torch.profiler breakdown of where a step's time goes
 
 Every point runs in its own process (peak RSS is the process's), one after another. MFU divides the
-realized FLOPs (cmoe_vlm/training/mfu.py) by the CPU matmul peak measured at the start of the run (the
-end's is recorded too); the mfu section's points measure it in their own process just before and after
-their steps instead, the fairest denominator on a machine whose load changes. The machine this was
-written on is shared: compare ratios measured side by side in one run; the load average is recorded,
-and the figure says "preliminary".
+realized FLOPs (cmoe_vlm/training/mfu.py) by the CPU matmul peak measured in the point's own process just
+before and after its steps (the run's peaks at its start and end are recorded too): on a machine whose
+load changes, the fairest denominator. The machine this was written on is shared: compare ratios
+measured side by side in one run; the load average is recorded, and the figure says "preliminary".
+Sections run by separate invocations accumulate in OUT/scale.json, with their run records (NAME_runs).
 
     python bench/bench_scale.py [--out bench/results/scale] [--sections all|scale,ac,...] [--quick]
 
@@ -148,7 +148,8 @@ def steady(times: list[float]) -> float:
 # --------------------------------------------------------------------------------------------- one point
 def run_point(p: dict) -> dict:
     """One training measurement in this process. p: config, T, docs, chunking, ac, dtype, steps, min_steps,
-    rows, peak."""
+    rows. MFU is over the matmul peak measured in this process right before and after the steps (on a
+    shared machine, the fairest denominator for this point)."""
     torch.manual_seed(0)
     cfg = model_config(p["config"], p["chunking"], p["T"])
     model = ConceptMoE(cfg).train()
@@ -157,7 +158,7 @@ def run_point(p: dict) -> dict:
     batch = random_batch(cfg, rows, p["T"], p["docs"])
     bf16 = p.get("dtype", "fp32") == "bf16"
     dtype = torch.bfloat16 if bf16 else torch.float32
-    peak_before = None if p.get("peak") else mfu.measure_matmul_peak(dtype)
+    peak_before = mfu.measure_matmul_peak(dtype)
     rss_before = rss_gib()
     times, outs, _ = train_steps(model, lambda i: batch, adamw(model), bf16, torch.device("cpu"), p.get("steps", 3),
                                  p.get("min_steps", 1))
@@ -165,11 +166,8 @@ def run_point(p: dict) -> dict:
     flops = mfu.step_flops(model, batch, outs[-1])
     tokens = batch.num_tokens()
     concepts = sum(map(sum, outs[-1].concept_lengths)) if outs[-1].concept_lengths else tokens
-    # no peak given: the matmul peak measured right before and after the steps, in this process (on a
-    # shared machine, the fairest denominator for this point)
-    peak = p.get("peak") or (peak_before + mfu.measure_matmul_peak(dtype)) / 2
-    return {**{k: v for k, v in p.items() if k != "peak"}, "steps_run": len(times), "step_s": step_s,
-            "peak_gflops": peak / 1e9, "peak_measured_here": not p.get("peak"),
+    peak = (peak_before + mfu.measure_matmul_peak(dtype)) / 2
+    return {**p, "steps_run": len(times), "step_s": step_s, "peak_gflops": peak / 1e9,
             "first_step_s": times[0], "tokens_per_s": rows * p["T"] / step_s, "ratio": tokens / concepts,
             "flops_per_token": flops / tokens, "tflops": flops / step_s / 1e12, "mfu": flops / step_s / peak,
             "peak_rss_gib": peak_rss_gib(), "rss_before_step_gib": rss_before, "load": load()}
@@ -185,7 +183,7 @@ def run_points(points: list[dict], in_process: bool) -> list[dict]:
             proc = subprocess.run([sys.executable, __file__, "--point", json.dumps(p)], capture_output=True, text=True,
                                   env={**os.environ, "PYTHONPATH": str(REPO)})
             if proc.returncode != 0:
-                r = {**{k: v for k, v in p.items() if k != "peak"}, "error": proc.stderr.strip().splitlines()[-1:]}
+                r = {**p, "error": proc.stderr.strip().splitlines()[-1:]}
             else:
                 r = json.loads(proc.stdout.strip().splitlines()[-1])
         r["wall_s"] = time.perf_counter() - t0
@@ -204,26 +202,26 @@ def row(r: dict) -> str:
 
 
 # -------------------------------------------------------------------------------------------- sections
-def section_scale(quick: bool, peaks: dict) -> list[dict]:
+def section_scale(quick: bool, configs: tuple[str, ...] = ("tiny", "small"),
+                  lengths: tuple[int, ...] = LENGTHS) -> list[dict]:
     if quick:
         grid = [("tiny", 256, docs, chunk) for docs in (1, 8) for chunk in (True, False)]
     else:
-        grid = [(name, T, docs, chunk) for name in ("tiny", "small") for T in LENGTHS for docs in (1, 8)
+        grid = [(name, T, docs, chunk) for name in configs for T in lengths for docs in (1, 8)
                 for chunk in (True, False) if not (name == "small" and docs == 1 and T > 16384)]
-    points = [dict(config=n, T=T, docs=d, chunking=c, ac="off", dtype="fp32", steps=2 if quick else 3,
-                   peak=peaks["fp32"]) for n, T, d, c in grid]
+    points = [dict(config=n, T=T, docs=d, chunking=c, ac="off", dtype="fp32", steps=2 if quick else 3) for n, T, d, c in grid]
     return run_points(points, in_process=quick)
 
 
-def section_ac(quick: bool, peaks: dict) -> list[dict]:
+def section_ac(quick: bool) -> list[dict]:
     T = 256 if quick else 16384
-    points = [dict(config="tiny", T=T, docs=1, chunking=True, ac=mode, dtype="fp32", steps=2, peak=peaks["fp32"])
+    points = [dict(config="tiny", T=T, docs=1, chunking=True, ac=mode, dtype="fp32", steps=2)
               for mode in ("off", "concept", "blocks")]
     return run_points(points, in_process=quick)
 
 
-def section_long(quick: bool, peaks: dict) -> list[dict]:
-    point = dict(config="tiny", T=131072, docs=1, chunking=True, ac="blocks", dtype="fp32", steps=1, peak=peaks["fp32"])
+def section_long(quick: bool) -> list[dict]:
+    point = dict(config="tiny", T=131072, docs=1, chunking=True, ac="blocks", dtype="fp32", steps=1)
     return run_points([point], in_process=False)
 
 
@@ -257,7 +255,7 @@ def precision_run(dtype: str, steps: int, rows: int, seq_len: int, data_dir: str
             "mean_loss_last_10": statistics.mean(losses[-10:]), "load": load()}
 
 
-def section_precision(quick: bool, peaks: dict) -> dict:
+def section_precision(quick: bool) -> dict:
     from data_pipelines.builtin import write_builtin_dataset
 
     steps, rows, seq_len = (2, 2, 128) if quick else (100, 4, 512)
@@ -307,7 +305,7 @@ def compile_run(compiled: bool, steps: int, backend: str, rows: int = 4, T: int 
             "losses": losses, "load": load()}
 
 
-def section_compile(quick: bool, peaks: dict) -> dict:
+def section_compile(quick: bool) -> dict:
     runs = {}
     for compiled, steps in ((False, 2 if quick else 40), (True, 2 if quick else 200)):
         if quick:
@@ -366,11 +364,10 @@ def profile_point(p: dict) -> dict:
             "top_ops": [{"op": k, "s": t, "share": t / total} for k, t in top]}
 
 
-def section_mfu(quick: bool, peaks: dict) -> dict:
+def section_mfu(quick: bool) -> dict:
     shape = dict(config="tiny", T=128, rows=2) if quick else dict(config="small", T=1024, rows=8)
     out = {}
     for dtype in ("fp32", "bf16"):
-        # the peak measured in the point's own process, just before and after its steps
         p = dict(**shape, docs=1, chunking=True, ac="off", dtype=dtype, steps=2 if quick else 4, min_steps=2 if quick else 3)
         out[dtype] = run_points([p], in_process=quick)[0]
         if quick:
@@ -413,7 +410,9 @@ def plot(res: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     pts = [r for r in res.get("scale", []) if "error" not in r]
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.6))
+    prec = {d: res.get("precision", {}).get(d, {}) for d in ("fp32", "bf16")}
+    curves = all("losses" in r for r in prec.values())
+    fig, axes = plt.subplots(1, 4 if curves else 3, figsize=(21 if curves else 16, 4.6))
     for (name, docs, chunk) in sorted({(r["config"], r["docs"], r["chunking"]) for r in pts}):
         sel = sorted((r for r in pts if (r["config"], r["docs"], r["chunking"]) == (name, docs, chunk)),
                      key=lambda r: r["T"])
@@ -423,7 +422,10 @@ def plot(res: dict, path: Path) -> None:
         Ts = [r["T"] for r in sel]
         axes[0].plot(Ts, [r["step_s"] for r in sel], label=label, **style)
         axes[1].plot(Ts, [r["peak_rss_gib"] for r in sel], label=label, **style)
-        axes[2].plot(Ts, [100 * r["mfu"] for r in sel], label=label, **style)
+        # MFU only over a peak measured in the point's own process (bench/results/scale has two 32K points from
+        # before that: their denominator was the run's start peak, measured at a moment of heavy load)
+        own = [r for r in sel if r.get("peak_measured_here", True)]
+        axes[2].plot([r["T"] for r in own], [100 * r["mfu"] for r in own], label=label, **style)
     for ax, title in zip(axes, ("training step (s)", "peak RSS (GiB)", "MFU (% of measured fp32 matmul peak)")):
         ax.set_xscale("log", base=2)
         ax.set_xlabel("tokens in the row (T)")
@@ -431,7 +433,15 @@ def plot(res: dict, path: Path) -> None:
         ax.grid(alpha=0.3)
     axes[0].set_yscale("log")
     axes[0].legend(fontsize=7)
-    fig.suptitle(f"PRELIMINARY (shared {os.cpu_count()}-core CPU; {res['uptime_start']})", fontsize=9)
+    if curves:  # the precision section: the tiny VLM's loss curve, fp32 vs bf16 autocast
+        for d, r in prec.items():
+            axes[3].plot(range(1, len(r["losses"]) + 1), r["losses"], label=f"{d}: {r['tokens_per_s']:.0f} tok/s")
+        axes[3].set_xlabel("step")
+        axes[3].set_title("tiny VLM training loss, fp32 vs bf16 autocast")
+        axes[3].grid(alpha=0.3)
+        axes[3].legend(fontsize=7)
+    fig.suptitle(f"PRELIMINARY: shared {os.cpu_count()}-core CPU under load (each point's load in scale.json); "
+                 f"scale section from {res['scale_runs'][0]['uptime_start']}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -443,6 +453,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--sections", default="all", help=f"comma-separated of {', '.join(SECTIONS)}; all = "
                                                       f"{','.join(DEFAULT)}")
     ap.add_argument("--quick", action="store_true", help="a few tiny points in this process (smoke test)")
+    ap.add_argument("--configs", default="tiny,small", help="the scale section's configs")
+    ap.add_argument("--lengths", default=",".join(map(str, LENGTHS)), help="the scale section's row lengths T")
     ap.add_argument("--point", help=argparse.SUPPRESS)
     ap.add_argument("--precision", help=argparse.SUPPRESS)
     ap.add_argument("--compile-run", help=argparse.SUPPRESS)
@@ -459,27 +471,36 @@ def main(argv: list[str] | None = None) -> dict:
         ap.error(f"unknown sections {sorted(unknown)}; choose from {', '.join(SECTIONS)}")
     if args.quick and "long" in sections:
         ap.error("--quick does not run the long section")
-    res = {"machine": {"cpu": mfu.cpu_model(), "threads": torch.get_num_threads(), "torch": torch.__version__,
-                       "python": platform.python_version()},
-           "preliminary": True, "uptime_start": uptime(), "quick": args.quick}
+    out = Path(args.out)
+    # sections run by separate invocations accumulate in one scale.json (each with its own run record)
+    res = json.loads((out / "scale.json").read_text()) if (out / "scale.json").exists() and not args.quick else {}
+    res.update({"machine": {"cpu": mfu.cpu_model(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+                            "python": platform.python_version()}, "preliminary": True, "quick": args.quick})
+    run = {"sections": list(sections), "uptime_start": uptime()}
     peaks = {"fp32": mfu.measure_matmul_peak(torch.float32), "bf16": mfu.measure_matmul_peak(torch.bfloat16)}
-    res["peak_flops_start"] = peaks
-    print(f"{res['uptime_start']}\nmatmul peak: fp32 {peaks['fp32'] / 1e9:.0f} GFLOP/s, "
+    run["peak_flops_start"] = peaks
+    print(f"{run['uptime_start']}\nmatmul peak: fp32 {peaks['fp32'] / 1e9:.0f} GFLOP/s, "
           f"bf16 {peaks['bf16'] / 1e9:.0f} GFLOP/s", flush=True)
     t0 = time.perf_counter()
+    scale_grid = dict(configs=tuple(args.configs.split(",")), lengths=tuple(int(t) for t in args.lengths.split(",")))
     for name in sections:
         print(f"== {name}", flush=True)
-        res[name] = globals()[f"section_{name}"](args.quick, peaks)
-    res["peak_flops_end"] = {"fp32": mfu.measure_matmul_peak(torch.float32),
+        got = globals()[f"section_{name}"](args.quick, **(scale_grid if name == "scale" else {}))
+        if isinstance(got, list):  # points: an earlier run's points at other settings are kept
+            key = lambda r: (r["config"], r["T"], r["docs"], r["chunking"], r["ac"], r["dtype"])  # noqa: E731
+            got = [r for r in res.get(name, []) if key(r) not in {key(g) for g in got}] + got
+            got.sort(key=lambda r: (r["config"], r["T"]))
+        res[name] = got
+        res[name + "_runs"] = [*res.get(name + "_runs", []), run] if isinstance(got, list) else [run]
+    run["peak_flops_end"] = {"fp32": mfu.measure_matmul_peak(torch.float32),
                              "bf16": mfu.measure_matmul_peak(torch.bfloat16)}
-    res["uptime_end"], res["wall_s"] = uptime(), time.perf_counter() - t0
+    run["uptime_end"], run["wall_s"] = uptime(), time.perf_counter() - t0
     res["targets"] = targets(res)
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "scale.json").write_text(json.dumps(res, indent=1))
     if res.get("scale"):
-        plot(res, out / "scale.png")
-    print(f"targets: {json.dumps(res['targets'])}\n{res['uptime_end']}; {res['wall_s']:.0f}s; wrote {out}/scale.json")
+        plot(res, out / "scale.png")  # from every section in scale.json, this run's and earlier ones
+    print(f"targets: {json.dumps(res['targets'])}\n{run['uptime_end']}; {run['wall_s']:.0f}s; wrote {out}/scale.json")
     return res
 
 

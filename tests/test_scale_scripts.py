@@ -17,7 +17,7 @@ def test_bench_scale_quick(tmp_path):
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads((tmp_path / "scale.json").read_text())
-    assert res["preliminary"] and "load average" in res["uptime_start"]
+    assert res["preliminary"] and "load average" in res["scale_runs"][0]["uptime_start"]
     assert {(r["docs"], r["chunking"]) for r in res["scale"]} == {(1, True), (8, True), (1, False), (8, False)}
     assert all(r["step_s"] > 0 and 0 < r["mfu"] < 5 and r["peak_rss_gib"] > 0 for r in res["scale"])
     assert [r["ac"] for r in res["ac"]] == ["off", "concept", "blocks"]
