@@ -55,6 +55,7 @@ class ModelOutput:
     tokens_per_expert: list[torch.Tensor] = field(default_factory=list)  # one (E,) per MoE layer call
     boundary_probs: torch.Tensor | None = None  # (B, T) of the boundaries used
     boundaries: torch.Tensor | None = None      # (B, T) bool
+    concept_lengths: tuple[tuple[int, ...], ...] | None = None  # host: concepts per document of each row (chunking)
 
 
 @dataclass
@@ -67,6 +68,7 @@ class DecodingState:
     dechunk: DechunkState | None
     decoder: list[KVCache]
     num_tokens: torch.Tensor      # (B,) tokens fed so far (the next token's position)
+    max_tokens: int = 0           # host: an upper bound of num_tokens.max() (the max_seq_len check reads no device)
 
     @property
     def num_concepts(self) -> torch.Tensor:
@@ -137,6 +139,7 @@ class ConceptMoE(nn.Module):
         of the patch above each image patch (−1 if none), for 2D image chunking."""
         _check_not_empty(batch)
         tokens = batch.layout
+        self._check_length(max((n for docs in tokens.lengths for n in docs), default=0))
         x = self.embed(batch.input_ids) if inputs_embeds is None else inputs_embeds
         rope, attn = self._rope(tokens.positions), AttentionLayout.of(tokens)
         h, encoder_stats = self.encoder(x, rope, attn)
@@ -154,6 +157,8 @@ class ConceptMoE(nn.Module):
             y, decoder_stats = self.decoder(self._decoder_input(h, c_bar, used), rope, attn, concept=c_bar)
         logits = self.lm_head(self.norm(y))
         out = self._output(logits, batch, own, used, encoder_stats + concept_stats + decoder_stats)
+        if own is not None:
+            out.concept_lengths = concepts.layout.lengths  # what the concept model ran on (MFU, cmoe_vlm/flops)
         if own is not None and self.cfg.chunk.ratio_integral > 0 and self.training and torch.is_grad_enabled():
             self._update_ratio_integral(own, batch)  # the one buffer a training forward writes
         return out
@@ -238,6 +243,7 @@ class ConceptMoE(nn.Module):
             raise ValueError("cached decoding takes one document per row (doc_ids 0, or −1 for tail padding)")
         B, T = batch.shape
         n_tokens = [sum(docs) for docs in batch.layout.lengths]
+        self._advance_length(state, max(n_tokens), n_tokens)
         lengths = T if all(n == T for n in n_tokens) else torch.tensor(n_tokens, device=state.num_tokens.device)
         x = self.embed(batch.input_ids) if inputs_embeds is None else inputs_embeds
         valid = batch.layout.valid
@@ -267,9 +273,10 @@ class ConceptMoE(nn.Module):
         Returns the logits (B, V). The same values as `extend` on one-token spans, without the
         span's (B, M) bookkeeping: a row whose token is no boundary skips the concept model, and
         when no row has one the concept model does not run."""
+        advance = 1 if active is None else active.long()
+        self._advance_length(state, 1, advance)
         x = self.embed(input_ids)  # (B, d)
         positions = state.num_tokens
-        advance = 1 if active is None else active.long()
         rope = self._rope(positions[:, None])
         h = self.encoder.extend(x[:, None], rope, state.encoder, advance)[:, 0]
         if self.chunk is None:
@@ -291,6 +298,20 @@ class ConceptMoE(nn.Module):
             y = self.decoder.extend(z[:, None], rope, state.decoder, advance, concept=c_bar[:, None])
         state.num_tokens += advance
         return self.lm_head(self.norm(y))[:, 0]
+
+    def _check_length(self, longest: int) -> None:
+        if longest > self.cfg.max_seq_len:
+            raise ValueError(f"a document of {longest} tokens is longer than model.max_seq_len = {self.cfg.max_seq_len}: "
+                             f"RoPE positions past it were never trained (split the input, or build the model with a "
+                             f"larger max_seq_len)")
+
+    def _advance_length(self, state: DecodingState, most: int, added: torch.Tensor | list[int] | int) -> None:
+        """Check that rows growing by `added` ((B,) or an int; at most `most`) stay within max_seq_len:
+        on the host bound alone, unless it passes the limit (then the lengths are read once)."""
+        state.max_tokens += most
+        if state.max_tokens > self.cfg.max_seq_len:
+            state.max_tokens = int((state.num_tokens + torch.as_tensor(added, device=state.num_tokens.device)).max())
+            self._check_length(state.max_tokens)
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -18,7 +18,7 @@ ALLOWED = {"cmoe_base": set(), "data_pipelines": {"cmoe_base"}, "vision": {"cmoe
 # A package's __init__ comes after its modules, its __main__ after its __init__.
 CMOE_VLM_LAYERS = """
     config tensor_files
-    layers.norm layers.rope layers.moe layers.attention layers.joint_decoding layers.block layers
+    layers.norm layers.rope layers.moe layers.document_attention layers.attention layers.joint_decoding layers.block layers
     chunking boundaries merge dechunk model_config concept_model model vlm
     flops.accounting flops.reallocation flops.cli flops flops.__main__
     hf_folder hf_processing export session generation runner convert hf_families hf_import hf_export hf_generation hf
@@ -26,8 +26,8 @@ CMOE_VLM_LAYERS = """
     inspection.__main__
     eval.vqa_metric eval.tasks eval.long_context eval.builtin_suite eval.harness_tasks eval.harness eval.lmms_adapter
     eval.cli eval eval.__main__
-    training.config training.optim training.engine training.metrics training.checkpoint training.resume
-    training.expert_parallel training.init training.loop training train
+    training.config training.optim training.engine training.mfu training.compute training.metrics training.checkpoint
+    training.resume training.expert_parallel training.init training.loop training train
     __init__
 """.split()
 

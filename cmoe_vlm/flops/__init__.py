@@ -18,7 +18,7 @@ _MODULES = {
     "accounting": ("Cost", "account", "activated_params", "activated_params_non_embedding", "attention_map_flops",
                    "attention_projection_flops", "expert_flops", "fixed_layer_flops", "flops_breakdown",
                    "flops_per_token", "kv_cache_bytes_per_token", "layer_flops", "layer_params", "param_counts",
-                   "total_params"),
+                   "realized_flops", "total_params"),
     "cli": ("format_table", "load_model_config", "main", "model_config_from_data", "strip_reallocation"),
     "reallocation": ("STRATEGIES", "Proposal", "flops_mismatch", "more_experts_top_k", "proposal_for", "propose",
                      "propose_efficiency", "propose_flops_matched", "propose_looped", "propose_more_experts",

@@ -19,6 +19,7 @@ paper-scale config that would never fit in memory here. Conventions:
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from ..layers.moe import MoEConfig
@@ -183,6 +184,34 @@ def attention_map_flops(cfg: ModelConfig, seq_len: int, ratio: float | None = No
     n, m = float(seq_len), seq_len / R
     total = (cfg.encoder_layers + cfg.decoder_layers) * 4 * n * n * q + len(cfg.concept_schedule()) * 4 * m * m * qc
     return total / 2 if causal else total
+
+
+Lengths = Sequence[Sequence[int]]  # per row, the lengths of its documents (tokens, or concepts)
+
+TOKEN_LEVEL = ("encoder", "chunk", "decoder", "lm_head")  # flops_breakdown parts that run on every token
+CONCEPT_LEVEL = ("concept_maps", "concept")               # and on every concept (at R = 1: per concept)
+
+
+def realized_flops(cfg: ModelConfig, tokens: Lengths, concepts: Lengths | None = None) -> dict[str, float]:
+    """Forward FLOPs of one packed forward as it ran: token-level work for each real token, concept-level
+    work for each real concept (`concepts`: concepts per document of each row, as the merger counted
+    them; None without chunking, where the concept layers run on the tokens), and the attention map
+    of each document at its own length, causal (2·q_width·n² per layer for n positions: half the
+    dense QK^T + AV, as `attention_map_flops(causal=True)`). Padding is not credited.
+    Returns {"linear", "attention", "total"}."""
+    if cfg.chunk.enabled and concepts is None:
+        raise ValueError("a ConceptMoE forward needs its realized concept counts (ModelOutput.concept_lengths)")
+    concepts = tokens if concepts is None else concepts
+    per = flops_breakdown(cfg, 1.0)
+    n_tok = sum(n for row in tokens for n in row)
+    n_con = sum(n for row in concepts for n in row)
+    linear = n_tok * sum(per[k] for k in TOKEN_LEVEL) + n_con * sum(per[k] for k in CONCEPT_LEVEL)
+    q, _ = _attn_widths(cfg, cfg.dim)
+    qc, _ = _attn_widths(cfg, cfg.concept_width)
+    squares = lambda lengths: sum(n * n for row in lengths for n in row)  # noqa: E731
+    attention = (2 * q * (cfg.encoder_layers + cfg.decoder_layers) * squares(tokens)
+                 + 2 * qc * len(cfg.concept_schedule()) * squares(concepts))
+    return {"linear": float(linear), "attention": float(attention), "total": float(linear + attention)}
 
 
 def kv_cache_bytes_per_token(cfg: ModelConfig, ratio: float | None = None, bytes_per_value: int = 2) -> float:

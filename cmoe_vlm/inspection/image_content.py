@@ -13,7 +13,7 @@ SUBCELLS × SUBCELLS block means (which averages out pixel noise and keeps the l
 REPEAT_TOLERANCE in mean absolute value, and *changes* otherwise. The first token of an image is a
 forced boundary (the modality switch) and has no predecessor in the image: it is neither.
 Measured on 300 built-in scenes (a noisy gradient background, objects in the 4×4 cells;
-docs/design.md §17): 93.5% of background-after-background tokens repeat, 93.2% of tokens next to an
+docs/design.md §18): 93.5% of background-after-background tokens repeat, 93.2% of tokens next to an
 object change (the rest sit beside an identical object).
 """
 from __future__ import annotations

@@ -1,8 +1,9 @@
 """Causal self-attention: RoPE, GQA, document-causal masking, a KV cache per row.
 
 Two ways in. `Attention.forward` runs a whole packed batch (training, scoring): who may attend to
-whom is an `AttentionLayout`, built once per forward and level (tokens, concepts) from the batch's
-`DocumentLayout` and shared by every layer. `Attention.extend` continues rows from a `KVCache`
+whom is an `AttentionLayout` (layers/document_attention.py: document-causal kernels with no (T, T)
+mask), built once per forward and level (tokens, concepts) from the batch's `DocumentLayout` and
+shared by every layer. `Attention.extend` continues rows from a `KVCache`
 (prefill, decoding): each row holds one document, so causality inside the cache is all it needs.
 Joint decoding (docs/design.md §5) enters as `extra_qkv`, added to the layer's own Q/K/V projection.
 """
@@ -15,10 +16,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cmoe_base import DocumentLayout
-
+from .document_attention import AttentionLayout
 from .norm import RMSNorm
 from .rope import apply_rope
+
+__all__ = ["Attention", "AttentionConfig", "AttentionLayout", "KVCache"]
 
 
 @dataclass
@@ -133,37 +135,6 @@ class KVCache:
         """Bytes held by the valid entries of all rows."""
         per_entry = self.k.shape[1] * self.k.shape[3] * self.k.element_size() * 2
         return int(self.lengths.sum()) * per_entry
-
-
-def document_causal_mask(doc_ids: torch.Tensor) -> torch.Tensor:
-    """doc_ids (B, T), padding −1 -> bool mask (B, 1, T, T), True = may attend: causal within a
-    document (padding counts as one more document)."""
-    T = doc_ids.shape[1]
-    causal = torch.ones(T, T, dtype=torch.bool, device=doc_ids.device).tril()
-    same_doc = doc_ids[:, :, None] == doc_ids[:, None, :]
-    return (same_doc & causal)[:, None]
-
-
-@dataclass
-class AttentionLayout:
-    """Who may attend to whom in a packed forward, shared by every layer of one level.
-
-    Built by `of` from the level's DocumentLayout without reading the device: rows of one document
-    (then padding) take plain causal attention (`mask` None); packed rows a dense document-causal
-    mask, built once here (the dense (B, 1, L, L) mask is this implementation's choice; the layout
-    object is the seam where a memory-linear one plugs in)."""
-    documents: DocumentLayout
-    mask: torch.Tensor | None  # (B, 1, L, L) bool, True = may attend; None = plain causal
-
-    @classmethod
-    def of(cls, documents: DocumentLayout) -> AttentionLayout:
-        mask = None if documents.single_document else document_causal_mask(documents.doc_ids)
-        return cls(documents, mask)
-
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, enable_gqa: bool) -> torch.Tensor:
-        """q (B, H, L, Dh), k/v (B, H_kv, L, Dh) -> (B, H, L, Dh)."""
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask, is_causal=self.mask is None,
-                                              enable_gqa=enable_gqa)
 
 
 class Attention(nn.Module):

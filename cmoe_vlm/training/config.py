@@ -31,7 +31,11 @@ class TrainConfig:
     grad_accum: int = 1
     zero_stage: int = 0
     ep_size: int = 1                       # expert-parallel group size (DeepSpeed MoE when > 1)
-    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on GPUs that support it, fp32 on CPU
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on GPUs that support it, fp32 on CPU;
+                                           # bf16 = autocast over fp32 master weights, CPU or GPU (training/compute.py)
+    compile: bool | Literal["auto"] = "auto"  # torch.compile each block; auto = on CUDA only (slower on CPU, design §17)
+    activation_checkpointing: Literal["off", "blocks", "concept"] | bool = "off"  # recompute blocks in backward
+    peak_tflops: float | None = None       # the device's peak for MFU (null: GPU table, or CPU measured once)
     deepspeed_config: str | None = None    # a user's DeepSpeed JSON; its keys override the generated ones
     seed: int = 0
     log_every: int = 1
@@ -69,6 +73,12 @@ class TrainConfig:
         check(self.weight_decay >= 0, "weight_decay", self.weight_decay, "must be >= 0")
         check(self.log_every >= 1, "log_every", self.log_every, "must be >= 1")
         check(self.eval_batches >= 1, "eval_batches", self.eval_batches, "must be >= 1")
+        check(self.activation_checkpointing is not True, "activation_checkpointing", True,
+              "say which blocks: blocks (every block) or concept (the concept layers only); off for none")
+        if self.activation_checkpointing is False:  # YAML reads `off` as false
+            self.activation_checkpointing = "off"
+        check(self.peak_tflops is None or self.peak_tflops > 0, "peak_tflops", self.peak_tflops,
+              "must be > 0 (null: measured on CPU, from the table on GPUs)")
 
 
 def user_deepspeed_config(cfg: TrainConfig) -> dict:
@@ -106,6 +116,9 @@ class ExperimentConfig:
             check(given is None or given == value, f"data.{name}", given,
                   f"must equal what the vision and projector configs give ({value}); leave it out to derive it")
         self.data = replace(self.data, **derived)
+        check(self.data.seq_len <= self.model.max_seq_len, "data.seq_len", self.data.seq_len,
+              f"must be <= model.max_seq_len = {self.model.max_seq_len} (a row may hold one document as long "
+              f"as the row; raise model.max_seq_len for longer rows)")
         check(self.model.vocab_size >= 262 or self.data.tokenizer != "byte", "model.vocab_size",
               self.model.vocab_size, "must be >= 262 for the built-in byte tokenizer")
 
@@ -157,8 +170,8 @@ def check_experiment(exp: ExperimentConfig, world_size: int) -> Tokenizer:
               "needs the wandb package: pip install 'cmoe-vlm[wandb]' (or set train.wandb=false)")
     if t.precision == "bf16":
         import torch
-        check(torch.cuda.is_available() and torch.cuda.is_bf16_supported(), "train.precision", t.precision,
-              "needs a GPU with bf16 support; use fp32 (or auto) on CPU")
+        check(not torch.cuda.is_available() or torch.cuda.is_bf16_supported(), "train.precision", t.precision,
+              "this GPU has no bf16 support; use fp32 (or auto)")
     check_data(training_data(exp, world_size), world_size)
     if t.heldout_shards:
         list_shards(t.heldout_shards, "train.heldout_shards")

@@ -24,10 +24,10 @@ from ..chunking import CollapseMonitor, ModalityStats
 from ..config import to_dict
 from ..export import save_pretrained
 from ..vlm import ConceptMoEVLM
-from . import resume
+from . import compute, mfu, resume
 from .checkpoint import Checkpointer
 from .config import ExperimentConfig, check_experiment, training_data
-from .engine import build_engine, collective_device, setup_distributed
+from .engine import build_engine, collective_device, setup_distributed, use_bf16
 from .expert_parallel import plain_state_dict, swap_in_deepspeed_moe
 from .init import fit_vocab, load_initial_weights
 from .metrics import MetricsLogger, WandbRun, compression_histograms, flatten
@@ -109,6 +109,16 @@ def compression_summary(stats: dict[str, ModalityStats]) -> dict[str, float]:
     return out
 
 
+def throughput(window: dict[str, Any], world: int, peak: float | None) -> dict[str, float]:
+    """tokens/s (all ranks), training FLOPs per token and TFLOP/s (this rank) and MFU over the steps
+    of `window` (host sums: tokens, realized FLOPs, seconds)."""
+    seconds = max(window["seconds"], 1e-9)
+    rate = window["flops"] / seconds
+    return {"tokens_per_s": window["tokens"] * world / seconds,
+            "flops_per_token": window["flops"] / max(window["tokens"], 1), "tflops": rate / 1e12,
+            **({"mfu": rate / peak} if peak else {})}
+
+
 def sync_step(stop: bool, skip: bool, controller: list[torch.Tensor], world: int) -> tuple[bool, bool]:
     """Make the per-step decisions global with one all-reduce (world > 1; none on one process): stop when
     any rank got a signal, skip the update when any rank found a non-finite gradient, and average the
@@ -166,6 +176,9 @@ def train(exp: ExperimentConfig) -> dict[str, Any]:
                       f"keep epoch order", stacklevel=2)
     loader = StreamingLoader(data_cfg, tokenizer=tokenizer, image_transform=transform, rank=rank, world_size=world)
     engine, _, scheduler = build_engine(model, cfg, exp.data.batch_size)
+    applied = compute.prepare(engine.module, cfg, engine.device)
+    bf16 = use_bf16(cfg)
+    peak, peak_source = mfu.peak_flops(engine.device, bf16, cfg.peak_tflops) if rank == 0 else (None, "")
 
     step, skipped_steps, consecutive_bad = 0, 0, 0
     if latest is not None:
@@ -203,6 +216,9 @@ def train(exp: ExperimentConfig) -> dict[str, Any]:
     stopping = False
     t_data = t_step = t_after = 0.0  # data wait (inside steps), step time, logging + checkpoints after steps
     saved_step = step
+    # since the last log step (host numbers: a step reads the device only for the gradient-norm check of
+    # fp32 ZeRO-0; losses, compression and expert counts are read on log steps)
+    window = {"tokens": 0, "flops": 0.0, "seconds": 0.0, "compression": []}
 
     def save() -> None:
         nonlocal saved_step
@@ -218,12 +234,13 @@ def train(exp: ExperimentConfig) -> dict[str, Any]:
                 # the achieved R is below target by design while boundaries are forced: no collapse alarm
                 monitor.targets = {} if ramp.probability > 0 else exp.model.chunk.targets()
             controller_before = [b.clone() for b in controller]
-            tokens, parts, norm = 0, [], None
+            tokens, step_flops, parts, norm = 0, 0.0, [], None
             for micro in range(cfg.grad_accum):
                 t1 = time.perf_counter()
                 batch = next(batches).to(engine.device)
                 t_data += time.perf_counter() - t1
-                out = engine(batch, boundaries=ramp)
+                with compute.autocast(engine.device, bf16):
+                    out = engine(batch, boundaries=ramp)
                 # A non-finite loss goes through backward and step like any other, as NaN gradients (a host
                 # sync-free factor, exactly 1 otherwise): DeepSpeed's accumulation stays in phase
                 # (micro_steps = global_steps x grad_accum), the whole group's update is skipped, and with
@@ -238,6 +255,7 @@ def train(exp: ExperimentConfig) -> dict[str, Any]:
                         engine.optimizer.overflow = skip
                 engine.step()
                 tokens += batch.num_tokens()
+                step_flops += mfu.step_flops(engine.module, batch, out)
                 parts.append(out)
             if not engine.was_step_applied():  # a non-finite loss or gradient in the group, on some rank
                 for b, before in zip(controller, controller_before):
@@ -254,32 +272,40 @@ def train(exp: ExperimentConfig) -> dict[str, Any]:
             t_step += dt
             t1 = time.perf_counter()
             out = parts[-1]
-            windowed = monitor.update(out.compression)
-            metrics = {
-                "loss": out.loss.item(), "lm_loss": out.lm_loss.item(), "ratio_loss": out.ratio_loss.item(),
-                "lb_loss": out.lb_loss.item(), "lr": scheduler.get_last_lr()[0],
-                "tokens_per_s": tokens * world / dt,
-                **compression_summary(out.compression), **{f"ratio_window_{k}": v for k, v in windowed.items()},
-                **flatten("expert_load", expert_load(out.tokens_per_expert)),
-                **flatten("skipped_samples", loader.skipped), "skipped_steps": skipped_steps,
-                **({f"target_ratio_{k}": v for k, v in exp.model.chunk.targets().items()}
-                   if exp.model.chunk.enabled else {}),
-                **({"forced_boundary_prob": ramp.probability} if ramp is not None else {}),
-                **({f"ratio_integral_{k}": float(mu) for k, mu in zip(exp.model.chunk.targets(), model.lm.ratio_mu)}
-                   if hasattr(model.lm, "ratio_mu") else {}),
-            }
-            if norm is None:  # ZeRO-1/2: DeepSpeed computes the norm while stepping
-                norm = engine.get_global_grad_norm()
-            if norm is not None:
-                metrics["grad_norm"] = float(norm)
-            if step % cfg.log_every == 0:
-                logger.log(step, metrics)
+            for key, value in (("tokens", tokens), ("flops", step_flops), ("seconds", dt)):
+                window[key] += value
+            window["compression"].append(out.compression)
             bar.update(1)
-            # compression pooled over the monitor's window: a batch without images has no image ratio
-            r = {short: metrics.get(f"ratio_window_{k}") for short, k in (("R_txt", "text"), ("R_img", "image"))}
-            bar.set_postfix(loss=f"{metrics['lm_loss']:.3f}", tok_s=f"{metrics['tokens_per_s']:.0f}",
-                            **{k: "-" if v is None else f"{v:.2f}" for k, v in r.items()})
-            summary = metrics
+            if step % cfg.log_every == 0 or step == cfg.steps or stopping:
+                windowed = {}
+                for stats in window["compression"]:  # the collapse monitor pools every step, read now
+                    windowed = monitor.update(stats)
+                metrics = {
+                    "loss": out.loss.item(), "lm_loss": out.lm_loss.item(), "ratio_loss": out.ratio_loss.item(),
+                    "lb_loss": out.lb_loss.item(), "lr": scheduler.get_last_lr()[0],
+                    **throughput(window, world, peak),
+                    **compression_summary(out.compression), **{f"ratio_window_{k}": v for k, v in windowed.items()},
+                    **flatten("expert_load", expert_load(out.tokens_per_expert)),
+                    **flatten("skipped_samples", loader.skipped), "skipped_steps": skipped_steps,
+                    **({f"target_ratio_{k}": v for k, v in exp.model.chunk.targets().items()}
+                       if exp.model.chunk.enabled else {}),
+                    **({"forced_boundary_prob": ramp.probability} if ramp is not None else {}),
+                    **({f"ratio_integral_{k}": float(mu) for k, mu in zip(exp.model.chunk.targets(), model.lm.ratio_mu)}
+                       if hasattr(model.lm, "ratio_mu") else {}),
+                    **({"compiled_graphs": compute.compiled_graphs()} if applied["compiled"] else {}),
+                }
+                if norm is None:  # ZeRO-1/2: DeepSpeed computes the norm while stepping
+                    norm = engine.get_global_grad_norm()
+                if norm is not None:
+                    metrics["grad_norm"] = float(norm)
+                logger.log(step, metrics)
+                # compression pooled over the monitor's window: a batch without images has no image ratio
+                r = {short: metrics.get(f"ratio_window_{k}") for short, k in (("R_txt", "text"), ("R_img", "image"))}
+                bar.set_postfix(loss=f"{metrics['lm_loss']:.3f}", tok_s=f"{metrics['tokens_per_s']:.0f}",
+                                **({"mfu": f"{metrics['mfu']:.1%}"} if "mfu" in metrics else {}),
+                                **{k: "-" if v is None else f"{v:.2f}" for k, v in r.items()})
+                summary = metrics
+                window = {"tokens": 0, "flops": 0.0, "seconds": 0.0, "compression": []}
             if step % cfg.ckpt_every == 0 or step == cfg.steps or stopping:
                 save()
             t_after += time.perf_counter() - t1
@@ -294,7 +320,8 @@ def train(exp: ExperimentConfig) -> dict[str, Any]:
                "data_wait_fraction": t_data / max(t_step, 1e-9),
                # the loop's own cost (data wait, metrics, logging, checkpoints) as a share of wall time
                "loop_overhead_fraction": (t_data + t_after) / max(t_step + t_after, 1e-9),
-               "interrupted": stopping}
+               "interrupted": stopping, "peak_tflops": peak / 1e12 if peak else None, "peak_source": peak_source,
+               **applied}
     if cfg.heldout_shards and not stopping:  # every rank: expert-parallel layers are collective
         eval_cfg = replace(exp.data, shards=cfg.heldout_shards, num_workers=0, shuffle_buffer=0, resampled=False,
                            steps_per_epoch=None)

@@ -3,10 +3,13 @@ from __future__ import annotations
 
 import math
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
-from .config import TrainConfig
+if TYPE_CHECKING:  # not at run time: the GPU check imports this without the data pipeline (webdataset)
+    from .config import TrainConfig
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:

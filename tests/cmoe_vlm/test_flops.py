@@ -333,3 +333,33 @@ def test_flops_matched_takes_the_first_strategy_that_fits():
             assert got.config is None and all(p.note in got.note for p in tried)
         else:
             assert (got.strategy, got.config) == (first.strategy, first.config)
+
+
+@pytest.mark.parametrize("name", ["baseline", "conceptmoe", "looped", "wider"])
+def test_realized_flops_count_what_the_forward_ran(name):
+    """Packed documents in one row (no padding at either level): the linear part equals the matmuls
+    the FLOP counter saw, with the concept count the merger made; the attention part is each
+    document's own causal map at both levels (one document: `attention_map_flops(causal=True)`)."""
+    cfg = CONFIGS[name]
+    torch.manual_seed(0)
+    model = ConceptMoE(cfg).eval()
+    T = 120
+    doc = torch.tensor([[0] * 50 + [1] * 7 + [2] * 63])
+    fc = FlopCounterMode(display=False)
+    with torch.no_grad(), fc:
+        out = model(Batch.of(torch.randint(0, cfg.vocab_size, (1, T)), doc_ids=doc))
+    g = {str(op).split(".")[1]: n for op, n in fc.get_flop_counts()["Global"].items()}
+    tokens = ((50, 7, 63),)
+    assert (out.concept_lengths is None) == (not cfg.chunk.enabled)
+    got = flops.realized_flops(cfg, tokens, out.concept_lengths)
+    assert got["linear"] == g["mm"] + g.get("addmm", 0)
+    concepts = out.concept_lengths or tokens
+    assert len(concepts[0]) == 3 and sum(concepts[0]) <= T
+    per_doc = [flops.realized_flops(cfg, ((n,),), ((m,),) if cfg.chunk.enabled else None)["attention"]
+               for n, m in zip(tokens[0], concepts[0])]
+    assert got["attention"] == pytest.approx(sum(per_doc), rel=1e-12)
+    n, m = tokens[0][0], concepts[0][0]
+    assert per_doc[0] == pytest.approx(flops.attention_map_flops(cfg, n, ratio=n / m, causal=True), rel=1e-12)
+    if cfg.chunk.enabled:
+        with pytest.raises(ValueError, match="concept counts"):
+            flops.realized_flops(cfg, tokens)

@@ -192,3 +192,28 @@ def test_force_all_boundaries_moved_to_a_boundary_policy():
     assert from_dict(ModelConfig, {"chunk": {"force_all_boundaries": False}}).chunk == ChunkConfig()
     with pytest.raises(ConfigError, match=r"model.chunk.force_all_boundaries = True: .*AllTokens\(\)"):
         from_dict(ModelConfig, {"chunk": {"force_all_boundaries": True}}, prefix="model")
+
+
+def test_max_seq_len_is_enforced_per_document():
+    """A document past max_seq_len is an error naming the field (RoPE would extrapolate silently);
+    a packed row longer than it is fine while each document fits; decoding stops at it too."""
+    m = ConceptMoE(tiny(max_seq_len=24)).eval()
+    x = torch.randint(0, 64, (1, 40))
+    with torch.no_grad():
+        with pytest.raises(ValueError, match="max_seq_len = 24"):
+            m(Batch.of(x[:, :25]))
+        m(Batch.of(x, doc_ids=torch.tensor([[0] * 20 + [1] * 20])))  # two documents of 20
+        state = m.new_state(1)
+        m.extend(Batch.of(x[:, :20]), state)
+        for t in range(20, 24):
+            m.step(x[:, t], state)
+        with pytest.raises(ValueError, match="max_seq_len = 24"):
+            m.step(x[:, 24], state)
+        state = m.new_state(2)  # rows at different lengths: the exact lengths decide
+        m.extend(Batch.of(x[:, :20].expand(2, -1).contiguous(), doc_ids=torch.tensor([[0] * 20, [0] * 4 + [-1] * 16])),
+                 state)
+        for _ in range(4):
+            m.step(x[:, 0].expand(2), state, active=torch.tensor([False, True]))
+        assert state.num_tokens.tolist() == [20, 8] and state.max_tokens <= 24
+        with pytest.raises(ValueError, match="max_seq_len"):
+            m.extend(Batch.of(x[:, :5].expand(2, -1).contiguous()), state)

@@ -39,7 +39,8 @@ def test_single_process_run_learns(builtin_data, tmp_path):
     trackers = ["train.tensorboard=true"]  # and W&B offline where installed (CI: always, tests/training/test_metrics.py)
     if importlib.util.find_spec("wandb") is not None or os.environ.get("CI"):
         trackers += ["train.wandb=true", "train.wandb_mode=offline"]
-    proc = run_train(overrides(builtin_data, out, "train.steps=40", "train.lr=3e-3", "train.eval_batches=2", *trackers))
+    proc = run_train(overrides(builtin_data, out, "train.steps=40", "train.lr=3e-3", "train.eval_batches=2",
+                               "train.peak_tflops=0.1", *trackers))
     log, _ = proc.communicate(timeout=900)
     assert proc.returncode == 0, log[-3000:]
     m = read_metrics(out)
@@ -55,11 +56,15 @@ def test_single_process_run_learns(builtin_data, tmp_path):
     assert sorted(p.name for p in (out / "checkpoints").iterdir() if p.name.startswith("step_")) == ["step_00000040"]
     for key in ("ratio_window_text", "ratio_window_image", "ratio_all", "tokens_per_s", "grad_norm", "expert_load/max_over_mean", "lr"):
         assert key in m[40], key
+    # MFU: realized training FLOPs per token (3x forward, at the achieved compression), over the given peak
+    assert summary["peak_source"] == "train.peak_tflops" and summary["checkpointed_blocks"] == 0
+    assert 1e6 < m[40]["flops_per_token"] < 3 * 20e6 and m[40]["mfu"] == pytest.approx(m[40]["tflops"] / 0.1)
+    assert m[40]["tflops"] * 1e12 == pytest.approx(m[40]["tokens_per_s"] * m[40]["flops_per_token"], rel=1e-6)
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     events = EventAccumulator(str(out / "tensorboard"))
     events.Reload()
     tags = events.Tags()
-    assert {"train/lm_loss", "compression/ratio_window_text", "eval/lm_loss", "eval/ratio_image"} <= set(tags["scalars"])
+    assert {"train/lm_loss", "train/mfu", "compression/ratio_window_text", "eval/lm_loss", "eval/ratio_image"} <= set(tags["scalars"])
     assert [e.step for e in events.Scalars("eval/lm_loss")] == [40]
     assert events.Scalars("eval/lm_loss")[0].value == pytest.approx(summary["heldout"]["lm_loss"])
     assert {"compression/eval_chunk_length_text", "compression/eval_boundary_p_image"} <= set(tags["histograms"])
@@ -191,6 +196,8 @@ def test_config_errors_name_the_field(tmp_path):
         load_experiment(ROOT / "configs/tiny.yaml", ["projector.reduction=1", "data.tokens_per_image=16"])
     with pytest.raises(ConfigError, match="data.image_size"):
         load_experiment(ROOT / "configs/tiny.yaml", ["data.image_size=32"])
+    with pytest.raises(ConfigError, match="data.seq_len = 8192: must be <= model.max_seq_len = 4096"):
+        load_experiment(ROOT / "configs/tiny.yaml", ["data.seq_len=8192"])
     derived = load_experiment(ROOT / "configs/tiny.yaml", ["projector.reduction=1", "vision.img_size=32"]).data
     assert (derived.tokens_per_image, derived.image_size) == (16, 32)  # 4x4 patches of 8 px, no reduction
     proc = subprocess.run([sys.executable, str(ROOT / "train_vlm.py"), str(ROOT / "configs/tiny.yaml"),
