@@ -12,8 +12,7 @@ Writes JSON (curves and final figures per run) and a PNG of the curves.
     python bench/bench_image_adaptivity.py --seeds 3 --variant joint= \\
         --variant pm=model.chunk.ratio_mode=per_modality
 
-The loop is the training loop's math without DeepSpeed (AdamW with the same parameter groups,
-warmup + cosine schedule and gradient clipping, one process), so curves can be taken mid-run.
+The loop is the training loop's math without DeepSpeed (`train_steps`), so curves can be taken mid-run.
 `joint` / `per_modality` run configs/tiny.yaml as shipped (projector.center, image margin on);
 the `_paper` variants turn both off.
 
@@ -35,7 +34,9 @@ import argparse
 import json
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -93,13 +94,58 @@ def stage_similarity(runner, num_images: int, text_chars: int, grounded: bool) -
     return {stage: {k: (sum(v) / len(v) if v else None) for k, v in d.items()} for stage, d in sims.items()}
 
 
+def train_steps(model, exp, on_step: Callable[[int, Any], None] | None = None, boundaries=None) -> None:
+    """exp.train.steps steps of the training loop's math without DeepSpeed (AdamW with the same
+    parameter groups, warmup + cosine schedule, gradient clipping; one process), so benches can
+    measure mid-run; on_step(step, output) after each step. `boundaries`: a boundary policy."""
+    from cmoe_vlm.training.optim import build_optimizer
+    from data_pipelines.loader import StreamingLoader
+    from vision import build_image_transform
+
+    cfg = exp.train
+    opt, sched = build_optimizer(model, cfg)
+    loader = StreamingLoader(exp.data, image_transform=build_image_transform(model.vision, train=True))
+    step = 0
+    model.train()
+    while step < cfg.steps:
+        for batch in loader:
+            out = model(batch, boundaries=boundaries)
+            opt.zero_grad(set_to_none=True)
+            out.loss.backward()
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            opt.step()
+            sched.step()
+            step += 1
+            if on_step is not None:
+                on_step(step, out)
+            if step >= cfg.steps:
+                break
+
+
+def ensure_builtin_data(root: Path, num_train: int, text_chars: int, grounded: bool) -> None:
+    """Write the built-in dataset under `root` unless there is one (builtin.json records how)."""
+    from data_pipelines.builtin import write_builtin_dataset
+
+    if not (root / "builtin.json").exists():
+        write_builtin_dataset(root, num_train=num_train, text_chars=text_chars, grounded=grounded)
+        (root / "builtin.json").write_text(json.dumps({"num_train": num_train, "text_chars": text_chars,
+                                                       "grounded": grounded}))
+
+
+def merge_reports(files: list[str], summarise: Callable[[dict], dict]) -> dict:
+    """The runs of earlier reports in one report (the first one's settings), summarised again."""
+    reports = [json.loads(Path(f).read_text()) for f in files]
+    runs = {k: v for r in reports for k, v in r["runs"].items()}
+    return {**reports[0], "runs": runs, "merged_from": files, "summary": summarise(runs)}
+
+
 def run_one(exp, data_root: Path, eval_every: int, eval_images: int, final_images: int,
             save: Path | None = None) -> dict:
     """Train `exp` with curves of the adaptivity measurement; returns the run's record."""
     from cmoe_vlm.eval.adaptivity import measure_adaptivity
     from cmoe_vlm.runner import ModelRunner
     from cmoe_vlm.training.loop import evaluate
-    from cmoe_vlm.training.optim import build_optimizer
     from cmoe_vlm.vlm import ConceptMoEVLM
     from data_pipelines.loader import StreamingLoader
     from data_pipelines.tokenizer import load_tokenizer
@@ -108,8 +154,6 @@ def run_one(exp, data_root: Path, eval_every: int, eval_images: int, final_image
     cfg = exp.train
     torch.manual_seed(cfg.seed)
     model = ConceptMoEVLM(exp.vlm)
-    opt, sched = build_optimizer(model, cfg)
-    loader = StreamingLoader(exp.data, image_transform=build_image_transform(model.vision, train=True))
     runner = ModelRunner(model, load_tokenizer(exp.data.tokenizer), batch_size=8)
     written = json.loads((data_root / "builtin.json").read_text())
     text_chars, grounded = written["text_chars"], written.get("grounded", False)
@@ -121,26 +165,18 @@ def run_one(exp, data_root: Path, eval_every: int, eval_images: int, final_image
         return rep
 
     steps, curve = [], []
-    step, t0 = 0, time.perf_counter()
-    model.train()
-    while step < cfg.steps:
-        for batch in loader:
-            out = model(batch)
-            opt.zero_grad(set_to_none=True)
-            out.loss.backward()
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            opt.step()
-            sched.step()
-            step += 1
-            rec = {"step": step, "lm_loss": out.lm_loss.item(), "ratio_loss": out.ratio_loss.item()}
-            for k, s in out.compression.items():
-                rec[f"tokens_{k}"], rec[f"concepts_{k}"] = int(s.tokens), int(s.concepts)
-            steps.append(rec)
-            if step % eval_every == 0 and step < cfg.steps:
-                curve.append({"step": step, **measure(eval_images)})
-            if step >= cfg.steps:
-                break
+
+    def record(step: int, out) -> None:
+        rec = {"step": step, "lm_loss": out.lm_loss.item(), "ratio_loss": out.ratio_loss.item()}
+        for k, s in out.compression.items():
+            rec[f"tokens_{k}"], rec[f"concepts_{k}"] = int(s.tokens), int(s.concepts)
+        steps.append(rec)
+        if step % eval_every == 0 and step < cfg.steps:
+            curve.append({"step": step, **measure(eval_images)})
+
+    t0 = time.perf_counter()
+    train_steps(model, exp, record)
+    step = cfg.steps
     final = {"step": step, **measure(final_images)}
     curve.append(final)
     if save is not None:
@@ -251,21 +287,15 @@ def main(argv: list[str] | None = None) -> dict:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     if args.merge:
-        reports = [json.loads(Path(f).read_text()) for f in args.merge]
-        report = {**reports[0], "runs": {k: v for r in reports for k, v in r["runs"].items()},
-                  "merged_from": args.merge, "summary": summarise_runs({k: v for r in reports for k, v in r["runs"].items()})}
+        report = merge_reports(args.merge, summarise_runs)
         out.write_text(json.dumps(report, indent=1))
         plot(report, out.with_suffix(".png"))
         return report
 
     from cmoe_vlm.training.config import load_experiment
-    from data_pipelines.builtin import write_builtin_dataset
 
     root = Path(args.data)
-    if not (root / "builtin.json").exists():
-        write_builtin_dataset(root, num_train=args.num_train, text_chars=args.text_chars, grounded=args.grounded)
-        (root / "builtin.json").write_text(json.dumps({"num_train": args.num_train, "text_chars": args.text_chars,
-                                                       "grounded": args.grounded}))
+    ensure_builtin_data(root, args.num_train, args.text_chars, args.grounded)
     variants = parse_variants(args.variant) if args.variant else VARIANTS
     report = {"config": args.config, "base": BASES[args.base], "steps": args.steps, "runs": {}}
     for name, extra in variants.items():

@@ -146,7 +146,7 @@ class ConceptMoE(nn.Module):
             own = used = None
         else:
             own = self.chunk(h, tokens.starts, batch.modality, above_index)
-            used = (boundaries or Learned())(own, tokens.positions, tokens.valid)
+            used = (boundaries or Learned())(own, tokens.positions, tokens.valid, batch.modality)
             concepts = self.merger(h, used, tokens, batch.modality)
             c_hat, concept_stats = self.concept(concepts.x, concepts.layout.positions,
                                                 AttentionLayout.of(concepts.layout))
@@ -259,7 +259,7 @@ class ConceptMoE(nn.Module):
             p, b = torch.ones(B, T, device=x.device), valid
         else:
             own = self.chunk.extend(h, span.starts, batch.modality, lengths, state.chunk, above_index)
-            used = (boundaries or Learned())(own, positions, valid)
+            used = (boundaries or Learned())(own, positions, valid, batch.modality)
             used = Boundaries(p=used.p, b=used.b & valid, forced=used.forced)
             concepts = self.merger.extend(h * valid[..., None], used, span, batch.modality, lengths, state.merge)
             c_hat = self.concept.extend(concepts.x, concepts.layout.positions, concepts.counts, state.concept)
@@ -287,7 +287,7 @@ class ConceptMoE(nn.Module):
             valid = torch.ones_like(input_ids, dtype=torch.bool) if active is None else active
             modality = torch.full_like(input_ids, Modality.TEXT)
             own = self.chunk.step(h, (positions == 0) & valid, modality, state.chunk, active)
-            used = (boundaries or Learned())(own, positions, valid)
+            used = (boundaries or Learned())(own, positions, valid, modality)
             b = used.b & valid
             x_c = self.merger.step(h * valid[:, None], b, modality, state.merge, active)
             if bool(b.any()):

@@ -129,3 +129,23 @@ def test_bench_writes_curves_and_the_shipped_image_options_follow_content(tmp_pa
     # rendered-text images are still mostly one chunk (a known gap); scenes must not be degenerate
     assert f["change_beats_repeat_by_1.5"] and f["by_image_kind"]["scene"]["degenerate_fraction"] <= 0.2, f
     assert f["within_image_p_std"]["mean"] >= 0.15 > p["within_image_p_std"]["mean"], (f, p)
+
+
+def test_reduction_bench_holds_every_fixed_variant_to_its_budget(tmp_path):
+    """bench/bench_image_reduction.py at toy size (2 steps): the fixed reductions and the pruned
+    model give exactly 16/R image concepts per image, the reference 16, and JSON + PNG are written."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import bench_image_reduction as bench
+
+    out = tmp_path / "reduction.json"
+    report = bench.main(["--out", str(out), "--data", str(tmp_path / "data"), "--num-train", "100",
+                         "--steps", "2", "--limit", "3", "--ratios", "4", "--only", "projector", "stride", "prune"])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(report)) and out.with_suffix(".png").stat().st_size
+    runs = report["runs"]
+    assert sorted(runs) == ["full@R1/seed0", "projector@R4/seed0", "prune@R4/seed0", "stride@R4/seed0"]
+    assert runs["full@R1/seed0"]["image_concepts_per_image"] == 16
+    for name in ("projector", "stride", "prune"):
+        assert runs[f"{name}@R4/seed0"]["image_concepts_per_image"] == 4, name
+    assert runs["projector@R4/seed0"]["image_tokens_per_image"] == runs["prune@R4/seed0"]["image_tokens_per_image"] == 4
+    assert runs["stride@R4/seed0"]["image_tokens_per_image"] == 16
+    assert set(report["summary"]["stride@R4"]) >= {"acc_mc_position", "logprob_mc_position", "heldout_lm_loss"}

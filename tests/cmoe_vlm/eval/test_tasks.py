@@ -3,6 +3,7 @@ any of the usual field names; VQA (exact match and the standard VQA accuracy, ch
 computed cases), captioning and perplexity run and give sane numbers; the CLI puts checkpoints side
 by side."""
 import json
+import math
 import random
 import shutil
 
@@ -74,6 +75,10 @@ def test_multiple_choice_solves_what_the_model_learned_and_fails_on_wrong_labels
     assert ok["n"] == bad["n"] >= 20 and ok["chance"] == 0.25
     assert ok["acc"] >= 0.8, ok
     assert bad["acc"] <= 0.5, bad
+    # log P(answer | choices): near 0 where the model is sure and right, far below chance (−log 4) where
+    # it is sure of another choice; a probability over the choices, so never above 0
+    assert ok["chance_logprob"] == pytest.approx(-math.log(4)) and ok["answer_logprob"] > -0.5 > ok["chance_logprob"]
+    assert bad["answer_logprob"] < ok["chance_logprob"] and max(ok["answer_logprob"], bad["answer_logprob"]) <= 0
     print(f"filler MC: acc {ok['acc']:.2f}, shuffled labels {bad['acc']:.2f} (n={ok['n']}, chance 0.25)")
 
 
