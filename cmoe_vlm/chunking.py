@@ -34,6 +34,9 @@ class ChunkConfig:
     image_ratio: float = 3.0               # per_modality mode: R for image tokens
     ratio_loss_weight: float = 0.03        # λ (paper: 0.03; short runs need more, docs/design.md §3)
     ratio_integral: float = 0.0            # [ours] integral gain of the ratio control (0 = the paper's loss alone)
+    ratio_statistic: Literal["pooled", "per_image"] = "pooled"  # [ours] per_image: image F, G per image
+    image_margin_weight: float = 0.0       # [ours] margin term on image p, inside the ratio loss (0 = off)
+    image_margin: float = 0.5              # [ours] the margin term wants |2p - 1| >= this on image tokens
     merge: Literal["sum", "last"] = "sum"  # concept content: sum of its tokens, or its boundary token
     init: Literal["random", "identity"] = "random"  # W_q, W_k initialisation
     sample_boundaries: bool = True         # training: sample b ~ Bernoulli(sharpen(p)); False: threshold
@@ -55,6 +58,12 @@ class ChunkConfig:
         check(self.ratio_loss_weight >= 0, "ratio_loss_weight", self.ratio_loss_weight, "must be >= 0")
         check(self.ratio_integral >= 0, "ratio_integral", self.ratio_integral, "must be >= 0 (0 = off)")
         check(self.sharpen_tau >= 1, "sharpen_tau", self.sharpen_tau, "must be >= 1 (1 = no sharpening)")
+        check(self.ratio_statistic in ("pooled", "per_image"), "ratio_statistic", self.ratio_statistic,
+              "must be 'pooled' or 'per_image'")
+        check(self.ratio_statistic == "pooled" or self.ratio_mode == "per_modality", "ratio_statistic",
+              self.ratio_statistic, "per_image needs ratio_mode: per_modality (joint mode has one token set)")
+        check(self.image_margin_weight >= 0, "image_margin_weight", self.image_margin_weight, "must be >= 0 (0 = off)")
+        check(0 < self.image_margin <= 1, "image_margin", self.image_margin, "must be in (0, 1]")
 
     def targets(self) -> dict[str, float]:
         """Token set name -> target ratio, as the ratio loss uses them."""
@@ -94,6 +103,46 @@ def ratio_loss(p: torch.Tensor, b: torch.Tensor, target: float, mask: torch.Tens
     f, g, n = boundary_rates(p, b, mask)
     loss = R / (R - 1) * ((R - 1) * f * g + (1 - f) * (1 - g))
     return torch.where(n > 0, loss, loss * 0.0)
+
+
+def image_ids(modality: torch.Tensor) -> torch.Tensor:
+    """(B, T) -> index of the image each image token belongs to (0, 1, ... in row-major order over
+    the batch; consecutive image tokens form one image); −1 for text."""
+    is_img = modality == Modality.IMAGE
+    first = is_img.clone()
+    first[:, 1:] &= ~is_img[:, :-1]
+    ids = first.flatten().long().cumsum(0).view_as(modality) - 1
+    return torch.where(is_img, ids, -1)
+
+
+def per_group_ratio_loss(p: torch.Tensor, b: torch.Tensor, target: float, groups: torch.Tensor) -> torch.Tensor:
+    """The ratio loss of each group from its own F_g and G_g, averaged over groups. p, b, groups (B, T);
+    groups ≥ 0 name a token's group (e.g. `image_ids`), −1 leaves it out. With one group this is
+    `ratio_loss`; with images as groups every image is pulled to the target ratio on its own, where
+    the pooled loss lets some images be one chunk and others all boundaries. Scatter sums into B·T + 1
+    slots (the last one collects the left-out tokens): no host read, no data-dependent shape."""
+    if target <= 1.0:
+        return p.sum() * 0.0
+    slots = groups.numel() + 1
+    g = torch.where(groups >= 0, groups, slots - 1).flatten()
+    zeros = torch.zeros(slots, device=p.device)
+    count = zeros.index_add(0, g, torch.ones_like(g, dtype=zeros.dtype))[:-1]
+    f = zeros.index_add(0, g, b.flatten().float())[:-1].detach() / count.clamp_min(1)
+    gp = zeros.index_add(0, g, p.flatten().float())[:-1] / count.clamp_min(1)
+    R, used = target, (count > 0).float()
+    per_group = R / (R - 1) * ((R - 1) * f * gp + (1 - f) * (1 - gp))
+    return (per_group * used).sum() / used.sum().clamp_min(1)
+
+
+def margin_loss(p: torch.Tensor, mask: torch.Tensor, margin: float) -> torch.Tensor:
+    """mean over `mask` of relu(margin − |2p − 1|): zero once every p is at least margin/2 from the
+    0.5 threshold (0 for an empty mask). p (B, T); mask (B, T) bool. Forced boundaries (p = 1) cost
+    nothing. [ours] The ratio loss only sets the mean of p, and with sharpened sampling (τ = 6) a p
+    just above or below 0.5 is a boundary with probability 0.89 or 0.11, so p can sit at 0.5 ± 0.01
+    on every image token, blind to content, while training meets the target; the evaluation
+    threshold then flips whole images. This term makes p decide (bench/bench_image_adaptivity.py)."""
+    gap = F.relu(margin - (2 * p.float() - 1).abs())
+    return (gap * mask).sum() / mask.sum().clamp_min(1)
 
 
 @dataclass

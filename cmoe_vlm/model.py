@@ -29,7 +29,7 @@ from cmoe_base import IGNORE_INDEX, Batch, DocumentLayout, Modality
 
 from .boundaries import BoundaryPolicy, Learned
 from .chunking import (Boundaries, ChunkModule, ChunkState, ModalityStats, boundary_rates, compression_stats,
-                       ratio_loss, token_sets)
+                       image_ids, margin_loss, per_group_ratio_loss, ratio_loss, token_sets)
 from .concept_model import ConceptModel
 from .dechunk import DechunkModule, DechunkState, straight_through_one
 from .layers.attention import AttentionLayout, KVCache
@@ -149,7 +149,7 @@ class ConceptMoE(nn.Module):
             own = used = None
         else:
             own = self.chunk(h, tokens.starts, batch.modality, above_index)
-            used = (boundaries or Learned())(own, tokens.positions, tokens.valid)
+            used = (boundaries or Learned())(own, tokens.positions, tokens.valid, batch.modality)
             concepts = self.merger(h, used, tokens, batch.modality)
             c_hat, concept_stats = self.concept(concepts.x, concepts.layout.positions,
                                                 AttentionLayout.of(concepts.layout))
@@ -195,12 +195,20 @@ class ConceptMoE(nn.Module):
         """The paper's loss per token set (docs/design.md §3) on the chunk module's own boundaries, plus
         μ_i · G_i with the integral term: μ_i accumulates the steady rate error η · (R·F − 1) (a PI
         controller's I), cancelling another steady force on p (the LM loss preferring fewer image
-        boundaries, say) that the paper's loss, whose pull ∝ (R·F − 1), would leave off target."""
+        boundaries, say) that the paper's loss, whose pull ∝ (R·F − 1), would leave off target.
+        [ours] Options on images: `ratio_statistic: per_image` takes F, G per image; the margin term
+        `image_margin_weight` pushes image p away from the 0.5 threshold."""
+        cfg = self.cfg.chunk
         sets = token_sets(modality, valid)
-        integral = self.cfg.chunk.ratio_integral > 0
+        integral = cfg.ratio_integral > 0
         losses = []
-        for i, (name, target) in enumerate(self.cfg.chunk.targets().items()):
-            loss = ratio_loss(own.p, own.b, target, sets[name])
+        if cfg.image_margin_weight > 0:
+            losses.append(cfg.image_margin_weight * margin_loss(own.p, sets["image"], cfg.image_margin))
+        for i, (name, target) in enumerate(cfg.targets().items()):
+            if name == "image" and cfg.ratio_statistic == "per_image":
+                loss = per_group_ratio_loss(own.p, own.b, target, torch.where(sets[name], image_ids(modality), -1))
+            else:
+                loss = ratio_loss(own.p, own.b, target, sets[name])
             if integral and target > 1:
                 _, g, n = boundary_rates(own.p, own.b, sets[name])
                 loss = loss + torch.where(n > 0, self.ratio_mu[i].clone() * g, 0.0)  # a copy: μ changes below
@@ -257,7 +265,7 @@ class ConceptMoE(nn.Module):
             p, b = torch.ones(B, T, device=x.device), valid
         else:
             own = self.chunk.extend(h, span.starts, batch.modality, lengths, state.chunk, above_index)
-            used = (boundaries or Learned())(own, positions, valid)
+            used = (boundaries or Learned())(own, positions, valid, batch.modality)
             used = Boundaries(p=used.p, b=used.b & valid, forced=used.forced)
             concepts = self.merger.extend(h * valid[..., None], used, span, batch.modality, lengths, state.merge)
             c_hat = self.concept.extend(concepts.x, concepts.layout.positions, concepts.counts, state.concept)
@@ -286,7 +294,7 @@ class ConceptMoE(nn.Module):
             valid = torch.ones_like(input_ids, dtype=torch.bool) if active is None else active
             modality = torch.full_like(input_ids, Modality.TEXT)
             own = self.chunk.step(h, (positions == 0) & valid, modality, state.chunk, active)
-            used = (boundaries or Learned())(own, positions, valid)
+            used = (boundaries or Learned())(own, positions, valid, modality)
             b = used.b & valid
             x_c = self.merger.step(h * valid[:, None], b, modality, state.merge, active)
             if bool(b.any()):

@@ -53,7 +53,8 @@ def _batches(items: list[Any], size: int) -> Iterator[list[Any]]:
 class ModelRunner:
     """A `ConceptMoEVLM` in eval mode with its tokenizer and image transform."""
 
-    def __init__(self, model: ConceptMoEVLM, tokenizer: Tokenizer, batch_size: int = 8, name: str = "model"):
+    def __init__(self, model: ConceptMoEVLM, tokenizer: Tokenizer, batch_size: int = 8, name: str = "model",
+                 boundaries: BoundaryPolicy | None = None):
         from vision import build_image_transform
 
         check_vocab(tokenizer, model.cfg.model.vocab_size, name)
@@ -61,6 +62,7 @@ class ModelRunner:
         self.tok = tokenizer
         self.batch_size = batch_size
         self.name = name
+        self.boundaries = boundaries  # the policy every scoring forward uses (None: the chunker's own)
         self.tokens_per_image = model.cfg.tokens_per_image
         self.max_len = model.cfg.model.max_seq_len
         self.transform = build_image_transform(model.vision, train=False)
@@ -85,9 +87,10 @@ class ModelRunner:
     @torch.no_grad()
     def forward(self, seqs: list[TokenSequence], boundaries: BoundaryPolicy | None = None) -> tuple[ModelOutput, Batch]:
         """One scoring forward over sequences (one row each, left-aligned; eval-mode boundaries
-        unless a policy says otherwise): the model's output and the batch it ran on."""
+        unless a policy, given here or to the runner, says otherwise): the model's output and the
+        batch it ran on."""
         batch = prompt_batch(self.model, seqs)
-        return self.model(batch, boundaries=boundaries), batch
+        return self.model(batch, boundaries=boundaries or self.boundaries), batch
 
     def logits(self, seqs: list[TokenSequence]) -> torch.Tensor:
         """fp32 logits (B, T, V) of a scoring forward over `seqs`."""

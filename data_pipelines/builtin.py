@@ -21,6 +21,7 @@ import math
 import random
 from collections import Counter
 from collections.abc import Iterator
+from typing import NamedTuple
 from pathlib import Path
 
 import numpy as np
@@ -64,40 +65,66 @@ def textured_background(rng: random.Random, size: int, dark: bool) -> Image.Imag
     return Image.fromarray(pixels.clip(0, 255).astype(np.uint8), "RGB")
 
 
-def draw_scene(rng: random.Random, size: int) -> tuple[Image.Image, list[tuple[str, str]]]:
+class SceneObject(NamedTuple):
+    """One drawn object: a coloured shape in a cell of the 4x4 scene grid (cells in raster order), or
+    the rendered text of a text image (shape "text", cell -1)."""
+    colour: str
+    shape: str
+    cell: int
+
+
+class Drawing(NamedTuple):
+    """A drawn image with its ground truth: `labels` (size, size) uint8 holds 0 on background
+    pixels and i + 1 on the pixels of objects[i] (the object masks)."""
+    image: Image.Image
+    labels: np.ndarray
+    objects: list[SceneObject]
+
+
+def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cell: int, size: int, fill) -> None:
+    c = size // 4
+    x0, y0 = (cell % 4) * c + 1, (cell // 4) * c + 1
+    x1, y1 = x0 + c - 3, y0 + c - 3
+    if shape == "circle":
+        draw.ellipse((x0, y0, x1, y1), fill=fill)
+    elif shape == "square":
+        draw.rectangle((x0, y0, x1, y1), fill=fill)
+    else:
+        draw.polygon(((x0 + x1) // 2, y0, x1, y1, x0, y1), fill=fill)
+
+
+def draw_scene(rng: random.Random, size: int) -> Drawing:
     """1-2 kinds of shapes, 1-4 of each, in distinct cells of a 4x4 grid, on a textured dark
-    background. Returns (image, [(colour, shape)])."""
+    background."""
     img = textured_background(rng, size, dark=True)
-    draw = ImageDraw.Draw(img)
     groups = rng.sample([(c, s) for c in COLOURS for s in SHAPES], rng.choice((1, 2)))
-    objects = [g for g in groups for _ in range(rng.randint(1, 4))]
-    cell = size // 4
-    for (colour, shape), idx in zip(objects, rng.sample(range(16), len(objects))):
-        x0, y0 = (idx % 4) * cell + 1, (idx // 4) * cell + 1
-        x1, y1 = x0 + cell - 3, y0 + cell - 3
-        fill = COLOURS[colour]
-        if shape == "circle":
-            draw.ellipse((x0, y0, x1, y1), fill=fill)
-        elif shape == "square":
-            draw.rectangle((x0, y0, x1, y1), fill=fill)
-        else:
-            draw.polygon(((x0 + x1) // 2, y0, x1, y1, x0, y1), fill=fill)
-    return img, objects
+    kinds = [g for g in groups for _ in range(rng.randint(1, 4))]
+    objects = [SceneObject(c, s, cell) for (c, s), cell in zip(kinds, rng.sample(range(16), len(kinds)))]
+    labels = Image.new("L", (size, size), 0)
+    draw, draw_labels = ImageDraw.Draw(img), ImageDraw.Draw(labels)
+    for i, o in enumerate(objects):
+        _draw_shape(draw, o.shape, o.cell, size, COLOURS[o.colour])
+        _draw_shape(draw_labels, o.shape, o.cell, size, i + 1)
+    return Drawing(img, np.asarray(labels), objects)
 
 
-def draw_text_image(rng: random.Random, size: int) -> tuple[Image.Image, str, str]:
-    """A word or 3-digit number in a colour. Returns (image, text, colour)."""
+def draw_text_image(rng: random.Random, size: int) -> tuple[Drawing, str]:
+    """A word or 3-digit number in a colour: (drawing with one object of shape "text", whose ink is
+    its mask; the text)."""
     text = rng.choice(WORDS) if rng.random() < 0.5 else str(rng.randint(100, 999))
     colour = rng.choice(list(COLOURS))
     img = textured_background(rng, size, dark=False)
     font = ImageFont.load_default(size=max(8, size // 4))
-    draw = ImageDraw.Draw(img)
-    draw.text((rng.randint(1, size // 3), rng.randint(1, size // 2)), text, font=font, fill=COLOURS[colour])
-    return img, text, colour
+    xy = (rng.randint(1, size // 3), rng.randint(1, size // 2))
+    ImageDraw.Draw(img).text(xy, text, font=font, fill=COLOURS[colour])
+    ink = Image.new("L", (size, size), 0)
+    ImageDraw.Draw(ink).text(xy, text, font=font, fill=255)
+    labels = (np.asarray(ink) >= 128).astype(np.uint8)
+    return Drawing(img, labels, [SceneObject(colour, "text", -1)]), text
 
 
-def describe_scene(objects: list[tuple[str, str]]) -> str:
-    counts = Counter(objects)
+def describe_scene(objects: list[SceneObject]) -> str:
+    counts = Counter((o.colour, o.shape) for o in objects)
     parts = [f"{_plural(n, f'{colour} {shape}')}" for (colour, shape), n in counts.items()]
     return " and ".join(parts) + "."
 
@@ -107,10 +134,10 @@ def describe_text_image(text: str, colour: str) -> str:
     return f'The {kind} "{text}" written in {colour}.'
 
 
-def scene_question(rng: random.Random, objects: list[tuple[str, str]]) -> tuple[str, str]:
-    shape_counts = Counter(s for _, s in objects)
+def scene_question(rng: random.Random, objects: list[SceneObject]) -> tuple[str, str]:
+    shape_counts = Counter(o.shape for o in objects)
     shape = rng.choice(SHAPES)
-    colours = {c for c, s in objects if s == shape}
+    colours = {o.colour for o in objects if o.shape == shape}
     if len(colours) == 1 and rng.random() < 0.5:
         return f"What colour is the {shape}?", colours.pop()
     if rng.random() < 0.3:
@@ -118,42 +145,79 @@ def scene_question(rng: random.Random, objects: list[tuple[str, str]]) -> tuple[
     return f"How many {shape}s?", str(shape_counts[shape])
 
 
-def caption_sample(rng: random.Random, size: int) -> Sample:
+Document = tuple[Sample, list[Drawing]]  # a sample and the drawings of its images, in order
+
+
+def cell_name(cell: int) -> str:
+    """Scene grid cell (raster order) -> "row r, column c" (1-based)."""
+    return f"row {cell // 4 + 1}, column {cell % 4 + 1}"
+
+
+def _a(word: str) -> str:
+    return ("an " if word[0] in "aeiou" else "a ") + word
+
+
+def describe_layout(objects: list[SceneObject]) -> str:
+    """Every object and where it is, in reading order: 'A red circle at row 1, column 2. An ...'"""
+    return " ".join(f"{_a(o.colour).capitalize()} {o.shape} at {cell_name(o.cell)}."
+                    for o in sorted(objects, key=lambda o: o.cell))
+
+
+def where_question(rng: random.Random, objects: list[SceneObject]) -> tuple[str, str]:
+    """'Where is the red circle?' (an object of a unique colour and shape) or 'What is at row r,
+    column c?' (any cell; 'nothing' for an empty one)."""
+    kinds = Counter((o.colour, o.shape) for o in objects)
+    unique = [o for o in objects if kinds[(o.colour, o.shape)] == 1]
+    if unique and rng.random() < 0.5:
+        o = rng.choice(unique)
+        return f"Where is the {o.colour} {o.shape}?", cell_name(o.cell)
+    cell = rng.randrange(16)
+    found = [o for o in objects if o.cell == cell]
+    return f"What is at {cell_name(cell)}?", f"{_a(found[0].colour)} {found[0].shape}" if found else "nothing"
+
+
+def caption_sample(rng: random.Random, size: int, grounded: bool = False) -> Document:
     if rng.random() < 0.7:
-        img, objects = draw_scene(rng, size)
-        caption = describe_scene(objects)
+        drawing = draw_scene(rng, size)
+        layout = grounded and rng.random() < 0.5
+        caption = describe_layout(drawing.objects) if layout else describe_scene(drawing.objects)
     else:
-        img, text, colour = draw_text_image(rng, size)
-        caption = describe_text_image(text, colour)
-    return {"png": _png(img), "txt": caption.encode()}
+        drawing, text = draw_text_image(rng, size)
+        caption = describe_text_image(text, drawing.objects[0].colour)
+    return {"png": _png(drawing.image), "txt": caption.encode()}, [drawing]
 
 
-def qa_sample(rng: random.Random, size: int) -> Sample:
+def qa_sample(rng: random.Random, size: int, grounded: bool = False) -> Document:
     if rng.random() < 0.75:
-        img, objects = draw_scene(rng, size)
-        question, answer = scene_question(rng, objects)
+        drawing = draw_scene(rng, size)
+        where = grounded and rng.random() < 0.5
+        question, answer = (where_question if where else scene_question)(rng, drawing.objects)
     else:
-        img, text, colour = draw_text_image(rng, size)
-        question, answer = ("What is written?", text) if rng.random() < 0.6 else ("What colour is the text?", colour)
+        drawing, text = draw_text_image(rng, size)
+        question, answer = (("What is written?", text) if rng.random() < 0.6
+                            else ("What colour is the text?", drawing.objects[0].colour))
     meta = {"question": question, "answer": answer}
-    return {"png": _png(img), "json": json.dumps(meta).encode()}
+    return {"png": _png(drawing.image), "json": json.dumps(meta).encode()}, [drawing]
 
 
-def interleaved_sample(rng: random.Random, size: int) -> Sample:
+def interleaved_sample(rng: random.Random, size: int) -> Document:
     sample: Sample = {}
+    drawings = []
     pieces: list[dict[str, str]] = [{"text": "A short picture book."}]
     total = 0
     for i in range(rng.choice((2, 3))):
-        img, objects = draw_scene(rng, size)
-        total += len(objects)
-        sample[f"{i}.png"] = _png(img)
-        pieces += [{"text": f" Picture {i + 1}:"}, {"image": f"{i}.png"}, {"text": f" It shows {describe_scene(objects)}"}]
+        drawing = draw_scene(rng, size)
+        drawings.append(drawing)
+        total += len(drawing.objects)
+        sample[f"{i}.png"] = _png(drawing.image)
+        pieces += [{"text": f" Picture {i + 1}:"}, {"image": f"{i}.png"},
+                   {"text": f" It shows {describe_scene(drawing.objects)}"}]
     pieces.append({"text": f" In all the pictures there are {_plural(total, 'shape')}."})
     sample["json"] = json.dumps({"pieces": pieces}).encode()
-    return sample
+    return sample, drawings
 
 
-def text_sample(rng: random.Random, chars: int) -> Sample:
+def text_sample(rng: random.Random, chars: int) -> Document:
     if rng.random() < 0.5:
         key = rng.randint(10000, 99999)
         n = max(2, chars // len(FILLER))
@@ -167,32 +231,42 @@ def text_sample(rng: random.Random, chars: int) -> Sample:
             a = rng.randint(2, 12)
             lines += [f"Table of {a}:"] + [f"{a} times {b} is {a * b}." for b in range(1, 11)]
         text = "\n".join(lines)
-    return {"txt": text.encode()}
+    return {"txt": text.encode()}, []
 
 
-def builtin_samples(num: int, image_size: int = 64, seed: int = 0, text_chars: int = 3000) -> Iterator[Sample]:
-    """`num` samples; sample i depends only on (seed, i)."""
+def builtin_documents(num: int, image_size: int = 64, seed: int = 0, text_chars: int = 3000,
+                      grounded: bool = False) -> Iterator[Document]:
+    """`num` (sample, drawings) pairs; pair i depends only on (seed, i). The drawings carry each
+    image's object masks, which the shards do not hold (cmoe_vlm.eval.adaptivity reads them).
+    `grounded`: half the scene captions list every object with its grid cell, half the scene
+    questions ask where an object is or what a cell holds (text that needs each image token)."""
     for i in range(num):
         rng = random.Random(f"{seed}-{i}")
         kind = rng.choice(KINDS)
         if kind == "caption":
-            yield caption_sample(rng, image_size)
+            yield caption_sample(rng, image_size, grounded)
         elif kind == "qa":
-            yield qa_sample(rng, image_size)
+            yield qa_sample(rng, image_size, grounded)
         elif kind == "interleaved":
             yield interleaved_sample(rng, image_size)
         else:
             yield text_sample(rng, text_chars)
 
 
+def builtin_samples(num: int, image_size: int = 64, seed: int = 0, text_chars: int = 3000,
+                    grounded: bool = False) -> Iterator[Sample]:
+    """`num` samples; sample i depends only on (seed, i)."""
+    return (sample for sample, _ in builtin_documents(num, image_size, seed, text_chars, grounded))
+
+
 def write_builtin_dataset(
     out_dir: str | Path, num_train: int = 4000, num_heldout: int = 400, image_size: int = 64,
-    seed: int = 0, maxcount: int = 500, text_chars: int = 3000,
+    seed: int = 0, maxcount: int = 500, text_chars: int = 3000, grounded: bool = False,
 ) -> dict[str, Path]:
     """Write `out_dir/train` and `out_dir/heldout` shards (+ manifests); returns both folders."""
     paths = {"train": Path(out_dir) / "train", "heldout": Path(out_dir) / "heldout"}
     for split, num, split_seed in (("train", num_train, seed), ("heldout", num_heldout, seed + HELDOUT_SEED_OFFSET)):
-        samples = builtin_samples(num, image_size, split_seed, text_chars)
+        samples = builtin_samples(num, image_size, split_seed, text_chars, grounded)
         write_shards(samples, paths[split], maxcount=maxcount, total=num, desc=f"builtin {split}")
     return paths
 
@@ -206,9 +280,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--maxcount", type=int, default=500, help="samples per shard")
     parser.add_argument("--text-chars", type=int, default=3000, help="length of the long text documents")
+    parser.add_argument("--grounded", action="store_true", help="add captions and questions about object positions")
     args = parser.parse_args(argv)
     paths = write_builtin_dataset(args.out, args.num_train, args.num_heldout, args.image_size,
-                                  args.seed, args.maxcount, args.text_chars)
+                                  args.seed, args.maxcount, args.text_chars, args.grounded)
     print(" ".join(f"{k}: {v}" for k, v in paths.items()))
 
 

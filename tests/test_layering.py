@@ -24,7 +24,7 @@ CMOE_VLM_LAYERS = """
     hf_folder hf_processing export session generation runner convert hf_families hf_import hf_export hf_generation hf
     inspection.samples inspection.image_content inspection.analysis inspection.render inspection.plots inspection.report inspection
     inspection.__main__
-    eval.vqa_metric eval.tasks eval.long_context eval.builtin_suite eval.harness_tasks eval.harness eval.lmms_adapter
+    eval.vqa_metric eval.tasks eval.long_context eval.builtin_suite eval.adaptivity eval.harness_tasks eval.harness eval.lmms_adapter
     eval.cli eval eval.__main__
     training.config training.optim training.engine training.mfu training.compute training.metrics training.checkpoint
     training.resume training.expert_parallel training.init training.loop training train

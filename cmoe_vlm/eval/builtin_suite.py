@@ -2,7 +2,7 @@
 
     python -m cmoe_vlm.eval.builtin_suite --out suites/builtin     # or: write_builtin_suite(out)
 
-The held-out split is regenerated sample by sample (`builtin_samples` with the held-out seed, the
+The held-out split is regenerated sample by sample (`builtin_documents` with the held-out seed, the
 same bytes `write_builtin_dataset` writes to `heldout/`), so no shards are needed. Tasks:
 
     mc_caption   [image] → pick the true caption among 4 that differ only in the colour words
@@ -10,6 +10,9 @@ same bytes `write_builtin_dataset` writes to `heldout/`), so no shards are neede
     mc_colour    [image, "Question: What colour is the <shape>? Answer:"] → one of the 6 colours
                  (scenes where that shape has one colour; chance 1/6).
     mc_count     [image, "Question: How many <shape>s? Answer:"] → 1..8 (chance 1/8).
+    mc_position  [image, "Question: Where is the <colour> <shape>? Answer:"] → one of the 16 cells
+                 "row r, column c" of the scene grid (an object of a unique colour and shape; chance
+                 1/16). Localisation: only the image token of that cell can decide.
     vqa          the held-out QA samples as open-ended questions (exact match).
     caption      the held-out caption samples (BLEU, CIDEr, ROUGE-L; one reference each).
     text         the held-out long text documents (bits per byte).
@@ -22,12 +25,13 @@ import argparse
 import json
 import random
 import re
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from data_pipelines.builtin import COLOURS, HELDOUT_SEED_OFFSET, builtin_samples
+from data_pipelines.builtin import COLOURS, HELDOUT_SEED_OFFSET, builtin_documents, cell_name
 
 SCENE = re.compile(r"(\d+) (\w+) (circle|square|triangle)s?")
 MAX_COUNT = 8
@@ -58,15 +62,28 @@ def write_builtin_suite(out_dir: str | Path, num_samples: int = 400, image_size:
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
     rng = random.Random(f"suite-{seed}")
-    tasks: dict[str, list[dict[str, Any]]] = {k: [] for k in
-                                              ("mc_caption", "mc_colour", "mc_count", "vqa", "caption", "text")}
+    tasks: dict[str, list[dict[str, Any]]] = {
+        k: [] for k in ("mc_caption", "mc_colour", "mc_count", "mc_position", "vqa", "caption", "text")}
+    cells = [cell_name(c) for c in range(16)]
+    position_rng = random.Random(f"suite-position-{seed}")  # its own stream: the other tasks stay as they were
 
-    def save_png(i: int, data: bytes) -> str:
-        name = f"images/heldout_{i:06d}.png"
+    def save_png(i: int, data: bytes, k: int | None = None) -> str:
+        name = f"images/heldout_{i:06d}.png" if k is None else f"images/heldout_{i:06d}_{k}.png"
         (out / name).write_bytes(data)
         return name
 
-    for i, sample in enumerate(builtin_samples(num_samples, image_size, seed + HELDOUT_SEED_OFFSET, text_chars)):
+    docs = builtin_documents(num_samples, image_size, seed + HELDOUT_SEED_OFFSET, text_chars)
+    for i, (sample, drawings) in enumerate(docs):
+        images = [k for k in sample if k.endswith("png")]  # "png", or "0.png", "1.png", ... in order
+        for k, drawing in zip(images, drawings):  # every scene image with an object of a unique kind
+            kinds = Counter((o.colour, o.shape) for o in drawing.objects)
+            unique = [o for o in drawing.objects if kinds[(o.colour, o.shape)] == 1 and o.shape != "text"]
+            if unique:
+                o = position_rng.choice(unique)
+                image = save_png(i, sample[k], None if k == "png" else int(k.split(".")[0]))
+                tasks["mc_position"].append({"id": i, "image": image,
+                                             "prompt": f"Question: Where is the {o.colour} {o.shape}? Answer:",
+                                             "choices": cells, "answer": o.cell})
         if "png" in sample and "txt" in sample:  # caption
             caption = sample["txt"].decode()
             image = save_png(i, sample["png"])
@@ -100,7 +117,7 @@ def write_builtin_suite(out_dir: str | Path, num_samples: int = 400, image_size:
         elif set(sample) == {"txt"}:  # long text
             tasks["text"].append({"id": i, "text": sample["txt"].decode()})
     types = {"mc_caption": "multiple_choice", "mc_colour": "multiple_choice", "mc_count": "multiple_choice",
-             "vqa": "vqa", "caption": "caption", "text": "perplexity"}
+             "mc_position": "multiple_choice", "vqa": "vqa", "caption": "caption", "text": "perplexity"}
     extra = {"mc_caption": {"choice_prefix": ""}, "vqa": {"max_new_tokens": 12}, "caption": {"max_new_tokens": 48}}
     listed = []
     for name, recs in tasks.items():

@@ -246,19 +246,24 @@ def run_multiple_choice(runner: ModelRunner, task: Task, limit: int | None = Non
     per: list[list[tuple[float, float]]] = [[] for _ in recs]
     for s, cont, i in zip(scores, conts, owners):
         per[i].append((s.logprob, s.logprob / max(len(cont.encode()), 1)))
-    acc = acc_norm = 0
+    acc = acc_norm = answer_logprob = 0.0
     examples = []
     for rec, (prompt, choices, answer), sc in zip(recs, items, per):
         pick = max(range(len(sc)), key=lambda j: sc[j][0])
         pick_norm = max(range(len(sc)), key=lambda j: sc[j][1])
         acc += pick == answer
         acc_norm += pick_norm == answer
+        top = sc[pick][0]
+        answer_logprob += sc[answer][0] - top - math.log(sum(math.exp(s - top) for s, _ in sc))
         if len(examples) < NUM_EXAMPLES:
             examples.append({"prompt": prompt, "image": rec.get("image"), "answer": choices[answer],
                              "picked": choices[pick]})
     n = len(recs)
     chance = sum(1 / len(choices) for _, choices, _ in items) / n
+    # answer_logprob: mean log-probability of the answer among the choices (chance: mean −log #choices);
+    # finer than accuracy where a model is near chance
     return {"type": task.type, "n": n, "acc": acc / n, "acc_norm": acc_norm / n, "chance": chance,
+            "answer_logprob": answer_logprob / n, "chance_logprob": sum(-math.log(len(c)) for _, c, _ in items) / n,
             "examples": examples}
 
 

@@ -19,7 +19,7 @@ from cmoe_base import IGNORE_INDEX, Batch
 from data_pipelines.loader import StreamingLoader
 from vision import build_image_transform
 
-from ..boundaries import ConversionRamp
+from ..boundaries import BoundaryPolicy, ConversionRamp
 from ..chunking import CollapseMonitor, ModalityStats
 from ..config import to_dict
 from ..export import save_pretrained
@@ -67,10 +67,12 @@ def grad_norm(model: torch.nn.Module) -> float | None:
 
 @torch.no_grad()
 def evaluate(model: ConceptMoEVLM, loader: StreamingLoader, max_batches: int,
-             histograms: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
-    """Held-out LM loss, bits per byte-token, and per-modality compression with the eval threshold.
-    Without a single predicted token there is no loss to report: only `predicted_tokens` = 0. A given
-    `histograms` dict receives the per-modality boundary probabilities and chunk lengths (trackers)."""
+             histograms: dict[str, torch.Tensor] | None = None, boundaries: BoundaryPolicy | None = None
+             ) -> dict[str, Any]:
+    """Held-out LM loss, bits per byte-token, and per-modality compression with the eval threshold
+    (or the boundaries of the policy `boundaries`). Without a single predicted token there is no
+    loss to report: only `predicted_tokens` = 0. A given `histograms` dict receives the per-modality
+    boundary probabilities and chunk lengths (trackers)."""
     was_training = model.training
     model.eval()
     nll = n_tok = 0.0
@@ -78,7 +80,7 @@ def evaluate(model: ConceptMoEVLM, loader: StreamingLoader, max_batches: int,
     for i, batch in enumerate(loader):
         if i >= max_batches:
             break
-        out = model(batch)
+        out = model(batch, boundaries=boundaries)
         mask = batch.labels != IGNORE_INDEX
         nll += float(out.lm_loss) * int(mask.sum())
         n_tok += int(mask.sum())

@@ -38,7 +38,7 @@ def files(tmp_path_factory):
     import random
 
     d = tmp_path_factory.mktemp("data")
-    img, _ = draw_scene(random.Random(1), 64)
+    img = draw_scene(random.Random(1), 64).image
     img.save(d / "scene.png")
     (d / "note.txt").write_text("Table of 3:\n3 times 1 is 3.\n3 times 2 is 6.")
     (d / "docs.jsonl").write_text(json.dumps({"pieces": [{"text": "Look:"}, {"image": "scene.png"},

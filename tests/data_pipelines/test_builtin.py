@@ -45,3 +45,60 @@ def test_captions_describe_the_images():
 def test_cli(tmp_path):
     main(["--out", str(tmp_path), "--num-train", "20", "--num-heldout", "5"])
     assert load_manifest(tmp_path / "train")["samples"] == 20 and load_manifest(tmp_path / "heldout")["samples"] == 5
+
+
+def test_object_masks_match_the_drawn_pixels():
+    import numpy as np
+
+    from data_pipelines.builtin import COLOURS, builtin_documents
+
+    scenes = texts = 0
+    for _, drawings in builtin_documents(80, seed=2):
+        for d in drawings:
+            pixels = np.asarray(d.image).astype(int)
+            assert d.labels.shape == pixels.shape[:2] and d.labels.max() == len(d.objects)
+            for i, o in enumerate(d.objects):
+                mask = d.labels == i + 1
+                colour = np.array(COLOURS[o.colour])
+                if o.shape == "text":  # anti-aliased ink over a light background: close to the colour
+                    texts += 1
+                    assert mask.sum() > 20 and np.median(np.abs(pixels[mask] - colour).max(1)) < 60
+                    continue
+                scenes += 1
+                assert (pixels[mask] == colour).all() and mask.sum() > 40  # shapes are drawn flat
+                rows, cols = np.nonzero(mask)  # inside the object's cell of the 4x4 grid
+                assert (rows // 16 == o.cell // 4).all() and (cols // 16 == o.cell % 4).all()
+    assert scenes > 50 and texts > 5
+
+
+def test_grounded_text_names_the_cells_and_leaves_the_images_alone():
+    import json
+    import re
+
+    from data_pipelines.builtin import builtin_documents, cell_name
+
+    cell = {cell_name(c): c for c in range(16)}
+    checked = 0
+    for (plain, _), (grounded, drawings) in zip(builtin_documents(200, seed=4), builtin_documents(200, seed=4, grounded=True)):
+        assert [plain[k] for k in sorted(plain) if k.endswith("png")] == \
+               [grounded[k] for k in sorted(grounded) if k.endswith("png")]
+        objects = drawings[0].objects if drawings else []
+        drawn = {(o.colour, o.shape, o.cell) for o in objects}
+        where = {(o.colour, o.shape): o.cell for o in objects}
+        text = grounded.get("txt", b"").decode()
+        listed = re.findall(r"An? (\w+) (circle|square|triangle) at (row \d, column \d)\.", text)
+        if listed:  # a layout caption lists every object once, in reading order
+            assert [(c, s, cell[n]) for c, s, n in listed] == sorted(drawn, key=lambda o: o[2])
+            checked += 1
+        if "json" in grounded and "question" in (meta := json.loads(grounded["json"])):
+            q, a = meta["question"], meta["answer"]
+            if q.startswith("Where is the "):
+                colour, shape = q[len("Where is the "):-1].split()
+                assert cell[a] == where[(colour, shape)]
+                checked += 1
+            elif q.startswith("What is at "):
+                at = [o for o in objects if o.cell == cell[q[len("What is at "):-1]]]
+                assert a == ("nothing" if not at else f"{'an' if at[0].colour[0] in 'aeiou' else 'a'} "
+                                                      f"{at[0].colour} {at[0].shape}")
+                checked += 1
+    assert checked > 30

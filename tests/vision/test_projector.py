@@ -1,5 +1,7 @@
 """Projector: shapes, raster order of reduced tokens against a slow reference, errors, step time."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -78,3 +80,73 @@ def test_backward_reaches_every_encoder_and_projector_parameter():
     for name, p in [*enc.named_parameters(), *proj.named_parameters()]:
         assert p.grad is not None and torch.isfinite(p.grad).all(), name
         assert p.grad.abs().sum() > 0, name
+
+
+def test_center_removes_each_images_mean_token():
+    torch.manual_seed(0)
+    x = torch.randn(3, 64, 96) + 5 * torch.randn(3, 1, 96)  # a large component shared by each image's patches
+    plain = Projector(ProjectorConfig(reduction=2), 96, 40)
+    centred = Projector(ProjectorConfig(reduction=2, center=True), 96, 40)
+    centred.load_state_dict(plain.state_dict())
+    a, b = plain(x, (8, 8)), centred(x, (8, 8))
+    assert torch.allclose(b, a - a.mean(dim=1, keepdim=True), atol=1e-5)
+    assert b.mean(dim=1).abs().max() < 1e-5
+    assert torch.allclose(centred(x[:1], (8, 8)), b[:1], atol=1e-5)  # per image: other images do not matter
+
+
+def test_rectangular_blocks_match_slow_reference():
+    torch.manual_seed(0)
+    x = torch.randn(2, 8 * 8, 5)
+    proj = Projector(ProjectorConfig(kind="linear", reduce="avg_pool", reduction=2, reduction_cols=4), 5, 7)
+    cells = [torch.stack([x[:, (r * 2 + dy) * 8 + c * 4 + dx] for dy in range(2) for dx in range(4)]).mean(0)
+             for r in range(4) for c in range(2)]  # (rows 4 x cols 2), raster order
+    assert torch.allclose(proj(x, (8, 8)), proj.proj(torch.stack(cells, dim=1)), atol=1e-6)
+    cfg = ProjectorConfig(reduction=2, reduction_cols=4)
+    assert image_token_grid(VisionConfig(**TINY), cfg) == (4, 2) and tokens_per_image(VisionConfig(**TINY), cfg) == 8
+    with pytest.raises(ConfigError, match=r"^reduction_cols = 3: must divide the patch grid 8x8"):
+        tokens_per_image(VisionConfig(**TINY), ProjectorConfig(reduction=2, reduction_cols=3))
+
+
+def test_keep_tokens_prunes_to_the_most_attended_tokens_in_raster_order():
+    torch.manual_seed(0)
+    x = torch.randn(3, 64, 96)
+    full = Projector(ProjectorConfig(reduction=2), 96, 40)
+    pruned = Projector(ProjectorConfig(reduction=2, keep_tokens=5), 96, 40)
+    pruned.load_state_dict(full.state_dict())  # no parameters of its own: training-free
+    with torch.no_grad():
+        tokens, out = full(x, (8, 8)), pruned(x, (8, 8))
+    assert out.shape == (3, 5, 40) and pruned.output_grid((8, 8)) == (1, 5)
+    for n in range(3):  # slow reference: attention each token receives, by loops
+        t = tokens[n]
+        att = [[float(torch.softmax(t @ t[j] / 40 ** 0.5, dim=0)[i]) for j in range(16)] for i in range(16)]
+        saliency = [sum(row) / 16 for row in att]
+        keep = sorted(sorted(range(16), key=lambda i: -saliency[i])[:5])
+        assert torch.allclose(out[n], t[keep], atol=1e-6)
+    assert tokens_per_image(VisionConfig(**TINY), ProjectorConfig(reduction=2, keep_tokens=5)) == 5
+    with pytest.raises(ConfigError, match=r"^keep_tokens = 17: must be <= the 16 tokens"):
+        tokens_per_image(VisionConfig(**TINY), ProjectorConfig(reduction=2, keep_tokens=17))
+
+
+def test_a_pruned_vlm_takes_a_trained_models_weights_and_runs():
+    """Training-free: the same weights, evaluated with keep_tokens image tokens per image."""
+    from dataclasses import replace
+
+    from cmoe_base import Modality
+    from cmoe_vlm.training.config import load_experiment
+    from cmoe_vlm.vlm import ConceptMoEVLM
+    from data_pipelines.packing import sequence_batch
+    from data_pipelines.sequence import build_sequence
+    from data_pipelines.tokenizer import ByteTokenizer
+
+    root = Path(__file__).resolve().parents[2]
+    exp = load_experiment(root / "configs/tiny.yaml", ["model.dim=32", "model.moe.expert_hidden=32", "vision.depth=1"])
+    torch.manual_seed(0)
+    trained = ConceptMoEVLM(exp.vlm)
+    cfg = replace(exp.vlm, projector=replace(exp.projector, keep_tokens=6))
+    pruned = ConceptMoEVLM(cfg).eval()
+    pruned.load_state_dict(trained.state_dict())
+    seq = build_sequence(["Look:", torch.randn(3, 64, 64), "a red circle."], ByteTokenizer(), cfg.tokens_per_image)
+    batch = sequence_batch(seq, (3, 64, 64))
+    out = pruned(batch)
+    assert cfg.tokens_per_image == 6 and int((batch.modality == Modality.IMAGE).sum()) == 6
+    assert out.logits.shape[1] == len(seq) and torch.isfinite(out.logits).all()

@@ -3,6 +3,7 @@ any of the usual field names; VQA (exact match and the standard VQA accuracy, ch
 computed cases), captioning and perplexity run and give sane numbers; the CLI puts checkpoints side
 by side."""
 import json
+import math
 import random
 import shutil
 
@@ -21,7 +22,7 @@ def suite(tmp_path_factory):
 
 
 def test_suite_files(suite):
-    assert set(suite) == {"mc_caption", "mc_colour", "mc_count", "vqa", "caption", "text"}
+    assert set(suite) == {"mc_caption", "mc_colour", "mc_count", "mc_position", "vqa", "caption", "text"}
     for t in suite.values():
         recs = t.records()
         assert len(recs) >= 10, t.name
@@ -29,6 +30,23 @@ def test_suite_files(suite):
             assert all(0 <= r["answer"] < len(r["choices"]) and len(set(r["choices"])) == len(r["choices"]) for r in recs)
     assert parse_scene("2 red circles and 1 blue square.") == [(2, "red", "circle"), (1, "blue", "square")]
     assert parse_scene('The word "cat" written in red.') is None
+
+
+def test_position_answers_are_where_the_image_shows_the_object(suite):
+    """Localisation ground truth, read back from the written PNGs: the answer cell holds a drawn
+    object in the asked colour (shapes are drawn flat, so its exact RGB)."""
+    import numpy as np
+
+    from data_pipelines.builtin import COLOURS
+
+    task = suite["mc_position"]
+    recs = task.records()
+    assert len(recs) >= 50 and len({r["answer"] for r in recs}) >= 12  # answers spread over the grid
+    for r in recs:
+        colour = r["prompt"].split("Where is the ")[1].split()[0]
+        pixels = np.asarray(task.image(r)).astype(int)
+        cells = (pixels == np.array(COLOURS[colour])).all(-1).reshape(4, 16, 4, 16).sum((1, 3)).ravel()
+        assert r["choices"][r["answer"]].startswith("row ") and cells[r["answer"]] > 40, (r, cells)
 
 
 def test_multiple_choice_solves_what_the_model_learned_and_fails_on_wrong_labels(runner, tmp_path):
@@ -57,6 +75,10 @@ def test_multiple_choice_solves_what_the_model_learned_and_fails_on_wrong_labels
     assert ok["n"] == bad["n"] >= 20 and ok["chance"] == 0.25
     assert ok["acc"] >= 0.8, ok
     assert bad["acc"] <= 0.5, bad
+    # log P(answer | choices): near 0 where the model is sure and right, far below chance (−log 4) where
+    # it is sure of another choice; a probability over the choices, so never above 0
+    assert ok["chance_logprob"] == pytest.approx(-math.log(4)) and ok["answer_logprob"] > -0.5 > ok["chance_logprob"]
+    assert bad["answer_logprob"] < ok["chance_logprob"] and max(ok["answer_logprob"], bad["answer_logprob"]) <= 0
     print(f"filler MC: acc {ok['acc']:.2f}, shuffled labels {bad['acc']:.2f} (n={ok['n']}, chance 0.25)")
 
 
