@@ -29,7 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cmoe_vlm.convert import convert, overrides_for  # noqa: E402
+from cmoe_vlm.conversion import convert, overrides_for  # noqa: E402
 from cmoe_vlm.hf_import import main as hf_import_main  # noqa: E402
 from cmoe_vlm.export import load_pretrained, save_pretrained  # noqa: E402
 from cmoe_vlm.training.config import load_experiment  # noqa: E402

@@ -1,77 +1,29 @@
-"""Write a baseline export back in its transformers family's own format (docs/design.md §16).
+"""Write a baseline export back in its transformers family's own format (docs/design.md §16; what is
+written: cmoe_vlm/hf_exporter.py). Arguments are parsed before torch is imported, so `--help` is
+instant.
 
     python -m cmoe_vlm.hf_export SRC --out DST [--family mixtral]    # also: cmoe-hf-export ...
-
-SRC is an export folder of a baseline MoE (chunking off) whose layers a family states exactly: one
-imported with `cmoe_vlm.hf_import` and trained on (its family and original config.json are
-recorded, and every field our config decides is written over them), or one trained here in that
-family's shape (`--family` names it; see `Family.check_exportable` for what each allows). DST is
-that family's folder: config.json, model.safetensors under the hub names `save_pretrained` writes
-(one tensor per expert), generation_config.json and the tokenizer, so
-`AutoModelForCausalLM.from_pretrained(DST)` runs it with plain transformers, with our logits. The
-vision tower and projector are not part of a language model folder and are left out.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from pathlib import Path
-
-from cmoe_base import ConfigError
-from data_pipelines.tokenizer import save_tokenizer
-
-from .config import from_dict
-from .export import FORMAT, tokenizer_spec
-from .hf_families import Unsupported, family_of
-from .tensor_files import TensorFileError, TensorSource, stream_convert
-from .vlm import VLMConfig
-
-
-def export_checkpoint(src: str | Path, out: str | Path, family: str | None = None) -> str:
-    """Write the export `src` as a transformers folder `out` of `family` (default: the one it was
-    imported from). Returns the family's name."""
-    src, out = Path(src), Path(out)
-    if not (src / "config.json").is_file():
-        raise FileNotFoundError(f"{src}: no config.json (expected an export folder)")
-    meta = json.loads((src / "config.json").read_text())
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"{src}/config.json: format {meta.get('format')!r} is not {FORMAT!r}")
-    cfg = from_dict(VLMConfig, meta["vlm"]).model
-    imported = meta.get("imported_from") or {}
-    name = family or imported.get("family")
-    if name is None:
-        raise Unsupported("the export was not imported from a transformers family: pass --family "
-                          "(mixtral, qwen2_moe, qwen3_moe or olmoe)")
-    fam = family_of(name)
-    hf_json = fam.hf_config(cfg, imported.get("config") if imported.get("family") == fam.name else None)
-    hf_json.update({k: meta[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in meta})
-    source = TensorSource.open(src)
-    rules = fam.export_rules(cfg)
-    used = {n for r in rules for n in r.inputs} | ({"lm.lm_head.weight"} if cfg.tie_embeddings else set())
-    unused = sorted(n for n in source.names if n not in used and n.startswith("lm."))
-    if unused:
-        raise Unsupported(f"weights with no place in {fam.name}: {', '.join(unused[:3])}")
-    hf_json["dtype"] = str(source.meta("lm.embed.weight").dtype).removeprefix("torch.")
-    out.mkdir(parents=True, exist_ok=True)
-    stream_convert(source, rules, out / "model.safetensors", metadata={"format": "pt"})
-    spec = tokenizer_spec(meta, src)
-    if spec is not None:
-        save_tokenizer(spec, out)
-    ids = {k: hf_json.get(k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
-    (out / "generation_config.json").write_text(json.dumps(ids, indent=2))
-    (out / "config.json").write_text(json.dumps(hf_json, indent=2))
-    return fam.name
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m cmoe_vlm.hf_export", description=__doc__.split("\n\n")[0],
+    ap = argparse.ArgumentParser(prog="python -m cmoe_vlm.hf_export", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("src", help="export folder of a baseline MoE")
     ap.add_argument("--out", required=True, help="transformers folder to write")
     ap.add_argument("--family", default=None, help="mixtral, qwen2_moe, qwen3_moe or olmoe (default: the one the "
                                                    "export was imported from)")
     args = ap.parse_args(argv)
+    from cmoe_base import ConfigError
+
+    from .hf_exporter import export_checkpoint
+    from .hf_families import Unsupported
+    from .tensor_files import TensorFileError
+
     try:
         family = export_checkpoint(args.src, args.out, args.family)
     except (Unsupported, TensorFileError, FileNotFoundError, ValueError, ConfigError) as e:

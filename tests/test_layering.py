@@ -21,7 +21,8 @@ CMOE_VLM_LAYERS = """
     layers.norm layers.rope layers.moe layers.document_attention layers.attention layers.joint_decoding layers.block layers
     chunking boundaries merge dechunk model_config concept_model model vlm
     flops.accounting flops.reallocation flops.cli flops flops.__main__
-    hf_folder hf_processing export session generation runner convert hf_families hf_import hf_export hf_generation hf
+    hf_folder hf_processing export session generation runner conversion convert hf_families hf_importer hf_import
+    hf_exporter hf_export hf_generation hf
     inspection.samples inspection.image_content inspection.analysis inspection.render inspection.plots inspection.report inspection
     inspection.__main__
     eval.vqa_metric eval.tasks eval.long_context eval.builtin_suite eval.adaptivity eval.harness_tasks eval.harness eval.lmms_adapter

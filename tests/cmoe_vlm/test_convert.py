@@ -9,7 +9,8 @@ from cmoe_base import Batch
 from cmoe_vlm import flops
 from cmoe_vlm.boundaries import AllTokens, ConversionRamp
 from cmoe_vlm.chunking import ChunkConfig
-from cmoe_vlm.convert import convert, layer_map, main, overrides_for
+from cmoe_vlm.conversion import convert, layer_map, overrides_for
+from cmoe_vlm.convert import main
 from cmoe_vlm.config import apply_overrides, from_dict
 from cmoe_vlm.export import load_pretrained, save_pretrained
 from cmoe_vlm.layers.moe import MoEConfig
