@@ -54,8 +54,12 @@ def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def compare(saved: dict[str, Any], requested: dict[str, Any]) -> dict[str, dict[str, list]]:
-    """Differences between two `experiment_record`s: {"refused" | "applied" | "ignored": {field: [old, new]}}."""
-    old = {**_flat(saved["config"]), **_flat(saved["topology"], "topology.")}
+    """Differences between two `experiment_record`s: {"refused" | "applied" | "ignored": {field: [old, new]}}.
+
+    A field the saved record lacks (a checkpoint written before the field existed) counts as its
+    default, the behaviour the older code had: only a value other than the default is a change."""
+    defaults = _flat(json.loads(json.dumps(to_dict(ExperimentConfig()), default=str)))
+    old = {**defaults, **_flat(saved["config"]), **_flat(saved["topology"], "topology.")}
     new = {**_flat(requested["config"]), **_flat(requested["topology"], "topology.")}
     out: dict[str, dict[str, list]] = {"refused": {}, "applied": {}, "ignored": {}}
     for key in sorted(set(old) | set(new)):

@@ -174,6 +174,22 @@ def test_resume_refuses_model_and_layout_changes_and_records_the_rest(builtin_da
     assert sorted(read_metrics(out)) == [1] and sorted(read_metrics(aside)) == [1, 2, 3]
 
 
+def test_a_checkpoint_from_before_a_field_existed_resumes_at_that_fields_default():
+    """A field added since the checkpoint was written (its record lacks the key) counts as its default: the
+    older code's behaviour. Only a value other than the default is a change (it used to be None -> default,
+    refused for every new model field)."""
+    from cmoe_vlm.training.config import ExperimentConfig
+    from cmoe_vlm.training.resume import compare, experiment_record
+
+    requested = experiment_record(ExperimentConfig(), 1)
+    saved = json.loads(json.dumps(requested))
+    del saved["config"]["model"]["attention_bias"], saved["config"]["projector"]["center"]
+    assert compare(saved, requested) == {"refused": {}, "applied": {}, "ignored": {}}
+    changed = json.loads(json.dumps(requested))
+    changed["config"]["projector"]["center"] = True
+    assert compare(saved, changed)["refused"] == {"projector.center": [False, True]}
+
+
 # ----------------------------------------------------------------------------- errors before anything is built
 
 def test_config_errors_name_the_field_before_anything_is_built(builtin_data, tmp_path, monkeypatch):
