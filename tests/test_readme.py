@@ -28,6 +28,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # (command prefix, settings appended): the first matching prefix wins
 SHORT = [
     ("cmoe-train ", "train.steps=2 train.eval_batches=1 data.num_workers=1"),
+    ("python train_vlm.py configs/pretrained.yaml ", "train.steps=2 train.eval_batches=1 data.num_workers=1 "
+                                                    "data.seq_len=256 data.batch_size=2"),
     ("python train_vlm.py ", "train.steps=2 train.eval_batches=1 data.num_workers=1"),
     ("cmoe-eval ", "--limit 2 --lengths 256 --samples 1 --compression-samples 4"),
     ("python -m cmoe_vlm.eval ", "--limit 2 --lengths 256 --samples 1 --compression-samples 4"),
