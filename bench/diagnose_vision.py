@@ -1,0 +1,94 @@
+#!/usr/bin/env python
+"""Why do trained VLMs ignore their images? Controlled runs: same data, same steps, one change each.
+
+Each variant trains configs/tiny.yaml (plus its overrides) in process with the training loop's math
+(bench_image_adaptivity.train_steps: AdamW with the loop's parameter groups, warmup + cosine,
+clipping; no DeepSpeed), then scores easy-VQA test questions as 13-way multiple choice per
+question type, with the image and with the image removed (the wording-only floor).
+
+    python bench/diagnose_vision.py --out bench/results/diagnose/ --steps 600 \
+        --variant base= --variant nocenter=projector.center=false
+
+Writes OUT/<variant>.json (accuracies with/without image, training losses, compression) and
+OUT/summary.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_image_adaptivity import parse_variants, train_steps  # noqa: E402
+from easyvqa_data import QUESTION_TYPES, write_easyvqa  # noqa: E402
+
+
+def run_variant(name: str, overrides: list[str], args: argparse.Namespace, paths: dict) -> dict:
+    from cmoe_vlm.eval.tasks import load_suite, run_multiple_choice
+    from cmoe_vlm.runner import ModelRunner
+    from cmoe_vlm.training.config import load_experiment
+    from cmoe_vlm.vlm import ConceptMoEVLM
+    from data_pipelines.tokenizer import load_tokenizer
+
+    exp = load_experiment(args.config, [f"data.shards={paths['train']}", f"train.steps={args.steps}",
+                                        f"train.seed={args.seed}", "data.num_workers=0", *overrides])
+    torch.manual_seed(exp.train.seed)
+    model = ConceptMoEVLM(exp.vlm)
+    log: list[dict] = []
+    t0 = time.time()
+
+    def on_step(step: int, out) -> None:
+        if step % 25 == 0 or step == exp.train.steps:
+            rec = {"step": step, "lm_loss": round(out.lm_loss.item(), 4)}
+            for k, s in out.compression.items():
+                if float(s.tokens):
+                    rec[f"ratio_{k}"] = round(float(s.ratio), 3)
+            log.append(rec)
+            print(f"[{name}] {rec}", flush=True)
+
+    train_steps(model, exp, on_step)
+    train_s = time.time() - t0
+    runner = ModelRunner(model, load_tokenizer(exp.data.tokenizer), batch_size=64)
+    res: dict = {"variant": name, "overrides": overrides, "steps": args.steps, "train_seconds": round(train_s),
+                 "log": log}
+    for suite in ("suite", "suite_blind"):
+        for task in load_suite(paths[suite]):
+            r = run_multiple_choice(runner, task, args.limit)
+            res.setdefault(suite, {})[task.name] = round(r["acc"], 4)
+    res["seconds"] = round(time.time() - t0)
+    print(f"[{name}] with image {res['suite']}  blind {res['suite_blind']}", flush=True)
+    return res
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="bench/results/diagnose")
+    p.add_argument("--data", default="data/easyvqa")
+    p.add_argument("--config", default="configs/tiny.yaml")
+    p.add_argument("--steps", type=int, default=600)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--limit", type=int, default=200, help="test questions per type")
+    p.add_argument("--variant", action="append", default=[], help="name=key=value[,key=value]")
+    args = p.parse_args(argv)
+    paths = write_easyvqa(args.data)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, overrides in parse_variants(args.variant or ["base="]).items():
+        res = run_variant(name, overrides, args, paths)
+        (out / f"{name}.json").write_text(json.dumps(res, indent=1))
+    rows = [json.loads(f.read_text()) for f in sorted(out.glob("*.json"))]
+    lines = ["| variant | " + " | ".join(f"{t} img / blind" for t in QUESTION_TYPES) + " | final lm loss | s |",
+             "|---" * (len(QUESTION_TYPES) + 3) + "|"]
+    for r in rows:
+        cells = [f"{r['suite'][t]:.3f} / {r['suite_blind'][t]:.3f}" for t in QUESTION_TYPES]
+        lines.append(f"| {r['variant']} | " + " | ".join(cells) + f" | {r['log'][-1]['lm_loss']} | {r['seconds']} |")
+    (out / "summary.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
