@@ -1,0 +1,85 @@
+"""An export written before the package layout of issue #25 (tests/assets/export_69f0ad8, made by its
+make.py at main 69f0ad8) still loads, every way a user loads one, with the logits that commit computed:
+`import cmoe_vlm.hf` + AutoModelForCausalLM, our `load_pretrained`, and `trust_remote_code=True` both
+where cmoe_vlm is not importable (the export's own bundled sources run) and where it is (the bundle
+imports today's package by the module names of that time)."""
+import os
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from cmoe_base import Batch
+from cmoe_vlm.export import load_pretrained
+
+ASSET = Path(__file__).resolve().parents[1] / "assets" / "export_69f0ad8"
+FOLDER = ASSET / "model"
+transformers = pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="module")
+def expected() -> dict[str, torch.Tensor]:
+    return load_file(str(ASSET / "expected.safetensors"))
+
+
+def inputs(expected: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: expected[k] for k in ("input_ids", "mm_token_type_ids", "pixel_values")}
+
+
+def test_the_old_export_loads_with_import_cmoe_vlm_hf_and_gives_its_logits(expected):
+    import cmoe_vlm.hf  # noqa: F401  registers the Auto classes
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(FOLDER).eval()
+    with torch.no_grad():
+        logits = model(**inputs(expected)).logits
+    torch.testing.assert_close(logits, expected["logits"], rtol=0, atol=0)
+
+
+def test_the_old_export_loads_with_load_pretrained_and_gives_its_logits(expected):
+    model, meta = load_pretrained(FOLDER)
+    assert meta["version"] == 2 and meta["tokenizer"] == "byte"
+    batch = Batch.of(expected["input_ids"], modality=expected["mm_token_type_ids"], images=expected["pixel_values"])
+    with torch.no_grad():
+        logits = model(batch).logits
+    torch.testing.assert_close(logits, expected["logits"], rtol=0, atol=0)
+
+
+REMOTE = """
+import sys, importlib.util
+if sys.argv[1] == "without":
+    sys.path.append(sys.argv[2])  # the environment's packages, without its .pth files (cmoe-vlm's editable install)
+    assert importlib.util.find_spec("cmoe_vlm") is None, "cmoe_vlm is importable"
+else:
+    assert importlib.util.find_spec("cmoe_vlm") is not None, "cmoe_vlm is not importable"
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+folder, expected, out = sys.argv[3:6]
+model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
+bundled = sys.modules["cmoe_vlm"].__file__.startswith("<cmoe_vlm_code>")
+assert bundled == (sys.argv[1] == "without"), sys.modules["cmoe_vlm"].__file__
+x = load_file(expected)
+with torch.no_grad():
+    logits = model(input_ids=x["input_ids"], mm_token_type_ids=x["mm_token_type_ids"],
+                   pixel_values=x["pixel_values"]).logits
+torch.save(logits, out)
+"""
+
+
+@pytest.mark.parametrize("cmoe_vlm_importable", [False, True], ids=["bundled-sources", "installed-package"])
+def test_the_old_export_loads_with_trust_remote_code(expected, tmp_path, cmoe_vlm_importable):
+    env = dict(os.environ)
+    if not cmoe_vlm_importable:
+        env.pop("PYTHONPATH", None)
+    env["HF_MODULES_CACHE"] = str(tmp_path / "modules")
+    out = tmp_path / "logits.pt"
+    flags = [] if cmoe_vlm_importable else ["-S"]
+    proc = subprocess.run([sys.executable, *flags, "-c", REMOTE, "with" if cmoe_vlm_importable else "without",
+                           sysconfig.get_paths()["purelib"], str(FOLDER), str(ASSET / "expected.safetensors"),
+                           str(out)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    torch.testing.assert_close(torch.load(out), expected["logits"], rtol=0, atol=0)
