@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Train a ConceptMoE VLM: `cmoe_vlm/train.py` (also the `cmoe-train` command), as a script that
+"""Train a ConceptMoE VLM: `cmoe_vlm/cli/train.py` (also the `cmoe-train` command), as a script that
 `deepspeed` can launch.
 
     python train_vlm.py configs/tiny.yaml [key=value ...]           # one process (CPU or one GPU)
@@ -7,7 +7,7 @@
 """
 import sys
 
-from cmoe_vlm.train import main
+from cmoe_vlm.cli.train import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -37,10 +37,10 @@ import torch
 
 from cmoe_base import Batch
 from cmoe_vlm import flops
-from cmoe_vlm.chunking import ChunkConfig
-from cmoe_vlm.dechunk import ema_scan
-from cmoe_vlm.layers.moe import MoE, MoEConfig, SwiGLU
-from cmoe_vlm.model import ConceptMoE, ModelConfig
+from cmoe_vlm.model.chunk import ChunkConfig
+from cmoe_vlm.model.dechunk import ema_scan
+from cmoe_vlm.model.layers.moe import MoE, MoEConfig, SwiGLU
+from cmoe_vlm.model.conceptmoe import ConceptMoE, ModelConfig
 
 TARGETS = {"moe_over_dense": 0.5, "dechunk_speedup_8k": 20.0, "train_step_ratio_4k": 1.0}
 
@@ -215,7 +215,7 @@ def bench_train_step(baseline: ModelConfig, ratio: float, token_counts: list[int
 def bench_vlm_step(batch: int, seq_len: int, images_per_row: int, reps: int) -> dict:
     """Tiny VLM (configs/tiny.yaml): ViT + projector + ConceptMoE forward+backward on interleaved rows."""
     from cmoe_vlm.training.config import load_experiment
-    from cmoe_vlm.vlm import ConceptMoEVLM
+    from cmoe_vlm.model.vlm import ConceptMoEVLM
 
     exp = load_experiment(Path(__file__).resolve().parents[1] / "configs/tiny.yaml")
     torch.manual_seed(0)

@@ -1,7 +1,7 @@
-"""transformers `generate()` vs our own `cmoe_vlm.generation.generate`, same model, same prompts.
+"""transformers `generate()` vs our own `cmoe_vlm.inference.generation.generate`, same model, same prompts.
 
 Both decode through our concept-level cache (transformers through `ConceptCache`,
-cmoe_vlm/hf_generation.py); the difference is transformers' loop around it (input preparation,
+cmoe_vlm/hf/generation.py); the difference is transformers' loop around it (input preparation,
 logits processors, stopping criteria, concatenating ids every step). Greedy, no stop token (every row
 runs `--new-tokens` steps), prompts of `--prompt-len` text tokens; batch 1 and batch 8. Checks that
 both produce the same tokens, then times them interleaved (`--reps` repetitions, medians) and records
@@ -27,10 +27,10 @@ from pathlib import Path
 
 import torch
 
-from cmoe_vlm.export import save_pretrained
-from cmoe_vlm.generation import generate
+from cmoe_vlm.checkpoints.export import save_pretrained
+from cmoe_vlm.inference.generation import generate
 from cmoe_vlm.training.config import load_experiment
-from cmoe_vlm.vlm import ConceptMoEVLM
+from cmoe_vlm.model.vlm import ConceptMoEVLM
 from data_pipelines.sequence import TokenSequence
 
 

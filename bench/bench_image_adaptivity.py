@@ -144,9 +144,9 @@ def run_one(exp, data_root: Path, eval_every: int, eval_images: int, final_image
             save: Path | None = None) -> dict:
     """Train `exp` with curves of the adaptivity measurement; returns the run's record."""
     from cmoe_vlm.eval.adaptivity import measure_adaptivity
-    from cmoe_vlm.runner import ModelRunner
+    from cmoe_vlm.inference.runner import ModelRunner
     from cmoe_vlm.training.loop import evaluate
-    from cmoe_vlm.vlm import ConceptMoEVLM
+    from cmoe_vlm.model.vlm import ConceptMoEVLM
     from data_pipelines.loader import StreamingLoader
     from data_pipelines.tokenizer import load_tokenizer
     from vision import build_image_transform
@@ -180,7 +180,7 @@ def run_one(exp, data_root: Path, eval_every: int, eval_images: int, final_image
     final = {"step": step, **measure(final_images)}
     curve.append(final)
     if save is not None:
-        from cmoe_vlm.export import save_pretrained
+        from cmoe_vlm.checkpoints.export import save_pretrained
         save_pretrained(model, save)
     from dataclasses import replace
     held_cfg = replace(exp.data, shards=str(data_root / "heldout"), shuffle_buffer=0, num_workers=0)

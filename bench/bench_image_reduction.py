@@ -61,7 +61,7 @@ def variants(ratios: tuple[int, ...]) -> list[tuple[str, int, list[str], int | N
 
 def train_model(exp, boundaries=None):
     """A model trained exp.train.steps steps (`train_steps`); returns it and its last 20 LM losses."""
-    from cmoe_vlm.vlm import ConceptMoEVLM
+    from cmoe_vlm.model.vlm import ConceptMoEVLM
 
     torch.manual_seed(exp.train.seed)
     model = ConceptMoEVLM(exp.vlm)
@@ -73,7 +73,7 @@ def train_model(exp, boundaries=None):
 def measure(model, exp, boundaries, suite: Path, limit: int, data_root: Path) -> dict:
     """Suite accuracies, held-out LM loss and image concepts per image of a model (eval mode)."""
     from cmoe_vlm.eval.tasks import load_suite, run_multiple_choice
-    from cmoe_vlm.runner import ModelRunner
+    from cmoe_vlm.inference.runner import ModelRunner
     from cmoe_vlm.training.loop import evaluate
     from data_pipelines.loader import StreamingLoader
     from data_pipelines.tokenizer import load_tokenizer
@@ -197,10 +197,10 @@ def main(argv: list[str] | None = None) -> dict:
         plot(report, out.with_suffix(".png"))
         return report
 
-    from cmoe_vlm.boundaries import ImageStride
+    from cmoe_vlm.model.boundaries import ImageStride
     from cmoe_vlm.eval.builtin_suite import write_builtin_suite
     from cmoe_vlm.training.config import load_experiment
-    from cmoe_vlm.vlm import ConceptMoEVLM
+    from cmoe_vlm.model.vlm import ConceptMoEVLM
 
     root = Path(args.data)
     ensure_builtin_data(root, args.num_train, args.text_chars, grounded=True)

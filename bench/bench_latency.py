@@ -19,7 +19,7 @@ weight and each cached value is read once per 2 FLOPs, so this is also the bytes
 
 **Boundaries are set, not learned (benchmark only).** An untrained chunk module puts boundaries
 at p ≈ 0.5 (R ≈ 2, at random places). To run each config at its R exactly, its sessions use the
-boundary policy `FixedStride(R)` (cmoe_vlm/boundaries.py): the chunk module still computes p (the
+boundary policy `FixedStride(R)` (cmoe_vlm/model/boundaries.py): the chunk module still computes p (the
 projections cost what they cost), and the boundaries are "token n is a boundary iff
 ⌊n/R⌋ > ⌊(n−1)/R⌋" (n = position; token 0 always), so exactly ⌈N/R⌉ of N tokens are
 boundaries and decode meets a boundary on every R-th step on average. Output says so.
@@ -58,11 +58,11 @@ import torch
 
 from cmoe_base import Batch
 from cmoe_vlm import flops
-from cmoe_vlm.boundaries import FixedStride
-from cmoe_vlm.chunking import ChunkConfig
-from cmoe_vlm.layers.moe import MoEConfig
-from cmoe_vlm.model import ConceptMoE, DecodingState, ModelConfig
-from cmoe_vlm.session import InferenceSession
+from cmoe_vlm.model.boundaries import FixedStride
+from cmoe_vlm.model.chunk import ChunkConfig
+from cmoe_vlm.model.layers.moe import MoEConfig
+from cmoe_vlm.model.conceptmoe import ConceptMoE, DecodingState, ModelConfig
+from cmoe_vlm.inference.session import InferenceSession
 
 RATIOS = (1.5, 2.0, 4.0)
 TARGETS = {"prefill_16k_r2": 1.8, "decode_16k_r2": 1.5, "fraction_of_prediction_16k_up": 0.85}

@@ -50,7 +50,7 @@ sys.path.insert(0, str(REPO))
 
 from cmoe_base import Batch, DocumentLayout  # noqa: E402
 from cmoe_vlm.flops.cli import strip_reallocation  # noqa: E402
-from cmoe_vlm.model import ConceptMoE, ModelConfig  # noqa: E402
+from cmoe_vlm.model.conceptmoe import ConceptMoE, ModelConfig  # noqa: E402
 from cmoe_vlm.training import compute, mfu  # noqa: E402
 from cmoe_vlm.training.config import TrainConfig, load_experiment  # noqa: E402
 from cmoe_vlm.training.optim import build_optimizer  # noqa: E402
@@ -227,7 +227,7 @@ def section_long(quick: bool) -> list[dict]:
 
 def precision_run(dtype: str, steps: int, rows: int, seq_len: int, data_dir: str) -> dict:
     """The tiny VLM on built-in data (as tests/training/test_golden_loss.py, with autocast): losses, tokens/s."""
-    from cmoe_vlm.vlm import ConceptMoEVLM
+    from cmoe_vlm.model.vlm import ConceptMoEVLM
     from data_pipelines.loader import StreamingLoader
     from vision import build_image_transform
 

@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cmoe_vlm import flops  # noqa: E402
 from cmoe_vlm.config import to_overrides  # noqa: E402
-from cmoe_vlm.eval.cli import main as eval_main  # noqa: E402
+from cmoe_vlm.cli.eval import main as eval_main  # noqa: E402
 from cmoe_vlm.training.config import load_experiment  # noqa: E402
 from cmoe_vlm.training.loop import train  # noqa: E402
 from data_pipelines.builtin import write_builtin_dataset  # noqa: E402

@@ -6,9 +6,9 @@
 
 1. trains a baseline MoE (chunking off) on the built-in data; or, with `--baseline hf-mixtral`,
    pre-trains transformers' own `MixtralForCausalLM` (its code, byte-level ids) on the same text,
-   saves it as a transformers folder (OUT/hf_mixtral) and imports that with `cmoe_vlm.hf_import`
+   saves it as a transformers folder (OUT/hf_mixtral) and imports that with `cmoe_vlm.cli.hf_import`
    (docs/design.md §16): every later run builds the import's model (its train_overrides.txt);
-2. converts its final export with `cmoe_vlm.convert` for each strategy (default: more experts and
+2. converts its final export with `cmoe_vlm.cli.convert` for each strategy (default: more experts and
    looped concept layers), activated FLOPs matched at the target R;
 3. continues training the baseline and every converted model for the same number of steps on the
    same data (same packed rows per step, so the same token budget), the converted ones with the
@@ -29,9 +29,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cmoe_vlm.conversion import convert, overrides_for  # noqa: E402
-from cmoe_vlm.hf_import import main as hf_import_main  # noqa: E402
-from cmoe_vlm.export import load_pretrained, save_pretrained  # noqa: E402
+from cmoe_vlm.checkpoints.conversion import convert, overrides_for  # noqa: E402
+from cmoe_vlm.cli.hf_import import main as hf_import_main  # noqa: E402
+from cmoe_vlm.checkpoints.export import load_pretrained, save_pretrained  # noqa: E402
 from cmoe_vlm.training.config import load_experiment  # noqa: E402
 from cmoe_vlm.training.loop import train  # noqa: E402
 from data_pipelines.builtin import write_builtin_dataset  # noqa: E402
@@ -173,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.reuse_baseline and (base_export / "config.json").exists():
         print(f"== baseline pre-training: reusing {base_export}")
     elif args.baseline == "hf-mixtral":
-        print(f"== transformers MixtralForCausalLM pre-training: {base_steps} steps, then cmoe_vlm.hf_import")
+        print(f"== transformers MixtralForCausalLM pre-training: {base_steps} steps, then cmoe_vlm.cli.hf_import")
         t0 = time.perf_counter()
         if args.data != "pydoc":
             raise SystemExit("--baseline hf-mixtral pre-trains on text: use it with --data pydoc")

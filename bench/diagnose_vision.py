@@ -29,9 +29,9 @@ from easyvqa_data import QUESTION_TYPES, write_easyvqa  # noqa: E402
 
 def run_variant(name: str, overrides: list[str], args: argparse.Namespace, paths: dict) -> dict:
     from cmoe_vlm.eval.tasks import load_suite, run_multiple_choice
-    from cmoe_vlm.runner import ModelRunner
+    from cmoe_vlm.inference.runner import ModelRunner
     from cmoe_vlm.training.config import load_experiment
-    from cmoe_vlm.vlm import ConceptMoEVLM
+    from cmoe_vlm.model.vlm import ConceptMoEVLM
     from data_pipelines.tokenizer import load_tokenizer
 
     exp = load_experiment(args.config, [f"data.shards={paths['train']}", f"train.steps={args.steps}",

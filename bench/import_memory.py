@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Peak memory of `python -m cmoe_vlm.hf_import` against the checkpoint's size (docs/design.md §16).
+"""Peak memory of `python -m cmoe_vlm.cli.hf_import` against the checkpoint's size (docs/design.md §16).
 
     python bench/import_memory.py [--hidden 512 --layers 8 --experts 8 --expert-hidden 1536] [--out DIR]
 
@@ -42,7 +42,7 @@ def import_peak(src: Path, dst: Path) -> tuple[int, float]:
     """(peak RSS bytes, seconds) of the import run in a fresh process (its own rusage, from wait4)."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     t0 = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "cmoe_vlm.hf_import", str(src), "--out", str(dst)], env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "cmoe_vlm.cli.hf_import", str(src), "--out", str(dst)], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     _, status, usage = os.wait4(proc.pid, 0)
     seconds = time.perf_counter() - t0

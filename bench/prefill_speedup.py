@@ -25,8 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from cmoe_base import Batch  # noqa: E402
-from cmoe_vlm.export import load_pretrained  # noqa: E402
-from cmoe_vlm.session import InferenceSession  # noqa: E402
+from cmoe_vlm.checkpoints.export import load_pretrained  # noqa: E402
+from cmoe_vlm.inference.session import InferenceSession  # noqa: E402
 from data_pipelines.builtin import HELDOUT_SEED_OFFSET, builtin_samples  # noqa: E402
 from data_pipelines.tokenizer import load_tokenizer  # noqa: E402
 

@@ -42,10 +42,10 @@ import torch
 
 from cmoe_base import Batch
 from cmoe_vlm.eval import long_context as lc
-from cmoe_vlm.export import save_pretrained
-from cmoe_vlm.runner import ModelRunner
+from cmoe_vlm.checkpoints.export import save_pretrained
+from cmoe_vlm.inference.runner import ModelRunner
 from cmoe_vlm.training.config import load_experiment
-from cmoe_vlm.vlm import ConceptMoEVLM
+from cmoe_vlm.model.vlm import ConceptMoEVLM
 from data_pipelines.tokenizer import ByteTokenizer
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -40,8 +40,8 @@ import torch.nn.functional as F  # noqa: E402
 
 from cmoe_base import Batch, DocumentLayout  # noqa: E402
 from cmoe_vlm.flops.cli import load_model_config, strip_reallocation  # noqa: E402
-from cmoe_vlm.layers.document_attention import AttentionLayout  # noqa: E402
-from cmoe_vlm.model import ConceptMoE, ModelConfig  # noqa: E402
+from cmoe_vlm.model.layers.document_attention import AttentionLayout  # noqa: E402
+from cmoe_vlm.model.conceptmoe import ConceptMoE, ModelConfig  # noqa: E402
 from cmoe_vlm.training import compute, mfu  # noqa: E402
 from cmoe_vlm.training.optim import build_optimizer  # noqa: E402
 
@@ -197,7 +197,7 @@ def train_run(name, cfg, chunking, compiled, rows, T, steps, bf16, device, peak,
 
 
 def part_generate(device: torch.device, args) -> dict:
-    from cmoe_vlm.generation import generate
+    from cmoe_vlm.inference.generation import generate
 
     cfg = load_model_config(REPO / "configs" / ("tiny.yaml" if args.quick else "small.yaml"))
     torch.manual_seed(0)

@@ -17,18 +17,23 @@ ALLOWED = {"cmoe_base": set(), "data_pipelines": {"cmoe_base"}, "vision": {"cmoe
 # The modules of cmoe_vlm from the bottom up: each may import only modules listed before it.
 # A package's __init__ comes after its modules, its __main__ after its __init__.
 CMOE_VLM_LAYERS = """
-    config tensor_files
-    layers.norm layers.rope layers.moe layers.document_attention layers.attention layers.joint_decoding layers.block layers
-    chunking boundaries merge dechunk model_config concept_model model vlm
+    config
+    model.layers.norm model.layers.rope model.layers.moe model.layers.document_attention model.layers.attention
+    model.layers.joint_decoding model.layers.block model.layers
+    model.chunk model.boundaries model.merge model.dechunk model.config model.concept_model model.conceptmoe model.vlm
+    model
     flops.accounting flops.reallocation flops.cli flops flops.__main__
-    hf_folder hf_processing export session generation runner conversion convert hf_families hf_importer hf_import
-    hf_exporter hf_export hf_generation hf
+    checkpoints.tensor_files checkpoints.remote_code checkpoints.export checkpoints.families checkpoints.from_transformers
+    checkpoints.to_transformers checkpoints.conversion checkpoints
+    inference.session inference.generation inference.runner inference
+    hf.processing hf.generation hf.modeling hf
     inspection.samples inspection.image_content inspection.analysis inspection.render inspection.plots inspection.report inspection
-    inspection.__main__
     eval.vqa_metric eval.tasks eval.long_context eval.builtin_suite eval.adaptivity eval.harness_tasks eval.harness eval.lmms_adapter
-    eval.cli eval eval.__main__
+    eval
     training.config training.optim training.engine training.mfu training.compute training.metrics training.checkpoint
-    training.resume training.expert_parallel training.init training.loop training train
+    training.resume training.expert_parallel training.initial_weights training.loop training
+    cli.train cli.convert cli.hf_import cli.hf_export cli.eval cli.inspect cli
+    eval.__main__ inspection.__main__
     __init__
 """.split()
 

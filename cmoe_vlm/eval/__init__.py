@@ -15,6 +15,6 @@ __all__ = ["ModelRunner", "Scored"]
 
 def __getattr__(name: str) -> Any:
     if name in __all__:
-        from .. import runner
+        from ..inference import runner
         return getattr(runner, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,7 +1,7 @@
 """Does the chunker follow image content? Boundaries on held-out built-in images with object masks.
 
     from cmoe_vlm.eval.adaptivity import measure_adaptivity
-    report = measure_adaptivity(runner, num_images=64)     # runner: cmoe_vlm.runner.ModelRunner
+    report = measure_adaptivity(runner, num_images=64)     # runner: cmoe_vlm.inference.runner.ModelRunner
 
 The built-in images are drawn with known object masks (`data_pipelines.builtin.Drawing.labels`).
 Each image token covers one cell of the image; its *content* is the set of object appearances

@@ -51,7 +51,7 @@ from typing import TYPE_CHECKING, Any
 from tqdm import tqdm
 
 if TYPE_CHECKING:
-    from ..runner import ModelRunner, Pieces, Scored
+    from ..inference.runner import ModelRunner, Pieces, Scored
 
 try:  # lm-eval is an optional dependency (the `eval` extra)
     from lm_eval.api.model import LM as _LMBase
@@ -74,7 +74,7 @@ def load_runner(pretrained: str | Path | ModelRunner, device: str | None = "cpu"
                 batch_size: int | str | None = None, max_batch_size: int | str | None = None) -> ModelRunner:
     """A `ModelRunner` from harness model_args (see the module docstring). A runner passed in is
     used as it is, or as a copy with the given batch size (sharing its model)."""
-    from ..runner import ModelRunner  # the one import of the runner: torch loads here, not at plugin discovery
+    from ..inference.runner import ModelRunner  # the one import of the runner: torch loads here, not at plugin discovery
 
     if isinstance(pretrained, ModelRunner):
         if batch_size is None and max_batch_size is None:

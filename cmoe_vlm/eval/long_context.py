@@ -37,7 +37,7 @@ from cmoe_base import Modality
 from data_pipelines.builtin import FILLER, WORDS
 from data_pipelines.sequence import TokenSequence
 
-from ..runner import ModelRunner
+from ..inference.runner import ModelRunner
 
 PROBES = ("passkey", "needle")
 DEFAULT_DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)

@@ -52,7 +52,7 @@ from PIL import Image
 
 from data_pipelines.shards import qa_prompt, to_rgb
 
-from ..runner import ModelRunner, bits_per_byte
+from ..inference.runner import ModelRunner, bits_per_byte
 from .vqa_metric import vqa_accuracy
 
 TASK_TYPES = ("multiple_choice", "vqa", "caption", "perplexity")

@@ -22,8 +22,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from ..layers.moe import MoEConfig
-from ..model_config import ModelConfig
+from ..model.config import ModelConfig
+from ..model.layers.moe import MoEConfig
 
 
 # ---------------------------------------------------------------------------------------------

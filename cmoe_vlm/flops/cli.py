@@ -16,13 +16,13 @@ from cmoe_base import ConfigError
 from ..config import from_dict, load_yaml
 
 if TYPE_CHECKING:
-    from ..model_config import ModelConfig
+    from ..model.config import ModelConfig
     from .reallocation import Proposal
 
 
 def model_config_from_data(data: dict) -> ModelConfig:
     """A ModelConfig from YAML data: a top-level `model:` section, or a bare ModelConfig mapping."""
-    from ..model_config import ModelConfig
+    from ..model.config import ModelConfig
     if "model" in data:
         if not isinstance(data["model"], dict):
             raise ConfigError(f"model = {data['model']!r}: must be a mapping of ModelConfig fields")

@@ -14,7 +14,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
-from ..model_config import ModelConfig
+from ..model.config import ModelConfig
 from .accounting import Cost, account, expert_flops, fixed_layer_flops, flops_breakdown, flops_per_token, total_params
 
 STRATEGIES = ("baseline", "efficiency", "more_experts", "looped", "wider")

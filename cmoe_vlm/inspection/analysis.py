@@ -12,7 +12,7 @@ import torch
 from cmoe_base import Modality
 from data_pipelines.packing import split_point
 
-from ..runner import ModelRunner
+from ..inference.runner import ModelRunner
 from .image_content import REPEAT_TOLERANCE, cell_difference, change_repeat_rates, model_pixels
 
 P_BINS = np.linspace(0.0, 1.0, 21)
@@ -166,7 +166,7 @@ def summarise(samples: list[SampleChunks], grid: tuple[int, int],
     for s in samples:
         for start, end, closed in s.chunks():
             # a concept's content is the tokens of its span in its boundary token's modality; the other
-            # modality's tail just before a switch joins no concept (cmoe_vlm.merge.SumMerge)
+            # modality's tail just before a switch joins no concept (cmoe_vlm.model.merge.SumMerge)
             if closed:
                 mixed += int((s.modality[start:end] != s.modality[end - 1]).sum())
             open_tail += not closed

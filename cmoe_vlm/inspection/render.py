@@ -6,7 +6,7 @@ from typing import Any
 
 from cmoe_base import Modality
 
-from ..runner import ModelRunner
+from ..inference.runner import ModelRunner
 from .analysis import SampleChunks
 
 ANSI_BG = ("\033[48;5;153m", "\033[48;5;223m", "\033[48;5;194m", "\033[48;5;225m")  # cycled per chunk

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ..runner import ModelRunner
+from ..inference.runner import ModelRunner
 from .analysis import analyse, images_to_show, summarise
 from .image_content import REPEAT_TOLERANCE
 from .plots import image_chunk_map, summary_plots

@@ -230,9 +230,9 @@ def deepspeed_weights(path: Path) -> dict[str, torch.Tensor]:
 
 def export_checkpoint(path: str | Path, out_dir: str | Path) -> Path:
     """Write checkpoint `path`'s weights and model config as an export folder (see `save_pretrained`)."""
+    from ..checkpoints.export import save_pretrained
     from ..config import from_dict
-    from ..export import save_pretrained
-    from ..vlm import ConceptMoEVLM, VLMConfig
+    from ..model.vlm import ConceptMoEVLM, VLMConfig
 
     path = Path(path)
     exp = Checkpointer.experiment(path)["config"]

@@ -26,8 +26,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from ..layers.block import Block
-from ..model import ConceptMoE
+from ..model.conceptmoe import ConceptMoE
+from ..model.layers.block import Block
 
 if TYPE_CHECKING:  # not at run time: the GPU check imports this without the data pipeline (webdataset)
     from .config import TrainConfig

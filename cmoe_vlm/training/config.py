@@ -14,8 +14,8 @@ from vision import ProjectorConfig, VisionConfig, input_size
 from vision.hf_tower import tower_config
 
 from ..config import ConfigError, apply_overrides, check, from_dict, load_yaml
-from ..model import ModelConfig
-from ..vlm import VLMConfig
+from ..model.conceptmoe import ModelConfig
+from ..model.vlm import VLMConfig
 
 
 @dataclass

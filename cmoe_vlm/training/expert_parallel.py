@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..layers.moe import MoE, MoEStats, SwiGLU, shared_expert
+from ..model.layers.moe import MoE, MoEStats, SwiGLU, shared_expert
 
 
 def expert_parallel_rank(ep_size: int) -> int:

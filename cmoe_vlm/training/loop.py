@@ -19,17 +19,17 @@ from cmoe_base import IGNORE_INDEX, Batch
 from data_pipelines.loader import StreamingLoader
 from vision import build_image_transform
 
-from ..boundaries import BoundaryPolicy, ConversionRamp
-from ..chunking import CollapseMonitor, ModalityStats
+from ..checkpoints.export import save_pretrained
 from ..config import to_dict
-from ..export import save_pretrained
-from ..vlm import ConceptMoEVLM
+from ..model.boundaries import BoundaryPolicy, ConversionRamp
+from ..model.chunk import CollapseMonitor, ModalityStats
+from ..model.vlm import ConceptMoEVLM
 from . import compute, mfu, resume
 from .checkpoint import Checkpointer
 from .config import ExperimentConfig, check_experiment, training_data
 from .engine import build_engine, collective_device, setup_distributed, use_bf16
 from .expert_parallel import plain_state_dict, swap_in_deepspeed_moe
-from .init import fit_vocab, load_initial_weights
+from .initial_weights import fit_vocab, load_initial_weights
 from .metrics import MetricsLogger, WandbRun, compression_histograms, flatten
 from .optim import apply_hyperparameters
 

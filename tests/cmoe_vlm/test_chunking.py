@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from cmoe_base import DocumentLayout
-from cmoe_vlm.chunking import (Boundaries, ChunkConfig, ChunkModule, ChunkingCollapseWarning, CollapseMonitor,
+from cmoe_vlm.model.chunk import (Boundaries, ChunkConfig, ChunkModule, ChunkingCollapseWarning, CollapseMonitor,
                                ModalityStats, ratio_loss, sharpen)
-from cmoe_vlm.merge import MERGE_RULES
+from cmoe_vlm.model.merge import MERGE_RULES
 
 
 @pytest.mark.parametrize("R", [1.5, 2.0, 4.0])

@@ -8,9 +8,9 @@ import torch
 from pydoc_data.topics import topics
 
 from cmoe_base import Batch
-from cmoe_vlm.chunking import ChunkConfig
-from cmoe_vlm.layers.moe import MoEConfig
-from cmoe_vlm.model import ConceptMoE, ModelConfig
+from cmoe_vlm.model.chunk import ChunkConfig
+from cmoe_vlm.model.layers.moe import MoEConfig
+from cmoe_vlm.model.conceptmoe import ConceptMoE, ModelConfig
 
 STEPS, WINDOW, TARGET = 200, 20, 4.0
 

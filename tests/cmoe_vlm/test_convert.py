@@ -7,15 +7,15 @@ import torch
 
 from cmoe_base import Batch
 from cmoe_vlm import flops
-from cmoe_vlm.boundaries import AllTokens, ConversionRamp
-from cmoe_vlm.chunking import ChunkConfig
-from cmoe_vlm.conversion import convert, layer_map, overrides_for
-from cmoe_vlm.convert import main
+from cmoe_vlm.model.boundaries import AllTokens, ConversionRamp
+from cmoe_vlm.model.chunk import ChunkConfig
+from cmoe_vlm.checkpoints.conversion import convert, layer_map, overrides_for
+from cmoe_vlm.cli.convert import main
 from cmoe_vlm.config import apply_overrides, from_dict
-from cmoe_vlm.export import load_pretrained, save_pretrained
-from cmoe_vlm.layers.moe import MoEConfig
-from cmoe_vlm.model import ModelConfig
-from cmoe_vlm.vlm import ConceptMoEVLM, VLMConfig
+from cmoe_vlm.checkpoints.export import load_pretrained, save_pretrained
+from cmoe_vlm.model.layers.moe import MoEConfig
+from cmoe_vlm.model.conceptmoe import ModelConfig
+from cmoe_vlm.model.vlm import ConceptMoEVLM, VLMConfig
 
 
 def tiny_baseline(layers=(1, 2, 2)) -> ConceptMoEVLM:

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from cmoe_vlm.dechunk import DechunkModule, ema_scan, plug_back, straight_through_one
+from cmoe_vlm.model.dechunk import DechunkModule, ema_scan, plug_back, straight_through_one
 
 
 def ema_loop(c_hat, p, reset, eps=1e-4):

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from cmoe_base import Batch
-from cmoe_vlm.vlm import ConceptMoEVLM
+from cmoe_vlm.model.vlm import ConceptMoEVLM
 
 from .test_vlm import batch_of, image, vlm_config
 

@@ -7,9 +7,9 @@ import torch
 import torch.nn.functional as F
 
 from cmoe_base import Batch, DocumentLayout
-from cmoe_vlm.layers import document_attention
-from cmoe_vlm.layers.document_attention import AttentionLayout, SegmentBuckets, bucket_length
-from cmoe_vlm.model import ConceptMoE
+from cmoe_vlm.model.layers import document_attention
+from cmoe_vlm.model.layers.document_attention import AttentionLayout, SegmentBuckets, bucket_length
+from cmoe_vlm.model.conceptmoe import ConceptMoE
 
 from .test_model import VARIANTS, packed_docs
 

@@ -5,12 +5,12 @@ import shutil
 
 import torch
 
-from cmoe_vlm.chunking import ChunkConfig
-from cmoe_vlm.convert import main as convert_main
-from cmoe_vlm.export import load_pretrained, save_pretrained
-from cmoe_vlm.layers.moe import MoEConfig
-from cmoe_vlm.model import ModelConfig
-from cmoe_vlm.vlm import ConceptMoEVLM, VLMConfig
+from cmoe_vlm.model.chunk import ChunkConfig
+from cmoe_vlm.cli.convert import main as convert_main
+from cmoe_vlm.checkpoints.export import load_pretrained, save_pretrained
+from cmoe_vlm.model.layers.moe import MoEConfig
+from cmoe_vlm.model.conceptmoe import ModelConfig
+from cmoe_vlm.model.vlm import ConceptMoEVLM, VLMConfig
 from data_pipelines.tokenizer import ByteTokenizer, load_tokenizer
 
 TEXT = "Héllo, wörld: <s> and </s> are text here\n\tdef f(x): return x ** 2  # ✓"

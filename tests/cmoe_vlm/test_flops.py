@@ -15,10 +15,10 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from cmoe_base import Batch
 from cmoe_vlm import flops
-from cmoe_vlm.chunking import ChunkConfig
+from cmoe_vlm.model.chunk import ChunkConfig
 from cmoe_vlm.config import ConfigError
-from cmoe_vlm.layers.moe import MoEConfig
-from cmoe_vlm.model import ConceptMoE, ModelConfig
+from cmoe_vlm.model.layers.moe import MoEConfig
+from cmoe_vlm.model.conceptmoe import ConceptMoE, ModelConfig
 
 REPO = Path(__file__).resolve().parents[2]
 

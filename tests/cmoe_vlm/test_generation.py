@@ -10,12 +10,12 @@ import pytest
 import torch
 
 from cmoe_base import Batch
-from cmoe_vlm.chunking import ChunkConfig
-from cmoe_vlm.generation import generate, generate_text, generate_with_state, prompt_batch, sample_next
-from cmoe_vlm.layers.moe import MoEConfig
-from cmoe_vlm.model import ConceptMoE, ModelConfig
-from cmoe_vlm.session import InferenceSession
-from cmoe_vlm.vlm import ConceptMoEVLM, VLMConfig
+from cmoe_vlm.model.chunk import ChunkConfig
+from cmoe_vlm.inference.generation import generate, generate_text, generate_with_state, prompt_batch, sample_next
+from cmoe_vlm.model.layers.moe import MoEConfig
+from cmoe_vlm.model.conceptmoe import ConceptMoE, ModelConfig
+from cmoe_vlm.inference.session import InferenceSession
+from cmoe_vlm.model.vlm import ConceptMoEVLM, VLMConfig
 from data_pipelines.sequence import build_sequence
 from data_pipelines.tokenizer import ByteTokenizer
 from vision import ProjectorConfig, VisionConfig
@@ -301,7 +301,7 @@ def test_latency_bench_splits_decode_into_fixed_and_context_parts():
 def test_prefill_speedup_script_on_exports(tmp_path):
     """bench/prefill_speedup.py on two exports: the reference's speedup is 1, a baseline's ratio is
     1, and a chunked model reports the ratio its own boundaries give on that text."""
-    from cmoe_vlm.export import save_pretrained
+    from cmoe_vlm.checkpoints.export import save_pretrained
     from cmoe_vlm.training.config import load_experiment
 
     small = ["model.dim=32", "model.moe.expert_hidden=32", "vision.depth=1"]

@@ -10,20 +10,20 @@ import pytest
 import torch
 from PIL import Image
 
-from cmoe_vlm.chunking import ChunkConfig
-from cmoe_vlm.export import save_pretrained
-from cmoe_vlm.generation import generate
-from cmoe_vlm.layers.moe import MoEConfig
-from cmoe_vlm.model import ModelConfig
-from cmoe_vlm.runner import ModelRunner
-from cmoe_vlm.vlm import ConceptMoEVLM, VLMConfig
+from cmoe_vlm.model.chunk import ChunkConfig
+from cmoe_vlm.checkpoints.export import save_pretrained
+from cmoe_vlm.inference.generation import generate
+from cmoe_vlm.model.layers.moe import MoEConfig
+from cmoe_vlm.model.conceptmoe import ModelConfig
+from cmoe_vlm.inference.runner import ModelRunner
+from cmoe_vlm.model.vlm import ConceptMoEVLM, VLMConfig
 from data_pipelines.sequence import build_sequence
 from data_pipelines.tokenizer import ByteTokenizer, HFTokenizer
 from vision import ProjectorConfig, VisionConfig
 
 transformers = pytest.importorskip("transformers")
 import cmoe_vlm.hf  # noqa: E402,F401  registers the Auto classes
-from cmoe_vlm.hf_generation import ConceptCache  # noqa: E402
+from cmoe_vlm.hf.generation import ConceptCache  # noqa: E402
 
 TOK = ByteTokenizer()
 
@@ -228,7 +228,7 @@ def test_trust_remote_code_loads_an_export_without_cmoe_vlm(bpe_export, tmp_path
 def test_a_tokenizer_larger_than_the_model_is_a_config_error_naming_both(bpe_tokenizer_folder, tmp_path, capsys):
     """Was: IndexError inside the embedding, after loading and building everything."""
     from cmoe_base import ConfigError
-    from cmoe_vlm.eval.cli import main as eval_main
+    from cmoe_vlm.cli.eval import main as eval_main
 
     folder = save_pretrained(tiny_vlm(), tmp_path / "m", tokenizer=str(bpe_tokenizer_folder))  # 262 < 294
     with pytest.raises(ConfigError, match="the tokenizer has 294 ids but the model's vocab_size is 262"):

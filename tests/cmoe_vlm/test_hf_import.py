@@ -11,13 +11,13 @@ import pytest
 import torch
 
 from cmoe_base import Batch, ConfigError
-from cmoe_vlm.boundaries import AllTokens
-from cmoe_vlm.convert import main as convert_main
-from cmoe_vlm.export import load_pretrained
-from cmoe_vlm.generation import generate
-from cmoe_vlm.hf_export import main as export_main
-from cmoe_vlm.hf_import import main as import_main
-from cmoe_vlm.tensor_files import TensorFileError, TensorSource
+from cmoe_vlm.model.boundaries import AllTokens
+from cmoe_vlm.cli.convert import main as convert_main
+from cmoe_vlm.checkpoints.export import load_pretrained
+from cmoe_vlm.inference.generation import generate
+from cmoe_vlm.cli.hf_export import main as export_main
+from cmoe_vlm.cli.hf_import import main as import_main
+from cmoe_vlm.checkpoints.tensor_files import TensorFileError, TensorSource
 
 VOCAB = 416  # the tokenizer has 400 tokens: the embedding is padded, as real checkpoints often are
 COMMON = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
@@ -119,7 +119,7 @@ def test_import_gives_the_source_logits_tokens_and_tokenizer(imported, family):
 
 @pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "qwen3_moe"])
 def test_converted_import_reproduces_the_source_at_r1(imported, family, tmp_path):
-    """cmoe_vlm.convert takes an import; with every token a boundary the ConceptMoE gives the source's
+    """cmoe_vlm.cli.convert takes an import; with every token a boundary the ConceptMoE gives the source's
     logits, and the converted folder keeps the tokenizer, the ids and the LM-only marker."""
     source, _, dst = imported[family]
     assert convert_main(["--baseline", str(dst), "--out", str(tmp_path / "conv"), "--encoder-layers", "1",
@@ -154,11 +154,11 @@ def test_a_baseline_trained_here_exports_to_a_family(tmp_path):
     transformers with our logits; a shape the family cannot state is refused naming the field."""
     from transformers import Qwen2MoeForCausalLM
 
-    from cmoe_vlm.chunking import ChunkConfig
-    from cmoe_vlm.export import save_pretrained
-    from cmoe_vlm.layers.moe import MoEConfig
-    from cmoe_vlm.model import ModelConfig
-    from cmoe_vlm.vlm import ConceptMoEVLM, VLMConfig
+    from cmoe_vlm.model.chunk import ChunkConfig
+    from cmoe_vlm.checkpoints.export import save_pretrained
+    from cmoe_vlm.model.layers.moe import MoEConfig
+    from cmoe_vlm.model.conceptmoe import ModelConfig
+    from cmoe_vlm.model.vlm import ConceptMoEVLM, VLMConfig
 
     torch.manual_seed(0)
     cfg = ModelConfig(dim=32, num_heads=4, num_kv_heads=2, encoder_layers=1, concept_layers=1, decoder_layers=1,
@@ -247,9 +247,9 @@ def test_a_vlm_from_an_imported_lm_and_a_vision_tower(bpe_tokenizer, tmp_path):
     from transformers import AutoTokenizer, SiglipImageProcessor, SiglipVisionConfig, SiglipVisionModel
 
     from cmoe_vlm.training.config import check_experiment, load_experiment
-    from cmoe_vlm.training.init import fit_vocab, load_initial_weights
+    from cmoe_vlm.training.initial_weights import fit_vocab, load_initial_weights
     from cmoe_vlm.training.loop import train
-    from cmoe_vlm.vlm import ConceptMoEVLM
+    from cmoe_vlm.model.vlm import ConceptMoEVLM
     from data_pipelines.builtin import write_builtin_dataset
 
     source = build_source("mixtral", tmp_path / "src", bpe_tokenizer, vocab_size=400)
@@ -296,7 +296,7 @@ def test_a_vlm_from_an_imported_lm_and_a_vision_tower(bpe_tokenizer, tmp_path):
 
 
 def test_the_papers_recipe_is_the_default_conversion(bpe_tokenizer, tmp_path, capsys):
-    """`python -m cmoe_vlm.convert --baseline IMPORT --out DIR` alone: 4 encoder + 4 decoder layers, joint
+    """`python -m cmoe_vlm.cli.convert --baseline IMPORT --out DIR` alone: 4 encoder + 4 decoder layers, joint
     decoding in the last 4, more active experts in the concept model, the FLOPs table printed, and the
     command to continue with (tokenizer included)."""
     build_source("mixtral", tmp_path / "src", bpe_tokenizer, num_hidden_layers=10)

@@ -1,4 +1,4 @@
-"""The ImageStride boundary policy (cmoe_vlm/boundaries.py): fixed-stride chunking of images with
+"""The ImageStride boundary policy (cmoe_vlm/model/boundaries.py): fixed-stride chunking of images with
 the learned chunker's boundaries on text, as the model and a ModelRunner use it."""
 from pathlib import Path
 
@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from cmoe_base import Modality
-from cmoe_vlm.boundaries import ImageStride
-from cmoe_vlm.chunking import Boundaries
+from cmoe_vlm.model.boundaries import ImageStride
+from cmoe_vlm.model.chunk import Boundaries
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -43,9 +43,9 @@ def test_image_stride_counts_from_each_image_start_and_leaves_text_alone():
 def test_a_runner_scores_with_its_policy():
     """A ModelRunner given ImageStride(4) uses it in every scoring forward: 4 concepts per image of
     16 tokens, text chunked as without the policy."""
-    from cmoe_vlm.runner import ModelRunner
+    from cmoe_vlm.inference.runner import ModelRunner
     from cmoe_vlm.training.config import load_experiment
-    from cmoe_vlm.vlm import ConceptMoEVLM
+    from cmoe_vlm.model.vlm import ConceptMoEVLM
     from data_pipelines.tokenizer import ByteTokenizer
 
     exp = load_experiment(ROOT / "configs/tiny.yaml", ["model.dim=32", "model.moe.expert_hidden=32", "vision.depth=1"])

@@ -10,13 +10,13 @@ import torch
 from PIL import Image
 
 from cmoe_base import Batch
-from cmoe_vlm.export import save_pretrained
+from cmoe_vlm.checkpoints.export import save_pretrained
 from cmoe_vlm.inspection import analysis, image_content, plots, render
-from cmoe_vlm.inspection.__main__ import main as inspection_main
+from cmoe_vlm.cli.inspect import main as inspection_main
 from cmoe_vlm.inspection.samples import load_samples
-from cmoe_vlm.runner import ModelRunner
+from cmoe_vlm.inference.runner import ModelRunner
 from cmoe_vlm.training.config import load_experiment
-from cmoe_vlm.vlm import ConceptMoEVLM
+from cmoe_vlm.model.vlm import ConceptMoEVLM
 from data_pipelines.builtin import draw_scene
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -3,8 +3,8 @@ gives the same keys, values and attention as the per-row path."""
 import torch
 
 from cmoe_base import DocumentLayout
-from cmoe_vlm.layers.attention import Attention, AttentionConfig, AttentionLayout, KVCache
-from cmoe_vlm.layers.rope import rope_angles
+from cmoe_vlm.model.layers.attention import Attention, AttentionConfig, AttentionLayout, KVCache
+from cmoe_vlm.model.layers.rope import rope_angles
 
 
 def kv(B: int, S: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

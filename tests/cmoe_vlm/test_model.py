@@ -2,10 +2,10 @@ import pytest
 import torch
 
 from cmoe_base import Batch, DocumentLayout, Modality
-from cmoe_vlm.chunking import ChunkConfig
-from cmoe_vlm.layers.moe import MoEConfig
-from cmoe_vlm.layers.rope import RopeScaling
-from cmoe_vlm.model import ConceptMoE, ModelConfig
+from cmoe_vlm.model.chunk import ChunkConfig
+from cmoe_vlm.model.layers.moe import MoEConfig
+from cmoe_vlm.model.layers.rope import RopeScaling
+from cmoe_vlm.model.conceptmoe import ConceptMoE, ModelConfig
 
 
 def tiny(enabled=True, **kw) -> ModelConfig:
@@ -151,7 +151,7 @@ def test_losses_and_backward():
 
 
 def test_ratio_integral_accumulates_the_rate_error_and_adds_mu_times_mean_p():
-    from cmoe_vlm.chunking import ratio_loss
+    from cmoe_vlm.model.chunk import ratio_loss
 
     torch.manual_seed(0)
     eta = 0.5

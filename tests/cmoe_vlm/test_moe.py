@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cmoe_vlm.layers.moe import MoE, MoEConfig
+from cmoe_vlm.model.layers.moe import MoE, MoEConfig
 
 
 def naive_moe(moe: MoE, x: torch.Tensor) -> torch.Tensor:

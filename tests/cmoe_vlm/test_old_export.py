@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from cmoe_base import Batch
-from cmoe_vlm.export import load_pretrained
+from cmoe_vlm.checkpoints.export import load_pretrained
 
 ASSET = Path(__file__).resolve().parents[1] / "assets" / "export_69f0ad8"
 FOLDER = ASSET / "model"

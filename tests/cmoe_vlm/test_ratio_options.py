@@ -1,13 +1,13 @@
 """The ratio-loss options beside the paper's pooled loss: a per-image statistic and a margin term on
-image p (cmoe_vlm/chunking.py), each against a slow reference, and how the model adds them."""
+image p (cmoe_vlm/model/chunk.py), each against a slow reference, and how the model adds them."""
 import pytest
 import torch
 
 from cmoe_base import Batch
-from cmoe_vlm.chunking import ChunkConfig, image_ids, margin_loss, per_group_ratio_loss, ratio_loss
+from cmoe_vlm.model.chunk import ChunkConfig, image_ids, margin_loss, per_group_ratio_loss, ratio_loss
 from cmoe_vlm.config import ConfigError
-from cmoe_vlm.layers.moe import MoEConfig
-from cmoe_vlm.model import ConceptMoE, ModelConfig
+from cmoe_vlm.model.layers.moe import MoEConfig
+from cmoe_vlm.model.conceptmoe import ConceptMoE, ModelConfig
 
 
 def test_image_ids_number_each_run_of_image_tokens():

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from cmoe_vlm.layers.rope import apply_rope, rope_angles
+from cmoe_vlm.model.layers.rope import apply_rope, rope_angles
 
 
 def rotate_reference(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
@@ -69,7 +69,7 @@ def test_scaled_frequencies_match_transformers(name):
     from transformers import MixtralConfig
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-    from cmoe_vlm.hf_families import rope_from_hf
+    from cmoe_vlm.checkpoints.families import rope_from_hf
 
     hf = MixtralConfig(hidden_size=128, num_attention_heads=4, head_dim=32, max_position_embeddings=1024,
                        rope_parameters={**SCALINGS[name], "rope_theta": 50000.0})

@@ -6,14 +6,14 @@ import pytest
 import torch
 
 from cmoe_base import DocumentLayout, Modality
-from cmoe_vlm.boundaries import AllTokens, ExternalMask, FixedStride, Learned
-from cmoe_vlm.chunking import Boundaries, ChunkConfig, ChunkModule
-from cmoe_vlm.concept_model import ConceptModel
-from cmoe_vlm.dechunk import DechunkModule
-from cmoe_vlm.layers.attention import AttentionLayout
-from cmoe_vlm.layers.moe import MoEConfig
-from cmoe_vlm.merge import MERGE_RULES, Concepts
-from cmoe_vlm.model import ModelConfig
+from cmoe_vlm.model.boundaries import AllTokens, ExternalMask, FixedStride, Learned
+from cmoe_vlm.model.chunk import Boundaries, ChunkConfig, ChunkModule
+from cmoe_vlm.model.concept_model import ConceptModel
+from cmoe_vlm.model.dechunk import DechunkModule
+from cmoe_vlm.model.layers.attention import AttentionLayout
+from cmoe_vlm.model.layers.moe import MoEConfig
+from cmoe_vlm.model.merge import MERGE_RULES, Concepts
+from cmoe_vlm.model.conceptmoe import ModelConfig
 
 B, T, D = 3, 21, 8
 SPANS = ((0, 6), (6, 7), (7, 15), (15, T))

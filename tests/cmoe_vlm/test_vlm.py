@@ -6,10 +6,10 @@ import torch
 import torch.nn.functional as F
 
 from cmoe_base import Batch
-from cmoe_vlm.chunking import ChunkConfig
-from cmoe_vlm.layers.moe import MoEConfig
-from cmoe_vlm.model import ModelConfig
-from cmoe_vlm.vlm import ConceptMoEVLM, VLMConfig, above_patch_index, image_run_index
+from cmoe_vlm.model.chunk import ChunkConfig
+from cmoe_vlm.model.layers.moe import MoEConfig
+from cmoe_vlm.model.conceptmoe import ModelConfig
+from cmoe_vlm.model.vlm import ConceptMoEVLM, VLMConfig, above_patch_index, image_run_index
 from data_pipelines.packing import Row, collate_rows
 from data_pipelines.sequence import build_sequence
 from data_pipelines.tokenizer import ByteTokenizer
@@ -139,7 +139,7 @@ def test_cached_prefill_with_image_then_text_decoding(model):
 def test_save_and_load_pretrained_roundtrip(model, tmp_path):
     import json
 
-    from cmoe_vlm.export import load_pretrained, save_pretrained
+    from cmoe_vlm.checkpoints.export import load_pretrained, save_pretrained
 
     batch = batch_of(DOCS, model.cfg)
     save_pretrained(model, tmp_path / "m")
@@ -157,7 +157,7 @@ def test_transformers_auto_classes_load_the_export(model, tmp_path):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     import cmoe_vlm.hf  # noqa: F401  registers the Auto classes
-    from cmoe_vlm.export import save_pretrained
+    from cmoe_vlm.checkpoints.export import save_pretrained
     from cmoe_vlm.hf import ConceptMoEForCausalLM
 
     save_pretrained(model, tmp_path / "m")
@@ -184,8 +184,8 @@ def test_transformers_auto_classes_load_the_export(model, tmp_path):
 
 def test_no_concept_mixes_text_and_image(model):
     """Spec §7: with sum merge, every concept's content is all text or all image."""
-    from cmoe_vlm.chunking import Boundaries
-    from cmoe_vlm.merge import SumMerge
+    from cmoe_vlm.model.chunk import Boundaries
+    from cmoe_vlm.model.merge import SumMerge
 
     batch = batch_of(DOCS, model.cfg)
     mod = batch.modality
@@ -209,8 +209,8 @@ def test_version_1_exports_load_with_their_old_weight_names():
     from transformers import AutoModelForCausalLM
 
     import cmoe_vlm.hf  # noqa: F401  registers the Auto classes
-    from cmoe_vlm.export import load_pretrained
-    from cmoe_vlm.model import LEGACY_KEYS
+    from cmoe_vlm.checkpoints.export import load_pretrained
+    from cmoe_vlm.model.conceptmoe import LEGACY_KEYS
 
     folder = Path(__file__).resolve().parents[1] / "assets" / "passkey_model"
     old = load_file(str(folder / "model.safetensors"))

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from cmoe_base import Batch
-from cmoe_vlm.chunking import ChunkConfig
-from cmoe_vlm.layers.moe import MoEConfig
-from cmoe_vlm.model import ConceptMoE, ModelConfig
+from cmoe_vlm.model.chunk import ChunkConfig
+from cmoe_vlm.model.layers.moe import MoEConfig
+from cmoe_vlm.model.conceptmoe import ConceptMoE, ModelConfig
 from cmoe_vlm.training import compute, mfu
 from cmoe_vlm.training.config import TrainConfig
 

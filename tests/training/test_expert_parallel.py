@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from cmoe_base import Batch
-from cmoe_vlm.layers.moe import MoE, MoEConfig
+from cmoe_vlm.model.layers.moe import MoE, MoEConfig
 from cmoe_vlm.training.engine import setup_distributed
 from cmoe_vlm.training.expert_parallel import DeepSpeedMoE, plain_state_dict, swap_in_deepspeed_moe
 
@@ -41,8 +41,8 @@ def test_deepspeed_moe_matches_our_moe(top_k, shared):
 
 def test_swap_keeps_the_model_state_in_plain_layout():
     setup_distributed()
-    from cmoe_vlm.chunking import ChunkConfig
-    from cmoe_vlm.model import ConceptMoE, ModelConfig
+    from cmoe_vlm.model.chunk import ChunkConfig
+    from cmoe_vlm.model.conceptmoe import ConceptMoE, ModelConfig
 
     torch.manual_seed(0)
     model = ConceptMoE(ModelConfig(vocab_size=64, dim=32, num_heads=4, encoder_layers=1, concept_layers=1,

@@ -15,11 +15,11 @@ from safetensors.torch import load_file
 
 from cmoe_base import Batch
 from cmoe_vlm.config import ConfigError
-from cmoe_vlm.export import NonFiniteWeightsError, load_pretrained, save_pretrained
+from cmoe_vlm.checkpoints.export import NonFiniteWeightsError, load_pretrained, save_pretrained
 from cmoe_vlm.training import loop
 from cmoe_vlm.training.checkpoint import CheckpointError, export_checkpoint, load_deepspeed_file
 from cmoe_vlm.training.config import load_experiment
-from cmoe_vlm.vlm import ConceptMoEVLM, VLMConfig
+from cmoe_vlm.model.vlm import ConceptMoEVLM, VLMConfig
 
 from .conftest import NaNGradient, overrides
 from .test_train import ROOT, checkpoints, read_metrics

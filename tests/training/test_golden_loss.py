@@ -34,7 +34,7 @@ def golden_losses(steps: int = STEPS, dtype: torch.dtype = torch.float32, thread
     given) receives the images, tokens and concepts the run went through."""
     from cmoe_vlm.training.config import load_experiment
     from cmoe_vlm.training.optim import build_optimizer
-    from cmoe_vlm.vlm import ConceptMoEVLM
+    from cmoe_vlm.model.vlm import ConceptMoEVLM
     from data_pipelines.builtin import write_builtin_dataset
     from data_pipelines.loader import StreamingLoader
     from vision import build_image_transform

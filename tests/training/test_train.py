@@ -126,7 +126,7 @@ def test_sigterm_to_the_process_group_then_kill_9_resume_on_the_same_trajectory(
 
 def test_nonfinite_steps_are_skipped_and_counted(builtin_data, tmp_path, monkeypatch):
     from cmoe_vlm.training import loop
-    from cmoe_vlm.vlm import ConceptMoEVLM
+    from cmoe_vlm.model.vlm import ConceptMoEVLM
 
     real_forward = ConceptMoEVLM.forward
     calls = {"n": 0}
@@ -161,7 +161,7 @@ def test_nonfinite_gradient_steps_are_skipped(builtin_data, tmp_path, monkeypatc
     """The loss is finite but the gradients are NaN: on ZeRO-0 our own norm check, on ZeRO-2
     DeepSpeed's partitioned-gradient norm; either way no update is applied and the step is counted."""
     from cmoe_vlm.training import loop
-    from cmoe_vlm.vlm import ConceptMoEVLM
+    from cmoe_vlm.model.vlm import ConceptMoEVLM
 
     real_forward = ConceptMoEVLM.forward
     calls = {"n": 0}
@@ -179,7 +179,7 @@ def test_nonfinite_gradient_steps_are_skipped(builtin_data, tmp_path, monkeypatc
                                     "train.heldout_shards=", f"train.zero_stage={zero_stage}"))
     summary = loop.train(exp)
     assert summary["step"] == 3 and summary["skipped_steps"] == 1
-    from cmoe_vlm.export import load_pretrained
+    from cmoe_vlm.checkpoints.export import load_pretrained
     model, _ = load_pretrained(tmp_path / "g" / "final")  # a NaN update would have poisoned the weights
     assert all(torch.isfinite(p).all() for p in model.parameters())
 

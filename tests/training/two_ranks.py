@@ -22,7 +22,7 @@ sys.path.insert(0, str(ROOT))
 
 from cmoe_vlm.training import loop  # noqa: E402
 from cmoe_vlm.training.config import load_experiment  # noqa: E402
-from cmoe_vlm.vlm import ConceptMoEVLM  # noqa: E402
+from cmoe_vlm.model.vlm import ConceptMoEVLM  # noqa: E402
 from tests.training.conftest import NaNGradient, overrides  # noqa: E402
 
 RUNS = {

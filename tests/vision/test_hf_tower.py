@@ -79,11 +79,11 @@ def test_vlm_with_a_tower_exports_self_contained(tmp_path):
 
     import cmoe_vlm.hf  # noqa: F401
     from cmoe_base import Batch, Modality
-    from cmoe_vlm.chunking import ChunkConfig
-    from cmoe_vlm.export import load_pretrained, save_pretrained
-    from cmoe_vlm.layers.moe import MoEConfig
-    from cmoe_vlm.model import ModelConfig
-    from cmoe_vlm.vlm import ConceptMoEVLM, VLMConfig
+    from cmoe_vlm.model.chunk import ChunkConfig
+    from cmoe_vlm.checkpoints.export import load_pretrained, save_pretrained
+    from cmoe_vlm.model.layers.moe import MoEConfig
+    from cmoe_vlm.model.conceptmoe import ModelConfig
+    from cmoe_vlm.model.vlm import ConceptMoEVLM, VLMConfig
 
     save_tower("clip", tmp_path / "tower")
     lm = ModelConfig(dim=32, num_heads=2, encoder_layers=1, concept_layers=1, decoder_layers=1,

@@ -133,7 +133,7 @@ def test_a_pruned_vlm_takes_a_trained_models_weights_and_runs():
 
     from cmoe_base import Modality
     from cmoe_vlm.training.config import load_experiment
-    from cmoe_vlm.vlm import ConceptMoEVLM
+    from cmoe_vlm.model.vlm import ConceptMoEVLM
     from data_pipelines.packing import sequence_batch
     from data_pipelines.sequence import build_sequence
     from data_pipelines.tokenizer import ByteTokenizer

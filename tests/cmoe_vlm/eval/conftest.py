@@ -35,6 +35,6 @@ def trained_model(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def runner(trained_model):
-    from cmoe_vlm.runner import ModelRunner
+    from cmoe_vlm.inference.runner import ModelRunner
 
     return ModelRunner.load(trained_model, batch_size=16)

@@ -12,9 +12,9 @@ from PIL import Image
 
 from cmoe_vlm.eval.adaptivity import (CHANGE, REPEAT, SAME, ImageRecord, chunk_documents, heldout_documents,
                                       measure_adaptivity, roc_auc, summarise_adaptivity, token_contents, token_kinds)
-from cmoe_vlm.runner import ModelRunner
+from cmoe_vlm.inference.runner import ModelRunner
 from cmoe_vlm.training.config import load_experiment
-from cmoe_vlm.vlm import ConceptMoEVLM
+from cmoe_vlm.model.vlm import ConceptMoEVLM
 from data_pipelines.builtin import Drawing, SceneObject
 from data_pipelines.packing import sequence_batch
 from data_pipelines.tokenizer import ByteTokenizer

@@ -12,10 +12,10 @@ from PIL import Image
 
 from cmoe_base import Batch
 from cmoe_vlm.eval import long_context as lc
-from cmoe_vlm.export import save_pretrained
-from cmoe_vlm.runner import ModelRunner
+from cmoe_vlm.checkpoints.export import save_pretrained
+from cmoe_vlm.inference.runner import ModelRunner
 from cmoe_vlm.training.config import load_experiment
-from cmoe_vlm.vlm import ConceptMoEVLM
+from cmoe_vlm.model.vlm import ConceptMoEVLM
 from data_pipelines.tokenizer import ByteTokenizer
 
 
@@ -111,8 +111,8 @@ def test_briefly_trained_conceptmoe_copies_from_context():
     needs a longer match: its question ends in "key is", and "is" also precedes other text in the
     prompt; that takes thousands of steps, so its model is trained offline and shipped, see
     test_shipped_passkey_model_retrieves_unseen_keys.)"""
-    from cmoe_vlm.generation import generate
-    from cmoe_vlm.model import ConceptMoE
+    from cmoe_vlm.inference.generation import generate
+    from cmoe_vlm.model.conceptmoe import ConceptMoE
     from data_pipelines.sequence import build_sequence
 
     exp = load_experiment(Path(__file__).resolve().parents[3] / "configs/tiny.yaml", [

@@ -9,7 +9,7 @@ import shutil
 
 import pytest
 
-from cmoe_vlm.eval import cli
+from cmoe_vlm.cli.eval import main as eval_main
 from cmoe_vlm.eval.builtin_suite import parse_scene, write_builtin_suite
 from cmoe_vlm.eval.tasks import Task, load_suite, multiple_choice_fields, normalize_answer, run_task, vqa_fields
 from cmoe_vlm.eval.vqa_metric import normalize_vqa_answer, vqa_accuracy
@@ -205,7 +205,7 @@ def test_cli_puts_two_checkpoints_side_by_side(trained_model, suite, tmp_path):
     shutil.copytree(trained_model, a)
     shutil.copytree(trained_model, b)
     out = tmp_path / "out"
-    cli.main(["--model", str(a), "--model", str(b), "--suite", str(suite["mc_colour"].data.parent / "suite.yaml"),
+    eval_main(["--model", str(a), "--model", str(b), "--suite", str(suite["mc_colour"].data.parent / "suite.yaml"),
               "--out", str(out), "--limit", "2", "--lengths", "200", "--depths", "0", "1", "--samples", "1",
               "--compression-samples", "4"])
     res = json.loads((out / "results.json").read_text())["models"]

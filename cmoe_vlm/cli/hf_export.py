@@ -1,8 +1,8 @@
 """Write a baseline export back in its transformers family's own format (docs/design.md §16; what is
-written: cmoe_vlm/hf_exporter.py). Arguments are parsed before torch is imported, so `--help` is
+written: cmoe_vlm/checkpoints/to_transformers.py). Arguments are parsed before torch is imported, so `--help` is
 instant.
 
-    python -m cmoe_vlm.hf_export SRC --out DST [--family mixtral]    # also: cmoe-hf-export ...
+    python -m cmoe_vlm.cli.hf_export SRC --out DST [--family mixtral]    # also: cmoe-hf-export ...
 """
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m cmoe_vlm.hf_export", description=__doc__,
+    ap = argparse.ArgumentParser(prog="cmoe-hf-export", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("src", help="export folder of a baseline MoE")
     ap.add_argument("--out", required=True, help="transformers folder to write")
@@ -20,9 +20,9 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     from cmoe_base import ConfigError
 
-    from .hf_exporter import export_checkpoint
-    from .hf_families import Unsupported
-    from .tensor_files import TensorFileError
+    from ..checkpoints.families import Unsupported
+    from ..checkpoints.tensor_files import TensorFileError
+    from ..checkpoints.to_transformers import export_checkpoint
 
     try:
         family = export_checkpoint(args.src, args.out, args.family)

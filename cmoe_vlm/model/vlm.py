@@ -18,7 +18,7 @@ from vision import Projector, ProjectorConfig, VisionConfig, VisionEncoder
 from vision.projector import image_token_grid
 
 from .boundaries import BoundaryPolicy
-from .model import ConceptMoE, DecodingState, ModelConfig, ModelOutput
+from .conceptmoe import ConceptMoE, DecodingState, ModelConfig, ModelOutput
 
 
 @dataclass

@@ -1,15 +1,15 @@
-"""Hugging Face transformers integration: `AutoModelForCausalLM.from_pretrained(folder)` works offline.
+"""transformers' config and model classes: `AutoModelForCausalLM.from_pretrained(folder)` works offline.
 
-The export folder (`cmoe_vlm.export.save_pretrained`) is a transformers folder: its config.json
+The export folder (`cmoe_vlm.checkpoints.export.save_pretrained`) is a transformers folder: its config.json
 carries `model_type: cmoe_vlm` next to our own fields, and model.safetensors holds the weights
 under the same names `ConceptMoEForCausalLM` uses. `import cmoe_vlm.hf` registers the classes.
 
 Labels follow the transformers convention here (unshifted: the model shifts them, within a
 document, and never asks to predict an image position); `ConceptMoEVLM` itself takes them
 already shifted, as the data pipeline produces them. Attention masks, pixel values and
-`generate()` over our concept-level cache: cmoe_vlm/hf_generation.py; the processors:
-hf_processing.py; what an export adds for transformers (processor config, remote code):
-hf_folder.py (docs/design.md §15).
+`generate()` over our concept-level cache: generation.py; the processors: processing.py; what an
+export adds for transformers (processor config, remote code): cmoe_vlm/checkpoints/remote_code.py
+(docs/design.md §15).
 """
 from __future__ import annotations
 
@@ -18,20 +18,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import (AutoConfig, AutoImageProcessor, AutoModelForCausalLM, AutoProcessor, GenerationMixin,
-                          PretrainedConfig, PreTrainedModel)
+from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from data_pipelines.tokenizer import ByteTokenizer
 
-from .config import from_dict, to_dict
-from .export import VERSION, resolve_files
-from .hf_folder import AUTO_MAP, write_transformers_files
-from .hf_generation import (ConceptCache, ConceptGeneration, check_no_other_inputs, packed_batch, resolve_modality,
+from ..checkpoints.export import VERSION, resolve_files
+from ..checkpoints.remote_code import AUTO_MAP, write_transformers_files
+from ..config import from_dict, to_dict
+from ..model.conceptmoe import LEGACY_KEYS
+from ..model.vlm import ConceptMoEVLM, VLMConfig
+from .generation import (ConceptCache, ConceptGeneration, check_no_other_inputs, packed_batch, resolve_modality,
                             restore_columns)
-from .hf_processing import ConceptMoEImageProcessor, ConceptMoEProcessor
-from .model import LEGACY_KEYS
-from .vlm import ConceptMoEVLM, VLMConfig
 
 MODEL_TYPE = "cmoe_vlm"
 
@@ -104,7 +102,7 @@ class ConceptMoEForCausalLM(ConceptGeneration, PreTrainedModel, GenerationMixin)
                 mm_token_type_ids: torch.Tensor | None = None, modality: torch.Tensor | None = None,
                 images: torch.Tensor | None = None, doc_ids: torch.Tensor | None = None, cache: ConceptCache | None = None,
                 use_cache: bool | None = None, **kwargs: Any) -> CausalLMOutputWithPast:
-        """transformers' conventions (cmoe_vlm/hf_generation.py): attention_mask (B, T) marks each row's
+        """transformers' conventions (cmoe_vlm/hf/generation.py): attention_mask (B, T) marks each row's
         tokens, anywhere in the row (positions count them from 0); pixel_values (N, 3, H, W) (or
         `images`) fill the image positions that mm_token_type_ids (or `modality`) mark with 1;
         `doc_ids` (B, T) instead of a mask gives packed documents (−1 padding at row ends). With a
@@ -123,9 +121,3 @@ class ConceptMoEForCausalLM(ConceptGeneration, PreTrainedModel, GenerationMixin)
         out = self.vlm(batch)
         return CausalLMOutputWithPast(loss=out.loss, logits=restore_columns(out.logits, order))
 
-
-AutoConfig.register(MODEL_TYPE, ConceptMoEConfig)
-AutoModelForCausalLM.register(ConceptMoEConfig, ConceptMoEForCausalLM)
-AutoImageProcessor.register(ConceptMoEConfig, image_processor_classes={  # one class: timm's transform
-    "torchvision": ConceptMoEImageProcessor, "pil": ConceptMoEImageProcessor})
-AutoProcessor.register(ConceptMoEConfig, ConceptMoEProcessor)

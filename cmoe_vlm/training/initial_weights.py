@@ -19,9 +19,9 @@ import torch
 
 from data_pipelines.tokenizer import Tokenizer
 
+from ..checkpoints.export import load_pretrained
 from ..config import to_dict
-from ..export import load_pretrained
-from ..vlm import ConceptMoEVLM
+from ..model.vlm import ConceptMoEVLM
 from .config import ExperimentConfig
 
 PARTS = ("lm", "vision", "projector")  # the VLM's top-level modules

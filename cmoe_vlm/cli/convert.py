@@ -1,8 +1,8 @@
 """Convert a trained baseline MoE into ConceptMoE for continual training (docs/design.md §11; the
-method, its defaults and the lossless start: cmoe_vlm/conversion.py). Arguments are parsed before
+method, its defaults and the lossless start: cmoe_vlm/checkpoints/conversion.py). Arguments are parsed before
 torch is imported, so `--help` is instant.
 
-    python -m cmoe_vlm.convert --baseline runs/base/final --out runs/conv [--encoder-layers 4] \\
+    python -m cmoe_vlm.cli.convert --baseline runs/base/final --out runs/conv [--encoder-layers 4] \\
         [--decoder-layers 4] [--strategy more_experts|looped|none] [--target-ratio 1.5] [--merge last]
 """
 from __future__ import annotations
@@ -12,7 +12,7 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m cmoe_vlm.convert", description=__doc__,
+    ap = argparse.ArgumentParser(prog="cmoe-convert", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--baseline", required=True, help="exported baseline folder (save_pretrained, chunking off)")
     ap.add_argument("--out", required=True, help="folder for the converted export")
@@ -30,9 +30,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="match the concept layers' activated FLOPs (paper's equations, default) or the whole model's")
     ap.add_argument("--seq-len", type=int, default=None, help="sequence length for the attention-map column")
     args = ap.parse_args(argv)
-    from . import flops
-    from .conversion import convert, overrides_for
-    from .export import ID_KEYS, load_pretrained, save_pretrained
+    from .. import flops
+    from ..checkpoints.conversion import convert, overrides_for
+    from ..checkpoints.export import ID_KEYS, load_pretrained, save_pretrained
 
     try:
         baseline, meta = load_pretrained(args.baseline)

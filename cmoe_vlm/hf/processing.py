@@ -26,7 +26,7 @@ from cmoe_base import Modality
 from data_pipelines.sequence import build_sequence
 from data_pipelines.tokenizer import IMAGE_TOKENS, HFTokenizer
 
-from .hf_folder import TIMM_FIELDS, image_processor_fields
+from ..checkpoints.remote_code import TIMM_FIELDS, image_processor_fields
 
 
 

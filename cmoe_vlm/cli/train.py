@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
         if not all((root / split / "manifest.json").exists() for split in ("train", "heldout")):
             write_builtin_dataset(root, image_size=exp.data.image_size)
 
-    from cmoe_vlm.export import NonFiniteWeightsError
+    from cmoe_vlm.checkpoints.export import NonFiniteWeightsError
     from cmoe_vlm.training.checkpoint import CheckpointError
     from cmoe_vlm.training.engine import shutdown_distributed
     from cmoe_vlm.training.loop import NonFiniteError, train

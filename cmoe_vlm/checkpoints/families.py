@@ -9,7 +9,7 @@ the right layer options (`ModelConfig` fields): Mixtral, Qwen2-MoE, Qwen3-MoE an
     hf_json = family.hf_config(cfg, base)              # and back: their config.json ...
     rules = family.export_rules(cfg)                   # ... and their weight names
 
-Their layer i becomes our concept layer i (a baseline is one stack; `cmoe_vlm.convert` re-splits it).
+Their layer i becomes our concept layer i (a baseline is one stack; `cmoe_vlm.cli.convert` re-splits it).
 What differs between the families, as transformers 5.24 computes it:
 
 | | Mixtral | Qwen2-MoE | Qwen3-MoE | OLMoE |
@@ -33,10 +33,10 @@ from typing import Any
 
 import torch
 
-from .chunking import ChunkConfig
-from .layers.moe import MoEConfig
-from .layers.rope import RopeScaling
-from .model_config import ModelConfig
+from ..model.chunk import ChunkConfig
+from ..model.config import ModelConfig
+from ..model.layers.moe import MoEConfig
+from ..model.layers.rope import RopeScaling
 from .tensor_files import Rule
 
 LAYER = "lm.concept.layers.{i}."  # our name of their decoder layer i (a baseline is one stack)

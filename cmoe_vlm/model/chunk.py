@@ -5,7 +5,7 @@ docs/design.md §2-§3. For encoder outputs h (B, T, d):
 with p_n = 1 forced at document starts and (optionally) modality switches. The chunk module's own
 boundaries are sampled in training, b_n ~ Bernoulli(sharpen(p_n)), and thresholded in evaluation,
 b_n = [p_n >= 0.5]: what the ratio loss steers. Which boundaries the model then uses is a boundary
-policy's choice (cmoe_vlm/boundaries.py; by default these). Concepts are built in merge.py.
+policy's choice (cmoe_vlm/model/boundaries.py; by default these). Concepts are built in merge.py.
 
 Decoding state (`ChunkState`): the unit key and the modality of each row's last token, which the
 next token is scored against. `forward` scores a packed batch, `extend` the next tokens of cached
@@ -48,7 +48,7 @@ class ChunkConfig:
     # Keys of older configs: accepted with the value that is now the default, else an error saying why.
     legacy_keys: ClassVar[dict[str, tuple[Any, str]]] = {
         "force_all_boundaries": (False, "was removed: every token a boundary is now the boundary policy "
-                                        "AllTokens() (cmoe_vlm.boundaries), passed with the batch: "
+                                        "AllTokens() (cmoe_vlm.model.boundaries), passed with the batch: "
                                         "model(batch, boundaries=AllTokens())"),
     }
 

@@ -4,7 +4,7 @@ over our concept-level cache (docs/design.md §9, "transformers").
 `ConceptCache` is a transformers `Cache` that holds an `InferenceSession`: `generate()` (greedy,
 sampling, beam search, `pipeline("text-generation")`) prefills it with one cached forward over the
 prompts and then feeds one token per row through `ConceptMoE.step`, so the concept model runs only
-on the rows whose token closes a concept, exactly as in `cmoe_vlm.generation`.
+on the rows whose token closes a concept, exactly as in `cmoe_vlm.inference.generation`.
 
 Attention masks follow the decoder-only convention: a row's tokens are its positions with mask 1,
 counted from position 0 (left padding, right padding and holes alike); a masked position is no
@@ -26,8 +26,8 @@ from transformers.cache_utils import Cache
 
 from cmoe_base import IGNORE_INDEX, Batch, DocumentLayout, Modality
 
-from .session import InferenceSession
-from .vlm import ConceptMoEVLM
+from ..inference.session import InferenceSession
+from ..model.vlm import ConceptMoEVLM
 
 # Keyword arguments transformers passes to every forward that we have no use for (when None or False).
 IGNORED_KWARGS = ("return_dict", "output_attentions", "output_hidden_states", "logits_to_keep")
@@ -238,7 +238,7 @@ class ConceptGeneration:
         if user is not None:
             if not isinstance(user, ConceptCache):
                 raise TypeError(f"cache: a {type(user).__name__}; this model decodes with its concept-level "
-                                f"cmoe_vlm.hf_generation.ConceptCache (or pass none)")
+                                f"cmoe_vlm.hf.generation.ConceptCache (or pass none)")
             user._is_user_defined = True
             return
         if generation_config.use_cache is False:

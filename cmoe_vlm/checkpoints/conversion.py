@@ -1,7 +1,7 @@
 """Conversion of a trained baseline MoE into ConceptMoE for continual training (docs/design.md §2, §5, §8,
-§11); the command is `python -m cmoe_vlm.convert` (= `cmoe-convert`, cmoe_vlm/convert.py).
+§11); the command is `python -m cmoe_vlm.cli.convert` (= `cmoe-convert`, cmoe_vlm/cli/convert.py).
 
-The baseline (an export with `model.chunk.enabled: false`, e.g. a `cmoe_vlm.hf_import` of a
+The baseline (an export with `model.chunk.enabled: false`, e.g. a `cmoe_vlm.cli.hf_import` of a
 pretrained MoE) is one stack of token-level layers: its encoder + concept + decoder lists, in that
 order. The user re-splits that stack: the first `--encoder-layers` become the encoder, the last
 `--decoder-layers` the decoder, the rest the concept model; the defaults are the paper's recipe
@@ -55,10 +55,10 @@ import dataclasses
 
 import torch
 
-from . import flops
-from .config import to_overrides
-from .model import ModelConfig
-from .vlm import ConceptMoEVLM, VLMConfig
+from .. import flops
+from ..config import to_overrides
+from ..model.conceptmoe import ModelConfig
+from ..model.vlm import ConceptMoEVLM, VLMConfig
 
 STRATEGIES = ("more_experts", "looped", "none")
 SECTIONS = ("encoder", "concept", "decoder")

@@ -8,7 +8,7 @@
 Prompts are lists of pieces (text or PIL images), laid out exactly as in training by
 `data_pipelines.sequence.build_sequence` (bos, no eos). Scoring batches rows of different lengths
 left-aligned with padding at the end (doc_ids = −1), which no real token attends to. Generation is
-`cmoe_vlm.generation.generate` (greedy, an InferenceSession). The tasks, the long-context probes,
+`cmoe_vlm.inference.generation.generate` (greedy, an InferenceSession). The tasks, the long-context probes,
 the harness adapters (lm-eval, lmms-eval) and the inspection all call these methods, so they agree
 by construction.
 """
@@ -27,11 +27,11 @@ from cmoe_base import Batch, ConfigError, Modality
 from data_pipelines.sequence import TokenSequence, build_sequence
 from data_pipelines.tokenizer import Tokenizer, load_tokenizer
 
-from .boundaries import BoundaryPolicy
-from .export import load_pretrained
+from ..checkpoints.export import load_pretrained
+from ..model.boundaries import BoundaryPolicy
+from ..model.conceptmoe import ModelOutput
+from ..model.vlm import ConceptMoEVLM
 from .generation import generate, prompt_batch
-from .model import ModelOutput
-from .vlm import ConceptMoEVLM
 
 Pieces = list[Any]  # str | PIL.Image.Image | image tensor (3, H, W)
 
@@ -165,7 +165,7 @@ class ModelRunner:
     def generate(self, prompts: list[Pieces], max_new_tokens: int, stop: SequenceABC[str] = (), *,
                  temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int | None = None) -> list[str]:
         """Continuations (KV cache; greedy, or sampled when temperature > 0: see
-        `cmoe_vlm.generation.generate`), cut at eos and at the first of the `stop` strings. A stop
+        `cmoe_vlm.inference.generation.generate`), cut at eos and at the first of the `stop` strings. A stop
         string that is a single token also ends its row's generation early."""
         seqs = [self.sequence(p) for p in prompts]
         for i, s in enumerate(seqs):

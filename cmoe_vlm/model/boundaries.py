@@ -26,7 +26,7 @@ import torch
 
 from cmoe_base import Modality
 
-from .chunking import Boundaries
+from .chunk import Boundaries
 
 
 class BoundaryPolicy:

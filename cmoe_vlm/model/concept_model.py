@@ -14,11 +14,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .config import ModelConfig
 from .layers.attention import AttentionLayout, KVCache
 from .layers.block import Block, extend_blocks, run_blocks
 from .layers.moe import MoEStats
 from .layers.rope import rope_angles
-from .model_config import ModelConfig
 
 
 class ConceptModel(nn.Module):

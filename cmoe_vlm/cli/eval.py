@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # the evaluation modules load torch: imported after the arguments are parsed
-    from ..runner import ModelRunner
+    from ..inference.runner import ModelRunner
 
 
 def model_name(folder: str) -> str:
@@ -40,9 +40,9 @@ def compression_on_builtin(runner: ModelRunner, n: int) -> dict[str, float]:
 
 
 def evaluate_model(folder: str, suite: list | None, out: Path, args: argparse.Namespace) -> dict[str, Any]:
-    from .long_context import run_probes, write_report
-    from ..runner import ModelRunner
-    from .tasks import HEADLINE, run_task
+    from ..eval.long_context import run_probes, write_report
+    from ..eval.tasks import HEADLINE, run_task
+    from ..inference.runner import ModelRunner
 
     runner = ModelRunner.load(folder, batch_size=args.batch_size)
     name = model_name(folder)
@@ -126,8 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--compression-samples", type=int, default=32,
                     help="built-in held-out samples for the per-modality compression ratios (default 32; 0 = skip)")
     args = ap.parse_args(argv)
-    from .long_context import DEFAULT_DEPTHS, PROBES
-    from .tasks import load_suite
+    from ..eval.long_context import DEFAULT_DEPTHS, PROBES
+    from ..eval.tasks import load_suite
 
     args.probes = list(PROBES) if args.probes is None else args.probes
     if not set(args.probes) <= set(PROBES):
@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.suite == "none":
         suite = None
     elif args.suite == "builtin":
-        from .builtin_suite import write_builtin_suite
+        from ..eval.builtin_suite import write_builtin_suite
         suite = load_suite(write_builtin_suite(out / "suite"))
     else:
         suite = load_suite(args.suite)

@@ -27,9 +27,9 @@ from safetensors.torch import load_file
 
 from data_pipelines.tokenizer import Tokenizer, load_tokenizer, save_tokenizer
 
-from .config import from_dict, to_dict
+from ..config import from_dict, to_dict
+from ..model.vlm import ConceptMoEVLM, VLMConfig
 from .tensor_files import SafetensorsWriter
-from .vlm import ConceptMoEVLM, VLMConfig
 
 FORMAT, VERSION = "cmoe-vlm", 2  # 2: the concept model and joint decoding have their own weight names
 TOKENIZER_INCLUDED = "included"  # config.json's tokenizer spec for "the tokenizer files in this folder"
@@ -60,7 +60,7 @@ def save_pretrained(model: ConceptMoEVLM, out_dir: str | Path, tokenizer: str = 
         for k, v in state.items():
             writer.write(k, v)
     ids = special_ids(load_tokenizer(tokenizer)) if ids is None else ids
-    from .hf_folder import write_transformers_files  # processor config, remote code
+    from .remote_code import write_transformers_files  # processor config, remote code
     extra = {**(extra or {}), **write_transformers_files(out, model)}
     write_config(out, exported_config(model.cfg, out), "byte" if tokenizer == "byte" else TOKENIZER_INCLUDED, ids,
                  extra)

@@ -1,7 +1,7 @@
 """The transformers side of an export folder: the processor's config, and remote code so that
 `trust_remote_code=True` loads the folder where cmoe-vlm is not installed.
 
-    meta = write_transformers_files(folder, model)   # called by cmoe_vlm.export.save_pretrained
+    meta = write_transformers_files(folder, model)   # called by cmoe_vlm.checkpoints.export.save_pretrained
 
 processor_config.json holds what `AutoProcessor` builds `ConceptMoEProcessor` from (tokens per
 image, the image processor's data config); its tokenizer is the folder's.
@@ -11,8 +11,8 @@ imports them; it checks that every package those files import is installed. Our 
 packages (cmoe_base, vision, data_pipelines, cmoe_vlm), so an export carries
 
     modeling_cmoe_vlm.py   subclasses of the transformers classes (config, model, processors)
-    cmoe_vlm_code.py       the source files they run: the import closure of cmoe_vlm.hf and
-                           cmoe_vlm.hf_processing, each file as a list of its lines
+    cmoe_vlm_code.py       the source files they run: the import closure of cmoe_vlm.hf, each file
+                           as a list of its lines
 
 `modeling_cmoe_vlm.py` serves those files to Python's import system (a meta-path finder) when
 cmoe-vlm is not installed; when it is, the installed package is used. Beyond transformers the code
@@ -29,9 +29,9 @@ from typing import Any
 
 from data_pipelines.tokenizer import IMAGE_TOKENS
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("cmoe_base", "vision", "data_pipelines", "cmoe_vlm")
-ENTRY_MODULES = ("cmoe_vlm.hf", "cmoe_vlm.hf_processing")
+ENTRY_MODULES = ("cmoe_vlm.hf",)
 MODELING_FILE, CODE_FILE = "modeling_cmoe_vlm.py", "cmoe_vlm_code.py"
 TIMM_FIELDS = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
 AUTO_MAP = {"AutoConfig": "modeling_cmoe_vlm.ConceptMoEConfig",
@@ -40,7 +40,7 @@ PROCESSOR_AUTO_MAP = {"AutoProcessor": "modeling_cmoe_vlm.ConceptMoEProcessor",
                       "AutoImageProcessor": "modeling_cmoe_vlm.ConceptMoEImageProcessor"}
 
 MODELING_SOURCE = '''\
-"""cmoe-vlm's transformers classes for this folder (written by cmoe_vlm/hf_folder.py).
+"""cmoe-vlm's transformers classes for this folder (written by cmoe_vlm/checkpoints/remote_code.py).
 
 With cmoe-vlm installed they come from it; otherwise from the source files in cmoe_vlm_code.py,
 which a meta-path finder serves as the packages cmoe_base, vision, data_pipelines and cmoe_vlm.
@@ -58,7 +58,7 @@ PACKAGES = {name.split("/")[0] for name in FILES}
 
 
 class BundledSources(importlib.abc.MetaPathFinder, importlib.abc.SourceLoader):
-    """Imports the packages of FILES from their sources (module files "<cmoe_vlm_code>/cmoe_vlm/model.py", ...)."""
+    """Imports the packages of FILES from their sources (module files "<cmoe_vlm_code>/cmoe_vlm/model/conceptmoe.py", ...)."""
 
     def _path(self, fullname):
         base = fullname.replace(".", "/")
@@ -86,7 +86,6 @@ if importlib.util.find_spec("cmoe_vlm") is None and not any(isinstance(f, Bundle
     sys.meta_path.insert(0, BundledSources())
 
 hf = importlib.import_module("cmoe_vlm.hf")
-processing = importlib.import_module("cmoe_vlm.hf_processing")
 
 
 class ConceptMoEConfig(hf.ConceptMoEConfig):
@@ -97,11 +96,11 @@ class ConceptMoEForCausalLM(hf.ConceptMoEForCausalLM):
     config_class = ConceptMoEConfig
 
 
-class ConceptMoEImageProcessor(processing.ConceptMoEImageProcessor):
+class ConceptMoEImageProcessor(hf.ConceptMoEImageProcessor):
     pass
 
 
-class ConceptMoEProcessor(processing.ConceptMoEProcessor):
+class ConceptMoEProcessor(hf.ConceptMoEProcessor):
     pass
 '''
 
@@ -152,7 +151,7 @@ def write_remote_code(folder: str | Path) -> None:
     """Write modeling_cmoe_vlm.py and cmoe_vlm_code.py into an export folder."""
     folder = Path(folder)
     lines = ['"""Source files of cmoe-vlm that modeling_cmoe_vlm.py imports, one string per line',
-             '(written by cmoe_vlm/hf_folder.py)."""', "FILES = {"]
+             '(written by cmoe_vlm/checkpoints/remote_code.py)."""', "FILES = {"]
     for path, text in sorted(source_files().items()):
         lines.append(f"    {path!r}: [")
         lines += [f"        {line!r}," for line in text.split("\n")]

@@ -3,7 +3,7 @@
     tokens = generate(model, [seq_a, seq_b], max_new_tokens=32, stop_ids=[tok.eos_id])
     text = generate_text(model, tok, ["Describe ", image, ":"], max_new_tokens=32)
 
-Decoding goes through an `InferenceSession` (cmoe_vlm/session.py): one prefill over the prompts,
+Decoding goes through an `InferenceSession` (cmoe_vlm/inference/session.py): one prefill over the prompts,
 then one step per token. Prompts of different lengths share a batch as left-aligned rows with
 padding at their ends (doc_ids −1, which enters no cache). Rows that finish stop advancing;
 `generate` also drops them from the batch so later steps cost less.

@@ -1,21 +1,21 @@
 """Import of a pretrained Hugging Face MoE language model as a cmoe-vlm baseline (docs/design.md §16); the
-command is `python -m cmoe_vlm.hf_import SRC --out DST` (= `cmoe-hf-import`, cmoe_vlm/hf_import.py).
+command is `python -m cmoe_vlm.cli.hf_import SRC --out DST` (= `cmoe-hf-import`, cmoe_vlm/cli/hf_import.py).
 
-SRC is a local transformers folder of a supported family (`cmoe_vlm.hf_families`: Mixtral,
+SRC is a local transformers folder of a supported family (`cmoe_vlm.checkpoints.families`: Mixtral,
 Qwen2-MoE, Qwen3-MoE, OLMoE): config.json, model.safetensors or the shards of its index, and its
 tokenizer files if it has them. Nothing is downloaded. DST is an export folder like any other: a
-baseline MoE (chunking off; their decoder layer i is our concept layer i) that `cmoe_vlm.convert`,
+baseline MoE (chunking off; their decoder layer i is our concept layer i) that `cmoe_vlm.cli.convert`,
 `train.init_from`, the evaluation and `AutoModelForCausalLM.from_pretrained(DST)` (after `import
 cmoe_vlm.hf`) take, with the source's logits. It holds:
 
 - model.safetensors: their weights in our layout, in their dtype, written one tensor at a time
-  while the source is read one tensor at a time (`cmoe_vlm.tensor_files`): the process holds about
+  while the source is read one tensor at a time (`cmoe_vlm.checkpoints.tensor_files`): the process holds about
   one layer, not the model (the peak resident memory is printed against the checkpoint's size);
 - config.json: the baseline's config, `"parts": ["lm"]` (the vision tower and projector in the file
   are placeholders of the default shape: `train.init_from` takes only the LM from this export and
   builds the vision side from the experiment's config), `tokenizer_vocab_size` (the embedding rows
   the source trained; `train.init_from` starts the others at the mean row), the tokenizer's
-  bos/eos/pad ids, and `imported_from` (family and their config.json, which `cmoe_vlm.hf_export`
+  bos/eos/pad ids, and `imported_from` (family and their config.json, which `cmoe_vlm.cli.hf_export`
   writes back);
 - the tokenizer files (the source tokenizer, as `AutoTokenizer` loads it) and generation_config.json;
 - train_overrides.txt: the `model.*` overrides that make an experiment config build this model.
@@ -38,12 +38,12 @@ import torch
 from data_pipelines.tokenizer import save_tokenizer
 from vision import Projector, VisionEncoder
 
-from . import flops
-from .config import to_overrides
+from .. import flops
+from ..config import to_overrides
+from ..model.vlm import ConceptMoEVLM, VLMConfig
 from .export import TOKENIZER_INCLUDED, write_config
-from .hf_families import Unsupported, family_of
+from .families import Unsupported, family_of
 from .tensor_files import TensorSource, stream_convert
-from .vlm import ConceptMoEVLM, VLMConfig
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json")
 IGNORED_TENSORS = (".rotary_emb.inv_freq",)  # buffers some older checkpoints saved; recomputed

@@ -1,8 +1,8 @@
 """Writing a baseline export back in its transformers family's own format (docs/design.md §16); the command
-is `python -m cmoe_vlm.hf_export SRC --out DST [--family mixtral]` (= `cmoe-hf-export`, cmoe_vlm/hf_export.py).
+is `python -m cmoe_vlm.cli.hf_export SRC --out DST [--family mixtral]` (= `cmoe-hf-export`, cmoe_vlm/cli/hf_export.py).
 
 SRC is an export folder of a baseline MoE (chunking off) whose layers a family states exactly: one
-imported with `cmoe_vlm.hf_import` and trained on (its family and original config.json are
+imported with `cmoe_vlm.cli.hf_import` and trained on (its family and original config.json are
 recorded, and every field our config decides is written over them), or one trained here in that
 family's shape (`--family` names it; see `Family.check_exportable` for what each allows). DST is
 that family's folder: config.json, model.safetensors under the hub names `save_pretrained` writes
@@ -17,11 +17,11 @@ from pathlib import Path
 
 from data_pipelines.tokenizer import save_tokenizer
 
-from .config import from_dict
+from ..config import from_dict
+from ..model.vlm import VLMConfig
 from .export import FORMAT, tokenizer_spec
-from .hf_families import Unsupported, family_of
+from .families import Unsupported, family_of
 from .tensor_files import TensorSource, stream_convert
-from .vlm import VLMConfig
 
 
 def export_checkpoint(src: str | Path, out: str | Path, family: str | None = None) -> str:

@@ -25,7 +25,7 @@ import torch
 
 from cmoe_base import DocumentLayout
 
-from .chunking import Boundaries, last_of_rows
+from .chunk import Boundaries, last_of_rows
 
 
 @dataclass

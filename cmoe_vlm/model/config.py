@@ -10,7 +10,7 @@ from typing import Literal
 
 from cmoe_base import check
 
-from .chunking import ChunkConfig
+from .chunk import ChunkConfig
 from .layers.attention import AttentionConfig
 from .layers.moe import MoEConfig
 from .layers.rope import RopeScaling

@@ -8,9 +8,9 @@ Three ways through it, each a straight line through the same stages:
 
 `new_state(B)` allocates the decoding state of B rows, which is each stage's own (§9): the encoder
 and decoder KV caches, the chunk module's last key, the merger's carry, the concept model's
-concept-level caches, the dechunk module's c̄. `cmoe_vlm.session.InferenceSession` holds one.
+concept-level caches, the dechunk module's c̄. `cmoe_vlm.inference.session.InferenceSession` holds one.
 
-Which boundaries the model uses is a boundary policy (cmoe_vlm/boundaries.py) passed with each
+Which boundaries the model uses is a boundary policy (cmoe_vlm/model/boundaries.py) passed with each
 call; the default is the chunk module's own. With `chunk.enabled = False` the same stack is the
 baseline MoE: every token is its own concept, the concept layers run on tokens and the decoder has
 no joint decoding.
@@ -28,9 +28,10 @@ from torch import nn
 from cmoe_base import IGNORE_INDEX, Batch, DocumentLayout, Modality
 
 from .boundaries import BoundaryPolicy, Learned
-from .chunking import (Boundaries, ChunkModule, ChunkState, ModalityStats, boundary_rates, compression_stats,
+from .chunk import (Boundaries, ChunkModule, ChunkState, ModalityStats, boundary_rates, compression_stats,
                        image_ids, margin_loss, per_group_ratio_loss, ratio_loss, token_sets)
 from .concept_model import ConceptModel
+from .config import ModelConfig
 from .dechunk import DechunkModule, DechunkState, straight_through_one
 from .layers.attention import AttentionLayout, KVCache
 from .layers.block import Block, LayerStack
@@ -38,7 +39,6 @@ from .layers.moe import MoEStats
 from .layers.norm import RMSNorm
 from .layers.rope import rope_angles
 from .merge import MERGE_RULES, MergeState
-from .model_config import ModelConfig
 
 __all__ = ["ConceptMoE", "DecodingState", "ModelConfig", "ModelOutput"]
 

@@ -7,7 +7,7 @@
 
 Prefill is one cached forward over the prompts (the concept model runs on the compressed
 sequence). Each step feeds one token per row: the encoder and decoder caches grow by one, the
-concept caches only for rows whose token is a boundary. Generation (`cmoe_vlm.generation`), the
+concept caches only for rows whose token is a boundary. Generation (`cmoe_vlm.inference.generation`), the
 `ModelRunner` (evaluation, inspection) and the transformers wrapper all decode through it.
 
 The state's tensors are made under `torch.inference_mode` (cheaper per op than no_grad, which
@@ -21,8 +21,8 @@ from torch import nn
 
 from cmoe_base import Batch
 
-from .boundaries import BoundaryPolicy
-from .model import DecodingState, ModelOutput
+from ..model.boundaries import BoundaryPolicy
+from ..model.conceptmoe import DecodingState, ModelOutput
 
 
 def last_token_logits(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
@@ -34,7 +34,7 @@ def last_token_logits(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
 
 class InferenceSession:
     """`model` (eval mode is the caller's choice) and the decoding state of its rows. `boundaries`
-    is the boundary policy of every call (None: the model's own, cmoe_vlm/boundaries.py)."""
+    is the boundary policy of every call (None: the model's own, cmoe_vlm/model/boundaries.py)."""
 
     def __init__(self, model: nn.Module, boundaries: BoundaryPolicy | None = None):
         self.model = model

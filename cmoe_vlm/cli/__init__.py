@@ -1,0 +1,10 @@
+"""The commands (console scripts of pyproject.toml). Each parses its arguments before importing torch,
+then calls the library.
+
+    train.py      cmoe-train (python train_vlm.py)
+    eval.py       cmoe-eval (python -m cmoe_vlm.eval)
+    inspect.py    cmoe-inspect (python -m cmoe_vlm.inspection)
+    convert.py    cmoe-convert: baseline MoE → ConceptMoE
+    hf_import.py  cmoe-hf-import: a transformers MoE checkpoint → baseline export
+    hf_export.py  cmoe-hf-export: a baseline export → transformers
+"""
