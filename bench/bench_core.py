@@ -41,6 +41,7 @@ from cmoe_vlm.model.chunk import ChunkConfig
 from cmoe_vlm.model.dechunk import ema_scan
 from cmoe_vlm.model.layers.moe import MoE, MoEConfig, SwiGLU
 from cmoe_vlm.model.conceptmoe import ConceptMoE, ModelConfig
+from cmoe_vlm.objective import Objective
 
 TARGETS = {"moe_over_dense": 0.5, "dechunk_speedup_8k": 20.0, "train_step_ratio_4k": 1.0}
 
@@ -186,7 +187,7 @@ def bench_train_step(baseline: ModelConfig, ratio: float, token_counts: list[int
         def step(name):
             def run():
                 out = models[name](xy)
-                out.loss.backward()
+                Objective(cfgs[name])(out, xy).total.backward()
                 opts[name].step()
                 opts[name].zero_grad(set_to_none=True)
                 if name == "conceptmoe":
@@ -232,7 +233,7 @@ def bench_vlm_step(batch: int, seq_len: int, images_per_row: int, reps: int) -> 
 
     def step():
         model.zero_grad(set_to_none=True)
-        model(batch_).loss.backward()
+        Objective(exp.model)(model(batch_), batch_).total.backward()
 
     times = interleaved({"vlm": step}, reps)["vlm"]
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # MiB (Linux reports KiB)

@@ -94,31 +94,38 @@ def stage_similarity(runner, num_images: int, text_chars: int, grounded: bool) -
     return {stage: {k: (sum(v) / len(v) if v else None) for k, v in d.items()} for stage, d in sims.items()}
 
 
-def train_steps(model, exp, on_step: Callable[[int, Any], None] | None = None, boundaries=None) -> None:
-    """exp.train.steps steps of the training loop's math without DeepSpeed (AdamW with the same
-    parameter groups, warmup + cosine schedule, gradient clipping; one process), so benches can
-    measure mid-run; on_step(step, output) after each step. `boundaries`: a boundary policy."""
+def train_steps(model, exp, on_step: Callable[[int, Any, Any], None] | None = None, boundaries=None) -> None:
+    """exp.train.steps steps of the training loop's math without DeepSpeed (the objective with its ratio
+    controller, AdamW with the same parameter groups, warmup + cosine schedule, gradient clipping; one
+    process), so benches can measure mid-run; on_step(step, output, losses) after each step.
+    `boundaries`: a boundary policy."""
+    from cmoe_vlm.objective import Objective, RatioController
     from cmoe_vlm.training.optim import build_optimizer
     from data_pipelines.loader import StreamingLoader
     from vision import build_image_transform
 
     cfg = exp.train
     opt, sched = build_optimizer(model, cfg)
+    controller = RatioController.of(exp.model)
+    objective = Objective(exp.model, controller)
     loader = StreamingLoader(exp.data, image_transform=build_image_transform(model.vision, train=True))
     step = 0
     model.train()
     while step < cfg.steps:
         for batch in loader:
             out = model(batch, boundaries=boundaries)
+            losses = objective(out, batch)
+            if controller is not None:
+                controller.update(out.own_boundaries, batch)
             opt.zero_grad(set_to_none=True)
-            out.loss.backward()
+            losses.total.backward()
             if cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             opt.step()
             sched.step()
             step += 1
             if on_step is not None:
-                on_step(step, out)
+                on_step(step, out, losses)
             if step >= cfg.steps:
                 break
 
@@ -166,8 +173,8 @@ def run_one(exp, data_root: Path, eval_every: int, eval_images: int, final_image
 
     steps, curve = [], []
 
-    def record(step: int, out) -> None:
-        rec = {"step": step, "lm_loss": out.lm_loss.item(), "ratio_loss": out.ratio_loss.item()}
+    def record(step: int, out, losses) -> None:
+        rec = {"step": step, "lm_loss": losses.lm.item(), "ratio_loss": losses.ratio.item()}
         for k, s in out.compression.items():
             rec[f"tokens_{k}"], rec[f"concepts_{k}"] = int(s.tokens), int(s.concepts)
         steps.append(rec)

@@ -66,7 +66,7 @@ def train_model(exp, boundaries=None):
     torch.manual_seed(exp.train.seed)
     model = ConceptMoEVLM(exp.vlm)
     losses: list[float] = []
-    train_steps(model, exp, lambda step, out: losses.append(out.lm_loss.item()), boundaries)
+    train_steps(model, exp, lambda step, out, step_losses: losses.append(step_losses.lm.item()), boundaries)
     return model, losses[-20:]
 
 

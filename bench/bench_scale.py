@@ -51,6 +51,7 @@ sys.path.insert(0, str(REPO))
 from cmoe_base import Batch, DocumentLayout  # noqa: E402
 from cmoe_vlm.flops.cli import strip_reallocation  # noqa: E402
 from cmoe_vlm.model.conceptmoe import ConceptMoE, ModelConfig  # noqa: E402
+from cmoe_vlm.objective import Objective  # noqa: E402
 from cmoe_vlm.training import compute, mfu  # noqa: E402
 from cmoe_vlm.training.config import TrainConfig, load_experiment  # noqa: E402
 from cmoe_vlm.training.optim import build_optimizer  # noqa: E402
@@ -114,14 +115,16 @@ def train_steps(model: torch.nn.Module, batches, update, bf16: bool, device: tor
     `min_steps` once a step has taken over ONE_STEP_AFTER seconds; `after(i, out)` runs after each
     step, untimed. Returns (seconds per step, outputs, losses)."""
     times, outs, losses = [], [], []
+    objective = Objective(getattr(model, "lm", model).cfg)  # a ConceptMoE, or the VLM around one
     for i in range(steps):
         batch = batches(i)
         t0 = time.perf_counter()
         with compute.autocast(device, bf16):
             out = model(batch)
-        out.loss.backward()
+            loss = objective(out, batch).total
+        loss.backward()
         update()
-        losses.append(out.loss.item())
+        losses.append(loss.item())
         times.append(time.perf_counter() - t0)
         outs.append(out)
         after(i, out)

@@ -41,9 +41,9 @@ def run_variant(name: str, overrides: list[str], args: argparse.Namespace, paths
     log: list[dict] = []
     t0 = time.time()
 
-    def on_step(step: int, out) -> None:
+    def on_step(step: int, out, losses) -> None:
         if step % 25 == 0 or step == exp.train.steps:
-            rec = {"step": step, "lm_loss": round(out.lm_loss.item(), 4)}
+            rec = {"step": step, "lm_loss": round(losses.lm.item(), 4)}
             for k, s in out.compression.items():
                 if float(s.tokens):
                     rec[f"ratio_{k}"] = round(float(s.ratio), 3)

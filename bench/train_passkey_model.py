@@ -46,6 +46,7 @@ from cmoe_vlm.checkpoints.export import save_pretrained
 from cmoe_vlm.inference.runner import ModelRunner
 from cmoe_vlm.training.config import load_experiment
 from cmoe_vlm.model.vlm import ConceptMoEVLM
+from cmoe_vlm.objective import Objective, RatioController
 from data_pipelines.tokenizer import ByteTokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -134,6 +135,8 @@ def main(argv: list[str] | None = None) -> int:
     lm = vlm.lm
     rng = random.Random(args.seed)
     opt = torch.optim.AdamW(lm.parameters(), lr=args.lr, weight_decay=0.0)
+    controller = RatioController.of(exp.model)
+    objective = Objective(exp.model, controller)
     curve = [{"step": 0, **evaluate(vlm, tok)}]
     print(f"step 0: passkey accuracy {curve[-1]['accuracy']:.3f}", flush=True)
     lm.train()
@@ -143,12 +146,16 @@ def main(argv: list[str] | None = None) -> int:
             g["lr"] = args.lr * min(1.0, (step + 1) / args.warmup) * 0.5 * (1 + math.cos(math.pi * step / args.steps))
         ids, labels, doc = batch(rng, tok, args.batch_size, args.questions, (args.min_len, args.max_len),
                                  args.needle_copy)
-        out = lm(Batch.of(ids, doc_ids=doc, labels=labels))
+        step_batch = Batch.of(ids, doc_ids=doc, labels=labels)
+        out = lm(step_batch)
+        losses = objective(out, step_batch)
+        if controller is not None:
+            controller.update(out.own_boundaries, step_batch)
         opt.zero_grad()
-        out.loss.backward()
+        losses.total.backward()
         torch.nn.utils.clip_grad_norm_(lm.parameters(), 1.0)
         opt.step()
-        window.append((out.lm_loss.item(), float(out.compression["all"].tokens), float(out.compression["all"].concepts)))
+        window.append((losses.lm.item(), float(out.compression["all"].tokens), float(out.compression["all"].concepts)))
         if (step + 1) % 100 == 0:
             loss = sum(w[0] for w in window) / len(window)
             ratio = sum(w[1] for w in window) / max(sum(w[2] for w in window), 1.0)

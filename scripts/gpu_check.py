@@ -42,6 +42,7 @@ from cmoe_base import Batch, DocumentLayout  # noqa: E402
 from cmoe_vlm.flops.cli import load_model_config, strip_reallocation  # noqa: E402
 from cmoe_vlm.model.layers.document_attention import AttentionLayout  # noqa: E402
 from cmoe_vlm.model.conceptmoe import ConceptMoE, ModelConfig  # noqa: E402
+from cmoe_vlm.objective import Objective  # noqa: E402
 from cmoe_vlm.training import compute, mfu  # noqa: E402
 from cmoe_vlm.training.optim import build_optimizer  # noqa: E402
 
@@ -176,12 +177,13 @@ def train_run(name, cfg, chunking, compiled, rows, T, steps, bf16, device, peak,
         t0 = time.perf_counter()
         with compute.autocast(device, bf16):
             out = model(batch)
-        out.loss.backward()
+            loss = Objective(cfg)(out, batch).total
+        loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
-        losses.append(out.loss.item())
+        losses.append(loss.item())
         sync(device)
         times.append(time.perf_counter() - t0)
         flops.append(mfu.step_flops(model, batch, out))
@@ -255,14 +257,14 @@ def ep_worker() -> None:
         sync(device)
         t0 = time.perf_counter()
         with compute.autocast(device, True):
-            out = engine(batch)
-        engine.backward(out.loss)
+            loss = Objective(cfg)(engine(batch), batch).total
+        engine.backward(loss)
         engine.step()
         sync(device)
         times.append(time.perf_counter() - t0)
     if rank == 0:
         print(json.dumps({"ranks": world, "step_ms": 1e3 * sum(times[2:]) / 4, "tokens_per_s": world * 4 * 1024 * 4 / sum(times[2:]),
-                          "loss_last": float(out.loss)}))
+                          "loss_last": float(loss)}))
     shutdown_distributed()
 
 

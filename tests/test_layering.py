@@ -20,8 +20,9 @@ CMOE_VLM_LAYERS = """
     config
     model.layers.norm model.layers.rope model.layers.moe model.layers.document_attention model.layers.attention
     model.layers.joint_decoding model.layers.block model.layers
-    model.chunk model.boundaries model.merge model.dechunk model.config model.concept_model model.conceptmoe model.vlm
+    model.compression model.chunk model.boundaries model.merge model.dechunk model.config model.concept_model model.conceptmoe model.vlm
     model
+    objective
     flops.accounting flops.reallocation flops.cli flops flops.__main__
     checkpoints.tensor_files checkpoints.remote_code checkpoints.export checkpoints.families checkpoints.from_transformers
     checkpoints.to_transformers checkpoints.conversion checkpoints
@@ -30,7 +31,7 @@ CMOE_VLM_LAYERS = """
     inspection.samples inspection.image_content inspection.analysis inspection.render inspection.plots inspection.report inspection
     eval.vqa_metric eval.tasks eval.long_context eval.builtin_suite eval.adaptivity eval.harness_tasks eval.harness eval.lmms_adapter
     eval
-    training.config training.optim training.engine training.mfu training.compute training.metrics training.checkpoint
+    training.config training.optim training.engine training.mfu training.compute training.metrics training.collapse training.checkpoint
     training.resume training.expert_parallel training.initial_weights training.loop training
     cli.train cli.convert cli.hf_import cli.hf_export cli.eval cli.inspect cli
     eval.__main__ inspection.__main__

@@ -28,6 +28,7 @@ from ..checkpoints.remote_code import AUTO_MAP, write_transformers_files
 from ..config import from_dict, to_dict
 from ..model.conceptmoe import LEGACY_KEYS
 from ..model.vlm import ConceptMoEVLM, VLMConfig
+from ..objective import Objective
 from .generation import (ConceptCache, ConceptGeneration, check_no_other_inputs, packed_batch, resolve_modality,
                             restore_columns)
 
@@ -58,6 +59,8 @@ class ConceptMoEForCausalLM(ConceptGeneration, PreTrainedModel, GenerationMixin)
     config_class = ConceptMoEConfig
     base_model_prefix = ""
     main_input_name = "input_ids"
+    # the ratio controller's state, which exports held before it became the training loop's (cmoe_vlm/objective.py)
+    _keys_to_ignore_on_load_unexpected = [r"^lm\.ratio_mu$"]
 
     def __init__(self, config: ConceptMoEConfig):
         super().__init__(config)
@@ -119,5 +122,6 @@ class ConceptMoEForCausalLM(ConceptGeneration, PreTrainedModel, GenerationMixin)
             return CausalLMOutputWithPast(logits=logits, cache=cache)
         batch, order = packed_batch(input_ids, attention_mask, modality, images, doc_ids, labels)
         out = self.vlm(batch)
-        return CausalLMOutputWithPast(loss=out.loss, logits=restore_columns(out.logits, order))
+        loss = None if labels is None else Objective(self.vlm.cfg.model)(out, batch).total
+        return CausalLMOutputWithPast(loss=loss, logits=restore_columns(out.logits, order))
 

@@ -1,11 +1,11 @@
-"""Chunk module: learned boundaries between adjacent tokens, and the ratio loss that steers them.
-
-docs/design.md §2-§3. For encoder outputs h (B, T, d):
+"""Chunk module: learned boundaries between adjacent tokens (docs/design.md §2). For encoder outputs
+h (B, T, d):
     q_n = W_q h_n,  k_{n-1} = W_k h_{n-1},  p_n = (1 - cos(q_n, k_{n-1})) / 2,
 with p_n = 1 forced at document starts and (optionally) modality switches. The chunk module's own
 boundaries are sampled in training, b_n ~ Bernoulli(sharpen(p_n)), and thresholded in evaluation,
-b_n = [p_n >= 0.5]: what the ratio loss steers. Which boundaries the model then uses is a boundary
-policy's choice (cmoe_vlm/model/boundaries.py; by default these). Concepts are built in merge.py.
+b_n = [p_n >= 0.5]: what the ratio loss steers (cmoe_vlm/objective.py, §3). Which boundaries the
+model then uses is a boundary policy's choice (boundaries.py; by default these). Concepts are built
+in merge.py.
 
 Decoding state (`ChunkState`): the unit key and the modality of each row's last token, which the
 next token is scored against. `forward` scores a packed batch, `extend` the next tokens of cached
@@ -13,8 +13,6 @@ rows, `step` one token per row; all three compute the same p and b (tests/cmoe_v
 """
 from __future__ import annotations
 
-import warnings
-from collections import deque
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
@@ -75,149 +73,6 @@ class ChunkConfig:
 def sharpen(p: torch.Tensor, tau: float) -> torch.Tensor:
     """s(p) = p^(1/τ) if p > 0.5 else 1 - (1-p)^(1/τ): pushes p away from 0.5 before sampling."""
     return torch.where(p > 0.5, p.pow(1 / tau), 1 - (1 - p).pow(1 / tau))
-
-
-def boundary_rates(p: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None = None,
-                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(F, G, n) over the token set `mask` (all tokens when None): F = mean b (no gradient),
-    G = mean p (fp32), n = the set's size. Masked sums, so no host read and no data-dependent shape;
-    an empty set gives F = G = 0."""
-    if mask is None:
-        mask = torch.ones_like(b, dtype=torch.bool)
-    n = mask.sum()
-    denom = n.clamp_min(1).float()
-    f = ((b & mask).sum() / denom).detach()
-    g = (p.float() * mask).sum() / denom
-    return f, g, n
-
-
-def ratio_loss(p: torch.Tensor, b: torch.Tensor, target: float, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """L = R/(R-1) · ((R-1)·F·G + (1-F)·(1-G)), F = mean b (no grad), G = mean p, over `mask`.
-
-    Minimum 1 at F = G = 1/R; 0 for an empty set or R <= 1. p, b (B, T); mask (B, T) bool selects
-    the token set S.
-    """
-    if target <= 1.0:
-        return p.sum() * 0.0
-    R = target
-    f, g, n = boundary_rates(p, b, mask)
-    loss = R / (R - 1) * ((R - 1) * f * g + (1 - f) * (1 - g))
-    return torch.where(n > 0, loss, loss * 0.0)
-
-
-def image_ids(modality: torch.Tensor) -> torch.Tensor:
-    """(B, T) -> index of the image each image token belongs to (0, 1, ... in row-major order over
-    the batch; consecutive image tokens form one image); −1 for text."""
-    is_img = modality == Modality.IMAGE
-    first = is_img.clone()
-    first[:, 1:] &= ~is_img[:, :-1]
-    ids = first.flatten().long().cumsum(0).view_as(modality) - 1
-    return torch.where(is_img, ids, -1)
-
-
-def per_group_ratio_loss(p: torch.Tensor, b: torch.Tensor, target: float, groups: torch.Tensor) -> torch.Tensor:
-    """The ratio loss of each group from its own F_g and G_g, averaged over groups. p, b, groups (B, T);
-    groups ≥ 0 name a token's group (e.g. `image_ids`), −1 leaves it out. With one group this is
-    `ratio_loss`; with images as groups every image is pulled to the target ratio on its own, where
-    the pooled loss lets some images be one chunk and others all boundaries. Scatter sums into B·T + 1
-    slots (the last one collects the left-out tokens): no host read, no data-dependent shape."""
-    if target <= 1.0:
-        return p.sum() * 0.0
-    slots = groups.numel() + 1
-    g = torch.where(groups >= 0, groups, slots - 1).flatten()
-    zeros = torch.zeros(slots, device=p.device)
-    count = zeros.index_add(0, g, torch.ones_like(g, dtype=zeros.dtype))[:-1]
-    f = zeros.index_add(0, g, b.flatten().float())[:-1].detach() / count.clamp_min(1)
-    gp = zeros.index_add(0, g, p.flatten().float())[:-1] / count.clamp_min(1)
-    R, used = target, (count > 0).float()
-    per_group = R / (R - 1) * ((R - 1) * f * gp + (1 - f) * (1 - gp))
-    return (per_group * used).sum() / used.sum().clamp_min(1)
-
-
-def margin_loss(p: torch.Tensor, mask: torch.Tensor, margin: float) -> torch.Tensor:
-    """mean over `mask` of relu(margin − |2p − 1|): zero once every p is at least margin/2 from the
-    0.5 threshold (0 for an empty mask). p (B, T); mask (B, T) bool. Forced boundaries (p = 1) cost
-    nothing. [ours] The ratio loss only sets the mean of p, and with sharpened sampling (τ = 6) a p
-    just above or below 0.5 is a boundary with probability 0.89 or 0.11, so p can sit at 0.5 ± 0.01
-    on every image token, blind to content, while training meets the target; the evaluation
-    threshold then flips whole images. This term makes p decide (bench/bench_image_adaptivity.py)."""
-    gap = F.relu(margin - (2 * p.float() - 1).abs())
-    return (gap * mask).sum() / mask.sum().clamp_min(1)
-
-
-@dataclass
-class ModalityStats:
-    """Compression of one token set in one batch (tensors, so they can be all-reduced)."""
-    tokens: torch.Tensor     # () number of tokens
-    concepts: torch.Tensor   # () number of boundaries among them
-    p_sum: torch.Tensor      # () sum of boundary probabilities
-
-    @property
-    def ratio(self) -> float:
-        return float(self.tokens) / max(float(self.concepts), 1.0)
-
-    @property
-    def mean_p(self) -> float:
-        return float(self.p_sum) / max(float(self.tokens), 1.0)
-
-
-def token_sets(modality: torch.Tensor, valid: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Token set name -> (B, T) bool: "all" valid tokens, and one set per modality ("text", "image")."""
-    return {"all": valid, **{m.label: valid & (modality == m) for m in Modality}}
-
-
-def compression_stats(p: torch.Tensor, b: torch.Tensor, modality: torch.Tensor,
-                      valid: torch.Tensor) -> dict[str, ModalityStats]:
-    """Per-modality and overall compression over valid tokens. p, b, modality, valid: (B, T)."""
-    return {name: ModalityStats(m.sum().detach(), (b & m).sum().detach(), (p.detach() * m).sum())
-            for name, m in token_sets(modality, valid).items()}
-
-
-class ChunkingCollapseWarning(UserWarning):
-    """The learned chunker stopped compressing (a boundary at every token) or merges nearly everything."""
-
-
-class CollapseMonitor:
-    """Pools compression over a window of steps for every token set, and warns when it collapses.
-
-    Collapse (checked for the token sets that have a target) = ratio below `low` (almost every
-    token a boundary) or above `high_factor` × target (almost no boundaries). Warns once per kind
-    until the ratio recovers.
-    """
-
-    def __init__(self, targets: dict[str, float], window: int = 20, low: float = 1.05, high_factor: float = 4.0):
-        self.targets, self.window, self.low, self.high_factor = targets, window, low, high_factor
-        self.history: dict[str, deque] = {}
-        self.active: set[str] = set()
-
-    def update(self, stats: dict[str, ModalityStats]) -> dict[str, float]:
-        """Add one step's stats; returns the windowed ratio per token set (and warns on collapse)."""
-        ratios = {}
-        for name, s in stats.items():
-            hist = self.history.setdefault(name, deque(maxlen=self.window))
-            hist.append((float(s.tokens), float(s.concepts)))
-            tokens = sum(t for t, _ in hist)
-            if tokens == 0:
-                continue
-            ratio = tokens / max(sum(c for _, c in hist), 1.0)
-            ratios[name] = ratio
-            if name in self.targets:
-                self._check(name, ratio, self.targets[name], full=len(hist) == self.window)
-        return ratios
-
-    def _check(self, name: str, ratio: float, target: float, full: bool) -> None:
-        kind = "low" if ratio < self.low and target > self.low else (
-            "high" if ratio > self.high_factor * target else None)
-        if kind is None:
-            self.active = {k for k in self.active if not k.startswith(f"{name}:")}
-            return
-        key = f"{name}:{kind}"
-        if full and key not in self.active:
-            self.active.add(key)
-            what = "nearly every token is a boundary" if kind == "low" else "almost no boundaries are left"
-            warnings.warn(f"chunking collapse on {name} tokens: {what} (ratio {ratio:.2f} over the last "
-                          f"{self.window} steps, target {target}); check the ratio loss weight "
-                          f"(model.chunk.ratio_loss_weight) and learning rate", ChunkingCollapseWarning, stacklevel=3)
 
 
 @dataclass

@@ -2,7 +2,8 @@
 
 Three ways through it, each a straight line through the same stages:
 
-    forward(batch)            a packed `Batch` (training, scoring): logits, losses, compression
+    forward(batch)            a packed `Batch` (training, scoring): logits, boundaries, the statistics the
+                              losses read (cmoe_vlm/objective.py computes them), compression
     extend(batch, state)      the next tokens of cached rows (prefill, continuation spans)
     step(input_ids, state)    one token per row (decoding)
 
@@ -22,14 +23,13 @@ import re
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from cmoe_base import IGNORE_INDEX, Batch, DocumentLayout, Modality
+from cmoe_base import Batch, DocumentLayout, Modality
 
 from .boundaries import BoundaryPolicy, Learned
-from .chunk import (Boundaries, ChunkModule, ChunkState, ModalityStats, boundary_rates, compression_stats,
-                       image_ids, margin_loss, per_group_ratio_loss, ratio_loss, token_sets)
+from .chunk import Boundaries, ChunkModule, ChunkState
+from .compression import ModalityStats, compression_stats
 from .concept_model import ConceptModel
 from .config import ModelConfig
 from .dechunk import DechunkModule, DechunkState, straight_through_one
@@ -45,17 +45,20 @@ __all__ = ["ConceptMoE", "DecodingState", "ModelConfig", "ModelOutput"]
 
 @dataclass
 class ModelOutput:
-    """Logits always; from `forward` also the losses and the compression record."""
-    logits: torch.Tensor                       # (B, T, V)
-    loss: torch.Tensor | None = None           # lm + λ_ratio · ratio + λ_lb · lb (with labels)
-    lm_loss: torch.Tensor | None = None
-    ratio_loss: torch.Tensor | None = None
-    lb_loss: torch.Tensor | None = None
-    compression: dict[str, ModalityStats] = field(default_factory=dict)  # "all", "text", "image"
-    tokens_per_expert: list[torch.Tensor] = field(default_factory=list)  # one (E,) per MoE layer call
+    """Logits and the boundaries used; from `forward` also what the losses (cmoe_vlm/objective.py) and
+    the logs read. No losses: the model computes none."""
+    logits: torch.Tensor                        # (B, T, V)
     boundary_probs: torch.Tensor | None = None  # (B, T) of the boundaries used
     boundaries: torch.Tensor | None = None      # (B, T) bool
+    own_boundaries: Boundaries | None = None    # forward with chunking: the chunk module's own (the ratio loss's)
+    moe_stats: list[MoEStats] = field(default_factory=list)  # forward: one per MoE layer call
+    compression: dict[str, ModalityStats] = field(default_factory=dict)  # "all", "text", "image"
     concept_lengths: tuple[tuple[int, ...], ...] | None = None  # host: concepts per document of each row (chunking)
+
+    @property
+    def tokens_per_expert(self) -> list[torch.Tensor]:
+        """(E,) assignments per expert of each MoE layer call."""
+        return [s.tokens_per_expert for s in self.moe_stats]
 
 
 @dataclass
@@ -105,9 +108,6 @@ class ConceptMoE(nn.Module):
         self.dechunk = DechunkModule() if cfg.chunk.enabled else None
         self.norm = RMSNorm(d, cfg.norm_eps)
         self.lm_head = nn.Linear(d, cfg.vocab_size, bias=False)
-        if cfg.chunk.enabled and cfg.chunk.ratio_integral > 0:
-            # integral term of the ratio control, one per token set; a buffer, so checkpoints keep it
-            self.register_buffer("ratio_mu", torch.zeros(len(cfg.chunk.targets())))
         self.reset_parameters()
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
@@ -131,10 +131,10 @@ class ConceptMoE(nn.Module):
         """Token-level RoPE angles, computed once per forward and used by every token-level layer."""
         return rope_angles(positions, self.attn_cfg.head_dim, self.cfg.rope_theta, self.cfg.rope_scaling)
 
-    # ---------------------------------------------------------------------------------------- training
+    # ---------------------------------------------------------------------------------- packed batches
     def forward(self, batch: Batch, inputs_embeds: torch.Tensor | None = None, above_index: torch.Tensor | None = None,
                 boundaries: BoundaryPolicy | None = None) -> ModelOutput:
-        """A packed batch -> logits and (with labels) the losses. inputs_embeds (B, T, d) replaces the
+        """A packed batch -> logits, boundaries and the losses' statistics. inputs_embeds (B, T, d) replaces the
         token embeddings (the VLM passes text and image embeddings); above_index (B, T) is the position
         of the patch above each image patch (−1 if none), for 2D image chunking."""
         _check_not_empty(batch)
@@ -159,8 +159,6 @@ class ConceptMoE(nn.Module):
         out = self._output(logits, batch, own, used, encoder_stats + concept_stats + decoder_stats)
         if own is not None:
             out.concept_lengths = concepts.layout.lengths  # what the concept model ran on (MFU, cmoe_vlm/flops)
-        if own is not None and self.cfg.chunk.ratio_integral > 0 and self.training and torch.is_grad_enabled():
-            self._update_ratio_integral(own, batch)  # the one buffer a training forward writes
         return out
 
     @staticmethod
@@ -170,7 +168,8 @@ class ConceptMoE(nn.Module):
             return h + c_bar * straight_through_one(used.confidence)[..., None]
         return h + c_bar
 
-    def _output(self, logits: torch.Tensor, batch: Batch, own: Boundaries | None, used: Boundaries | None,
+    @staticmethod
+    def _output(logits: torch.Tensor, batch: Batch, own: Boundaries | None, used: Boundaries | None,
                 moe_stats: list[MoEStats]) -> ModelOutput:
         valid, modality = batch.layout.valid, batch.modality
         if used is None:
@@ -178,51 +177,8 @@ class ConceptMoE(nn.Module):
             b = torch.ones(batch.shape, dtype=torch.bool, device=logits.device)
         else:
             p, b = used.p, used.b
-        out = ModelOutput(logits=logits, tokens_per_expert=[s.tokens_per_expert for s in moe_stats],
-                          boundary_probs=p, boundaries=b, compression=compression_stats(p, b, modality, valid))
-        out.lb_loss = torch.stack([s.lb_loss for s in moe_stats]).mean() if moe_stats else logits.sum() * 0
-        out.ratio_loss = p.sum() * 0 if own is None else self._ratio_loss(own, modality, valid)
-        if batch.labels is not None:
-            # mean over the predicted tokens; a batch without any (images only) adds 0, not 0/0 = NaN
-            labels = batch.labels.reshape(-1)
-            out.lm_loss = (F.cross_entropy(logits.float().view(-1, logits.shape[-1]), labels, ignore_index=IGNORE_INDEX,
-                                           reduction="sum") / (labels != IGNORE_INDEX).sum().clamp_min(1))
-            out.loss = (out.lm_loss + self.cfg.chunk.ratio_loss_weight * out.ratio_loss
-                        + self.cfg.lb_loss_weight * out.lb_loss)
-        return out
-
-    def _ratio_loss(self, own: Boundaries, modality: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        """The paper's loss per token set (docs/design.md §3) on the chunk module's own boundaries, plus
-        μ_i · G_i with the integral term: μ_i accumulates the steady rate error η · (R·F − 1) (a PI
-        controller's I), cancelling another steady force on p (the LM loss preferring fewer image
-        boundaries, say) that the paper's loss, whose pull ∝ (R·F − 1), would leave off target.
-        [ours] Options on images: `ratio_statistic: per_image` takes F, G per image; the margin term
-        `image_margin_weight` pushes image p away from the 0.5 threshold."""
-        cfg = self.cfg.chunk
-        sets = token_sets(modality, valid)
-        integral = cfg.ratio_integral > 0
-        losses = []
-        if cfg.image_margin_weight > 0:
-            losses.append(cfg.image_margin_weight * margin_loss(own.p, sets["image"], cfg.image_margin))
-        for i, (name, target) in enumerate(cfg.targets().items()):
-            if name == "image" and cfg.ratio_statistic == "per_image":
-                loss = per_group_ratio_loss(own.p, own.b, target, torch.where(sets[name], image_ids(modality), -1))
-            else:
-                loss = ratio_loss(own.p, own.b, target, sets[name])
-            if integral and target > 1:
-                _, g, n = boundary_rates(own.p, own.b, sets[name])
-                loss = loss + torch.where(n > 0, self.ratio_mu[i].clone() * g, 0.0)  # a copy: μ changes below
-            losses.append(loss)
-        return torch.stack(losses).sum()
-
-    @torch.no_grad()
-    def _update_ratio_integral(self, own: Boundaries, batch: Batch) -> None:
-        """μ_i += η · (R_i · F_i − 1) for every token set with a target and tokens in this batch."""
-        sets = token_sets(batch.modality, batch.layout.valid)
-        for i, (name, target) in enumerate(self.cfg.chunk.targets().items()):
-            if target > 1:
-                f, _, n = boundary_rates(own.p, own.b, sets[name])
-                self.ratio_mu[i] += torch.where(n > 0, self.cfg.chunk.ratio_integral * (target * f - 1), 0.0)
+        return ModelOutput(logits=logits, boundary_probs=p, boundaries=b, own_boundaries=own, moe_stats=moe_stats,
+                           compression=compression_stats(p, b, modality, valid))
 
     # ---------------------------------------------------------------------------------------- decoding
     def new_state(self, batch_size: int, device: torch.device | None = None,
@@ -339,8 +295,11 @@ _LEGACY_STACK = re.compile(r"^(encoder|concept|decoder)\.\d")
 
 
 def upgrade_legacy_keys(module: nn.Module, state_dict: dict, prefix: str, *_args) -> None:
-    """load_state_dict pre-hook of ConceptMoE: a state dict with version-1 weight names (a numbered
-    layer right under a stack) is renamed in place, so older exports and checkpoints load."""
+    """load_state_dict pre-hook of ConceptMoE: state dicts of older versions load. `ratio_mu`, the ratio
+    controller's state that models held until the controller became the training loop's
+    (cmoe_vlm/objective.py), is dropped (a resume takes it into the controller: training/checkpoint.py);
+    version-1 weight names (a numbered layer right under a stack) are renamed in place."""
+    state_dict.pop(prefix + "ratio_mu", None)
     keys = [k for k in state_dict if k.startswith(prefix)]
     if not any(_LEGACY_STACK.match(k[len(prefix):]) for k in keys):
         return

@@ -228,6 +228,15 @@ def deepspeed_weights(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
+def legacy_ratio_controller(path: Path) -> dict[str, list[float]] | None:
+    """The ratio controller's state in a checkpoint written while the model held it as the buffer
+    `lm.ratio_mu` (main 69f0ad8 and earlier; now the loop's, saved in the rank files), in
+    `RatioController.state_dict` form; None when the checkpoint has none."""
+    module = load_deepspeed_file(path / "mp_rank_00_model_states.pt", map_location="cpu")["module"]
+    mu = module.get("lm.ratio_mu")
+    return None if mu is None else {"mu": mu.tolist()}
+
+
 def export_checkpoint(path: str | Path, out_dir: str | Path) -> Path:
     """Write checkpoint `path`'s weights and model config as an export folder (see `save_pretrained`)."""
     from ..checkpoints.export import save_pretrained

@@ -83,12 +83,10 @@ class DeepSpeedMoE(nn.Module):
             out = out + shared_expert(self.shared, self.shared_gate, x_ND).view(shape)
         if not with_stats:
             return out, None
-        # Our balance loss, not DeepSpeed's l_aux (its top-2 variant counts first choices only), so
-        # both backends optimise the same objective: E · Σ_e (fraction of assignments) · (mean prob).
+        # Our balance loss's statistics, not DeepSpeed's l_aux (its top-2 variant counts first choices only), so
+        # both backends optimise the same objective (cmoe_vlm/objective.py).
         probs_NE = torch.nn.functional.linear(x_ND.float(), self.layer.deepspeed_moe.gate.wg.weight.float()).softmax(-1)
-        E, N = self.cfg.num_experts, x_ND.shape[0]
-        lb_loss = E * (counts.float() / max(N * self.cfg.top_k, 1) * probs_NE.mean(0)).sum()
-        return out, MoEStats(lb_loss, counts.detach())
+        return out, MoEStats(probs_NE.mean(0), counts.detach())
 
 
 def swap_in_deepspeed_moe(model: nn.Module, ep_size: int) -> int:

@@ -22,10 +22,12 @@ from vision import build_image_transform
 from ..checkpoints.export import save_pretrained
 from ..config import to_dict
 from ..model.boundaries import BoundaryPolicy, ConversionRamp
-from ..model.chunk import CollapseMonitor, ModalityStats
+from ..model.compression import ModalityStats
 from ..model.vlm import ConceptMoEVLM
+from ..objective import Objective, RatioController, lm_loss
 from . import compute, mfu, resume
-from .checkpoint import Checkpointer
+from .checkpoint import Checkpointer, legacy_ratio_controller
+from .collapse import CollapseMonitor
 from .config import ExperimentConfig, check_experiment, training_data
 from .engine import build_engine, collective_device, setup_distributed, use_bf16
 from .expert_parallel import plain_state_dict, swap_in_deepspeed_moe
@@ -82,7 +84,7 @@ def evaluate(model: ConceptMoEVLM, loader: StreamingLoader, max_batches: int,
             break
         out = model(batch, boundaries=boundaries)
         mask = batch.labels != IGNORE_INDEX
-        nll += float(out.lm_loss) * int(mask.sum())
+        nll += float(lm_loss(out.logits, batch.labels)) * int(mask.sum())
         n_tok += int(mask.sum())
         if histograms is not None:
             for k, v in compression_histograms(out.boundary_probs, out.boundaries, batch.modality,
@@ -124,7 +126,7 @@ def throughput(window: dict[str, Any], world: int, peak: float | None) -> dict[s
 def sync_step(stop: bool, skip: bool, controller: list[torch.Tensor], world: int) -> tuple[bool, bool]:
     """Make the per-step decisions global with one all-reduce (world > 1; none on one process): stop when
     any rank got a signal, skip the update when any rank found a non-finite gradient, and average the
-    ratio controller's buffers, which each rank's forward updated from its own batch. Returns (stop, skip)."""
+    ratio controller's state, which each rank updated from its own batch. Returns (stop, skip)."""
     if world == 1:
         return stop, skip
     flat = torch.cat([torch.tensor([float(stop), float(skip)], device=collective_device()),
@@ -183,11 +185,16 @@ def train(exp: ExperimentConfig) -> dict[str, Any]:
     peak, peak_source = mfu.peak_flops(engine.device, bf16, cfg.peak_tflops) if rank == 0 else (None, "")
 
     step, skipped_steps, consecutive_bad = 0, 0, 0
+    controller = RatioController.of(exp.model, engine.device)
+    objective = Objective(exp.model, controller)
     if latest is not None:
         state = ckpt.load(engine, latest)
         apply_hyperparameters(scheduler, cfg)  # lr, betas, weight decay as configured now
         step, skipped_steps = state["step"], state["skipped_steps"]
         same_stream = loader.load_state_dict(state["loader"])
+        saved_controller = state.get("ratio_controller") or (legacy_ratio_controller(latest) if controller else None)
+        if controller is not None and saved_controller is not None:
+            controller.load_state_dict(saved_controller)
         if rank == 0:
             print(f"resumed from {latest} at step {step}")
             if diff["applied"] or diff["ignored"]:
@@ -211,7 +218,6 @@ def train(exp: ExperimentConfig) -> dict[str, Any]:
     # fp32 ZeRO-0: DeepSpeed steps our AdamW itself, with no non-finite check: the loop checks the gradient
     # norm and sets the optimizer's `overflow` (ZeRO-1/2 and bf16 optimizers check on their own)
     checks_gradients = engine.optimizer is scheduler.optimizer
-    controller = [b for name, b in engine.module.named_buffers() if name.endswith("ratio_mu")]
     batches = forever(loader)
     bar = tqdm(total=cfg.steps, initial=step, disable=rank != 0, desc="train", dynamic_ncols=True)
     summary: dict[str, Any] = {}
@@ -224,7 +230,8 @@ def train(exp: ExperimentConfig) -> dict[str, Any]:
 
     def save() -> None:
         nonlocal saved_step
-        ckpt.save(engine, step, {"loader": loader.state_dict(), "skipped_steps": skipped_steps}, record)
+        ckpt.save(engine, step, {"loader": loader.state_dict(), "skipped_steps": skipped_steps,
+                                 **({"ratio_controller": controller.state_dict()} if controller else {})}, record)
         saved_step = step
 
     try:
@@ -235,7 +242,7 @@ def train(exp: ExperimentConfig) -> dict[str, Any]:
                 ramp = ConversionRamp(cfg.ratio_ramp_steps, step)
                 # the achieved R is below target by design while boundaries are forced: no collapse alarm
                 monitor.targets = {} if ramp.probability > 0 else exp.model.chunk.targets()
-            controller_before = [b.clone() for b in controller]
+            controller_before = controller.state_dict() if controller else None
             tokens, step_flops, parts, norm = 0, 0.0, [], None
             for micro in range(cfg.grad_accum):
                 t1 = time.perf_counter()
@@ -243,25 +250,29 @@ def train(exp: ExperimentConfig) -> dict[str, Any]:
                 t_data += time.perf_counter() - t1
                 with compute.autocast(engine.device, bf16):
                     out = engine(batch, boundaries=ramp)
+                    losses = objective(out, batch)
+                if controller is not None:
+                    controller.update(out.own_boundaries, batch)
                 # A non-finite loss goes through backward and step like any other, as NaN gradients (a host
                 # sync-free factor, exactly 1 otherwise): DeepSpeed's accumulation stays in phase
                 # (micro_steps = global_steps x grad_accum), the whole group's update is skipped, and with
                 # several processes the gradient reduction carries the NaN to every rank, so all skip it.
-                engine.backward(out.loss * torch.where(torch.isfinite(out.loss), 1.0, math.nan))
+                engine.backward(losses.total * torch.where(torch.isfinite(losses.total), 1.0, math.nan))
                 if micro == cfg.grad_accum - 1:
                     if checks_gradients:
                         norm = grad_norm(engine.module)
                     bad_gradient = checks_gradients and (norm is None or not math.isfinite(norm))
-                    stopping, skip = sync_step(stop["signal"] is not None, bad_gradient, controller, world)
+                    stopping, skip = sync_step(stop["signal"] is not None, bad_gradient,
+                                               [controller.mu] if controller else [], world)
                     if checks_gradients:
                         engine.optimizer.overflow = skip
                 engine.step()
                 tokens += batch.num_tokens()
                 step_flops += mfu.step_flops(engine.module, batch, out)
-                parts.append(out)
+                parts.append((out, losses))
             if not engine.was_step_applied():  # a non-finite loss or gradient in the group, on some rank
-                for b, before in zip(controller, controller_before):
-                    b.copy_(before)
+                if controller is not None:
+                    controller.load_state_dict(controller_before)
                 skipped_steps += 1
                 consecutive_bad += 1
                 if consecutive_bad >= cfg.max_nonfinite:
@@ -273,7 +284,7 @@ def train(exp: ExperimentConfig) -> dict[str, Any]:
             dt = time.perf_counter() - t0
             t_step += dt
             t1 = time.perf_counter()
-            out = parts[-1]
+            out, losses = parts[-1]
             for key, value in (("tokens", tokens), ("flops", step_flops), ("seconds", dt)):
                 window[key] += value
             window["compression"].append(out.compression)
@@ -283,8 +294,8 @@ def train(exp: ExperimentConfig) -> dict[str, Any]:
                 for stats in window["compression"]:  # the collapse monitor pools every step, read now
                     windowed = monitor.update(stats)
                 metrics = {
-                    "loss": out.loss.item(), "lm_loss": out.lm_loss.item(), "ratio_loss": out.ratio_loss.item(),
-                    "lb_loss": out.lb_loss.item(), "lr": scheduler.get_last_lr()[0],
+                    "loss": losses.total.item(), "lm_loss": losses.lm.item(), "ratio_loss": losses.ratio.item(),
+                    "lb_loss": losses.balance.item(), "lr": scheduler.get_last_lr()[0],
                     **throughput(window, world, peak),
                     **compression_summary(out.compression), **{f"ratio_window_{k}": v for k, v in windowed.items()},
                     **flatten("expert_load", expert_load(out.tokens_per_expert)),
@@ -292,8 +303,8 @@ def train(exp: ExperimentConfig) -> dict[str, Any]:
                     **({f"target_ratio_{k}": v for k, v in exp.model.chunk.targets().items()}
                        if exp.model.chunk.enabled else {}),
                     **({"forced_boundary_prob": ramp.probability} if ramp is not None else {}),
-                    **({f"ratio_integral_{k}": float(mu) for k, mu in zip(exp.model.chunk.targets(), model.lm.ratio_mu)}
-                       if hasattr(model.lm, "ratio_mu") else {}),
+                    **({f"ratio_integral_{k}": float(mu) for k, mu in zip(exp.model.chunk.targets(), controller.mu)}
+                       if controller is not None else {}),
                     **({"compiled_graphs": compute.compiled_graphs()} if applied["compiled"] else {}),
                 }
                 if norm is None:  # ZeRO-1/2: DeepSpeed computes the norm while stepping

@@ -4,9 +4,11 @@ import pytest
 import torch
 
 from cmoe_base import DocumentLayout
-from cmoe_vlm.model.chunk import (Boundaries, ChunkConfig, ChunkModule, ChunkingCollapseWarning, CollapseMonitor,
-                               ModalityStats, ratio_loss, sharpen)
+from cmoe_vlm.model.chunk import Boundaries, ChunkConfig, ChunkModule, sharpen
+from cmoe_vlm.model.compression import ModalityStats
 from cmoe_vlm.model.merge import MERGE_RULES
+from cmoe_vlm.objective import ratio_loss
+from cmoe_vlm.training.collapse import ChunkingCollapseWarning, CollapseMonitor
 
 
 @pytest.mark.parametrize("R", [1.5, 2.0, 4.0])

@@ -11,6 +11,7 @@ from cmoe_base import Batch
 from cmoe_vlm.model.chunk import ChunkConfig
 from cmoe_vlm.model.layers.moe import MoEConfig
 from cmoe_vlm.model.conceptmoe import ConceptMoE, ModelConfig
+from cmoe_vlm.objective import Objective
 
 STEPS, WINDOW, TARGET = 200, 20, 4.0
 
@@ -29,11 +30,13 @@ def train(weight: float, seed: int = 0) -> tuple[float, float, float]:
     for step in range(STEPS):
         start = torch.randint(0, len(data) - 257, (8,), generator=gen)
         rows = torch.stack([data[s: s + 257] for s in start])
-        out = model(Batch.of(rows[:, :-1], labels=rows[:, 1:]))
+        batch = Batch.of(rows[:, :-1], labels=rows[:, 1:])
+        out = model(batch)
+        step_losses = Objective(model.cfg)(out, batch)
         opt.zero_grad()
-        out.loss.backward()
+        step_losses.total.backward()
         opt.step()
-        losses.append(out.lm_loss.item())
+        losses.append(step_losses.lm.item())
         if step >= STEPS - WINDOW:
             tokens += float(out.compression["all"].tokens)
             concepts += float(out.compression["all"].concepts)

@@ -6,6 +6,7 @@ import torch
 
 from cmoe_base import Batch
 from cmoe_vlm.model.vlm import ConceptMoEVLM
+from cmoe_vlm.objective import Objective, lm_loss
 
 from .test_vlm import batch_of, image, vlm_config
 
@@ -21,12 +22,12 @@ def test_batch_without_lm_targets_has_zero_lm_loss_and_finite_gradients():
     model = ConceptMoEVLM(vlm_config()).train()
     batch = batch_of([[image(0)], [image(1), image(2)]], model.cfg)
     batch = dataclasses.replace(batch, labels=torch.full_like(batch.labels, -100))  # images only: nothing to predict
-    out = model(batch)
-    assert out.lm_loss.item() == 0.0 and torch.isfinite(out.loss)  # was NaN (0/0), then a skipped step
-    out.loss.backward()
+    losses = Objective(model.cfg.model)(model(batch), batch)
+    assert losses.lm.item() == 0.0 and torch.isfinite(losses.total)  # was NaN (0/0), then a skipped step
+    losses.total.backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
     with_targets = batch_of([["a caption", image(0)]], model.cfg)
     out = model(with_targets)  # with targets: the same mean as before
     reference = torch.nn.functional.cross_entropy(out.logits.float().flatten(0, 1), with_targets.labels.flatten(),
                                                   ignore_index=-100)
-    assert torch.equal(out.lm_loss, reference)
+    assert torch.equal(lm_loss(out.logits, with_targets.labels), reference)

@@ -6,6 +6,7 @@ from cmoe_vlm.model.chunk import ChunkConfig
 from cmoe_vlm.model.layers.moe import MoEConfig
 from cmoe_vlm.model.layers.rope import RopeScaling
 from cmoe_vlm.model.conceptmoe import ConceptMoE, ModelConfig
+from cmoe_vlm.objective import Objective, RatioController
 
 
 def tiny(enabled=True, **kw) -> ModelConfig:
@@ -131,9 +132,11 @@ def test_baseline_has_no_chunking_parts_and_ratio_one():
     assert not any(".joint." in n for n, _ in base.named_parameters())
     assert sum(n.endswith("joint.proj.weight") for n, _ in cm.named_parameters()) == 2  # all decoder layers joint
     x = torch.randint(0, 64, (2, 16))
-    out = base(Batch.of(x, labels=x))
-    assert out.compression["all"].ratio == 1.0 and out.ratio_loss.item() == 0.0
-    assert out.loss.item() == pytest.approx(out.lm_loss.item() + 0.01 * out.lb_loss.item(), rel=1e-5)
+    batch = Batch.of(x, labels=x)
+    out = base(batch)
+    losses = Objective(base.cfg)(out, batch)
+    assert out.compression["all"].ratio == 1.0 and losses.ratio.item() == 0.0
+    assert losses.total.item() == pytest.approx(losses.lm.item() + 0.01 * losses.balance.item(), rel=1e-5)
 
 
 def test_losses_and_backward():
@@ -141,9 +144,11 @@ def test_losses_and_backward():
     x = torch.randint(0, 64, (2, 48))
     labels = x.roll(-1, 1)
     labels[:, -1] = -100
-    out = m(Batch.of(x, doc_ids=packed_docs(), labels=labels))
-    out.loss.backward()
-    assert out.ratio_loss.item() >= 1.0 - 1e-4  # its minimum is 1
+    batch = Batch.of(x, doc_ids=packed_docs(), labels=labels)
+    out = m(batch)
+    losses = Objective(m.cfg)(out, batch)
+    losses.total.backward()
+    assert losses.ratio.item() >= 1.0 - 1e-4  # its minimum is 1
     assert m.chunk.q_proj.weight.grad is not None and m.chunk.q_proj.weight.grad.abs().sum() > 0
     assert len(out.tokens_per_expert) == 1 + 2 + 2
     stats = out.compression
@@ -151,7 +156,7 @@ def test_losses_and_backward():
 
 
 def test_ratio_integral_accumulates_the_rate_error_and_adds_mu_times_mean_p():
-    from cmoe_vlm.model.chunk import ratio_loss
+    from cmoe_vlm.objective import ratio_loss
 
     torch.manual_seed(0)
     eta = 0.5
@@ -162,26 +167,31 @@ def test_ratio_integral_accumulates_the_rate_error_and_adds_mu_times_mean_p():
     modality = torch.zeros_like(x)
     modality[:, 10:26] = Modality.IMAGE
     labels = torch.randint(0, 64, x.shape)
-    assert model.ratio_mu.tolist() == [0.0, 0.0] and "ratio_mu" in model.state_dict()
+    assert RatioController.of(tiny()) is None  # chunk.ratio_integral = 0: no controller
+    controller = RatioController.of(cfg)  # the training loop's state, not the model's
+    assert controller.mu.tolist() == [0.0, 0.0] and "ratio_mu" not in model.state_dict()
     mu = torch.tensor([0.3, -0.2])
-    model.ratio_mu.copy_(mu)
+    controller.load_state_dict({"mu": mu.tolist()})
 
-    out = model(Batch.of(x, modality=modality, labels=labels))
+    batch = Batch.of(x, modality=modality, labels=labels)
+    out = model(batch)
+    losses = Objective(cfg, controller)(out, batch)
+    controller.update(out.own_boundaries, batch)
     p, b = out.boundary_probs, out.boundaries
     sets = {"text": modality == Modality.TEXT, "image": modality == Modality.IMAGE}
     targets = {"text": 2.0, "image": 3.0}
     paper = sum(ratio_loss(p, b, targets[k], sets[k]) for k in sets)
     extra = sum(mu[i] * p[sets[k]].mean() for i, k in enumerate(sets))
-    torch.testing.assert_close(out.ratio_loss, paper + extra)
+    torch.testing.assert_close(losses.ratio, paper + extra)
     want = mu + eta * torch.tensor([targets[k] * b[sets[k]].float().mean() - 1 for k in sets])
-    torch.testing.assert_close(model.ratio_mu, want)
+    torch.testing.assert_close(controller.mu, want)
 
-    out.loss.backward()  # the μ·G term reaches the chunk projections
+    losses.total.backward()  # the μ·G term reaches the chunk projections
     assert model.chunk.q_proj.weight.grad.abs().sum() > 0
     model.eval()
     with torch.no_grad():
-        model(Batch.of(x, modality=modality, labels=labels))
-    torch.testing.assert_close(model.ratio_mu, want)  # evaluation leaves the controller alone
+        Objective(cfg, controller)(model(batch), batch)
+    torch.testing.assert_close(controller.mu, want)  # evaluation (a loss without an update) leaves it alone
 
 
 def test_force_all_boundaries_moved_to_a_boundary_policy():

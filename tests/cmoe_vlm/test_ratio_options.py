@@ -1,13 +1,15 @@
 """The ratio-loss options beside the paper's pooled loss: a per-image statistic and a margin term on
-image p (cmoe_vlm/model/chunk.py), each against a slow reference, and how the model adds them."""
+image p (cmoe_vlm/objective.py), each against a slow reference, and how the objective adds them."""
 import pytest
 import torch
 
 from cmoe_base import Batch
-from cmoe_vlm.model.chunk import ChunkConfig, image_ids, margin_loss, per_group_ratio_loss, ratio_loss
 from cmoe_vlm.config import ConfigError
-from cmoe_vlm.model.layers.moe import MoEConfig
+from cmoe_vlm.model.chunk import ChunkConfig
+from cmoe_vlm.model.compression import image_ids
 from cmoe_vlm.model.conceptmoe import ConceptMoE, ModelConfig
+from cmoe_vlm.model.layers.moe import MoEConfig
+from cmoe_vlm.objective import Objective, margin_loss, per_group_ratio_loss, ratio_loss
 
 
 def test_image_ids_number_each_run_of_image_tokens():
@@ -64,7 +66,7 @@ def test_options_are_validated_by_name():
     ChunkConfig(ratio_mode="per_modality", ratio_statistic="per_image", image_margin_weight=0.1)
 
 
-def test_model_ratio_loss_adds_the_options():
+def test_objective_ratio_loss_adds_the_options():
     torch.manual_seed(0)
     base = dict(ratio_mode="per_modality", text_ratio=1.5, image_ratio=3.0)
     def model(**chunk):
@@ -72,16 +74,22 @@ def test_model_ratio_loss_adds_the_options():
         return ConceptMoE(ModelConfig(dim=32, num_heads=2, encoder_layers=1, concept_layers=1, decoder_layers=1,
                                       moe=MoEConfig(num_experts=2, top_k=1, expert_hidden=32),
                                       chunk=ChunkConfig(**base, **chunk))).eval()
+
+    def ratio(m):
+        out = m(batch)
+        return out, Objective(m.cfg).ratio_loss(out.own_boundaries, batch)
+
     ids = torch.randint(0, 256, (2, 24))
     modality = torch.zeros_like(ids)
     modality[:, 4:12] = 1
     modality[1, 14:20] = 1
-    plain = model()(Batch.of(ids, modality))
+    batch = Batch.of(ids, modality)
+    plain, plain_loss = ratio(model())
     text, image = modality == 0, modality == 1
     p, b = plain.boundary_probs, plain.boundaries
-    assert plain.ratio_loss.item() == pytest.approx(
+    assert plain_loss.item() == pytest.approx(
         (ratio_loss(p, b, 1.5, text) + ratio_loss(p, b, 3.0, image)).item(), rel=1e-5)
-    out = model(ratio_statistic="per_image", image_margin_weight=0.2, image_margin=0.4)(Batch.of(ids, modality))
+    _, loss = ratio(model(ratio_statistic="per_image", image_margin_weight=0.2, image_margin=0.4))
     want = (ratio_loss(p, b, 1.5, text) + per_group_ratio_loss(p, b, 3.0, torch.where(image, image_ids(modality), -1))
             + 0.2 * margin_loss(p, image, 0.4))
-    assert out.ratio_loss.item() == pytest.approx(want.item(), rel=1e-5)
+    assert loss.item() == pytest.approx(want.item(), rel=1e-5)

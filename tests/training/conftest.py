@@ -23,7 +23,7 @@ def overrides(data, out_dir, *extra: str) -> list[str]:
 
 
 class NaNGradient(torch.autograd.Function):
-    """Identity forward; a NaN gradient backward: a finite loss whose gradients are not."""
+    """Identity forward; a NaN gradient backward: finite outputs (and loss) whose gradients are not."""
 
     @staticmethod
     def forward(ctx, x):

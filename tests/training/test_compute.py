@@ -11,6 +11,7 @@ from cmoe_base import Batch
 from cmoe_vlm.model.chunk import ChunkConfig
 from cmoe_vlm.model.layers.moe import MoEConfig
 from cmoe_vlm.model.conceptmoe import ConceptMoE, ModelConfig
+from cmoe_vlm.objective import Objective
 from cmoe_vlm.training import compute, mfu
 from cmoe_vlm.training.config import TrainConfig
 
@@ -38,11 +39,12 @@ def saved_bytes_and_grads(mode: str, seed: int = 0) -> tuple[int, float, dict[st
         return t
 
     torch.manual_seed(1)
+    batch = Batch.of(x, doc_ids=packed_docs(), labels=x.roll(-1, 1))
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = model(Batch.of(x, doc_ids=packed_docs(), labels=x.roll(-1, 1)))
+        loss = Objective(model.cfg)(model(batch), batch).total
     kept = sum(saved)  # what the forward kept for backward (recomputation's own saves come later)
-    out.loss.backward()
-    return kept, out.loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    loss.backward()
+    return kept, loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
 def test_activation_checkpointing_gives_the_plain_gradients_and_keeps_less():
@@ -77,13 +79,15 @@ def test_bf16_autocast_trains_on_cpu_over_fp32_weights():
         x = torch.randint(0, 64, (2, 48), generator=torch.Generator().manual_seed(0))
         for i in range(5):  # the same batch: the loss must fall
             torch.manual_seed(10 + i)
+            batch = Batch.of(x, doc_ids=packed_docs(), labels=x.roll(-1, 1))
             with compute.autocast(torch.device("cpu"), bf16):
-                out = model(Batch.of(x, doc_ids=packed_docs(), labels=x.roll(-1, 1)))
+                out = model(batch)
+                loss = Objective(model.cfg)(out, batch).total
             assert (out.logits.dtype == torch.bfloat16) == bf16
-            out.loss.backward()
+            loss.backward()
             opt.step()
             opt.zero_grad()
-            losses[bf16].append(out.loss.item())
+            losses[bf16].append(loss.item())
         assert all(p.dtype == torch.float32 for p in model.parameters())
     assert losses[True][-1] < losses[True][0]
     for a, b in zip(losses[True], losses[False]):
@@ -107,11 +111,13 @@ def test_compiled_step_matches_eager_with_bounded_graphs():
         for i in range(20):
             x = torch.randint(0, 64, (2, 48), generator=torch.Generator().manual_seed(i))
             torch.manual_seed(100 + i)
-            out = model(Batch.of(x, doc_ids=packed_docs(), labels=x.roll(-1, 1)))
-            out.loss.backward()
+            batch = Batch.of(x, doc_ids=packed_docs(), labels=x.roll(-1, 1))
+            out = model(batch)
+            loss = Objective(cfg)(out, batch).total
+            loss.backward()
             opt.step()
             opt.zero_grad()
-            losses[compiled].append(out.loss.item())
+            losses[compiled].append(loss.item())
             concepts.add(sum(map(sum, out.concept_lengths)))
             if compiled and i in (4, 19):
                 graphs.append(compute.compiled_graphs())

@@ -55,9 +55,9 @@ def inject(monkeypatch, faults: dict[int, str]) -> None:
             calls["n"] += 1
             fault = faults.get(calls["n"])
             if fault == "nan_loss":
-                out.loss = out.loss * float("nan")
+                out.logits = out.logits * float("nan")
             elif fault == "nan_grad":
-                out.loss = NaNGradient.apply(out.loss)
+                out.logits = NaNGradient.apply(out.logits)
         return out
 
     monkeypatch.setattr(ConceptMoEVLM, "forward", forward)

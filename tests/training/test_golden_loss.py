@@ -35,6 +35,7 @@ def golden_losses(steps: int = STEPS, dtype: torch.dtype = torch.float32, thread
     from cmoe_vlm.training.config import load_experiment
     from cmoe_vlm.training.optim import build_optimizer
     from cmoe_vlm.model.vlm import ConceptMoEVLM
+    from cmoe_vlm.objective import Objective
     from data_pipelines.builtin import write_builtin_dataset
     from data_pipelines.loader import StreamingLoader
     from vision import build_image_transform
@@ -52,14 +53,15 @@ def golden_losses(steps: int = STEPS, dtype: torch.dtype = torch.float32, thread
             losses: list[float] = []
             batches = iter(loader)
             while len(losses) < steps:
-                batch = next(batches)
-                out = model(batch.to("cpu", dtype))
-                out.loss.backward()
+                batch = next(batches).to("cpu", dtype)
+                out = model(batch)
+                loss = Objective(exp.model)(out, batch).total
+                loss.backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), exp.train.grad_clip)
                 opt.step()
                 sched.step()
                 opt.zero_grad(set_to_none=True)
-                losses.append(out.loss.item())
+                losses.append(loss.item())
                 if seen is not None:
                     stats = out.compression["all"]
                     for key, n in (("images", len(batch.images)), ("tokens", int(stats.tokens)),

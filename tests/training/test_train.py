@@ -135,7 +135,7 @@ def test_nonfinite_steps_are_skipped_and_counted(builtin_data, tmp_path, monkeyp
         out = real_forward(self, *args, **kwargs)
         calls["n"] += 1
         if self.training and calls["n"] in (3, 4):
-            out.loss = out.loss * float("nan")
+            out.logits = out.logits * float("nan")
         return out
 
     monkeypatch.setattr(ConceptMoEVLM, "forward", flaky_forward)
@@ -170,7 +170,7 @@ def test_nonfinite_gradient_steps_are_skipped(builtin_data, tmp_path, monkeypatc
         out = real_forward(self, *args, **kwargs)
         calls["n"] += 1
         if self.training and calls["n"] == 3:
-            out.loss = NaNGradient.apply(out.loss)
+            out.logits = NaNGradient.apply(out.logits)
         return out
 
     monkeypatch.setattr(ConceptMoEVLM, "forward", forward)
@@ -185,7 +185,7 @@ def test_nonfinite_gradient_steps_are_skipped(builtin_data, tmp_path, monkeypatc
 
 
 def _nan(out):
-    out.loss = out.loss * float("nan")
+    out.logits = out.logits * float("nan")
     return out
 
 

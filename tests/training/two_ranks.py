@@ -49,9 +49,9 @@ def main() -> None:
             calls["n"] += 1
             fault = faults.get(torch.distributed.get_rank(), {}).get(calls["n"])
             if fault == "nan_loss":
-                result.loss = result.loss * float("nan")
+                result.logits = result.logits * float("nan")
             elif fault == "nan_grad":
-                result.loss = NaNGradient.apply(result.loss)
+                result.logits = NaNGradient.apply(result.logits)
             elif fault == "sigterm":
                 signal.raise_signal(signal.SIGTERM)
             return result

@@ -41,8 +41,9 @@ class MoEConfig:
 
 @dataclass
 class MoEStats:
-    """What one MoE layer reports for a forward pass."""
-    lb_loss: torch.Tensor         # () load-balance loss, minimum 1 at uniform routing
+    """What one MoE layer reports for a forward pass: what the balance loss (cmoe_vlm/objective.py) and the
+    expert-load log read."""
+    router_probs: torch.Tensor       # (E,) mean router probability per expert over the tokens (0 without tokens)
     tokens_per_expert: torch.Tensor  # (E,) assignments per expert
 
 
@@ -169,7 +170,5 @@ class MoE(nn.Module):
         if not with_stats:
             return out_ND.view(shape), None
 
-        # Switch-style balance loss: E · Σ_e (fraction of assignments to e) · (mean prob of e).
-        frac_E = tokens_per_expert.float() / max(N * K, 1)
-        lb_loss = E * (frac_E * probs_NE.mean(0)).sum() if N > 0 else probs_NE.sum() * 0
-        return out_ND.view(shape), MoEStats(lb_loss, tokens_per_expert.detach())
+        router_probs_E = probs_NE.mean(0) if N > 0 else probs_NE.sum(0)
+        return out_ND.view(shape), MoEStats(router_probs_E, tokens_per_expert.detach())

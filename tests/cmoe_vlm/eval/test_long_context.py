@@ -113,6 +113,7 @@ def test_briefly_trained_conceptmoe_copies_from_context():
     test_shipped_passkey_model_retrieves_unseen_keys.)"""
     from cmoe_vlm.inference.generation import generate
     from cmoe_vlm.model.conceptmoe import ConceptMoE
+    from cmoe_vlm.objective import Objective
     from data_pipelines.sequence import build_sequence
 
     exp = load_experiment(Path(__file__).resolve().parents[3] / "configs/tiny.yaml", [
@@ -155,9 +156,10 @@ def test_briefly_trained_conceptmoe_copies_from_context():
             for g in opt.param_groups:
                 g["lr"] = 3e-3 * min(1.0, (step + 1) / 50) * 0.5 * (1 + math.cos(math.pi * step / steps))
             ids, labels, doc = batch(32)
-            out = model(Batch.of(ids, doc_ids=doc, labels=labels))
+            step_batch = Batch.of(ids, doc_ids=doc, labels=labels)
+            out = model(step_batch)
             opt.zero_grad()
-            out.loss.backward()
+            Objective(model.cfg)(out, step_batch).total.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
             if step >= steps - 20:  # compression pooled over the last 20 steps
