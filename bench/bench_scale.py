@@ -52,7 +52,7 @@ from cmoe_base import Batch, DocumentLayout  # noqa: E402
 from cmoe_vlm.flops.cli import strip_reallocation  # noqa: E402
 from cmoe_vlm.model.conceptmoe import ConceptMoE, ModelConfig  # noqa: E402
 from cmoe_vlm.objective import Objective  # noqa: E402
-from cmoe_vlm.training import compute, mfu  # noqa: E402
+from cmoe_vlm.training import mfu, prepare  # noqa: E402
 from cmoe_vlm.training.config import TrainConfig, load_experiment  # noqa: E402
 from cmoe_vlm.training.optim import build_optimizer  # noqa: E402
 
@@ -119,7 +119,7 @@ def train_steps(model: torch.nn.Module, batches, update, bf16: bool, device: tor
     for i in range(steps):
         batch = batches(i)
         t0 = time.perf_counter()
-        with compute.autocast(device, bf16):
+        with prepare.autocast(device, bf16):
             out = model(batch)
             loss = objective(out, batch).total
         loss.backward()
@@ -156,7 +156,7 @@ def run_point(p: dict) -> dict:
     torch.manual_seed(0)
     cfg = model_config(p["config"], p["chunking"], p["T"])
     model = ConceptMoE(cfg).train()
-    compute.apply_activation_checkpointing(model, p.get("ac", "off"))
+    prepare.apply_activation_checkpointing(model, p.get("ac", "off"))
     rows = p.get("rows", 1)
     batch = random_batch(cfg, rows, p["T"], p["docs"])
     bf16 = p.get("dtype", "fp32") == "bf16"
@@ -291,13 +291,13 @@ def compile_run(compiled: bool, steps: int, backend: str, rows: int = 4, T: int 
     cfg = model_config("tiny", True, T)
     model = ConceptMoE(cfg).train()
     if compiled:
-        compute.apply_compile(model, backend=backend)
+        prepare.apply_compile(model, backend=backend)
     graphs, concepts = {}, []
 
     def after(i: int, out) -> None:
         concepts.append(sum(map(sum, out.concept_lengths)))
         if compiled and i + 1 in (1, 2, 5, 20, 50, 100, 200, steps):
-            graphs[i + 1] = compute.compiled_graphs()
+            graphs[i + 1] = prepare.compiled_graphs()
 
     times, _, losses = train_steps(model, lambda i: random_batch(cfg, rows, T, docs=1 + i % 5, seed=i),
                                    adamw(model, 1e-3), False, torch.device("cpu"), steps, min_steps=steps, after=after)

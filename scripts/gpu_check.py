@@ -43,7 +43,7 @@ from cmoe_vlm.flops.cli import load_model_config, strip_reallocation  # noqa: E4
 from cmoe_vlm.model.layers.document_attention import AttentionLayout  # noqa: E402
 from cmoe_vlm.model.conceptmoe import ConceptMoE, ModelConfig  # noqa: E402
 from cmoe_vlm.objective import Objective  # noqa: E402
-from cmoe_vlm.training import compute, mfu  # noqa: E402
+from cmoe_vlm.training import mfu, prepare  # noqa: E402
 from cmoe_vlm.training.optim import build_optimizer  # noqa: E402
 
 
@@ -168,14 +168,14 @@ def train_run(name, cfg, chunking, compiled, rows, T, steps, bf16, device, peak,
     torch.manual_seed(0)
     model = ConceptMoE(cfg).to(device).train()
     if compiled:
-        compute.apply_compile(model, backend=args.backend)
+        prepare.apply_compile(model, backend=args.backend)
     opt, sched = build_optimizer(model, OptimConfig())
     batches = [packed_batch(cfg, rows, T, 8, device, seed=i) for i in range(steps)]
     times, flops, losses = [], [], []
     for i, batch in enumerate(batches):
         sync(device)
         t0 = time.perf_counter()
-        with compute.autocast(device, bf16):
+        with prepare.autocast(device, bf16):
             out = model(batch)
             loss = Objective(cfg)(out, batch).total
         loss.backward()
@@ -194,7 +194,7 @@ def train_run(name, cfg, chunking, compiled, rows, T, steps, bf16, device, peak,
             "params_M": sum(p.numel() for p in model.parameters()) / 1e6, "step_ms": 1e3 * seconds / (steps - warm),
             "tokens_per_s": tokens / seconds, "tflops": work / seconds / 1e12, "mfu": work / seconds / peak if peak else None,
             "peak_source": source, "max_memory_gib": max_memory_gib(device), "warmup_s": sum(times[:warm]),
-            "graphs": compute.compiled_graphs() if compiled else 0, "loss_first": losses[0], "loss_last": losses[-1],
+            "graphs": prepare.compiled_graphs() if compiled else 0, "loss_first": losses[0], "loss_last": losses[-1],
             "finite": all(map(lambda v: v == v, losses))}
 
 
@@ -256,7 +256,7 @@ def ep_worker() -> None:
         batch = packed_batch(cfg, 4, 1024, 4, device, seed=10 * i + rank)  # ranks feed different data
         sync(device)
         t0 = time.perf_counter()
-        with compute.autocast(device, True):
+        with prepare.autocast(device, True):
             loss = Objective(cfg)(engine(batch), batch).total
         engine.backward(loss)
         engine.step()

@@ -32,7 +32,7 @@ class TrainConfig:
     zero_stage: int = 0
     ep_size: int = 1                       # expert-parallel group size (DeepSpeed MoE when > 1)
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on GPUs that support it, fp32 on CPU;
-                                           # bf16 = autocast over fp32 master weights, CPU or GPU (training/compute.py)
+                                           # bf16 = autocast over fp32 master weights, CPU or GPU (training/prepare.py)
     compile: bool | Literal["auto"] = "auto"  # torch.compile each block; auto = on CUDA only (slower on CPU, design §17)
     activation_checkpointing: Literal["off", "blocks", "concept"] | bool = "off"  # recompute blocks in backward
     peak_tflops: float | None = None       # the device's peak for MFU (null: GPU table, or CPU measured once)

@@ -53,16 +53,6 @@ def shutdown_distributed() -> None:
         dist.destroy_process_group()
 
 
-def use_bf16(cfg: TrainConfig) -> bool:
-    """Whether the forward runs under bf16 autocast: precision bf16 (CPU or GPU), or auto on a GPU with bf16."""
-    if cfg.precision == "fp32":
-        return False
-    supported = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    if cfg.precision == "bf16" and torch.cuda.is_available() and not supported:
-        raise RuntimeError("train.precision = bf16: this GPU has no bf16 support; use fp32 (or auto)")
-    return cfg.precision == "bf16" or supported
-
-
 def deepspeed_config(cfg: TrainConfig, micro_batch: int) -> dict:
     """The DeepSpeed JSON generated from our config; a user's `deepspeed_config` file overrides keys."""
     ds = {
@@ -70,7 +60,7 @@ def deepspeed_config(cfg: TrainConfig, micro_batch: int) -> dict:
         "gradient_accumulation_steps": cfg.grad_accum,
         "gradient_clipping": cfg.grad_clip,
         "zero_optimization": {"stage": cfg.zero_stage},
-        "bf16": {"enabled": False},  # bf16 is autocast over fp32 master weights (training/compute.py)
+        "bf16": {"enabled": False},  # bf16 is autocast over fp32 master weights (training/prepare.py)
         "zero_allow_untested_optimizer": True,  # our AdamW param groups, created below
         "steps_per_print": 10**9,
     }

@@ -25,15 +25,16 @@ from ..model.boundaries import BoundaryPolicy, ConversionRamp
 from ..model.compression import ModalityStats
 from ..model.vlm import ConceptMoEVLM
 from ..objective import Objective, RatioController, lm_loss
-from . import compute, mfu, resume
+from . import mfu, resume
 from .checkpoint import Checkpointer, legacy_ratio_controller
 from .collapse import CollapseMonitor
 from .config import ExperimentConfig, check_experiment, training_data
-from .engine import build_engine, collective_device, setup_distributed, use_bf16
+from .engine import build_engine, collective_device, setup_distributed
 from .expert_parallel import plain_state_dict, swap_in_deepspeed_moe
 from .initial_weights import fit_vocab, load_initial_weights
 from .metrics import MetricsLogger, WandbRun, compression_histograms, flatten
 from .optim import apply_hyperparameters
+from .prepare import compiled_graphs, prepare_model
 
 
 class NonFiniteError(RuntimeError):
@@ -180,9 +181,8 @@ def train(exp: ExperimentConfig) -> dict[str, Any]:
                       f"keep epoch order", stacklevel=2)
     loader = StreamingLoader(data_cfg, tokenizer=tokenizer, image_transform=transform, rank=rank, world_size=world)
     engine, _, scheduler = build_engine(model, cfg, exp.data.batch_size)
-    applied = compute.prepare(engine.module, cfg, engine.device)
-    bf16 = use_bf16(cfg)
-    peak, peak_source = mfu.peak_flops(engine.device, bf16, cfg.peak_tflops) if rank == 0 else (None, "")
+    prepared = prepare_model(engine.module, cfg, engine.device)
+    peak, peak_source = mfu.peak_flops(engine.device, prepared.bf16, cfg.peak_tflops) if rank == 0 else (None, "")
 
     step, skipped_steps, consecutive_bad = 0, 0, 0
     controller = RatioController.of(exp.model, engine.device)
@@ -248,7 +248,7 @@ def train(exp: ExperimentConfig) -> dict[str, Any]:
                 t1 = time.perf_counter()
                 batch = next(batches).to(engine.device)
                 t_data += time.perf_counter() - t1
-                with compute.autocast(engine.device, bf16):
+                with prepared.autocast(engine.device):
                     out = engine(batch, boundaries=ramp)
                     losses = objective(out, batch)
                 if controller is not None:
@@ -305,7 +305,7 @@ def train(exp: ExperimentConfig) -> dict[str, Any]:
                     **({"forced_boundary_prob": ramp.probability} if ramp is not None else {}),
                     **({f"ratio_integral_{k}": float(mu) for k, mu in zip(exp.model.chunk.targets(), controller.mu)}
                        if controller is not None else {}),
-                    **({"compiled_graphs": compute.compiled_graphs()} if applied["compiled"] else {}),
+                    **({"compiled_graphs": compiled_graphs()} if prepared.compiled else {}),
                 }
                 if norm is None:  # ZeRO-1/2: DeepSpeed computes the norm while stepping
                     norm = engine.get_global_grad_norm()
@@ -334,7 +334,7 @@ def train(exp: ExperimentConfig) -> dict[str, Any]:
                # the loop's own cost (data wait, metrics, logging, checkpoints) as a share of wall time
                "loop_overhead_fraction": (t_data + t_after) / max(t_step + t_after, 1e-9),
                "interrupted": stopping, "peak_tflops": peak / 1e12 if peak else None, "peak_source": peak_source,
-               **applied}
+               "checkpointed_blocks": prepared.checkpointed_blocks, "compiled": prepared.compiled}
     if cfg.heldout_shards and not stopping:  # every rank: expert-parallel layers are collective
         eval_cfg = replace(exp.data, shards=cfg.heldout_shards, num_workers=0, shuffle_buffer=0, resampled=False,
                            steps_per_epoch=None)

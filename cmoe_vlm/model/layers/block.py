@@ -6,7 +6,6 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from .attention import Attention, AttentionConfig, AttentionLayout, KVCache
 from .joint_decoding import JointDecoding
@@ -17,10 +16,6 @@ Rope = tuple[torch.Tensor, torch.Tensor]
 
 
 class Block(nn.Module):
-    """`checkpointed` (set by training, cmoe_vlm/training/compute.py): a training forward keeps only
-    the block's input and recomputes the rest in backward (activation checkpointing)."""
-    checkpointed = False
-
     def __init__(self, attn: AttentionConfig, moe: MoEConfig, joint: bool = False):
         super().__init__()
         self.attn_norm = RMSNorm(attn.dim, attn.norm_eps)
@@ -56,10 +51,7 @@ def run_blocks(blocks: Sequence[Block], x: torch.Tensor, rope: Rope, layout: Att
     """Blocks in order over a packed batch; returns the output and each block's MoE stats."""
     stats = []
     for blk in blocks:
-        if blk.checkpointed and torch.is_grad_enabled():
-            x, st = checkpoint(blk, x, rope, layout, concept, use_reentrant=False)
-        else:
-            x, st = blk(x, rope, layout, concept)
+        x, st = blk(x, rope, layout, concept)
         stats.append(st)
     return x, stats
 

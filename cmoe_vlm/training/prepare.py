@@ -1,16 +1,15 @@
 """How the model runs in training: precision, activation checkpointing, torch.compile (docs/design.md §17).
 
-Applied to a built model by the training loop (and the benchmarks), so model code stays free of them:
+Applied from outside to a built model, which knows nothing of them (as torchtitan's `parallelize`):
 
-    apply_activation_checkpointing(model.lm, "concept")   # train.activation_checkpointing
-    apply_compile(model.lm)                               # train.compile
-    with autocast(device, bf16=True): out = model(batch)  # train.precision = bf16
+    prepared = prepare_model(model, cfg, device)           # train.activation_checkpointing, train.compile
+    with prepared.autocast(device): out = model(batch)     # train.precision
 
 - Precision: bf16 is autocast around forward and loss, on CPU and GPU alike, with fp32 weights,
   gradients and optimizer states (the master weights; DeepSpeed runs in fp32).
 - Activation checkpointing: a checkpointed block keeps only its input for backward and recomputes
-  the rest (`torch.utils.checkpoint`, non-reentrant): "blocks" = every block, "concept" = the
-  concept layers only.
+  the rest: torch's composable `checkpoint` (non-reentrant, as forward hooks: the block's class and
+  its weight names stay as they are): "blocks" = every block, "concept" = the concept layers only.
 - Compile: each block compiled on its own (`nn.Module.compile`, as torchtitan does), so blocks of one
   kind share code and the host-side parts of a forward (the batch's document lengths, the concept
   count M read by the merger, the attention plans) stay outside any graph. The attention call and
@@ -21,10 +20,12 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+from torch.distributed._composable import checkpoint
 
 from ..model.conceptmoe import ConceptMoE
 from ..model.layers.block import Block
@@ -33,7 +34,7 @@ if TYPE_CHECKING:  # not at run time: the GPU check imports this without the dat
     from .config import TrainConfig
 
 
-def checkpointed_blocks(lm: ConceptMoE, mode: str) -> list[Block]:
+def blocks_to_checkpoint(lm: ConceptMoE, mode: str) -> list[Block]:
     """The blocks `train.activation_checkpointing = mode` checkpoints."""
     if mode == "off":
         return []
@@ -43,10 +44,11 @@ def checkpointed_blocks(lm: ConceptMoE, mode: str) -> list[Block]:
 
 
 def apply_activation_checkpointing(lm: ConceptMoE, mode: str) -> int:
-    """Mark the blocks of `mode` ("off", "blocks", "concept") as checkpointed; returns how many."""
-    chosen = checkpointed_blocks(lm, mode)
-    for blk in [*lm.encoder.layers, *lm.concept.layers, *lm.decoder.layers]:
-        blk.checkpointed = blk in chosen
+    """Checkpoint the blocks of `mode` ("off", "blocks", "concept") of a model not checkpointed before;
+    returns how many."""
+    chosen = blocks_to_checkpoint(lm, mode)
+    for blk in chosen:
+        checkpoint(blk)
     return len(chosen)
 
 
@@ -69,6 +71,16 @@ def compiled_graphs() -> int:
     return int(counters["stats"]["unique_graphs"])
 
 
+def use_bf16(cfg: TrainConfig) -> bool:
+    """Whether the forward runs under bf16 autocast: precision bf16 (CPU or GPU), or auto on a GPU with bf16."""
+    if cfg.precision == "fp32":
+        return False
+    supported = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if cfg.precision == "bf16" and torch.cuda.is_available() and not supported:
+        raise RuntimeError("train.precision = bf16: this GPU has no bf16 support; use fp32 (or auto)")
+    return cfg.precision == "bf16" or supported
+
+
 @contextlib.contextmanager
 def autocast(device: torch.device, bf16: bool) -> Iterator[None]:
     """bf16 autocast on `device` when `bf16`, else nothing."""
@@ -76,12 +88,23 @@ def autocast(device: torch.device, bf16: bool) -> Iterator[None]:
         yield
 
 
-def prepare(model: nn.Module, cfg: TrainConfig, device: torch.device) -> dict[str, int | bool]:
-    """Apply train.activation_checkpointing and train.compile to a ConceptMoEVLM (or ConceptMoE);
-    returns what was applied."""
+@dataclass
+class Prepared:
+    """What `prepare_model` applied (the run summary reports the counts)."""
+    bf16: bool               # forward and loss under bf16 autocast
+    checkpointed_blocks: int
+    compiled: bool
+
+    def autocast(self, device: torch.device) -> contextlib.AbstractContextManager[None]:
+        return autocast(device, self.bf16)
+
+
+def prepare_model(model: nn.Module, cfg: TrainConfig, device: torch.device) -> Prepared:
+    """Apply train.activation_checkpointing and train.compile to a ConceptMoEVLM (or ConceptMoE), and
+    resolve train.precision; returns what was applied."""
     lm = getattr(model, "lm", model)
-    done = {"checkpointed_blocks": apply_activation_checkpointing(lm, cfg.activation_checkpointing), "compiled": False}
-    if compile_enabled(cfg, device):
+    blocks = apply_activation_checkpointing(lm, cfg.activation_checkpointing)
+    compiled = compile_enabled(cfg, device)
+    if compiled:
         apply_compile(lm)
-        done["compiled"] = True
-    return done
+    return Prepared(bf16=use_bf16(cfg), checkpointed_blocks=blocks, compiled=compiled)

@@ -1,4 +1,4 @@
-"""How training runs the model (cmoe_vlm/training/compute.py, mfu.py): activation checkpointing gives
+"""How training runs the model (cmoe_vlm/training/prepare.py, mfu.py): activation checkpointing gives
 the plain run's gradients while keeping fewer activations, bf16 autocast on CPU trains over fp32
 master weights, the compiled step follows the eager one with a bounded number of graphs while the
 concept count changes every step, and the MFU peak is measured once and cached."""
@@ -12,7 +12,7 @@ from cmoe_vlm.model.chunk import ChunkConfig
 from cmoe_vlm.model.layers.moe import MoEConfig
 from cmoe_vlm.model.conceptmoe import ConceptMoE, ModelConfig
 from cmoe_vlm.objective import Objective
-from cmoe_vlm.training import compute, mfu
+from cmoe_vlm.training import mfu, prepare
 from cmoe_vlm.training.config import TrainConfig
 
 
@@ -30,7 +30,7 @@ def packed_docs() -> torch.Tensor:
 def saved_bytes_and_grads(mode: str, seed: int = 0) -> tuple[int, float, dict[str, torch.Tensor]]:
     torch.manual_seed(seed)
     model = ConceptMoE(tiny()).train()
-    assert compute.apply_activation_checkpointing(model, mode) == {"off": 0, "blocks": 5, "concept": 2}[mode]
+    assert prepare.apply_activation_checkpointing(model, mode) == {"off": 0, "blocks": 5, "concept": 2}[mode]
     x = torch.randint(0, 64, (2, 48))
     saved = []
 
@@ -63,8 +63,8 @@ def test_train_config_modes():
     with pytest.raises(Exception, match="activation_checkpointing"):
         TrainConfig(activation_checkpointing=True)
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert not compute.compile_enabled(TrainConfig(), cpu) and compute.compile_enabled(TrainConfig(), cuda)
-    assert compute.compile_enabled(TrainConfig(compile=True), cpu)
+    assert not prepare.compile_enabled(TrainConfig(), cpu) and prepare.compile_enabled(TrainConfig(), cuda)
+    assert prepare.compile_enabled(TrainConfig(compile=True), cpu)
 
 
 def test_bf16_autocast_trains_on_cpu_over_fp32_weights():
@@ -80,7 +80,7 @@ def test_bf16_autocast_trains_on_cpu_over_fp32_weights():
         for i in range(5):  # the same batch: the loss must fall
             torch.manual_seed(10 + i)
             batch = Batch.of(x, doc_ids=packed_docs(), labels=x.roll(-1, 1))
-            with compute.autocast(torch.device("cpu"), bf16):
+            with prepare.autocast(torch.device("cpu"), bf16):
                 out = model(batch)
                 loss = Objective(model.cfg)(out, batch).total
             assert (out.logits.dtype == torch.bfloat16) == bf16
@@ -105,7 +105,7 @@ def test_compiled_step_matches_eager_with_bounded_graphs():
         torch.manual_seed(0)
         model = ConceptMoE(cfg).train()
         if compiled:
-            assert compute.apply_compile(model) == 3
+            assert prepare.apply_compile(model) == 3
         opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
         losses[compiled], concepts = [], set()
         for i in range(20):
@@ -120,7 +120,7 @@ def test_compiled_step_matches_eager_with_bounded_graphs():
             losses[compiled].append(loss.item())
             concepts.add(sum(map(sum, out.concept_lengths)))
             if compiled and i in (4, 19):
-                graphs.append(compute.compiled_graphs())
+                graphs.append(prepare.compiled_graphs())
         assert len(concepts) > 5  # M really changed
     for a, b in zip(losses[True], losses[False]):
         assert a == pytest.approx(b, rel=1e-5)
