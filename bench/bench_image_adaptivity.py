@@ -152,7 +152,7 @@ def run_one(exp, data_root: Path, eval_every: int, eval_images: int, final_image
     """Train `exp` with curves of the adaptivity measurement; returns the run's record."""
     from cmoe_vlm.eval.adaptivity import measure_adaptivity
     from cmoe_vlm.inference.runner import ModelRunner
-    from cmoe_vlm.training.loop import evaluate
+    from cmoe_vlm.training.evaluate import evaluate
     from cmoe_vlm.model.vlm import ConceptMoEVLM
     from data_pipelines.loader import StreamingLoader
     from data_pipelines.tokenizer import load_tokenizer

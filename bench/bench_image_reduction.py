@@ -74,7 +74,7 @@ def measure(model, exp, boundaries, suite: Path, limit: int, data_root: Path) ->
     """Suite accuracies, held-out LM loss and image concepts per image of a model (eval mode)."""
     from cmoe_vlm.eval.tasks import load_suite, run_multiple_choice
     from cmoe_vlm.inference.runner import ModelRunner
-    from cmoe_vlm.training.loop import evaluate
+    from cmoe_vlm.training.evaluate import evaluate
     from data_pipelines.loader import StreamingLoader
     from data_pipelines.tokenizer import load_tokenizer
     from vision import build_image_transform

@@ -1,13 +1,23 @@
-"""The training loop: packed batches → DeepSpeed engine → losses → logs and checkpoints."""
+"""The training loop: packed batches → DeepSpeed engine → objective → logs and checkpoints.
+
+    run = setup_run(exp)            # checks, resume point, model, loader, engine, objective, logger
+    train_step(run, ...)            # one optimizer step over train.grad_accum micro-batches
+    log_step(run, result, bar)      # on log steps: the metrics record (metrics.py) to the JSONL and trackers
+    save(run)                       # a checkpoint (checkpoint.py), with the loader and controller states
+    finish(run)                     # held-out evaluation, export, OUT/summary.json
+
+What the run owns besides the engine: the ratio controller (objective.py: saved with every checkpoint,
+averaged over ranks, restored on a skipped step), the data position, the skip counters.
+"""
 from __future__ import annotations
 
+import contextlib
 import json
-import math
 import signal
 import time
 import warnings
-from collections.abc import Iterator
-from dataclasses import replace
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -15,30 +25,210 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from cmoe_base import IGNORE_INDEX, Batch
+from cmoe_base import Batch
 from data_pipelines.loader import StreamingLoader
+from data_pipelines.tokenizer import Tokenizer
 from vision import build_image_transform
 
 from ..checkpoints.export import save_pretrained
 from ..config import to_dict
-from ..model.boundaries import BoundaryPolicy, ConversionRamp
-from ..model.compression import ModalityStats
+from ..model.boundaries import ConversionRamp
+from ..model.conceptmoe import ModelOutput
 from ..model.vlm import ConceptMoEVLM
-from ..objective import Objective, RatioController, lm_loss
+from ..objective import Losses, Objective, RatioController
 from . import mfu, resume
 from .checkpoint import Checkpointer, legacy_ratio_controller
 from .collapse import CollapseMonitor
-from .config import ExperimentConfig, check_experiment, training_data
-from .engine import build_engine, collective_device, setup_distributed
+from .config import ExperimentConfig, TrainConfig, check_experiment, training_data
+from .engine import StepGuard, build_engine, setup_distributed
+from .evaluate import evaluate
 from .expert_parallel import plain_state_dict, swap_in_deepspeed_moe
 from .initial_weights import fit_vocab, load_initial_weights
-from .metrics import MetricsLogger, WandbRun, compression_histograms, flatten
+from .metrics import MetricsLogger, WandbRun, Window, progress_postfix, step_record
 from .optim import apply_hyperparameters
-from .prepare import compiled_graphs, prepare_model
+from .prepare import Prepared, compiled_graphs, prepare_model
 
 
 class NonFiniteError(RuntimeError):
     """Too many consecutive steps with a non-finite loss or gradient."""
+
+
+@dataclass
+class Timing:
+    """Seconds spent waiting for data (inside steps), in steps, and after steps (logging, checkpoints)."""
+    data: float = 0.0
+    step: float = 0.0
+    after: float = 0.0
+
+
+@dataclass
+class Run:
+    """A training run: what `setup_run` builds and the steps advance."""
+    exp: ExperimentConfig
+    rank: int
+    world: int
+    tokenizer: Tokenizer
+    engine: Any                          # the DeepSpeed engine around the ConceptMoEVLM
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    guard: StepGuard
+    prepared: Prepared
+    loader: StreamingLoader
+    batches: Iterator[Batch]
+    objective: Objective
+    controller: RatioController | None
+    checkpointer: Checkpointer
+    record: dict[str, Any]               # the config and topology saved with every checkpoint
+    monitor: CollapseMonitor
+    peak: float | None                   # FLOP/s for MFU (rank 0)
+    peak_source: str
+    logger: MetricsLogger = field(init=False)  # opened once the resumed step is known
+    step: int = 0
+    skipped_steps: int = 0
+    consecutive_bad: int = 0
+    saved_step: int = 0
+    stopping: bool = False
+    window: Window = field(default_factory=Window)
+    timing: Timing = field(default_factory=Timing)
+    last_record: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def cfg(self) -> TrainConfig:
+        return self.exp.train
+
+    @property
+    def out_dir(self) -> Path:
+        return Path(self.cfg.out_dir)
+
+
+@dataclass
+class StepResult:
+    """An applied optimizer step: its last micro-batch's output and losses, and the step's host counts."""
+    out: ModelOutput
+    losses: Losses
+    ramp: ConversionRamp | None
+    tokens: int
+    flops: float
+    seconds: float
+
+
+def train(exp: ExperimentConfig) -> dict[str, Any]:
+    """Train per `exp`; returns the final summary (also written to OUT/summary.json).
+
+    Everything is validated (`check_experiment`) and a resume checked against the checkpoint's config
+    (`resume`) before the model is built; both raise a ConfigError naming the fields."""
+    run = setup_run(exp)
+    bar = tqdm(total=run.cfg.steps, initial=run.step, disable=run.rank != 0, desc="train", dynamic_ncols=True)
+    with stop_signals() as stop_requested, contextlib.closing(bar):
+        while run.step < run.cfg.steps and not run.stopping:
+            result = train_step(run, stop_requested)
+            if result is None:  # the update was skipped
+                continue
+            t0 = time.perf_counter()
+            run.window.add(result.tokens, result.flops, result.seconds, result.out.compression)
+            bar.update(1)
+            if run.step % run.cfg.log_every == 0 or run.step == run.cfg.steps or run.stopping:
+                log_step(run, result, bar)
+            if run.step % run.cfg.ckpt_every == 0 or run.step == run.cfg.steps or run.stopping:
+                save(run)
+            run.timing.after += time.perf_counter() - t0
+        if run.stopping and run.saved_step != run.step:
+            save(run)  # stopped right after a skipped step
+    return finish(run)
+
+
+# ------------------------------------------------------------------------------------------- set-up
+
+def setup_run(exp: ExperimentConfig) -> Run:
+    """Check everything, find the resume point, build the model, loader, engine and objective, and
+    restore the checkpoint's state."""
+    cfg = exp.train
+    rank, world = setup_distributed()
+    tokenizer = check_experiment(exp, world)
+    exp = fit_vocab(exp, tokenizer)  # with train.init_from, model.vocab_size follows the tokenizer
+    checkpointer = Checkpointer(cfg.out_dir, cfg.keep_last, rank)
+    record = resume.experiment_record(exp, world)
+    latest, diff = resume_point(exp, checkpointer, record, rank, world)
+
+    torch.manual_seed(cfg.seed)
+    model = ConceptMoEVLM(exp.vlm)
+    if cfg.init_from and latest is None:  # a resume takes the checkpoint's weights
+        load_initial_weights(model, cfg.init_from)
+    if cfg.ep_size > 1:
+        swap_in_deepspeed_moe(model.lm, cfg.ep_size)
+    loader = training_loader(exp, tokenizer, model, rank, world)
+    engine, _, scheduler = build_engine(model, cfg, exp.data.batch_size)
+    prepared = prepare_model(engine.module, cfg, engine.device)
+    peak, peak_source = mfu.peak_flops(engine.device, prepared.bf16, cfg.peak_tflops) if rank == 0 else (None, "")
+    controller = RatioController.of(exp.model, engine.device)
+    run = Run(exp=exp, rank=rank, world=world, tokenizer=tokenizer, engine=engine, scheduler=scheduler,
+              guard=StepGuard(engine, scheduler.optimizer), prepared=prepared, loader=loader,
+              batches=forever(loader), objective=Objective(exp.model, controller), controller=controller,
+              checkpointer=checkpointer, record=record, peak=peak, peak_source=peak_source,
+              monitor=CollapseMonitor(exp.model.chunk.targets() if exp.model.chunk.enabled else {}))
+    if latest is not None:
+        restore(run, latest, diff)
+    if rank == 0:
+        run.out_dir.mkdir(parents=True, exist_ok=True)
+        if latest is None or diff["applied"] or diff["ignored"]:  # the run's config as it is from now on
+            (run.out_dir / "config.json").write_text(json.dumps(to_dict(exp), indent=2, default=str))
+    wandb = WandbRun(cfg.wandb_project, cfg.wandb_name, cfg.wandb_mode, to_dict(exp)) if cfg.wandb else None
+    run.logger = MetricsLogger(run.out_dir, enabled=rank == 0, tensorboard=cfg.tensorboard, start_step=run.step,
+                               wandb=wandb)
+    return run
+
+
+def resume_point(exp: ExperimentConfig, checkpointer: Checkpointer, record: dict[str, Any], rank: int, world: int,
+                 ) -> tuple[Path | None, dict[str, list] | None]:
+    """The checkpoint to resume from (train.resume) and how the requested config differs from its
+    (refused changes raise a ConfigError); with train.resume = false an earlier run is set aside."""
+    out_dir = Path(exp.train.out_dir)
+    latest = checkpointer.latest()
+    if latest is not None and exp.train.resume:
+        diff = resume.compare(Checkpointer.experiment(latest), record)
+        resume.check_resume(latest, diff)
+        return latest, diff
+    if latest is not None:  # train.resume = false: start over, the previous run kept aside
+        if rank == 0:
+            aside = resume.set_aside(out_dir)
+            warnings.warn(f"train.resume = false: starting {out_dir} over; the previous run's files are in {aside}",
+                          stacklevel=3)
+        if world > 1:
+            dist.barrier()
+    return None, None
+
+
+def training_loader(exp: ExperimentConfig, tokenizer: Tokenizer, model: ConceptMoEVLM, rank: int,
+                    world: int) -> StreamingLoader:
+    """The streaming loader of this rank, with the model's training image transform."""
+    data_cfg = training_data(exp, world)
+    if data_cfg is not exp.data and rank == 0:
+        # Every rank must run the same number of steps; without data.steps_per_epoch that needs
+        # resampled shards. Say so rather than change the sampling silently.
+        warnings.warn(f"{world} processes and no data.steps_per_epoch: streaming shards resampled (with "
+                      f"replacement) so that every rank runs the same steps; set data.steps_per_epoch to "
+                      f"keep epoch order", stacklevel=3)
+    transform = build_image_transform(model.vision, train=True)
+    return StreamingLoader(data_cfg, tokenizer=tokenizer, image_transform=transform, rank=rank, world_size=world)
+
+
+def restore(run: Run, latest: Path, diff: dict[str, list]) -> None:
+    """Load checkpoint `latest` into the run: engine (model, optimizer, schedule), RNG, step and skip
+    counters, data position, ratio controller; then the configured hyperparameters apply."""
+    state = run.checkpointer.load(run.engine, latest)
+    apply_hyperparameters(run.scheduler, run.cfg)  # lr, betas, weight decay as configured now
+    run.step = run.saved_step = state["step"]
+    run.skipped_steps = state["skipped_steps"]
+    same_stream = run.loader.load_state_dict(state["loader"])
+    if run.controller is not None:  # checkpoints of main 69f0ad8 and earlier kept it in the model
+        saved = state.get("ratio_controller") or legacy_ratio_controller(latest)
+        if saved is not None:
+            run.controller.load_state_dict(saved)
+    if run.rank == 0:
+        print(f"resumed from {latest} at step {run.step}")
+        if diff["applied"] or diff["ignored"]:
+            note = "" if same_stream else "; the data position was saved for other shards: this epoch starts over"
+            warnings.warn(resume.describe(diff, run.step, run.out_dir) + note, stacklevel=3)
+            resume.record(run.out_dir, run.step, diff)
 
 
 def forever(loader: StreamingLoader) -> Iterator[Batch]:
@@ -53,306 +243,143 @@ def forever(loader: StreamingLoader) -> Iterator[Batch]:
                                f"(skipped: {loader.skipped})")
 
 
-def expert_load(tokens_per_expert: list[torch.Tensor]) -> dict[str, float]:
-    """Max/mean assignments per expert, averaged over MoE layers (1 = perfectly balanced)."""
-    imbalance = [float(c.max()) / max(float(c.float().mean()), 1e-9) for c in tokens_per_expert if c.numel()]
-    return {"max_over_mean": sum(imbalance) / max(len(imbalance), 1)}
-
-
-def grad_norm(model: torch.nn.Module) -> float | None:
-    """Global L2 norm of the gradients held on the parameters, before clipping (ZeRO-0, where
-    DeepSpeed reports none); None when no parameter has a gradient."""
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    if not grads:
-        return None
-    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])))
-
-
-@torch.no_grad()
-def evaluate(model: ConceptMoEVLM, loader: StreamingLoader, max_batches: int,
-             histograms: dict[str, torch.Tensor] | None = None, boundaries: BoundaryPolicy | None = None
-             ) -> dict[str, Any]:
-    """Held-out LM loss, bits per byte-token, and per-modality compression with the eval threshold
-    (or the boundaries of the policy `boundaries`). Without a single predicted token there is no
-    loss to report: only `predicted_tokens` = 0. A given `histograms` dict receives the per-modality
-    boundary probabilities and chunk lengths (trackers)."""
-    was_training = model.training
-    model.eval()
-    nll = n_tok = 0.0
-    totals: dict[str, list[float]] = {}
-    for i, batch in enumerate(loader):
-        if i >= max_batches:
-            break
-        out = model(batch, boundaries=boundaries)
-        mask = batch.labels != IGNORE_INDEX
-        nll += float(lm_loss(out.logits, batch.labels)) * int(mask.sum())
-        n_tok += int(mask.sum())
-        if histograms is not None:
-            for k, v in compression_histograms(out.boundary_probs, out.boundaries, batch.modality,
-                                               batch.layout.starts, batch.layout.valid).items():
-                histograms[k] = torch.cat([histograms[k], v]) if k in histograms else v
-        for name, s in out.compression.items():
-            acc = totals.setdefault(name, [0.0, 0.0, 0.0])
-            acc[0] += float(s.tokens)
-            acc[1] += float(s.concepts)
-            acc[2] += float(s.p_sum)
-    model.train(was_training)
-    if not n_tok:
-        return {"predicted_tokens": 0}
-    loss = nll / n_tok
-    compression = {name: {"tokens": int(t), "concepts": int(c), "ratio": t / max(c, 1), "mean_p": p / max(t, 1)}
-                   for name, (t, c, p) in totals.items() if t}
-    return {"lm_loss": loss, "bits_per_token": loss / math.log(2), "predicted_tokens": int(n_tok),
-            "compression": compression}
-
-
-def compression_summary(stats: dict[str, ModalityStats]) -> dict[str, float]:
-    out = {}
-    for k, s in stats.items():
-        if float(s.tokens):
-            out[f"ratio_{k}"], out[f"tokens_{k}"], out[f"concepts_{k}"] = s.ratio, int(s.tokens), int(s.concepts)
-    return out
-
-
-def throughput(window: dict[str, Any], world: int, peak: float | None) -> dict[str, float]:
-    """tokens/s (all ranks), training FLOPs per token and TFLOP/s (this rank) and MFU over the steps
-    of `window` (host sums: tokens, realized FLOPs, seconds)."""
-    seconds = max(window["seconds"], 1e-9)
-    rate = window["flops"] / seconds
-    return {"tokens_per_s": window["tokens"] * world / seconds,
-            "flops_per_token": window["flops"] / max(window["tokens"], 1), "tflops": rate / 1e12,
-            **({"mfu": rate / peak} if peak else {})}
-
-
-def sync_step(stop: bool, skip: bool, controller: list[torch.Tensor], world: int) -> tuple[bool, bool]:
-    """Make the per-step decisions global with one all-reduce (world > 1; none on one process): stop when
-    any rank got a signal, skip the update when any rank found a non-finite gradient, and average the
-    ratio controller's state, which each rank updated from its own batch. Returns (stop, skip)."""
-    if world == 1:
-        return stop, skip
-    flat = torch.cat([torch.tensor([float(stop), float(skip)], device=collective_device()),
-                      *[b.detach().float().reshape(-1).to(collective_device()) for b in controller]])
-    dist.all_reduce(flat)
-    offset = 2
-    for b in controller:
-        b.copy_((flat[offset:offset + b.numel()] / world).view_as(b))
-        offset += b.numel()
-    return bool(flat[0] > 0), bool(flat[1] > 0)
-
-
-def train(exp: ExperimentConfig) -> dict[str, Any]:
-    """Train per `exp`; returns the final summary (also written to OUT/summary.json).
-
-    Everything is validated (`check_experiment`) and a resume checked against the checkpoint's config
-    (`resume`) before the model is built; both raise a ConfigError naming the fields."""
-    cfg = exp.train
-    rank, world = setup_distributed()
-    out_dir = Path(cfg.out_dir)
-    tokenizer = check_experiment(exp, world)
-    exp = fit_vocab(exp, tokenizer)  # with train.init_from, model.vocab_size follows the tokenizer
-    ckpt = Checkpointer(out_dir, cfg.keep_last, rank)
-    record = resume.experiment_record(exp, world)
-    latest = ckpt.latest() if cfg.resume else None
-    diff = None
-    if latest is not None:
-        diff = resume.compare(Checkpointer.experiment(latest), record)
-        resume.check_resume(latest, diff)
-    elif ckpt.latest() is not None:  # train.resume = false: start over, the previous run kept aside
-        if rank == 0:
-            aside = resume.set_aside(out_dir)
-            warnings.warn(f"train.resume = false: starting {out_dir} over; the previous run's files are in {aside}",
-                          stacklevel=2)
-        if world > 1:
-            dist.barrier()
-
-    torch.manual_seed(cfg.seed)
-    model = ConceptMoEVLM(exp.vlm)
-    if cfg.init_from and latest is None:  # a resume takes the checkpoint's weights
-        load_initial_weights(model, cfg.init_from)
-    if cfg.ep_size > 1:
-        swap_in_deepspeed_moe(model.lm, cfg.ep_size)
-    transform = build_image_transform(model.vision, train=True)
-    data_cfg = training_data(exp, world)
-    if data_cfg is not exp.data and rank == 0:
-        # Every rank must run the same number of steps; without data.steps_per_epoch that needs
-        # resampled shards. Say so rather than change the sampling silently.
-        warnings.warn(f"{world} processes and no data.steps_per_epoch: streaming shards resampled (with "
-                      f"replacement) so that every rank runs the same steps; set data.steps_per_epoch to "
-                      f"keep epoch order", stacklevel=2)
-    loader = StreamingLoader(data_cfg, tokenizer=tokenizer, image_transform=transform, rank=rank, world_size=world)
-    engine, _, scheduler = build_engine(model, cfg, exp.data.batch_size)
-    prepared = prepare_model(engine.module, cfg, engine.device)
-    peak, peak_source = mfu.peak_flops(engine.device, prepared.bf16, cfg.peak_tflops) if rank == 0 else (None, "")
-
-    step, skipped_steps, consecutive_bad = 0, 0, 0
-    controller = RatioController.of(exp.model, engine.device)
-    objective = Objective(exp.model, controller)
-    if latest is not None:
-        state = ckpt.load(engine, latest)
-        apply_hyperparameters(scheduler, cfg)  # lr, betas, weight decay as configured now
-        step, skipped_steps = state["step"], state["skipped_steps"]
-        same_stream = loader.load_state_dict(state["loader"])
-        saved_controller = state.get("ratio_controller") or (legacy_ratio_controller(latest) if controller else None)
-        if controller is not None and saved_controller is not None:
-            controller.load_state_dict(saved_controller)
-        if rank == 0:
-            print(f"resumed from {latest} at step {step}")
-            if diff["applied"] or diff["ignored"]:
-                note = "" if same_stream else "; the data position was saved for other shards: this epoch starts over"
-                warnings.warn(resume.describe(diff, step, out_dir) + note, stacklevel=2)
-                resume.record(out_dir, step, diff)
-    if rank == 0:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        if latest is None or diff["applied"] or diff["ignored"]:  # the run's config as it is from now on
-            (out_dir / "config.json").write_text(json.dumps(to_dict(exp), indent=2, default=str))
-    wandb = WandbRun(cfg.wandb_project, cfg.wandb_name, cfg.wandb_mode, to_dict(exp)) if cfg.wandb else None
-    logger = MetricsLogger(out_dir, enabled=rank == 0, tensorboard=cfg.tensorboard, start_step=step, wandb=wandb)
-
-    stop = {"signal": None}
-
-    def on_signal(signum, _frame):
-        stop["signal"] = signum
-
-    old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
-    monitor = CollapseMonitor(exp.model.chunk.targets() if exp.model.chunk.enabled else {})
-    # fp32 ZeRO-0: DeepSpeed steps our AdamW itself, with no non-finite check: the loop checks the gradient
-    # norm and sets the optimizer's `overflow` (ZeRO-1/2 and bf16 optimizers check on their own)
-    checks_gradients = engine.optimizer is scheduler.optimizer
-    batches = forever(loader)
-    bar = tqdm(total=cfg.steps, initial=step, disable=rank != 0, desc="train", dynamic_ncols=True)
-    summary: dict[str, Any] = {}
-    stopping = False
-    t_data = t_step = t_after = 0.0  # data wait (inside steps), step time, logging + checkpoints after steps
-    saved_step = step
-    # since the last log step (host numbers: a step reads the device only for the gradient-norm check of
-    # fp32 ZeRO-0; losses, compression and expert counts are read on log steps)
-    window = {"tokens": 0, "flops": 0.0, "seconds": 0.0, "compression": []}
-
-    def save() -> None:
-        nonlocal saved_step
-        ckpt.save(engine, step, {"loader": loader.state_dict(), "skipped_steps": skipped_steps,
-                                 **({"ratio_controller": controller.state_dict()} if controller else {})}, record)
-        saved_step = step
-
+@contextlib.contextmanager
+def stop_signals() -> Iterator[Callable[[], bool]]:
+    """While inside, SIGTERM and SIGINT ask the run to stop (it checkpoints and exits after the step)
+    instead of killing it; yields whether one arrived. The previous handlers come back afterwards."""
+    caught: list[int] = []
+    previous = {s: signal.signal(s, lambda signum, _frame: caught.append(signum))
+                for s in (signal.SIGTERM, signal.SIGINT)}
     try:
-        while step < cfg.steps and not stopping:
-            t0 = time.perf_counter()
-            ramp = None  # the conversion ramp's boundary policy at this step: a function of the step, resumes exactly
-            if exp.model.chunk.enabled and cfg.ratio_ramp_steps:
-                ramp = ConversionRamp(cfg.ratio_ramp_steps, step)
-                # the achieved R is below target by design while boundaries are forced: no collapse alarm
-                monitor.targets = {} if ramp.probability > 0 else exp.model.chunk.targets()
-            controller_before = controller.state_dict() if controller else None
-            tokens, step_flops, parts, norm = 0, 0.0, [], None
-            for micro in range(cfg.grad_accum):
-                t1 = time.perf_counter()
-                batch = next(batches).to(engine.device)
-                t_data += time.perf_counter() - t1
-                with prepared.autocast(engine.device):
-                    out = engine(batch, boundaries=ramp)
-                    losses = objective(out, batch)
-                if controller is not None:
-                    controller.update(out.own_boundaries, batch)
-                # A non-finite loss goes through backward and step like any other, as NaN gradients (a host
-                # sync-free factor, exactly 1 otherwise): DeepSpeed's accumulation stays in phase
-                # (micro_steps = global_steps x grad_accum), the whole group's update is skipped, and with
-                # several processes the gradient reduction carries the NaN to every rank, so all skip it.
-                engine.backward(losses.total * torch.where(torch.isfinite(losses.total), 1.0, math.nan))
-                if micro == cfg.grad_accum - 1:
-                    if checks_gradients:
-                        norm = grad_norm(engine.module)
-                    bad_gradient = checks_gradients and (norm is None or not math.isfinite(norm))
-                    stopping, skip = sync_step(stop["signal"] is not None, bad_gradient,
-                                               [controller.mu] if controller else [], world)
-                    if checks_gradients:
-                        engine.optimizer.overflow = skip
-                engine.step()
-                tokens += batch.num_tokens()
-                step_flops += mfu.step_flops(engine.module, batch, out)
-                parts.append((out, losses))
-            if not engine.was_step_applied():  # a non-finite loss or gradient in the group, on some rank
-                if controller is not None:
-                    controller.load_state_dict(controller_before)
-                skipped_steps += 1
-                consecutive_bad += 1
-                if consecutive_bad >= cfg.max_nonfinite:
-                    raise NonFiniteError(f"{consecutive_bad} consecutive steps had a non-finite loss or gradient "
-                                         f"(step {step}); lower train.lr or check the data")
-                continue
-            consecutive_bad = 0
-            step += 1
-            dt = time.perf_counter() - t0
-            t_step += dt
-            t1 = time.perf_counter()
-            out, losses = parts[-1]
-            for key, value in (("tokens", tokens), ("flops", step_flops), ("seconds", dt)):
-                window[key] += value
-            window["compression"].append(out.compression)
-            bar.update(1)
-            if step % cfg.log_every == 0 or step == cfg.steps or stopping:
-                windowed = {}
-                for stats in window["compression"]:  # the collapse monitor pools every step, read now
-                    windowed = monitor.update(stats)
-                metrics = {
-                    "loss": losses.total.item(), "lm_loss": losses.lm.item(), "ratio_loss": losses.ratio.item(),
-                    "lb_loss": losses.balance.item(), "lr": scheduler.get_last_lr()[0],
-                    **throughput(window, world, peak),
-                    **compression_summary(out.compression), **{f"ratio_window_{k}": v for k, v in windowed.items()},
-                    **flatten("expert_load", expert_load(out.tokens_per_expert)),
-                    **flatten("skipped_samples", loader.skipped), "skipped_steps": skipped_steps,
-                    **({f"target_ratio_{k}": v for k, v in exp.model.chunk.targets().items()}
-                       if exp.model.chunk.enabled else {}),
-                    **({"forced_boundary_prob": ramp.probability} if ramp is not None else {}),
-                    **({f"ratio_integral_{k}": float(mu) for k, mu in zip(exp.model.chunk.targets(), controller.mu)}
-                       if controller is not None else {}),
-                    **({"compiled_graphs": compiled_graphs()} if prepared.compiled else {}),
-                }
-                if norm is None:  # ZeRO-1/2: DeepSpeed computes the norm while stepping
-                    norm = engine.get_global_grad_norm()
-                if norm is not None:
-                    metrics["grad_norm"] = float(norm)
-                logger.log(step, metrics)
-                # compression pooled over the monitor's window: a batch without images has no image ratio
-                r = {short: metrics.get(f"ratio_window_{k}") for short, k in (("R_txt", "text"), ("R_img", "image"))}
-                bar.set_postfix(loss=f"{metrics['lm_loss']:.3f}", tok_s=f"{metrics['tokens_per_s']:.0f}",
-                                **({"mfu": f"{metrics['mfu']:.1%}"} if "mfu" in metrics else {}),
-                                **{k: "-" if v is None else f"{v:.2f}" for k, v in r.items()})
-                summary = metrics
-                window = {"tokens": 0, "flops": 0.0, "seconds": 0.0, "compression": []}
-            if step % cfg.ckpt_every == 0 or step == cfg.steps or stopping:
-                save()
-            t_after += time.perf_counter() - t1
-        if stopping and saved_step != step:
-            save()  # stopped right after a skipped step
+        yield lambda: bool(caught)
     finally:
-        bar.close()
-        for s, h in old_handlers.items():
-            signal.signal(s, h)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
-    summary = {"step": step, "train": summary, "skipped_steps": skipped_steps,
-               "data_wait_fraction": t_data / max(t_step, 1e-9),
+
+# ------------------------------------------------------------------------------------------- steps
+
+def train_step(run: Run, stop_requested: Callable[[], bool]) -> StepResult | None:
+    """One optimizer step over train.grad_accum micro-batches; None when its update was skipped (a
+    non-finite loss or gradient in the group on some rank: counted, the controller restored)."""
+    t0 = time.perf_counter()
+    ramp = conversion_ramp(run)
+    controller_before = run.controller.state_dict() if run.controller else None
+    shared = [run.controller.mu] if run.controller else []  # averaged over ranks before the update
+    tokens, flops = 0, 0.0
+    for micro in range(run.cfg.grad_accum):
+        t1 = time.perf_counter()
+        batch = next(run.batches).to(run.engine.device)
+        run.timing.data += time.perf_counter() - t1
+        with run.prepared.autocast(run.engine.device):
+            out = run.engine(batch, boundaries=ramp)
+            losses = run.objective(out, batch)
+        if run.controller is not None:
+            run.controller.update(out.own_boundaries, batch)
+        run.guard.backward(losses.total)
+        if micro == run.cfg.grad_accum - 1:
+            run.stopping = run.guard.before_update(stop_requested(), shared, run.world)
+        run.engine.step()
+        tokens += batch.num_tokens()
+        flops += mfu.step_flops(run.engine.module, batch, out)
+    if not run.guard.update_applied():
+        skip_step(run, controller_before)
+        return None
+    run.consecutive_bad = 0
+    run.step += 1
+    seconds = time.perf_counter() - t0
+    run.timing.step += seconds
+    return StepResult(out, losses, ramp, tokens, flops, seconds)
+
+
+def conversion_ramp(run: Run) -> ConversionRamp | None:
+    """The conversion ramp's boundary policy at this step (train.ratio_ramp_steps; a function of the step,
+    so it resumes exactly). While it forces boundaries the achieved R is below target by design: the
+    collapse monitor stands down."""
+    chunk = run.exp.model.chunk
+    if not (chunk.enabled and run.cfg.ratio_ramp_steps):
+        return None
+    ramp = ConversionRamp(run.cfg.ratio_ramp_steps, run.step)
+    run.monitor.targets = {} if ramp.probability > 0 else chunk.targets()
+    return ramp
+
+
+def skip_step(run: Run, controller_before: dict[str, list[float]] | None) -> None:
+    """Count a skipped update and put the controller back; stop the run after train.max_nonfinite in a row."""
+    if run.controller is not None:
+        run.controller.load_state_dict(controller_before)
+    run.skipped_steps += 1
+    run.consecutive_bad += 1
+    if run.consecutive_bad >= run.cfg.max_nonfinite:
+        raise NonFiniteError(f"{run.consecutive_bad} consecutive steps had a non-finite loss or gradient "
+                             f"(step {run.step}); lower train.lr or check the data")
+
+
+def log_step(run: Run, result: StepResult, bar: tqdm) -> None:
+    """The metrics record of this step (and of the window since the last log) to the logger and the bar."""
+    windowed = {}
+    for stats in run.window.compression:  # the collapse monitor pools every step, read now
+        windowed = run.monitor.update(stats)
+    chunk = run.exp.model.chunk
+    record = step_record(
+        result.losses, result.out, run.window, lr=run.scheduler.get_last_lr()[0], world=run.world, peak=run.peak,
+        windowed_ratios=windowed, targets=chunk.targets() if chunk.enabled else {},
+        skipped_samples=run.loader.skipped, skipped_steps=run.skipped_steps, grad_norm=run.guard.grad_norm(),
+        controller=run.controller, forced_boundary_prob=result.ramp.probability if result.ramp else None,
+        compiled_graphs=compiled_graphs() if run.prepared.compiled else None)
+    run.logger.log(run.step, record)
+    bar.set_postfix(**progress_postfix(record))
+    run.last_record = record
+    run.window = Window()
+
+
+def save(run: Run) -> None:
+    """A checkpoint of this step: the engine, and this rank's loader position, counters and controller."""
+    state = {"loader": run.loader.state_dict(), "skipped_steps": run.skipped_steps,
+             **({"ratio_controller": run.controller.state_dict()} if run.controller else {})}
+    run.checkpointer.save(run.engine, run.step, state, run.record)
+    run.saved_step = run.step
+
+
+# ------------------------------------------------------------------------------------------- the end
+
+def finish(run: Run) -> dict[str, Any]:
+    """The run's summary, with the held-out evaluation and the export unless it was interrupted;
+    written to OUT/summary.json."""
+    t, peak = run.timing, run.peak
+    summary = {"step": run.step, "train": run.last_record, "skipped_steps": run.skipped_steps,
+               "data_wait_fraction": t.data / max(t.step, 1e-9),
                # the loop's own cost (data wait, metrics, logging, checkpoints) as a share of wall time
-               "loop_overhead_fraction": (t_data + t_after) / max(t_step + t_after, 1e-9),
-               "interrupted": stopping, "peak_tflops": peak / 1e12 if peak else None, "peak_source": peak_source,
-               "checkpointed_blocks": prepared.checkpointed_blocks, "compiled": prepared.compiled}
-    if cfg.heldout_shards and not stopping:  # every rank: expert-parallel layers are collective
-        eval_cfg = replace(exp.data, shards=cfg.heldout_shards, num_workers=0, shuffle_buffer=0, resampled=False,
-                           steps_per_epoch=None)
-        eval_loader = StreamingLoader(eval_cfg, tokenizer=tokenizer,
-                                      image_transform=build_image_transform(model.vision, train=False))
-        histograms: dict[str, torch.Tensor] = {}
-        summary["heldout"] = evaluate(model, eval_loader, cfg.eval_batches, histograms)
-        logger.log_eval(step, summary["heldout"], histograms)
-        if not summary["heldout"]["predicted_tokens"]:
-            summary["heldout"]["error"] = (f"train.heldout_shards = {cfg.heldout_shards!r} gave no token to predict "
-                                           f"(skipped: {eval_loader.skipped}): no held-out loss")
-            if rank == 0:
-                warnings.warn(summary["heldout"]["error"], stacklevel=2)
-    if not stopping:
-        state = plain_state_dict(engine.module)  # collective: gathers expert-parallel shards
-        if rank == 0:
-            summary["exported"] = str(save_pretrained(engine.module, out_dir / "final", exp.data.tokenizer, state=state))
-    if rank == 0:
-        (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    logger.close()
+               "loop_overhead_fraction": (t.data + t.after) / max(t.step + t.after, 1e-9),
+               "interrupted": run.stopping, "peak_tflops": peak / 1e12 if peak else None,
+               "peak_source": run.peak_source, "checkpointed_blocks": run.prepared.checkpointed_blocks,
+               "compiled": run.prepared.compiled}
+    if run.cfg.heldout_shards and not run.stopping:  # every rank: expert-parallel layers are collective
+        summary["heldout"] = heldout_evaluation(run)
+    if not run.stopping:
+        state = plain_state_dict(run.engine.module)  # collective: gathers expert-parallel shards
+        if run.rank == 0:
+            summary["exported"] = str(save_pretrained(run.engine.module, run.out_dir / "final",
+                                                      run.exp.data.tokenizer, state=state))
+    if run.rank == 0:
+        (run.out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    run.logger.close()
     return summary
+
+
+def heldout_evaluation(run: Run) -> dict[str, Any]:
+    """`evaluate` on train.heldout_shards, logged under eval/ with its histograms."""
+    cfg, model = run.cfg, run.engine.module
+    eval_cfg = replace(run.exp.data, shards=cfg.heldout_shards, num_workers=0, shuffle_buffer=0, resampled=False,
+                       steps_per_epoch=None)
+    loader = StreamingLoader(eval_cfg, tokenizer=run.tokenizer,
+                             image_transform=build_image_transform(model.vision, train=False))
+    histograms: dict[str, torch.Tensor] = {}
+    heldout = evaluate(model, loader, cfg.eval_batches, histograms)
+    run.logger.log_eval(run.step, heldout, histograms)
+    if not heldout["predicted_tokens"]:
+        heldout["error"] = (f"train.heldout_shards = {cfg.heldout_shards!r} gave no token to predict "
+                            f"(skipped: {loader.skipped}): no held-out loss")
+        if run.rank == 0:
+            warnings.warn(heldout["error"], stacklevel=3)
+    return heldout

@@ -1,4 +1,9 @@
-"""Training metrics: JSONL file, trackers (TensorBoard, Weights & Biases), the progress-bar summary.
+"""Training metrics: the record of a logged step, the JSONL file, trackers (TensorBoard, Weights & Biases),
+the progress-bar summary.
+
+    window.add(tokens, flops, seconds, out.compression)            # every step (host numbers)
+    record = step_record(losses, out, window, ...)                  # on log steps: the flat record
+    logger.log(step, record)                                        # metrics.jsonl and the trackers
 
 OUT/metrics.jsonl keeps the flat keys of each logged step. Trackers get them under namespaces:
 `train/` (losses, lr, grad norm, throughput, expert load, skipped samples), `compression/` (ratios,
@@ -23,6 +28,10 @@ import torch
 
 from cmoe_base import Modality
 
+from ..model.compression import ModalityStats
+from ..model.conceptmoe import ModelOutput
+from ..objective import Losses, RatioController
+
 COMPRESSION_KEY = re.compile(r"^(ratio_(all|text|image)$|ratio_window_|tokens_(all|text|image)$|concepts_|"
                              r"target_ratio_|ratio_integral_|forced_boundary_prob$)")
 
@@ -30,6 +39,79 @@ COMPRESSION_KEY = re.compile(r"^(ratio_(all|text|image)$|ratio_window_|tokens_(a
 def tracker_tag(key: str) -> str:
     """A metrics.jsonl key -> its tracker tag: `compression/...` or `train/...`."""
     return f"compression/{key}" if COMPRESSION_KEY.match(key) else f"train/{key}"
+
+
+@dataclass
+class Window:
+    """Host sums over the steps since the last log step: a step reads the device only for the gradient-norm
+    check of fp32 ZeRO-0; losses, compression and expert counts are read on log steps."""
+    tokens: int = 0
+    flops: float = 0.0
+    seconds: float = 0.0
+    compression: list[dict[str, ModalityStats]] = field(default_factory=list)  # one per step, for the monitor
+
+    def add(self, tokens: int, flops: float, seconds: float, compression: dict[str, ModalityStats]) -> None:
+        self.tokens += tokens
+        self.flops += flops
+        self.seconds += seconds
+        self.compression.append(compression)
+
+
+def throughput(window: Window, world: int, peak: float | None) -> dict[str, float]:
+    """tokens/s (all ranks), training FLOPs per token and TFLOP/s (this rank) and MFU over the steps
+    of `window`."""
+    seconds = max(window.seconds, 1e-9)
+    rate = window.flops / seconds
+    return {"tokens_per_s": window.tokens * world / seconds,
+            "flops_per_token": window.flops / max(window.tokens, 1), "tflops": rate / 1e12,
+            **({"mfu": rate / peak} if peak else {})}
+
+
+def expert_load(tokens_per_expert: list[torch.Tensor]) -> dict[str, float]:
+    """Max/mean assignments per expert, averaged over MoE layers (1 = perfectly balanced)."""
+    imbalance = [float(c.max()) / max(float(c.float().mean()), 1e-9) for c in tokens_per_expert if c.numel()]
+    return {"max_over_mean": sum(imbalance) / max(len(imbalance), 1)}
+
+
+def compression_summary(stats: dict[str, ModalityStats]) -> dict[str, float]:
+    """ratio, tokens and concepts of each token set with tokens in the batch."""
+    out = {}
+    for k, s in stats.items():
+        if float(s.tokens):
+            out[f"ratio_{k}"], out[f"tokens_{k}"], out[f"concepts_{k}"] = s.ratio, int(s.tokens), int(s.concepts)
+    return out
+
+
+def step_record(losses: Losses, out: ModelOutput, window: Window, *, lr: float, world: int, peak: float | None,
+                windowed_ratios: dict[str, float], targets: dict[str, float], skipped_samples: dict[str, int],
+                skipped_steps: int, grad_norm: float | None, controller: RatioController | None = None,
+                forced_boundary_prob: float | None = None, compiled_graphs: int | None = None) -> dict[str, Any]:
+    """The flat record of a logged step: its last micro-batch's losses and compression, the window's
+    throughput, the collapse monitor's windowed ratios, expert load, skip counters, the compression
+    targets and controller, the conversion ramp's forced-boundary probability, compile graphs."""
+    record = {
+        "loss": losses.total.item(), "lm_loss": losses.lm.item(), "ratio_loss": losses.ratio.item(),
+        "lb_loss": losses.balance.item(), "lr": lr, **throughput(window, world, peak),
+        **compression_summary(out.compression), **{f"ratio_window_{k}": v for k, v in windowed_ratios.items()},
+        **flatten("expert_load", expert_load(out.tokens_per_expert)),
+        **flatten("skipped_samples", skipped_samples), "skipped_steps": skipped_steps,
+        **{f"target_ratio_{k}": v for k, v in targets.items()},
+        **({"forced_boundary_prob": forced_boundary_prob} if forced_boundary_prob is not None else {}),
+        **({f"ratio_integral_{k}": float(mu) for k, mu in zip(targets, controller.mu)} if controller else {}),
+        **({"compiled_graphs": compiled_graphs} if compiled_graphs is not None else {}),
+    }
+    if grad_norm is not None:
+        record["grad_norm"] = float(grad_norm)
+    return record
+
+
+def progress_postfix(record: dict[str, Any]) -> dict[str, str]:
+    """The progress bar's fields: LM loss, tokens/s, MFU, and the text and image ratios pooled over the
+    collapse monitor's window (a batch without images has no image ratio)."""
+    ratios = {short: record.get(f"ratio_window_{k}") for short, k in (("R_txt", "text"), ("R_img", "image"))}
+    return {"loss": f"{record['lm_loss']:.3f}", "tok_s": f"{record['tokens_per_s']:.0f}",
+            **({"mfu": f"{record['mfu']:.1%}"} if "mfu" in record else {}),
+            **{k: "-" if v is None else f"{v:.2f}" for k, v in ratios.items()}}
 
 
 @dataclass
@@ -118,7 +200,7 @@ class MetricsLogger:
             tracker.scalars(step, scalars)
 
     def log_eval(self, step: int, heldout: dict[str, Any], histograms: dict[str, torch.Tensor]) -> None:
-        """The held-out evaluation (`loop.evaluate`'s result) under eval/, its histograms under compression/."""
+        """The held-out evaluation (`evaluate.evaluate`'s result) under eval/, its histograms under compression/."""
         if not self.enabled:
             return
         scalars = {f"eval/{k}": v for k, v in heldout.items() if isinstance(v, (int, float))}

@@ -190,6 +190,37 @@ def test_a_checkpoint_from_before_a_field_existed_resumes_at_that_fields_default
     assert compare(saved, changed)["refused"] == {"projector.center": [False, True]}
 
 
+def test_the_ratio_controller_resumes_from_the_checkpoint_and_from_an_older_models_buffer(builtin_data, tmp_path):
+    """The controller's mu is the loop's state, saved in each rank's checkpoint file: a resume from step 2
+    repeats the uninterrupted run's step 3 exactly. A checkpoint written while the model held mu as the
+    buffer lm.ratio_mu (main 69f0ad8 and earlier) resumes too, with that value in the controller."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    def run_to_step_3(out: Path) -> dict:
+        loop.train(experiment(builtin_data, out, "train.steps=3", "train.ckpt_every=2", "train.keep_last=3",
+                              "model.chunk.ratio_integral=0.05"))
+        return read_metrics(out)[3]
+
+    want = run_to_step_3(tmp_path / "run")
+    step2 = tmp_path / "run" / "checkpoints" / "step_00000002"
+    assert want["ratio_integral_all"] != 0
+    for form in ("checkpoint state", "model buffer"):
+        shutil.rmtree(tmp_path / "run" / "checkpoints" / "step_00000003", ignore_errors=True)
+        if form == "model buffer":  # as 69f0ad8 wrote it: mu in the module's weights, none in the rank file
+            rank_file = step2 / "rank0.safetensors"
+            with safe_open(str(rank_file), "pt") as f:
+                meta, tensors = json.loads(f.metadata()["state"]), {k: f.get_tensor(k) for k in f.keys()}
+            mu = torch.tensor(meta.pop("ratio_controller")["mu"])
+            save_file(tensors, str(rank_file), metadata={"state": json.dumps(meta)})
+            states = step2 / "mp_rank_00_model_states.pt"
+            saved = torch.load(states, weights_only=False)
+            saved["module"]["lm.ratio_mu"] = mu
+            torch.save(saved, states)
+        got = run_to_step_3(tmp_path / "run")
+        assert (got["ratio_integral_all"], got["loss"]) == (want["ratio_integral_all"], want["loss"]), form
+
+
 # ----------------------------------------------------------------------------- errors before anything is built
 
 def test_config_errors_name_the_field_before_anything_is_built(builtin_data, tmp_path, monkeypatch):
@@ -285,6 +316,14 @@ def test_disk_full_while_checkpointing_says_so_and_keeps_the_previous_checkpoint
 
 # ----------------------------------------------------------------------------- two processes
 
+def checkpoint_state(run: Path, rank: int) -> dict:
+    """This rank's state in the run's newest checkpoint (loader position, counters, ratio controller)."""
+    from safetensors import safe_open
+    newest = sorted((run / "checkpoints").glob("step_*"))[-1]
+    with safe_open(str(newest / f"rank{rank}.safetensors"), "pt") as f:
+        return json.loads(f.metadata()["state"])
+
+
 def rank_results(run: Path) -> list[tuple[dict, dict[str, torch.Tensor]]]:
     return [(json.loads((run / f"rank{r}.json").read_text()), load_file(str(run / f"rank{r}.safetensors")))
             for r in (0, 1)]
@@ -313,8 +352,9 @@ def test_two_process_faults_on_one_rank(builtin_data, tmp_path):
     for info in (info0, info1):
         assert info["summary"]["step"] == 5 and info["summary"]["skipped_steps"] == 2
         assert info["global_steps"] == 7 and info["micro_steps"] == 14
-    assert w0.keys() == w1.keys() and all(torch.equal(w0[k], w1[k]) for k in w0)  # ratio_mu included
-    assert any(k.endswith("ratio_mu") for k in w0) and all(w0[k].abs().sum() > 0 for k in w0 if k.endswith("ratio_mu"))
+    assert w0.keys() == w1.keys() and all(torch.equal(w0[k], w1[k]) for k in w0)
+    mu = [checkpoint_state(out / "a", rank)["ratio_controller"]["mu"] for rank in (0, 1)]  # the loop's controller
+    assert mu[0] == mu[1] and all(m != 0 for m in mu[0])
 
     # b: ZeRO-2 + ep_size 2, rank 0 alone had a NaN loss: both skipped it; replicated weights agree
     (info0, w0), (info1, w1) = rank_results(out / "b")
