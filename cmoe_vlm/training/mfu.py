@@ -65,8 +65,10 @@ def cache_file() -> Path:
 
 def measure_matmul_peak(dtype: torch.dtype, size: int = 1024, seconds: float = 0.25) -> float:
     """FLOP/s of a (size × size) @ (size × size) matmul on the CPU at the current thread count: the
-    best of three timed runs of ~`seconds / 3` each, after a warm-up."""
-    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+    best of three timed runs of ~`seconds / 3` each, after a warm-up. Its own generator: a training run
+    that measures (an empty cache) must draw the same random numbers as one that reads the cache."""
+    g = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(size, size, generator=g).to(dtype) for _ in range(2))
     for _ in range(3):
         a @ b
     best = 0.0
