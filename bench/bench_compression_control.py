@@ -22,7 +22,6 @@ SMALL = ["model.dim=64", "model.moe.expert_hidden=64", "model.encoder_layers=1",
          "train.tensorboard=false", "train.resume=false", "train.eval_batches=8",
          "model.chunk.ratio_mode=per_modality", "model.chunk.text_ratio=1.5", "model.chunk.image_ratio=3"]
 VARIANTS = {"default": [], "random_init": ["model.chunk.init=random"], "lambda3": ["model.chunk.ratio_loss_weight=3.0"],
-            "threshold_training": ["model.chunk.sample_boundaries=false"],
             "integral": ["model.chunk.ratio_integral=0.03"]}
 
 

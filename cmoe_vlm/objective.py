@@ -10,9 +10,8 @@
 - lm: cross entropy over the predicted tokens (labels ≠ IGNORE_INDEX); a batch with none adds 0.
 - ratio: the paper's loss per token set on the chunk module's own boundaries,
   R/(R−1) · ((R−1)·F·G + (1−F)·(1−G)) with F = mean b (no gradient), G = mean p, summed over the sets of
-  `chunk.ratio_mode` (one set "all", or "text" and "image"). [ours] `chunk.ratio_statistic: per_image`
-  takes the image set's F, G per image; `chunk.image_margin_weight` adds a margin term on image p; the
-  integral term adds μ_i · G_i (`RatioController`).
+  `chunk.ratio_mode` (one set "all", or "text" and "image"). [ours] `chunk.image_margin_weight` adds a
+  margin term on image p; the integral term adds μ_i · G_i (`RatioController`).
 - balance: per MoE layer call E · Σ_e f_e · P_e (f_e the share of assignments to expert e, P_e its mean
   router probability), averaged over the calls; minimum 1 at uniform routing.
 
@@ -30,7 +29,7 @@ import torch.nn.functional as F
 from cmoe_base import IGNORE_INDEX, Batch
 
 from .model.chunk import Boundaries, ChunkConfig
-from .model.compression import boundary_rates, image_ids, token_sets
+from .model.compression import boundary_rates, token_sets
 from .model.conceptmoe import ModelOutput
 from .model.config import ModelConfig
 from .model.layers.moe import MoEStats
@@ -56,25 +55,6 @@ def ratio_loss(p: torch.Tensor, b: torch.Tensor, target: float, mask: torch.Tens
     f, g, n = boundary_rates(p, b, mask)
     loss = R / (R - 1) * ((R - 1) * f * g + (1 - f) * (1 - g))
     return torch.where(n > 0, loss, loss * 0.0)
-
-
-def per_group_ratio_loss(p: torch.Tensor, b: torch.Tensor, target: float, groups: torch.Tensor) -> torch.Tensor:
-    """The ratio loss of each group from its own F_g and G_g, averaged over groups. p, b, groups (B, T);
-    groups ≥ 0 name a token's group (e.g. `image_ids`), −1 leaves it out. With one group this is
-    `ratio_loss`; with images as groups every image is pulled to the target ratio on its own, where
-    the pooled loss lets some images be one chunk and others all boundaries. Scatter sums into B·T + 1
-    slots (the last one collects the left-out tokens): no host read, no data-dependent shape."""
-    if target <= 1.0:
-        return p.sum() * 0.0
-    slots = groups.numel() + 1
-    g = torch.where(groups >= 0, groups, slots - 1).flatten()
-    zeros = torch.zeros(slots, device=p.device)
-    count = zeros.index_add(0, g, torch.ones_like(g, dtype=zeros.dtype))[:-1]
-    f = zeros.index_add(0, g, b.flatten().float())[:-1].detach() / count.clamp_min(1)
-    gp = zeros.index_add(0, g, p.flatten().float())[:-1] / count.clamp_min(1)
-    R, used = target, (count > 0).float()
-    per_group = R / (R - 1) * ((R - 1) * f * gp + (1 - f) * (1 - gp))
-    return (per_group * used).sum() / used.sum().clamp_min(1)
 
 
 def margin_loss(p: torch.Tensor, mask: torch.Tensor, margin: float) -> torch.Tensor:
@@ -164,16 +144,13 @@ class Objective:
     def ratio_loss(self, own: Boundaries, batch: Batch) -> torch.Tensor:
         """The ratio loss on the chunk module's own boundaries, with the configured options, summed over
         the token sets (docs/design.md §3)."""
-        cfg, modality = self.cfg.chunk, batch.modality
-        sets = token_sets(modality, batch.layout.valid)
+        cfg = self.cfg.chunk
+        sets = token_sets(batch.modality, batch.layout.valid)
         losses = []
         if cfg.image_margin_weight > 0:
             losses.append(cfg.image_margin_weight * margin_loss(own.p, sets["image"], cfg.image_margin))
         for i, (name, target) in enumerate(cfg.targets().items()):
-            if name == "image" and cfg.ratio_statistic == "per_image":
-                loss = per_group_ratio_loss(own.p, own.b, target, torch.where(sets[name], image_ids(modality), -1))
-            else:
-                loss = ratio_loss(own.p, own.b, target, sets[name])
+            loss = ratio_loss(own.p, own.b, target, sets[name])
             if self.controller is not None and target > 1:
                 _, g, n = boundary_rates(own.p, own.b, sets[name])
                 loss = loss + self.controller.term(i, g, n)

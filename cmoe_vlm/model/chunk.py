@@ -1,7 +1,7 @@
 """Chunk module: learned boundaries between adjacent tokens (docs/design.md §2). For encoder outputs
 h (B, T, d):
     q_n = W_q h_n,  k_{n-1} = W_k h_{n-1},  p_n = (1 - cos(q_n, k_{n-1})) / 2,
-with p_n = 1 forced at document starts and (optionally) modality switches. The chunk module's own
+with p_n = 1 forced at document starts and modality switches. The chunk module's own
 boundaries are sampled in training, b_n ~ Bernoulli(sharpen(p_n)), and thresholded in evaluation,
 b_n = [p_n >= 0.5]: what the ratio loss steers (cmoe_vlm/objective.py, §3). Which boundaries the
 model then uses is a boundary policy's choice (boundaries.py; by default these). Concepts are built
@@ -32,14 +32,11 @@ class ChunkConfig:
     image_ratio: float = 3.0               # per_modality mode: R for image tokens
     ratio_loss_weight: float = 0.03        # λ (paper: 0.03; short runs need more, docs/design.md §3)
     ratio_integral: float = 0.0            # [ours] integral gain of the ratio control (0 = the paper's loss alone)
-    ratio_statistic: Literal["pooled", "per_image"] = "pooled"  # [ours] per_image: image F, G per image
     image_margin_weight: float = 0.0       # [ours] margin term on image p, inside the ratio loss (0 = off)
     image_margin: float = 0.5              # [ours] the margin term wants |2p - 1| >= this on image tokens
     merge: Literal["sum", "last"] = "sum"  # concept content: sum of its tokens, or its boundary token
     init: Literal["random", "identity"] = "random"  # W_q, W_k initialisation
-    sample_boundaries: bool = True         # training: sample b ~ Bernoulli(sharpen(p)); False: threshold
     sharpen_tau: float = 6.0
-    split_at_modality_switch: bool = True  # force a boundary where text turns to image and back
     image_chunking: Literal["raster", "2d"] = "raster"
     dechunk_update: bool = False           # dechunk the concept model's update ĉ − x, not ĉ (converted models)
 
@@ -48,6 +45,13 @@ class ChunkConfig:
         "force_all_boundaries": (False, "was removed: every token a boundary is now the boundary policy "
                                         "AllTokens() (cmoe_vlm.model.boundaries), passed with the batch: "
                                         "model(batch, boundaries=AllTokens())"),
+        "split_at_modality_switch": (True, "was removed: every modality switch is a forced boundary (no concept "
+                                           "spans text and image; merge.py relies on it)"),
+        "ratio_statistic": ("pooled", "was removed: a per-image statistic did not make image p follow content "
+                                      "(docs/design.md §3); use image_margin_weight with projector.center"),
+        "sample_boundaries": (True, "was removed: training samples boundaries from the sharpened p "
+                                    "(thresholded training gave an eval image ratio of 13 for a target of 2, "
+                                    "docs/design.md §7)"),
     }
 
     def __post_init__(self):
@@ -56,10 +60,6 @@ class ChunkConfig:
         check(self.ratio_loss_weight >= 0, "ratio_loss_weight", self.ratio_loss_weight, "must be >= 0")
         check(self.ratio_integral >= 0, "ratio_integral", self.ratio_integral, "must be >= 0 (0 = off)")
         check(self.sharpen_tau >= 1, "sharpen_tau", self.sharpen_tau, "must be >= 1 (1 = no sharpening)")
-        check(self.ratio_statistic in ("pooled", "per_image"), "ratio_statistic", self.ratio_statistic,
-              "must be 'pooled' or 'per_image'")
-        check(self.ratio_statistic == "pooled" or self.ratio_mode == "per_modality", "ratio_statistic",
-              self.ratio_statistic, "per_image needs ratio_mode: per_modality (joint mode has one token set)")
         check(self.image_margin_weight >= 0, "image_margin_weight", self.image_margin_weight, "must be >= 0 (0 = off)")
         check(0 < self.image_margin <= 1, "image_margin", self.image_margin, "must be in (0, 1]")
 
@@ -129,7 +129,7 @@ class ChunkModule(nn.Module):
     def _decide(self, p: torch.Tensor, forced: torch.Tensor) -> Boundaries:
         """Forced positions get p = 1; boundaries are sampled (training) or thresholded (evaluation)."""
         p = torch.where(forced, torch.ones_like(p), p)
-        if self.training and self.cfg.sample_boundaries:
+        if self.training:
             with torch.no_grad():
                 b = torch.bernoulli(sharpen(p.detach().float(), self.cfg.sharpen_tau)).bool()
         else:
@@ -152,9 +152,7 @@ class ChunkModule(nn.Module):
             k_above = k.gather(1, above_index.clamp_min(0)[..., None].expand_as(k))
             p_above = ((1 - (q * k_above).sum(-1)) / 2).clamp(0, 1)
             p = torch.where(has_above, torch.maximum(p, p_above), p)
-        forced = starts.clone()
-        if self.cfg.split_at_modality_switch:
-            forced |= modality != torch.cat([prev_modality, modality[:, :-1]], dim=1)
+        forced = starts | (modality != torch.cat([prev_modality, modality[:, :-1]], dim=1))
         return self._decide(p, forced), k
 
     def forward(self, h: torch.Tensor, starts: torch.Tensor, modality: torch.Tensor,
@@ -186,9 +184,7 @@ class ChunkModule(nn.Module):
         q = F.normalize(self.q_proj(h), dim=-1)
         k = F.normalize(self.k_proj(h), dim=-1)
         p = ((1 - (q * state.last_key).sum(-1)) / 2).clamp(0, 1)  # (B,)
-        forced = start.clone()
-        if self.cfg.split_at_modality_switch:
-            forced |= modality != state.last_modality
+        forced = start | (modality != state.last_modality)
         if active is None:
             state.last_key, state.last_modality = k, modality
         else:

@@ -35,16 +35,6 @@ def boundary_rates(p: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None =
     return f, g, n
 
 
-def image_ids(modality: torch.Tensor) -> torch.Tensor:
-    """(B, T) -> index of the image each image token belongs to (0, 1, ... in row-major order over
-    the batch; consecutive image tokens form one image); −1 for text."""
-    is_img = modality == Modality.IMAGE
-    first = is_img.clone()
-    first[:, 1:] &= ~is_img[:, :-1]
-    ids = first.flatten().long().cumsum(0).view_as(modality) - 1
-    return torch.where(is_img, ids, -1)
-
-
 @dataclass
 class ModalityStats:
     """Compression of one token set in one batch (tensors, so they can be all-reduced)."""

@@ -17,6 +17,7 @@ into OUT/previous-<time>/ first, so its checkpoints neither get mixed with the n
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import time
@@ -53,13 +54,27 @@ def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def removed_fields(config: Any, prefix: str = "") -> dict[str, Any]:
+    """Dotted names of the fields removed from a config's classes (their `legacy_keys`), with the value
+    the code has kept since."""
+    out = {f"{prefix}{k}": kept for k, (kept, _why) in getattr(type(config), "legacy_keys", {}).items()}
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if dataclasses.is_dataclass(value):
+            out.update(removed_fields(value, f"{prefix}{f.name}."))
+    return out
+
+
 def compare(saved: dict[str, Any], requested: dict[str, Any]) -> dict[str, dict[str, list]]:
     """Differences between two `experiment_record`s: {"refused" | "applied" | "ignored": {field: [old, new]}}.
 
     A field the saved record lacks (a checkpoint written before the field existed) counts as its
-    default, the behaviour the older code had: only a value other than the default is a change."""
+    default, the behaviour the older code had: only a value other than the default is a change. A
+    field removed since, saved with the value the code kept, is no change either."""
     defaults = _flat(json.loads(json.dumps(to_dict(ExperimentConfig()), default=str)))
+    removed = removed_fields(ExperimentConfig())
     old = {**defaults, **_flat(saved["config"]), **_flat(saved["topology"], "topology.")}
+    old = {k: v for k, v in old.items() if k not in removed or v != removed[k]}
     new = {**_flat(requested["config"]), **_flat(requested["topology"], "topology.")}
     out: dict[str, dict[str, list]] = {"refused": {}, "applied": {}, "ignored": {}}
     for key in sorted(set(old) | set(new)):

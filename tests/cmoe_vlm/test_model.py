@@ -160,8 +160,7 @@ def test_ratio_integral_accumulates_the_rate_error_and_adds_mu_times_mean_p():
 
     torch.manual_seed(0)
     eta = 0.5
-    cfg = tiny(chunk=dict(ratio_mode="per_modality", text_ratio=2.0, image_ratio=3.0, ratio_integral=eta,
-                          sample_boundaries=False))
+    cfg = tiny(chunk=dict(ratio_mode="per_modality", text_ratio=2.0, image_ratio=3.0, ratio_integral=eta))
     model = ConceptMoE(cfg).train()
     x = torch.randint(0, 64, (2, 40))
     modality = torch.zeros_like(x)

@@ -73,7 +73,9 @@ torch.save(logits, out)
 @pytest.mark.parametrize("cmoe_vlm_importable", [False, True], ids=["bundled-sources", "installed-package"])
 def test_the_old_export_loads_with_trust_remote_code(expected, tmp_path, cmoe_vlm_importable):
     env = dict(os.environ)
-    if not cmoe_vlm_importable:
+    if cmoe_vlm_importable:
+        env["PYTHONPATH"] = str(ASSET.parents[2])  # this checkout's cmoe_vlm
+    else:
         env.pop("PYTHONPATH", None)
     env["HF_MODULES_CACHE"] = str(tmp_path / "modules")
     out = tmp_path / "logits.pt"

@@ -188,6 +188,12 @@ def test_a_checkpoint_from_before_a_field_existed_resumes_at_that_fields_default
     changed = json.loads(json.dumps(requested))
     changed["config"]["projector"]["center"] = True
     assert compare(saved, changed)["refused"] == {"projector.center": [False, True]}
+    # a field removed since (#25), saved with the value the code kept: no change; another value: refused
+    saved["config"]["model"]["chunk"].update(split_at_modality_switch=True, sample_boundaries=True,
+                                             ratio_statistic="pooled", force_all_boundaries=False)
+    assert compare(saved, requested) == {"refused": {}, "applied": {}, "ignored": {}}
+    saved["config"]["model"]["chunk"]["sample_boundaries"] = False
+    assert compare(saved, requested)["refused"] == {"model.chunk.sample_boundaries": [False, None]}
 
 
 def test_the_ratio_controller_resumes_from_the_checkpoint_and_from_an_older_models_buffer(builtin_data, tmp_path):
