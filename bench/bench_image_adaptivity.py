@@ -38,6 +38,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import cmoe_base  # noqa: F401  first: its runtime defaults (OMP_WAIT_POLICY) must precede torch
 import torch
 
 # Smaller than tiny.yaml (as bench_compression_control): ~4x cheaper steps; the chunker, vision

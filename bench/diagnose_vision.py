@@ -20,6 +20,7 @@ import sys
 import time
 from pathlib import Path
 
+import cmoe_base  # noqa: F401  first: its runtime defaults (OMP_WAIT_POLICY) must precede torch
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))

@@ -49,6 +49,8 @@ from webdataset.tariterators import base_plus_ext
 from cmoe_base import Batch, ConfigError, check
 from data_pipelines.errors import BadSample, SkipCounter, merge_counts
 from data_pipelines.packing import RowPacker, collate_rows
+from data_pipelines.chat import Chat
+from data_pipelines.document import LOSS_ON
 from data_pipelines.sequence import TokenSequence, build_sequence
 from data_pipelines.shards import MAX_IMAGE_PIXELS, decode_sample
 from data_pipelines.tokenizer import Tokenizer, load_tokenizer
@@ -70,6 +72,8 @@ class DataConfig:
     resampled: bool = False
     steps_per_epoch: int | None = None
     tokenizer: str = "byte"  # "byte" or a local Hugging Face tokenizer folder
+    loss_on: str = "all"  # all: LM loss on every text token; answers: only on answers / assistant turns
+                          # in documents that have them (qa, chat), all text elsewhere (sequence.py)
     # Derived from the model (vision input size; image tokens of vision + projector): an experiment
     # fills them in, and a value given here must agree. A loader used on its own sets them.
     image_size: int | None = None
@@ -85,6 +89,7 @@ class DataConfig:
         check(self.image_size is None or self.image_size >= 1, "image_size", self.image_size, "must be >= 1")
         check(self.tokens_per_image is None or self.tokens_per_image >= 1, "tokens_per_image", self.tokens_per_image,
               "must be >= 1")
+        check(self.loss_on in LOSS_ON, "loss_on", self.loss_on, f"must be one of {', '.join(LOSS_ON)}")
         check(self.max_image_pixels >= 1, "max_image_pixels", self.max_image_pixels, "must be >= 1")
         if self.tokens_per_image is not None:
             check(self.seq_len >= self.tokens_per_image + 2, "seq_len", self.seq_len,
@@ -288,12 +293,16 @@ class WorkerStream:
         except BadSample as e:
             counter.skip(e.reason, f"{raw.get('__url__')}:{raw.get('__key__')}", e.detail)
             return None
-        if any(not isinstance(p, str) for p in pieces):
+        has_images = bool(pieces.images()) if isinstance(pieces, Chat) else any(not isinstance(p, str) for p in pieces)
+        if has_images:
             rng = torch.default_generator  # torch.manual_seed would also seed CUDA: 100x slower
             saved = rng.get_state()
             rng.manual_seed(hash((self.cfg.seed, self.rank, self.worker, *cursor)) & 0xFFFF_FFFF)
             try:
-                pieces = [p if isinstance(p, str) else self.transform(p) for p in pieces]
+                if isinstance(pieces, Chat):
+                    pieces = pieces.map_images(self.transform)
+                else:
+                    pieces = [p if isinstance(p, str) else self.transform(p) for p in pieces]
             finally:
                 rng.set_state(saved)
         return build_sequence(pieces, self.tokenizer, self.cfg.tokens_per_image)
@@ -302,7 +311,7 @@ class WorkerStream:
         """(batch, state after it); ends (finite mode) with (None, final state)."""
         counter = SkipCounter(state["skipped"])
         docs = self.documents(tuple(state["cursor"]), counter)
-        packer = RowPacker(self.cfg.seq_len, self.tokenizer.pad_id)
+        packer = RowPacker(self.cfg.seq_len, self.tokenizer.pad_id, self.cfg.loss_on)
         if state["offset"]:
             tag, seq = next(docs)
             if list(tag) != list(state["cursor"]):
