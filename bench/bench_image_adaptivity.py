@@ -100,10 +100,12 @@ def train_steps(model, exp, on_step: Callable[[int, Any], None] | None = None, b
     parameter groups, warmup + cosine schedule, gradient clipping; one process), so benches can
     measure mid-run; on_step(step, output) after each step. `boundaries`: a boundary policy."""
     from cmoe_vlm.training.optim import build_optimizer
+    from cmoe_vlm.training.stages import apply_freeze
     from data_pipelines.loader import StreamingLoader
     from vision import build_image_transform
 
     cfg = exp.train
+    apply_freeze(model, cfg.freeze)
     opt, sched = build_optimizer(model, cfg)
     loader = StreamingLoader(exp.data, image_transform=build_image_transform(model.vision, train=True))
     step = 0

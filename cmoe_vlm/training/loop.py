@@ -32,6 +32,7 @@ from .expert_parallel import plain_state_dict, swap_in_deepspeed_moe
 from .init import fit_vocab, load_initial_weights
 from .metrics import MetricsLogger, WandbRun, compression_histograms, flatten
 from .optim import apply_hyperparameters
+from .stages import apply_freeze
 
 
 class NonFiniteError(RuntimeError):
@@ -166,6 +167,7 @@ def train(exp: ExperimentConfig) -> dict[str, Any]:
     model = ConceptMoEVLM(exp.vlm)
     if cfg.init_from and latest is None:  # a resume takes the checkpoint's weights
         load_initial_weights(model, cfg.init_from)
+    apply_freeze(model, cfg.freeze)  # before the optimizer: frozen parameters are left out of it
     if cfg.ep_size > 1:
         swap_in_deepspeed_moe(model.lm, cfg.ep_size)
     transform = build_image_transform(model.vision, train=True)
