@@ -14,6 +14,7 @@ document (new doc id, no bos). A split never falls inside an image block (<img_s
                              its document: `data.loss_on`, sequence.py), else −100
     images     (N, 3, H, W) float  row-major order; N * tokens_per_image == (modality == 1).sum()
     num_images (B,) int64    images per row
+    source_ids (B, T) int64  data source of each position (data.mixture; 0 with one source), −1 on padding
 """
 from __future__ import annotations
 
@@ -36,6 +37,7 @@ class Row:
     images: list[Any] = field(default_factory=list)
     doc_lengths: list[int] = field(default_factory=list)
     targets: list[bool] = field(default_factory=list)  # per token: may carry LM loss (data.loss_on)
+    sources: list[int] = field(default_factory=list)  # per token: its document's data source (−1 on padding)
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -45,6 +47,7 @@ class Row:
         self.input_ids.extend(seq.input_ids[start:end])
         self.modality.extend(seq.modality[start:end])
         self.targets.extend(seq.targets(loss_on)[start:end])
+        self.sources.extend([seq.source] * (end - start))
         self.images.extend(img for img, (s, _) in zip(seq.images, seq.image_spans) if start <= s < end)
         self.doc_lengths.append(end - start)
 
@@ -53,6 +56,7 @@ class Row:
         self.input_ids.extend([pad_id] * n)
         self.modality.extend([int(Modality.TEXT)] * n)
         self.targets.extend([False] * n)
+        self.sources.extend([-1] * n)
         return self
 
 
@@ -125,6 +129,7 @@ def collate_rows(rows: list[Row], image_shape: tuple[int, int, int]) -> Batch:
         images=torch.stack(images) if images else torch.zeros(0, *image_shape),  # (N, 3, H, W)
         num_images=torch.tensor([len(r.images) for r in rows], dtype=torch.long),  # (B,)
         image_tokens=sum(m for r in rows for m in r.modality),  # Modality.IMAGE is 1, TEXT 0
+        source_ids=torch.tensor([r.sources for r in rows], dtype=torch.long),  # (B, T)
     )
 
 

@@ -37,6 +37,7 @@ class TokenSequence:
     images: list[Any] = field(default_factory=list)
     image_spans: list[tuple[int, int]] = field(default_factory=list)  # [<img_start>, <img_end>] + 1
     answer_spans: list[tuple[int, int]] = field(default_factory=list)  # [start, end) of each Answer's tokens
+    source: int = 0  # index of the data source it came from (data.mixture; 0 with one source)
 
     def __len__(self) -> int:
         return len(self.input_ids)
