@@ -33,6 +33,7 @@ import sys
 import time
 from pathlib import Path
 
+import cmoe_base  # noqa: F401  first: its runtime defaults (OMP_WAIT_POLICY) must precede torch
 import torch
 
 from cmoe_base import Batch

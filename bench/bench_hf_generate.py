@@ -25,6 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import cmoe_base  # noqa: F401  first: its runtime defaults (OMP_WAIT_POLICY) must precede torch
 import torch
 
 from cmoe_vlm.checkpoints.export import save_pretrained

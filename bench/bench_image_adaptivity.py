@@ -38,6 +38,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import cmoe_base  # noqa: F401  first: its runtime defaults (OMP_WAIT_POLICY) must precede torch
 import torch
 
 # Smaller than tiny.yaml (as bench_compression_control): ~4x cheaper steps; the chunker, vision
@@ -101,10 +102,12 @@ def train_steps(model, exp, on_step: Callable[[int, Any, Any], None] | None = No
     `boundaries`: a boundary policy."""
     from cmoe_vlm.objective import Objective, RatioController
     from cmoe_vlm.training.optim import build_optimizer
+    from cmoe_vlm.training.stages import apply_freeze
     from data_pipelines.loader import StreamingLoader
     from vision import build_image_transform
 
     cfg = exp.train
+    apply_freeze(model, cfg.freeze)
     opt, sched = build_optimizer(model, cfg)
     controller = RatioController.of(exp.model)
     objective = Objective(exp.model, controller)

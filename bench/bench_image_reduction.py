@@ -35,6 +35,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+import cmoe_base  # noqa: F401  first: its runtime defaults (OMP_WAIT_POLICY) must precede torch
 import torch
 
 from bench_image_adaptivity import SMALL, ensure_builtin_data, merge_reports, train_steps

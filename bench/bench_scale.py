@@ -43,6 +43,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import cmoe_base  # noqa: F401  first: its runtime defaults (OMP_WAIT_POLICY) must precede torch
 import torch
 
 REPO = Path(__file__).resolve().parents[1]

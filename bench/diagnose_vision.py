@@ -20,6 +20,7 @@ import sys
 import time
 from pathlib import Path
 
+import cmoe_base  # noqa: F401  first: its runtime defaults (OMP_WAIT_POLICY) must precede torch
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -41,18 +42,26 @@ def run_variant(name: str, overrides: list[str], args: argparse.Namespace, paths
     log: list[dict] = []
     t0 = time.time()
 
+    tasks = {t.name: t for t in load_suite(paths["suite"])}
+    tokenizer = load_tokenizer(exp.data.tokenizer)
+
     def on_step(step: int, out, losses) -> None:
         if step % 25 == 0 or step == exp.train.steps:
             rec = {"step": step, "lm_loss": round(losses.lm.item(), 4)}
             for k, s in out.compression.items():
                 if float(s.tokens):
                     rec[f"ratio_{k}"] = round(float(s.ratio), 3)
+            if args.eval_every and step % args.eval_every == 0:
+                runner = ModelRunner(model, tokenizer, batch_size=64)
+                for t in ("colour", "shape"):
+                    rec[f"acc_{t}"] = round(run_multiple_choice(runner, tasks[t], args.eval_records)["acc"], 3)
+                model.train()
             log.append(rec)
             print(f"[{name}] {rec}", flush=True)
 
     train_steps(model, exp, on_step)
     train_s = time.time() - t0
-    runner = ModelRunner(model, load_tokenizer(exp.data.tokenizer), batch_size=64)
+    runner = ModelRunner(model, tokenizer, batch_size=64)
     res: dict = {"variant": name, "overrides": overrides, "steps": args.steps, "train_seconds": round(train_s),
                  "log": log}
     for suite in ("suite", "suite_blind"):
@@ -73,6 +82,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--limit", type=int, default=200, help="test questions per type")
     p.add_argument("--variant", action="append", default=[], help="name=key=value[,key=value]")
+    p.add_argument("--eval-every", type=int, default=0, help="score colour and shape questions every N steps")
+    p.add_argument("--eval-records", type=int, default=50, help="questions per type in those mid-run scores")
     args = p.parse_args(argv)
     paths = write_easyvqa(args.data)
     out = Path(args.out)

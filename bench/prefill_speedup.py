@@ -22,6 +22,7 @@ from pathlib import Path
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP; see bench_core.py
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import cmoe_base  # noqa: F401  first: its runtime defaults (OMP_WAIT_POLICY) must precede torch
 import torch  # noqa: E402
 
 from cmoe_base import Batch  # noqa: E402

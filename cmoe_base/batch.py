@@ -114,6 +114,7 @@ class Batch:
     images: torch.Tensor | None = None      # (N, 3, H, W) float, in row-major order of their positions
     num_images: torch.Tensor | None = None  # (B,) int64 images per row
     image_tokens: int = 0                   # host: positions with modality IMAGE (N · tokens_per_image)
+    source_ids: torch.Tensor | None = None  # (B, T) int64 data source of each position (−1 padding), for per-source logs
 
     @classmethod
     def of(cls, input_ids: torch.Tensor, modality: torch.Tensor | None = None, doc_ids: torch.Tensor | None = None,
@@ -144,4 +145,5 @@ class Batch:
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
         images = None if self.images is None else self.images.to(device, dtype or self.images.dtype)
         return replace(self, input_ids=move(self.input_ids), modality=move(self.modality), layout=self.layout.to(device),
-                       labels=move(self.labels), images=images, num_images=move(self.num_images))
+                       labels=move(self.labels), images=images, num_images=move(self.num_images),
+                       source_ids=move(self.source_ids))

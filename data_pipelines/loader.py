@@ -30,15 +30,18 @@ it also notices an archive cut inside a tar header, which Python's tarfile takes
 """
 from __future__ import annotations
 
+import bisect
 import glob
 import hashlib
+import itertools
+import math
 import os
 import random
 import re
 import signal
 import tarfile
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -49,6 +52,8 @@ from webdataset.tariterators import base_plus_ext
 from cmoe_base import Batch, ConfigError, check
 from data_pipelines.errors import BadSample, SkipCounter, merge_counts
 from data_pipelines.packing import RowPacker, collate_rows
+from data_pipelines.chat import Chat
+from data_pipelines.document import LOSS_ON
 from data_pipelines.sequence import TokenSequence, build_sequence
 from data_pipelines.shards import MAX_IMAGE_PIXELS, decode_sample
 from data_pipelines.tokenizer import Tokenizer, load_tokenizer
@@ -60,8 +65,21 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)  # the main process checkpoints o
 
 
 @dataclass
+class MixtureSource:
+    """One shard set of a weighted mixture (`data.mixture`)."""
+    shards: str = ""      # as data.shards
+    weight: float = 1.0   # sampling weight: documents are drawn from the sources in these proportions
+    name: str = ""        # in logs and skip counts (default: source<i>)
+
+    def __post_init__(self) -> None:
+        check(bool(self.shards), "shards", self.shards, "must name shards (as data.shards)")
+        check(math.isfinite(self.weight) and self.weight > 0, "weight", self.weight, "must be a finite number > 0")
+
+
+@dataclass
 class DataConfig:
     shards: str = ""  # brace pattern, glob, a folder of *.tar, or pipe: URLs; join several with '::'
+    mixture: list[MixtureSource] = field(default_factory=list)  # instead of shards: weighted shard sets
     seq_len: int = 1024
     batch_size: int = 8
     num_workers: int = 2
@@ -70,6 +88,9 @@ class DataConfig:
     resampled: bool = False
     steps_per_epoch: int | None = None
     tokenizer: str = "byte"  # "byte" or a local Hugging Face tokenizer folder
+    loss_on: str = "all"  # all: LM loss on every text token; answers: only on answers / assistant turns
+                          # in documents that have them (qa, chat), all text elsewhere (sequence.py)
+    drop_images: bool = False  # ablation: remove every image from the documents (a text-only control)
     # Derived from the model (vision input size; image tokens of vision + projector): an experiment
     # fills them in, and a value given here must agree. A loader used on its own sets them.
     image_size: int | None = None
@@ -85,14 +106,28 @@ class DataConfig:
         check(self.image_size is None or self.image_size >= 1, "image_size", self.image_size, "must be >= 1")
         check(self.tokens_per_image is None or self.tokens_per_image >= 1, "tokens_per_image", self.tokens_per_image,
               "must be >= 1")
+        check(self.loss_on in LOSS_ON, "loss_on", self.loss_on, f"must be one of {', '.join(LOSS_ON)}")
         check(self.max_image_pixels >= 1, "max_image_pixels", self.max_image_pixels, "must be >= 1")
         if self.tokens_per_image is not None:
             check(self.seq_len >= self.tokens_per_image + 2, "seq_len", self.seq_len,
                   f"must be >= tokens_per_image + 2 = {self.tokens_per_image + 2} (a whole image block per row)")
+        check(not (self.mixture and self.shards), "shards", self.shards,
+              "and data.mixture are exclusive: list every shard set in the mixture (with its weight)")
+        for i, src in enumerate(self.mixture):
+            if not src.name:
+                src.name = f"source{i}"
+        names = [src.name for src in self.mixture]
+        check(len(set(names)) == len(names), "mixture", names, "names must be distinct")
 
     @property
     def infinite(self) -> bool:
-        return self.resampled or self.steps_per_epoch is not None
+        """Endless streams: resampled shards, fixed epochs, or a mixture (every source loops over its shards)."""
+        return self.resampled or self.steps_per_epoch is not None or bool(self.mixture)
+
+    @property
+    def sources(self) -> list[MixtureSource]:
+        """The shard sets, one without a mixture."""
+        return self.mixture or [MixtureSource(self.shards, 1.0, "data")]
 
 
 def default_image_transform(image_size: int) -> ImageTransform:
@@ -140,17 +175,22 @@ def list_shards(spec: str, name: str = "data.shards") -> list[str]:
     return urls
 
 
-def check_data(cfg: DataConfig, world_size: int = 1) -> list[str]:
+def check_data(cfg: DataConfig, world_size: int = 1) -> list[list[str]]:
     """The checks that need the file system or the number of processes (run before anything is built):
-    the shards exist and can feed every worker of every rank. Returns the shard URLs."""
+    the shards exist and can feed every worker of every rank. Returns the shard URLs of each source."""
     check(world_size == 1 or cfg.infinite, "data.steps_per_epoch", cfg.steps_per_epoch,
           "must be set (or resampled: true) when world_size > 1, so that every rank runs the same steps")
-    shards = list_shards(cfg.shards)
-    workers = max(1, cfg.num_workers)
-    check(not cfg.infinite or cfg.resampled or len(shards) >= world_size * workers, "data.num_workers",
-          cfg.num_workers, f"too many: {len(shards)} shards cannot feed {world_size} processes x {workers} "
-          f"workers in an endless stream (use fewer workers, more shards or data.resampled)")
-    return shards
+    out = []
+    for i, src in enumerate(cfg.sources):
+        field_name = f"data.mixture[{i}].shards" if cfg.mixture else "data.shards"
+        shards = list_shards(src.shards, field_name)
+        workers = max(1, cfg.num_workers)
+        check(not cfg.infinite or cfg.resampled or len(shards) >= world_size * workers, "data.num_workers",
+              cfg.num_workers, f"too many: {len(shards)} shards{f' of {src.name}' if cfg.mixture else ''} cannot feed "
+              f"{world_size} processes x {workers} workers in an endless stream (use fewer workers, more shards or "
+              f"data.resampled)")
+        out.append(shards)
+    return out
 
 
 class _EndAwareTarInfo(tarfile.TarInfo):
@@ -238,13 +278,15 @@ class WorkerStream:
     """The documents and batches of one (rank, worker): deterministic from its cursor."""
 
     def __init__(self, cfg: DataConfig, shards: list[str], tokenizer: Tokenizer, transform: ImageTransform,
-                 rank: int, world_size: int, worker: int, num_workers: int):
+                 rank: int, world_size: int, worker: int, num_workers: int, source: int = 0):
         self.cfg, self.shards, self.tokenizer, self.transform = cfg, shards, tokenizer, transform
         self.rank, self.world_size, self.worker, self.num_workers = rank, world_size, worker, num_workers
+        self.source = source
+        self.seed = cfg.seed if source == 0 else f"{cfg.seed}-source{source}"  # each mixture source its own order
 
     def plan(self, pass_index: int) -> list[str]:
         """The shards this worker reads in pass `pass_index`, in order."""
-        seed = self.cfg.seed
+        seed = self.seed
         if self.cfg.resampled:
             rng = random.Random(f"{seed}-resample-{pass_index}-{self.rank}-{self.worker}")
             return [rng.choice(self.shards) for _ in range(max(1, len(self.shards) // (self.world_size * self.num_workers)))]
@@ -260,7 +302,7 @@ class WorkerStream:
             plan = self.plan(pass_index)
             found = False
             for s in range(shard_index, len(plan)):
-                rng = random.Random(f"{self.cfg.seed}-{pass_index}-{self.rank}-{self.worker}-{s}")
+                rng = random.Random(f"{self.seed}-{pass_index}-{self.rank}-{self.worker}-{s}")
                 for i, raw in enumerate(shuffled_shard(plan[s], rng, self.cfg.shuffle_buffer, counter)):
                     if i < sample_index:
                         continue  # replaying up to the cursor: no decoding, nothing counted
@@ -288,21 +330,29 @@ class WorkerStream:
         except BadSample as e:
             counter.skip(e.reason, f"{raw.get('__url__')}:{raw.get('__key__')}", e.detail)
             return None
-        if any(not isinstance(p, str) for p in pieces):
+        if self.cfg.drop_images:
+            pieces = pieces.map_images(lambda _: "") if isinstance(pieces, Chat) else [p for p in pieces if isinstance(p, str)]
+        has_images = bool(pieces.images()) if isinstance(pieces, Chat) else any(not isinstance(p, str) for p in pieces)
+        if has_images:
             rng = torch.default_generator  # torch.manual_seed would also seed CUDA: 100x slower
             saved = rng.get_state()
-            rng.manual_seed(hash((self.cfg.seed, self.rank, self.worker, *cursor)) & 0xFFFF_FFFF)
+            rng.manual_seed(hash((self.seed, self.rank, self.worker, *cursor)) & 0xFFFF_FFFF)
             try:
-                pieces = [p if isinstance(p, str) else self.transform(p) for p in pieces]
+                if isinstance(pieces, Chat):
+                    pieces = pieces.map_images(self.transform)
+                else:
+                    pieces = [p if isinstance(p, str) else self.transform(p) for p in pieces]
             finally:
                 rng.set_state(saved)
-        return build_sequence(pieces, self.tokenizer, self.cfg.tokens_per_image)
+        seq = build_sequence(pieces, self.tokenizer, self.cfg.tokens_per_image)
+        seq.source = self.source
+        return seq
 
     def batches(self, state: dict[str, Any]) -> Iterator[tuple[Batch | None, dict[str, Any]]]:
         """(batch, state after it); ends (finite mode) with (None, final state)."""
         counter = SkipCounter(state["skipped"])
         docs = self.documents(tuple(state["cursor"]), counter)
-        packer = RowPacker(self.cfg.seq_len, self.tokenizer.pad_id)
+        packer = RowPacker(self.cfg.seq_len, self.tokenizer.pad_id, self.cfg.loss_on)
         if state["offset"]:
             tag, seq = next(docs)
             if list(tag) != list(state["cursor"]):
@@ -330,12 +380,90 @@ class WorkerStream:
         yield None, {**(snapshot() if packer.last_tag is not None else state), "skipped": counter.as_dict()}
 
 
+class MixtureStream:
+    """The documents and batches of one (rank, worker) drawn from a weighted mixture of sources
+    (`data.mixture`), each source a `WorkerStream` looping over its own shards. The source of the
+    n-th document is drawn from the weights by a generator seeded with (seed, rank, worker, n), so
+    the sequence of sources replays exactly from the number of draws. The position: draws so far,
+    each source's cursor, and the source of a document the packer had split (re-read first)."""
+
+    def __init__(self, cfg: DataConfig, streams: list[WorkerStream]):
+        self.cfg, self.streams = cfg, streams
+        self.worker, self.rank = streams[0].worker, streams[0].rank
+        total = sum(src.weight for src in cfg.sources)
+        self.cumulative = list(itertools.accumulate(src.weight / total for src in cfg.sources))
+
+    def source_of(self, n: int) -> int:
+        u = random.Random(f"{self.cfg.seed}-mixture-{self.rank}-{self.worker}-{n}").random()
+        return min(bisect.bisect_right(self.cumulative, u), len(self.streams) - 1)
+
+    def batches(self, state: dict[str, Any]) -> Iterator[tuple[Batch | None, dict[str, Any]]]:
+        """(batch, state after it), endlessly."""
+        names = [src.name for src in self.cfg.sources]
+        counters = [SkipCounter(state["skipped_by_source"].get(name, {})) for name in names]
+        cursors = [tuple(c) for c in state["cursors"]]
+        iters = [stream.documents(c, counters[i]) for i, (stream, c) in enumerate(zip(self.streams, cursors))]
+        documents = list(state["documents"])  # per source: documents drawn from it (the realised mixture)
+        after = [list(c) for c in cursors]  # per source: the cursor after its last document handed to the packer
+        drawn = state["drawn"]
+
+        def handed(src: int, cursor: Cursor, seq: TokenSequence):
+            p, sh, i = cursor
+            after[src] = [p, sh, i + 1]
+            return (src, cursor), seq
+
+        def docs() -> Iterator[tuple[tuple[int, Cursor], TokenSequence]]:
+            nonlocal drawn
+            if state["offset"]:  # the split document comes back first; its draw is already counted
+                src = state["pending"]
+                cursor, seq = next(iters[src])
+                if list(cursor) != list(cursors[src]):
+                    raise RuntimeError(f"cannot resume: the document of {names[src]} at {list(cursors[src])} is gone "
+                                       f"(found {list(cursor)}); have the shards changed?")
+                yield handed(src, cursor, seq)
+            while True:
+                src = self.source_of(drawn)
+                drawn += 1
+                documents[src] += 1
+                yield handed(src, *next(iters[src]))
+
+        packer = RowPacker(self.cfg.seq_len, self.streams[0].tokenizer.pad_id, self.cfg.loss_on)
+        stream = docs()
+        if state["offset"]:
+            tag, seq = next(stream)
+            packer.resume_with(tag, seq, state["offset"])
+
+        def snapshot() -> dict[str, Any]:
+            cursors_now = [list(c) for c in after]
+            pending, offset = (None, 0) if packer.pending is None else packer.pending
+            if pending is not None:  # split by the packer: re-read from its own cursor
+                cursors_now[pending[0]] = list(pending[1])
+            skipped = {name: c.as_dict() for name, c in zip(names, counters)}
+            return {"worker": self.worker, "drawn": drawn, "cursors": cursors_now,
+                    "pending": None if pending is None else pending[0], "offset": offset, "documents": list(documents),
+                    "skipped_by_source": skipped,
+                    "skipped": {f"{name}:{k}": v for name, counts in skipped.items() for k, v in counts.items()}}
+
+        rows = []
+        image_shape = (3, self.cfg.image_size, self.cfg.image_size)
+        for row in packer.rows(stream):
+            rows.append(row)
+            if len(rows) == self.cfg.batch_size:
+                yield collate_rows(rows, image_shape), snapshot()
+                rows = []
+        raise RuntimeError("a mixture stream ended")  # every source loops over its shards forever
+
+
 def _ignore_stop_signals(_worker_id: int) -> None:
     for s in STOP_SIGNALS:
         signal.signal(s, signal.SIG_IGN)
 
 
-def initial_worker_state(worker: int, pass_index: int) -> dict[str, Any]:
+def initial_worker_state(worker: int, pass_index: int, sources: int = 0) -> dict[str, Any]:
+    """A worker's position at the start of a pass; with a mixture of `sources`, at the start of each."""
+    if sources:
+        return {"worker": worker, "drawn": 0, "cursors": [[0, 0, 0]] * sources, "pending": None, "offset": 0,
+                "documents": [0] * sources, "skipped_by_source": {}, "skipped": {}}
     return {"worker": worker, "cursor": [pass_index, 0, 0], "offset": 0, "skipped": {}}
 
 
@@ -360,22 +488,26 @@ class StreamingLoader:
         for name in ("image_size", "tokens_per_image"):
             check(getattr(cfg, name) is not None, name, None, "is unset: an experiment derives it from the vision "
                   "and projector configs; a loader used on its own must set it")
-        shards = check_data(cfg, world_size)
+        shards = check_data(cfg, world_size)  # one list per source
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
         self.tokenizer = tokenizer or load_tokenizer(cfg.tokenizer)
         transform = image_transform or default_image_transform(cfg.image_size)
         self.num_streams = max(1, cfg.num_workers)
         # what a saved position refers to: the same shards, buffer and sampling (checked on load)
-        self.stream_id = hashlib.sha256(repr((shards, cfg.shuffle_buffer, cfg.resampled)).encode()).hexdigest()[:16]
-        self.streams = [WorkerStream(cfg, shards, self.tokenizer, transform, rank, world_size, w, self.num_streams)
-                        for w in range(self.num_streams)]
+        mixture = [(src.name, src.weight) for src in cfg.mixture]
+        key = (shards[0], cfg.shuffle_buffer, cfg.resampled) if not cfg.mixture else (shards, mixture, cfg.shuffle_buffer,
+                                                                                      cfg.resampled)
+        self.stream_id = hashlib.sha256(repr(key).encode()).hexdigest()[:16]
+        per_worker = [[WorkerStream(cfg, urls, self.tokenizer, transform, rank, world_size, w, self.num_streams, i)
+                       for i, urls in enumerate(shards)] for w in range(self.num_streams)]
+        self.streams = [MixtureStream(cfg, s) if cfg.mixture else s[0] for s in per_worker]
         self.epoch, self.step, self.next_worker = 0, 0, 0
         self.worker_states = self._fresh_states()
         self.past_skipped: dict[str, int] = {}
 
     def _fresh_states(self) -> list[dict[str, Any]]:
         pass_index = 0 if self.cfg.infinite else self.epoch
-        return [initial_worker_state(w, pass_index) for w in range(self.num_streams)]
+        return [initial_worker_state(w, pass_index, len(self.cfg.mixture)) for w in range(self.num_streams)]
 
     @property
     def skipped(self) -> dict[str, int]:

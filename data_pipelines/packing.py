@@ -10,9 +10,11 @@ document (new doc id, no bos). A split never falls inside an image block (<img_s
     modality   (B, T) int64  Modality codes (0 text, 1 image)
     layout     DocumentLayout: doc_ids (B, T) 0, 1, 2, ... per document in the row, −1 on padding;
                each row's document lengths on the host; document starts and positions (B, T)
-    labels     (B, T) int64  already shifted: next token if it is text in the same doc, else −100
+    labels     (B, T) int64  already shifted: next token if it is text in the same doc (and a target of
+                             its document: `data.loss_on`, sequence.py), else −100
     images     (N, 3, H, W) float  row-major order; N * tokens_per_image == (modality == 1).sum()
     num_images (B,) int64    images per row
+    source_ids (B, T) int64  data source of each position (data.mixture; 0 with one source), −1 on padding
 """
 from __future__ import annotations
 
@@ -34,14 +36,18 @@ class Row:
     modality: list[int] = field(default_factory=list)
     images: list[Any] = field(default_factory=list)
     doc_lengths: list[int] = field(default_factory=list)
+    targets: list[bool] = field(default_factory=list)  # per token: may carry LM loss (data.loss_on)
+    sources: list[int] = field(default_factory=list)  # per token: its document's data source (−1 on padding)
 
     def __len__(self) -> int:
         return len(self.input_ids)
 
-    def add(self, seq: TokenSequence, start: int, end: int) -> None:
+    def add(self, seq: TokenSequence, start: int, end: int, loss_on: str = "all") -> None:
         """Append tokens [start, end) of `seq` as a new document of this row."""
         self.input_ids.extend(seq.input_ids[start:end])
         self.modality.extend(seq.modality[start:end])
+        self.targets.extend(seq.targets(loss_on)[start:end])
+        self.sources.extend([seq.source] * (end - start))
         self.images.extend(img for img, (s, _) in zip(seq.images, seq.image_spans) if start <= s < end)
         self.doc_lengths.append(end - start)
 
@@ -49,6 +55,8 @@ class Row:
         n = length - len(self)
         self.input_ids.extend([pad_id] * n)
         self.modality.extend([int(Modality.TEXT)] * n)
+        self.targets.extend([False] * n)
+        self.sources.extend([-1] * n)
         return self
 
 
@@ -68,9 +76,10 @@ class RowPacker:
     The loader stores these tags (stream positions) to resume exactly.
     """
 
-    def __init__(self, seq_len: int, pad_id: int):
+    def __init__(self, seq_len: int, pad_id: int, loss_on: str = "all"):
         self.seq_len = seq_len
         self.pad_id = pad_id
+        self.loss_on = loss_on
         self.pending: tuple[Any, int] | None = None
         self.last_tag: Any = None
         self._pending_seq: TokenSequence | None = None
@@ -94,7 +103,7 @@ class RowPacker:
                 if end == offset and len(row) == 0:
                     raise ValueError(f"an image block of {tag} does not fit in seq_len = {self.seq_len}")
             if end > offset:
-                row.add(seq, offset, end)
+                row.add(seq, offset, end, self.loss_on)
             if end == len(seq):
                 self.pending, self._pending_seq, self.last_tag = None, None, tag
             else:
@@ -116,10 +125,11 @@ def collate_rows(rows: list[Row], image_shape: tuple[int, int, int]) -> Batch:
         input_ids=input_ids,
         modality=modality,
         layout=layout,
-        labels=shift_labels(input_ids, modality, layout.doc_ids),
+        labels=shift_labels(input_ids, modality, layout.doc_ids, torch.tensor([r.targets for r in rows], dtype=torch.bool)),
         images=torch.stack(images) if images else torch.zeros(0, *image_shape),  # (N, 3, H, W)
         num_images=torch.tensor([len(r.images) for r in rows], dtype=torch.long),  # (B,)
         image_tokens=sum(m for r in rows for m in r.modality),  # Modality.IMAGE is 1, TEXT 0
+        source_ids=torch.tensor([r.sources for r in rows], dtype=torch.long),  # (B, T)
     )
 
 

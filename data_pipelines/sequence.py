@@ -8,6 +8,12 @@ transformed tensor (3, H, W)). `build_sequence` lays it out as
 The image markers are text tokens (Modality.TEXT); the `tokens_per_image` placeholders are image
 tokens (Modality.IMAGE) that the model replaces with projected ViT patches, in raster order.
 `shift_labels` turns ids into next-token targets: images and document ends get no LM loss.
+
+Answers. A piece of type `Answer` (a `str`) is text the document teaches the model to produce: a
+question's answer, an assistant turn. The sequence records where its tokens are (`answer_spans`;
+the document's eos joins the last answer when it ends the document). With `data.loss_on: answers`
+a document that has answers gets LM loss on those tokens only (`TokenSequence.targets`); a document
+without any (a caption, plain text) keeps the loss on all its text, as with `loss_on: all`.
 """
 from __future__ import annotations
 
@@ -17,6 +23,8 @@ from typing import Any
 import torch
 
 from cmoe_base import IGNORE_INDEX, Modality
+from data_pipelines.chat import Chat, render_chat
+from data_pipelines.document import Answer
 from data_pipelines.tokenizer import Tokenizer
 
 
@@ -28,21 +36,37 @@ class TokenSequence:
     modality: list[int] = field(default_factory=list)
     images: list[Any] = field(default_factory=list)
     image_spans: list[tuple[int, int]] = field(default_factory=list)  # [<img_start>, <img_end>] + 1
+    answer_spans: list[tuple[int, int]] = field(default_factory=list)  # [start, end) of each Answer's tokens
+    source: int = 0  # index of the data source it came from (data.mixture; 0 with one source)
 
     def __len__(self) -> int:
         return len(self.input_ids)
 
-    def labels(self) -> list[int]:
+    def targets(self, loss_on: str = "all") -> list[bool]:
+        """Per token: may it be predicted (carry LM loss as its predecessor's label)? All tokens with
+        loss_on "all" or without answers; else the answers' tokens only."""
+        if loss_on == "all" or not self.answer_spans:
+            return [True] * len(self)
+        mask = [False] * len(self)
+        for start, end in self.answer_spans:
+            mask[start:end] = [True] * (end - start)
+        return mask
+
+    def labels(self, loss_on: str = "all") -> list[int]:
         """Next-token targets of this document alone (see `shift_labels`)."""
         ids = torch.tensor([self.input_ids])
         doc = torch.zeros_like(ids)
-        return shift_labels(ids, torch.tensor([self.modality]), doc)[0].tolist()
+        targets = torch.tensor([self.targets(loss_on)])
+        return shift_labels(ids, torch.tensor([self.modality]), doc, targets)[0].tolist()
 
 
 def build_sequence(
     pieces: list[Any], tokenizer: Tokenizer, tokens_per_image: int, add_bos: bool = True, add_eos: bool = True
 ) -> TokenSequence:
-    """Tokenise text pieces and expand each image into <img_start> <image>*n <img_end>."""
+    """Tokenise text pieces and expand each image into <img_start> <image>*n <img_end>. A `Chat` is
+    first rendered with the tokenizer's chat template (data_pipelines/chat.py)."""
+    if isinstance(pieces, Chat):
+        pieces = render_chat(pieces, tokenizer.chat_template)
     seq = TokenSequence()
 
     def extend(ids: list[int], modality: Modality) -> None:
@@ -53,7 +77,10 @@ def build_sequence(
         extend([tokenizer.bos_id], Modality.TEXT)
     for i, piece in enumerate(pieces):
         if isinstance(piece, str):
+            start = len(seq)
             extend(tokenizer.encode(piece), Modality.TEXT)
+            if isinstance(piece, Answer) and len(seq) > start:
+                seq.answer_spans.append((start, len(seq)))
         elif piece is None:
             raise TypeError(f"pieces[{i}] is None: expected text (str) or an image")
         else:
@@ -64,17 +91,23 @@ def build_sequence(
             extend([tokenizer.img_end_id], Modality.TEXT)
             seq.image_spans.append((start, len(seq)))
     if add_eos:
+        if seq.answer_spans and seq.answer_spans[-1][1] == len(seq):  # the answer ends the document: so does eos
+            seq.answer_spans[-1] = (seq.answer_spans[-1][0], len(seq) + 1)
         extend([tokenizer.eos_id], Modality.TEXT)
     return seq
 
 
-def shift_labels(input_ids: torch.Tensor, modality: torch.Tensor, doc_ids: torch.Tensor) -> torch.Tensor:
-    """labels[b, t] = input_ids[b, t+1] if t+1 is a text token of the same document, else -100.
+def shift_labels(input_ids: torch.Tensor, modality: torch.Tensor, doc_ids: torch.Tensor,
+                 targets: torch.Tensor | None = None) -> torch.Tensor:
+    """labels[b, t] = input_ids[b, t+1] if t+1 is a text token of the same document (and a target,
+    when `targets` is given), else -100.
 
-    input_ids, modality, doc_ids: (B, T) with doc_ids = -1 on padding. Returns (B, T) int64.
+    input_ids, modality, doc_ids, targets (bool): (B, T) with doc_ids = -1 on padding. Returns (B, T) int64.
     """
     labels = torch.full_like(input_ids, IGNORE_INDEX)
     same_doc = (doc_ids[:, 1:] == doc_ids[:, :-1]) & (doc_ids[:, 1:] >= 0)  # (B, T-1)
     keep = same_doc & (modality[:, 1:] == Modality.TEXT)
+    if targets is not None:
+        keep &= targets[:, 1:]
     labels[:, :-1] = torch.where(keep, input_ids[:, 1:], IGNORE_INDEX)
     return labels

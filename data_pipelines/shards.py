@@ -1,24 +1,36 @@
 """The shard format (webdataset tars), its writer with a CLI, and the sample decoder.
 
 Layout: one sample = the tar members sharing a key (`{key}.{ext}`); keys are 9-digit indices,
-never containing a dot. Four sample kinds:
+never containing a dot. Five sample kinds:
 
     caption      {key}.jpg|png|webp + {key}.txt (+ {key}.json metadata, e.g. from img2dataset)
     qa           {key}.png + {key}.json = {"question": ..., "answer": ...}
     interleaved  {key}.json = {"pieces": [{"text": "..."}, {"image": "0.png"}, ...]}
                  + {key}.0.png, {key}.1.jpg, ... (each "image" names the member's extension)
+    chat         {key}.json = {"messages": [{"role": "system"|"user"|"assistant",
+                                             "content": [{"text": "..."}, {"image": "0.png"}, ...]}]}
+                 + {key}.0.png, ... as for interleaved
     text         {key}.txt
 
-`decode_sample` maps a sample to document pieces (str or PIL image): caption → [image, caption];
-qa → [image, "Question: q Answer: a"]; interleaved → its pieces; text → [text].
+`decode_sample` maps a sample to a document (data_pipelines/document.py): caption → [image,
+caption]; qa → [image, "Question: q Answer:", Answer(" a")]; interleaved → its pieces; chat → a
+`Chat` (rendered with the tokenizer's chat template when tokenised); text → [text].
 
-Writer sources (CLI `python -m data_pipelines.shards SOURCE INPUT --out DIR`):
+Writer sources (CLI `cmoe-shards SOURCE INPUT --out DIR`):
     img2dataset  a folder (searched recursively) of NNNN.jpg + NNNN.txt (+ NNNN.json)
     pairs        JSONL of {"image": path, "text": caption}
+    qa           JSONL of {"image": path, "question": str, "answer": str}           -> qa
+    llava        LLaVA JSON (a list) or JSONL of {"image": path | [paths], "conversations":
+                 [{"from": "human" | "gpt" | "system", "value": "<image>\n..."}]}  -> chat
+    messages     JSONL of {"messages": [{"role", "content": str | [{"type": "text", "text"} |
+                 {"type": "image"[, "image": path]}]}], "images": [paths]}      -> chat
+                 (transformers / TRL style: an image part without a path, or an `<image>`
+                 marker in a string content, takes the next of "images")
     interleaved  JSONL of {"pieces": [{"text": ...} | {"image": path}]}
                  or OBELICS-style {"texts": [str|null], "images": [path|null]}
     text         JSONL of {"text": ...}
-Image paths in JSONL are relative to the JSONL file's folder. Inputs that cannot be used are
+Image paths are relative to the input file's folder (or --image-root). In a chat, an image with no
+`<image>` marker in its turn goes first in the first user turn (LLaVA's convention). Inputs that cannot be used are
 skipped and listed with their reason in `DIR/manifest.json` beside per-shard sample counts.
 """
 from __future__ import annotations
@@ -38,6 +50,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from data_pipelines.errors import BadSample
+from data_pipelines.chat import IMAGE_MARKER, ROLES, Chat, Message
+from data_pipelines.document import Answer
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 # Images with more pixels are skipped (image_too_large) from their header, before decoding: 36 MP decodes
@@ -55,8 +69,10 @@ def qa_prompt(question: str) -> str:
     return f"Question: {question} Answer:"
 
 
-def qa_text(question: str, answer: str) -> str:
-    return f"{qa_prompt(question)} {answer}"
+def qa_pieces(question: str, answer: str) -> list[str]:
+    """The text of a qa sample: the prompt, then the answer (an `Answer`: the LM loss target with
+    data.loss_on = answers). Evaluation scores " " + answer after `qa_prompt`: the same layout."""
+    return [qa_prompt(question), Answer(f" {answer}")]
 
 
 def decode_image(data: bytes, max_pixels: int | None = MAX_IMAGE_PIXELS) -> Image.Image:
@@ -127,7 +143,21 @@ def _interleaved_pieces(meta: dict[str, Any], fields: dict[str, bytes], max_pixe
     return out
 
 
-def decode_sample(raw: dict[str, Any], max_pixels: int | None = MAX_IMAGE_PIXELS) -> list[Piece]:
+def _chat(meta: dict[str, Any], fields: dict[str, bytes], max_pixels: int | None) -> Chat:
+    messages = meta["messages"]
+    if not isinstance(messages, list) or not messages:
+        raise BadSample("bad_json", "'messages' must be a non-empty list")
+    chat = Chat()
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), list):
+            raise BadSample("bad_json", f"messages[{i}] must be {{'role': one of {', '.join(ROLES)}, 'content': [...]}}")
+        chat.append(Message(m["role"], _interleaved_pieces({"pieces": m["content"]}, fields, max_pixels)))
+    if not any(m.role == "assistant" for m in chat):
+        raise BadSample("bad_json", "a chat needs at least one assistant message")
+    return chat
+
+
+def decode_sample(raw: dict[str, Any], max_pixels: int | None = MAX_IMAGE_PIXELS) -> list[Piece] | Chat:
     """Pieces of one webdataset sample (see the module docstring); raises BadSample. A sample the
     reader already rejected (`__skip__`: reason, detail) raises its reason."""
     if "__skip__" in raw:
@@ -145,6 +175,8 @@ def decode_sample(raw: dict[str, Any], max_pixels: int | None = MAX_IMAGE_PIXELS
         meta = decode_json(fields["json"])
         if "pieces" in meta:
             return _interleaved_pieces(meta, fields, max_pixels)
+        if "messages" in meta:
+            return _chat(meta, fields, max_pixels)
         if "question" in meta and "answer" in meta:
             q, a = meta["question"], meta["answer"]
             if not (isinstance(q, str) and isinstance(a, str)):
@@ -152,10 +184,10 @@ def decode_sample(raw: dict[str, Any], max_pixels: int | None = MAX_IMAGE_PIXELS
                                             f"{type(q).__name__} and {type(a).__name__}")
             if image_key is None:
                 raise BadSample("missing_image", "qa sample without an image")
-            return [decode_image(fields[image_key], max_pixels), qa_text(q, a)]
+            return [decode_image(fields[image_key], max_pixels), *qa_pieces(q, a)]
         if image_key is not None:
             raise BadSample("missing_caption", "image with metadata but no .txt")
-        raise BadSample("bad_json", "expected 'pieces' or 'question'/'answer'")
+        raise BadSample("bad_json", "expected 'pieces', 'messages' or 'question'/'answer'")
     if image_key is not None:
         raise BadSample("missing_caption", "image without .txt")
     raise BadSample("empty_sample", f"no usable members in {sorted(fields)}")
@@ -291,7 +323,157 @@ def jsonl_text(path: str | Path) -> Iterator[SourceItem]:
             yield {"txt": obj["text"].encode("utf-8")}
 
 
-SOURCES = {"img2dataset": img2dataset_folder, "pairs": jsonl_pairs, "interleaved": jsonl_interleaved, "text": jsonl_text}
+def jsonl_qa(path: str | Path, image_root: str | Path | None = None) -> Iterator[SourceItem]:
+    """qa samples from JSONL lines {"image": path, "question": str, "answer": str}."""
+    root = Path(image_root) if image_root is not None else Path(path).parent
+    for where, obj in _jsonl(path):
+        if isinstance(obj, Skipped):
+            yield obj
+            continue
+        try:
+            q, a = obj.get("question"), obj.get("answer")
+            if not (isinstance(q, str) and q.strip() and isinstance(a, str) and a.strip()):
+                raise BadSample("bad_json", "'question' and 'answer' must be non-empty strings")
+            if not isinstance(obj.get("image"), str):
+                raise BadSample("missing_image", "'image' missing")
+            ext, data = read_image_file(root / obj["image"])
+            yield {ext: data, "json": json.dumps({"question": q, "answer": a}, ensure_ascii=False).encode("utf-8")}
+        except BadSample as e:
+            yield Skipped(where, e.reason, e.detail)
+
+
+def _marked(text: str, images: list[str]) -> list[dict[str, str]]:
+    """Content parts of a text with `<image>` markers, each marker taking the next of `images` (consumed)."""
+    parts: list[dict[str, str]] = []
+    for i, chunk in enumerate(text.split(IMAGE_MARKER)):
+        if i:
+            if not images:
+                raise BadSample("missing_image", f"more {IMAGE_MARKER} markers than images")
+            parts.append({"image": images.pop(0)})
+        if chunk:
+            parts.append({"text": chunk})
+    return parts
+
+
+def chat_sample(messages: list[tuple[str, list[dict[str, str]]]], root: Path, leftover: list[str]) -> Sample:
+    """A chat sample from (role, parts) messages whose image parts hold paths under `root`; images not
+    placed by a marker (`leftover`) go first in the first user turn. Raises BadSample."""
+    if leftover:
+        first_user = next((i for i, (role, _) in enumerate(messages) if role == "user"), None)
+        if first_user is None:
+            raise BadSample("bad_json", "an image but no user turn to put it in")
+        role, parts = messages[first_user]
+        messages[first_user] = (role, [{"image": p} for p in leftover] + parts)
+    if not any(role == "assistant" for role, _ in messages):
+        raise BadSample("bad_json", "no assistant turn")
+    sample: Sample = {}
+    stored = []
+    for role, parts in messages:
+        content = []
+        for part in parts:
+            if "image" in part:
+                ext, data = read_image_file(root / part["image"])
+                name = f"{sum(1 for k in sample if k != 'json')}.{ext}"
+                sample[name] = data
+                content.append({"image": name})
+            else:
+                content.append({"text": part["text"]})
+        stored.append({"role": role, "content": content})
+    sample["json"] = json.dumps({"messages": stored}, ensure_ascii=False).encode("utf-8")
+    return sample
+
+
+LLAVA_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+
+
+def _json_records(path: str | Path) -> Iterator[tuple[str, dict[str, Any] | Skipped]]:
+    """Records of a JSON file holding a list (LLaVA's format) or of a JSONL file."""
+    text = Path(path).read_text(encoding="utf-8", errors="replace")
+    if text.lstrip().startswith("["):
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError as e:
+            yield str(path), Skipped(str(path), "bad_json", str(e))
+            return
+        for n, obj in enumerate(records):
+            where = f"{path}[{n}]"
+            yield where, obj if isinstance(obj, dict) else Skipped(where, "bad_json", "record is not an object")
+        return
+    yield from _jsonl(path)
+
+
+def llava_conversations(path: str | Path, image_root: str | Path | None = None) -> Iterator[SourceItem]:
+    """chat samples from LLaVA's format: {"image": path | [paths], "conversations": [{"from", "value"}]}."""
+    root = Path(image_root) if image_root is not None else Path(path).parent
+    for where, obj in _json_records(path):
+        if isinstance(obj, Skipped):
+            yield obj
+            continue
+        try:
+            images = obj.get("image") or []
+            images = [images] if isinstance(images, str) else list(images)
+            turns = obj.get("conversations")
+            if not isinstance(turns, list) or not turns:
+                raise BadSample("bad_json", "'conversations' must be a non-empty list")
+            messages = []
+            for i, t in enumerate(turns):
+                if not isinstance(t, dict) or t.get("from") not in LLAVA_ROLES or not isinstance(t.get("value"), str):
+                    raise BadSample("bad_json", f"conversations[{i}] must be {{'from': one of "
+                                                f"{', '.join(LLAVA_ROLES)}, 'value': str}}")
+                messages.append((LLAVA_ROLES[t["from"]], _marked(t["value"].strip() if i == 0 else t["value"], images)))
+            yield chat_sample(messages, root, images)
+        except BadSample as e:
+            yield Skipped(where, e.reason, e.detail)
+
+
+def jsonl_messages(path: str | Path, image_root: str | Path | None = None) -> Iterator[SourceItem]:
+    """chat samples from transformers-style JSONL: {"messages": [{"role", "content"}], "images": [paths]}."""
+    root = Path(image_root) if image_root is not None else Path(path).parent
+    for where, obj in _jsonl(path):
+        if isinstance(obj, Skipped):
+            yield obj
+            continue
+        try:
+            images = list(obj.get("images") or [])
+            if not all(isinstance(i, str) for i in images):
+                raise BadSample("bad_json", "'images' must be a list of paths")
+            raw = obj.get("messages")
+            if not isinstance(raw, list) or not raw:
+                raise BadSample("bad_json", "'messages' must be a non-empty list")
+            messages = []
+            for i, m in enumerate(raw):
+                if not isinstance(m, dict) or m.get("role") not in ROLES:
+                    raise BadSample("bad_json", f"messages[{i}] needs a role, one of {', '.join(ROLES)}")
+                content = m.get("content")
+                if isinstance(content, str):
+                    parts = _marked(content, images)
+                elif isinstance(content, list):
+                    parts = []
+                    for part in content:
+                        kind = part.get("type") if isinstance(part, dict) else None
+                        if kind == "text" and isinstance(part.get("text"), str):
+                            parts.append({"text": part["text"]})
+                        elif kind == "image":
+                            path_ = part.get("image") or part.get("path") or part.get("url")
+                            if path_ is None:
+                                if not images:
+                                    raise BadSample("missing_image", f"messages[{i}] has more images than 'images'")
+                                path_ = images.pop(0)
+                            parts.append({"image": path_})
+                        else:
+                            raise BadSample("bad_json", f"messages[{i}]: content parts must be "
+                                                        f"{{'type': 'text', 'text': str}} or {{'type': 'image'}}")
+                else:
+                    raise BadSample("bad_json", f"messages[{i}]: content must be a string or a list of parts")
+                messages.append((m["role"], parts))
+            yield chat_sample(messages, root, images)
+        except BadSample as e:
+            yield Skipped(where, e.reason, e.detail)
+
+
+SOURCES = {"img2dataset": img2dataset_folder, "pairs": jsonl_pairs, "qa": jsonl_qa, "llava": llava_conversations,
+           "messages": jsonl_messages, "interleaved": jsonl_interleaved, "text": jsonl_text}
+IMAGE_ROOT_SOURCES = ("qa", "llava", "messages")  # sources that take --image-root
 
 
 # ----------------------------------------------------------------------------- writer
@@ -346,12 +528,17 @@ def load_manifest(shard_dir: str | Path) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("source", choices=sorted(SOURCES), help="input kind")
-    parser.add_argument("input", help="folder (img2dataset) or JSONL file")
+    parser.add_argument("input", help="folder (img2dataset), JSONL file, or JSON list (llava)")
+    parser.add_argument("--image-root", help=f"folder image paths are relative to ({', '.join(IMAGE_ROOT_SOURCES)}; "
+                                             f"default: the input file's folder)")
     parser.add_argument("--out", required=True, help="output folder for shard-NNNNNN.tar + manifest.json")
     parser.add_argument("--maxcount", type=int, default=1000, help="max samples per shard")
     parser.add_argument("--maxsize", type=float, default=1e9, help="max bytes per shard")
     args = parser.parse_args(argv)
-    manifest = write_shards(SOURCES[args.source](args.input), args.out, args.maxcount, args.maxsize)
+    if args.image_root is not None and args.source not in IMAGE_ROOT_SOURCES:
+        parser.error(f"--image-root applies to {', '.join(IMAGE_ROOT_SOURCES)}, not {args.source}")
+    extra = {"image_root": args.image_root} if args.source in IMAGE_ROOT_SOURCES else {}
+    manifest = write_shards(SOURCES[args.source](args.input, **extra), args.out, args.maxcount, args.maxsize)
     print(f"{manifest['samples']} samples, {manifest['bytes']} bytes in {len(manifest['shards'])} shards; "
           f"skipped {manifest['skipped_counts'] or 0} → {Path(args.out) / MANIFEST}")
 

@@ -1,7 +1,10 @@
 """Tokenizers: a built-in byte-level one and a wrapper for a local Hugging Face tokenizer.
 
 Both expose the same small interface (`Tokenizer`): `encode(text)` adds no special tokens,
-`decode(ids)` drops them, and the special ids the sequence builder needs are attributes.
+`decode(ids)` drops them, and the special ids the sequence builder needs are attributes, as is the
+`chat_template` conversations are rendered with (data_pipelines/chat.py): a tokenizer's own, else
+`DEFAULT_CHAT_TEMPLATE`, which the ByteTokenizer uses and which is written into exported tokenizer
+files that lack one.
 
 ByteTokenizer ids: 0..255 are the UTF-8 bytes, then
     pad=256, bos=257, eos=258, img_start=259, img_end=260, image=261;  vocab_size = 262.
@@ -16,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from cmoe_base import check
+from data_pipelines.chat import DEFAULT_CHAT_TEMPLATE
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -32,6 +36,7 @@ class Tokenizer(Protocol):
     img_start_id: int
     img_end_id: int
     image_id: int
+    chat_template: str
 
     def encode(self, text: str) -> list[int]: ...
 
@@ -44,6 +49,7 @@ class ByteTokenizer:
     pad_id, bos_id, eos_id = 256, 257, 258
     img_start_id, img_end_id, image_id = 259, 260, 261
     vocab_size = 262
+    chat_template = DEFAULT_CHAT_TEMPLATE
 
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))
@@ -90,7 +96,7 @@ def save_byte_tokenizer(out: str | Path) -> None:
     raw.save(str(out / "tokenizer.json"))
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "split_special_tokens": True,
               **{f"{name}_token": specials[name] for name in ("pad", "bos", "eos")},
-              "additional_special_tokens": list(IMAGE_TOKENS.values())}
+              "additional_special_tokens": list(IMAGE_TOKENS.values()), "chat_template": DEFAULT_CHAT_TEMPLATE}
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
 
 
@@ -113,6 +119,7 @@ class HFTokenizer:
         ids = {name: tok.convert_tokens_to_ids(text) for name, text in IMAGE_TOKENS.items()}
         self.img_start_id, self.img_end_id, self.image_id = ids["img_start"], ids["img_end"], ids["image"]
         self.vocab_size = len(tok)
+        self.chat_template = own_chat_template(tok) or DEFAULT_CHAT_TEMPLATE
 
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False)
@@ -129,7 +136,17 @@ def save_tokenizer(spec: str, out: str | Path) -> None:
         save_byte_tokenizer(out)
         return
     check(Path(spec).is_dir(), "tokenizer", spec, "must be 'byte' or an existing local folder")
-    auto_tokenizer(spec).save_pretrained(str(out))
+    tok = auto_tokenizer(spec)
+    tok.chat_template = own_chat_template(tok) or DEFAULT_CHAT_TEMPLATE  # what training rendered chats with
+    tok.save_pretrained(str(out))
+
+
+def own_chat_template(tok: PreTrainedTokenizerBase) -> str | None:
+    """A transformers tokenizer's default chat template (None when it has none)."""
+    template = getattr(tok, "chat_template", None)
+    if isinstance(template, dict):  # named templates: the default one
+        template = template.get("default")
+    return template if isinstance(template, str) and template else None
 
 
 def load_tokenizer(spec: str) -> Tokenizer:

@@ -31,7 +31,7 @@ CMOE_VLM_LAYERS = """
     inspection.samples inspection.image_content inspection.analysis inspection.render inspection.plots inspection.report inspection
     eval.vqa_metric eval.tasks eval.long_context eval.builtin_suite eval.adaptivity eval.harness_tasks eval.harness eval.lmms_adapter
     eval
-    training.config training.optim training.engine training.mfu training.prepare training.metrics training.collapse training.checkpoint
+    training.stages training.config training.optim training.engine training.mfu training.prepare training.metrics training.collapse training.checkpoint
     training.evaluate training.resume training.expert_parallel training.initial_weights training.loop training
     cli.train cli.convert cli.hf_import cli.hf_export cli.eval cli.inspect cli
     eval.__main__ inspection.__main__

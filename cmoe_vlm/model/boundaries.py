@@ -1,6 +1,6 @@
 """Boundary policies: which boundaries the model uses (docs/design.md §2, "Boundary policies").
 
-The chunk module proposes its own boundaries (`chunking.Boundaries`: sampled in training,
+The chunk module proposes its own boundaries (`chunk.Boundaries`: sampled in training,
 thresholded in evaluation, forced at document starts and modality switches); the ratio loss always
 steers those. A policy maps them to the boundaries the model then merges, runs the concept model
 on and dechunks with. It is passed with each call, never set on the model:

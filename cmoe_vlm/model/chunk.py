@@ -1,15 +1,15 @@
 """Chunk module: learned boundaries between adjacent tokens (docs/design.md §2). For encoder outputs
 h (B, T, d):
     q_n = W_q h_n,  k_{n-1} = W_k h_{n-1},  p_n = (1 - cos(q_n, k_{n-1})) / 2,
-with p_n = 1 forced at document starts and modality switches. The chunk module's own
-boundaries are sampled in training, b_n ~ Bernoulli(sharpen(p_n)), and thresholded in evaluation,
-b_n = [p_n >= 0.5]: what the ratio loss steers (cmoe_vlm/objective.py, §3). Which boundaries the
-model then uses is a boundary policy's choice (boundaries.py; by default these). Concepts are built
-in merge.py.
+with p_n = 1 forced at document starts and at the last token of each modality run
+(`forced_boundaries`). The chunk module's own boundaries are sampled in training,
+b_n ~ Bernoulli(sharpen(p_n)), and thresholded in evaluation, b_n = [p_n >= 0.5]: what the ratio loss
+steers (cmoe_vlm/objective.py, §3). Which boundaries the model then uses is a boundary policy's choice
+(boundaries.py; by default these). Concepts are built in merge.py.
 
-Decoding state (`ChunkState`): the unit key and the modality of each row's last token, which the
-next token is scored against. `forward` scores a packed batch, `extend` the next tokens of cached
-rows, `step` one token per row; all three compute the same p and b (tests/cmoe_vlm/test_stages.py).
+Decoding state (`ChunkState`): the unit key of each row's last token, which the next token is scored
+against. `forward` scores a packed batch, `extend` the next tokens of cached rows, `step` one token per
+row; all three compute the same p and b (tests/cmoe_vlm/test_stages.py).
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cmoe_base import Modality, check
+from cmoe_base import check
 
 
 @dataclass
@@ -45,8 +45,8 @@ class ChunkConfig:
         "force_all_boundaries": (False, "was removed: every token a boundary is now the boundary policy "
                                         "AllTokens() (cmoe_vlm.model.boundaries), passed with the batch: "
                                         "model(batch, boundaries=AllTokens())"),
-        "split_at_modality_switch": (True, "was removed: every modality switch is a forced boundary (no concept "
-                                           "spans text and image; merge.py relies on it)"),
+        "split_at_modality_switch": (True, "was removed: every modality run ends in a forced boundary (no "
+                                           "concept spans text and image; merge.py relies on it)"),
         "ratio_statistic": ("pooled", "was removed: a per-image statistic did not make image p follow content "
                                       "(docs/design.md §3); use image_margin_weight with projector.center"),
         "sample_boundaries": (True, "was removed: training samples boundaries from the sharpened p "
@@ -80,7 +80,7 @@ class Boundaries:
     """Boundary decisions for B rows of T tokens (or for one token per row: shapes (B,))."""
     p: torch.Tensor       # (B, T) boundary probability; forced positions are 1
     b: torch.Tensor       # (B, T) bool boundary
-    forced: torch.Tensor  # (B, T) bool document start or modality switch: always a boundary, p = 1
+    forced: torch.Tensor  # (B, T) bool document start or last token of a modality run: always a boundary, p = 1
 
     @property
     def confidence(self) -> torch.Tensor:
@@ -101,12 +101,23 @@ def last_of_rows(values: torch.Tensor, lengths: torch.Tensor | int, previous: to
 
 @dataclass
 class ChunkState:
-    """What the next token is scored against: each row's last unit key and modality."""
+    """What the next token is scored against: each row's last unit key."""
     last_key: torch.Tensor       # (B, d)
-    last_modality: torch.Tensor  # (B,)
 
     def select(self, rows: torch.Tensor) -> None:
-        self.last_key, self.last_modality = self.last_key[rows], self.last_modality[rows]
+        self.last_key = self.last_key[rows]
+
+
+def forced_boundaries(starts: torch.Tensor, modality: torch.Tensor) -> torch.Tensor:
+    """(B, T) bool: the boundaries every policy keeps, p = 1: document starts, and the last token of each
+    modality run whose successor (same document, same span) is of the other modality. A boundary there
+    closes the run's content (merge.py), so the next concept starts with the new modality: no concept
+    mixes text and image and no token's content is left out. It is known causally: an image block
+    (<img_start>, its tokens, <img_end>) is laid out whole before any of it is scored, and every span
+    holds whole blocks."""
+    forced = starts.clone()
+    forced[:, :-1] |= (modality[:, :-1] != modality[:, 1:]) & ~starts[:, 1:]
+    return forced
 
 
 class ChunkModule(nn.Module):
@@ -136,58 +147,47 @@ class ChunkModule(nn.Module):
             b = p >= 0.5
         return Boundaries(p=p, b=b | forced, forced=forced)
 
-    def _span(self, h: torch.Tensor, starts: torch.Tensor, modality: torch.Tensor, prev_k: torch.Tensor | None,
-              prev_modality: torch.Tensor | None, above_index: torch.Tensor | None) -> tuple[Boundaries, torch.Tensor]:
-        """Boundaries of a span whose first token follows a token of key prev_k (B, 1, d) and
-        modality prev_modality (B, 1) (None: the span starts a document, position 0 is forced
-        whatever it is compared with); also returns the span's unit keys (B, T, d)."""
+    def _span(self, h: torch.Tensor, forced: torch.Tensor, prev_k: torch.Tensor | None,
+              above_index: torch.Tensor | None) -> tuple[Boundaries, torch.Tensor]:
+        """Boundaries of a span whose first token follows a token of key prev_k (B, 1, d) (None: the
+        span starts a document: position 0 is forced, whatever it is compared with); also returns the
+        span's unit keys (B, T, d)."""
         q = F.normalize(self.q_proj(h), dim=-1)
         k = F.normalize(self.k_proj(h), dim=-1)
-        if prev_k is None:
-            prev_k, prev_modality = k[:, :1], modality[:, :1]
-        k_prev = torch.cat([prev_k, k[:, :-1]], dim=1)
+        k_prev = torch.cat([k[:, :1] if prev_k is None else prev_k, k[:, :-1]], dim=1)
         p = ((1 - (q * k_prev).sum(-1)) / 2).clamp(0, 1)  # (B, T)
         if self.cfg.image_chunking == "2d" and above_index is not None:
             has_above = above_index >= 0
             k_above = k.gather(1, above_index.clamp_min(0)[..., None].expand_as(k))
             p_above = ((1 - (q * k_above).sum(-1)) / 2).clamp(0, 1)
             p = torch.where(has_above, torch.maximum(p, p_above), p)
-        forced = starts | (modality != torch.cat([prev_modality, modality[:, :-1]], dim=1))
         return self._decide(p, forced), k
 
-    def forward(self, h: torch.Tensor, starts: torch.Tensor, modality: torch.Tensor,
-                above_index: torch.Tensor | None = None) -> Boundaries:
-        """h (B, T, d) encoder outputs; starts (B, T) bool document starts (forced boundaries);
-        modality (B, T); above_index (B, T) index in T of the patch above (−1 if none), for 2D chunking.
-        Position 0 of a row is always a document start, so it needs no predecessor."""
-        return self._span(h, starts, modality, None, None, above_index)[0]
+    def forward(self, h: torch.Tensor, forced: torch.Tensor, above_index: torch.Tensor | None = None) -> Boundaries:
+        """h (B, T, d) encoder outputs; forced (B, T) bool boundaries every policy keeps
+        (`forced_boundaries`: document starts, modality run ends); above_index (B, T) index in T of
+        the patch above (−1 if none), for 2D chunking. Position 0 of a row is always a document
+        start, so it needs no predecessor."""
+        return self._span(h, forced, None, above_index)[0]
 
     def new_state(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> ChunkState:
-        dim = self.k_proj.out_features
-        return ChunkState(torch.zeros(batch_size, dim, device=device, dtype=dtype),
-                          torch.zeros(batch_size, dtype=torch.long, device=device))
+        return ChunkState(torch.zeros(batch_size, self.k_proj.out_features, device=device, dtype=dtype))
 
-    def extend(self, h: torch.Tensor, starts: torch.Tensor, modality: torch.Tensor, lengths: torch.Tensor | int,
-               state: ChunkState, above_index: torch.Tensor | None = None) -> Boundaries:
+    def extend(self, h: torch.Tensor, forced: torch.Tensor, lengths: torch.Tensor | int, state: ChunkState,
+               above_index: torch.Tensor | None = None) -> Boundaries:
         """The next tokens of cached rows: row r's first lengths[r] tokens (an int: all T) follow
         its last token in `state`; the state moves on to each row's last of them (rows with none
         keep theirs). above_index must point inside this span."""
-        bnd, k = self._span(h, starts, modality, state.last_key[:, None], state.last_modality[:, None], above_index)
+        bnd, k = self._span(h, forced, state.last_key[:, None], above_index)
         state.last_key = last_of_rows(k, lengths, state.last_key)
-        state.last_modality = last_of_rows(modality, lengths, state.last_modality)
         return bnd
 
-    def step(self, h: torch.Tensor, start: torch.Tensor, modality: torch.Tensor, state: ChunkState,
+    def step(self, h: torch.Tensor, forced: torch.Tensor, state: ChunkState,
              active: torch.Tensor | None = None) -> Boundaries:
-        """One token per row: h (B, d), start and modality (B,); rows with active False (B,) keep
-        their state. Returns Boundaries of shape (B,)."""
+        """One token per row: h (B, d), forced (B,); rows with active False (B,) keep their state.
+        Returns Boundaries of shape (B,)."""
         q = F.normalize(self.q_proj(h), dim=-1)
         k = F.normalize(self.k_proj(h), dim=-1)
         p = ((1 - (q * state.last_key).sum(-1)) / 2).clamp(0, 1)  # (B,)
-        forced = start | (modality != state.last_modality)
-        if active is None:
-            state.last_key, state.last_modality = k, modality
-        else:
-            state.last_key = torch.where(active[:, None], k, state.last_key)
-            state.last_modality = torch.where(active, modality, state.last_modality)
+        state.last_key = k if active is None else torch.where(active[:, None], k, state.last_key)
         return self._decide(p, forced)

@@ -28,7 +28,7 @@ from torch import nn
 from cmoe_base import Batch, DocumentLayout, Modality
 
 from .boundaries import BoundaryPolicy, Learned
-from .chunk import Boundaries, ChunkModule, ChunkState
+from .chunk import Boundaries, ChunkModule, ChunkState, forced_boundaries
 from .compression import ModalityStats, compression_stats
 from .concept_model import ConceptModel
 from .config import ModelConfig
@@ -148,9 +148,9 @@ class ConceptMoE(nn.Module):
             y, decoder_stats = self.decoder(z, rope, attn)
             own = used = None
         else:
-            own = self.chunk(h, tokens.starts, batch.modality, above_index)
+            own = self.chunk(h, forced_boundaries(tokens.starts, batch.modality), above_index)
             used = (boundaries or Learned())(own, tokens.positions, tokens.valid, batch.modality)
-            concepts = self.merger(h, used, tokens, batch.modality)
+            concepts = self.merger(h, used, tokens)
             c_hat, concept_stats = self.concept(concepts.x, concepts.layout.positions,
                                                 AttentionLayout.of(concepts.layout))
             c_bar = self.dechunk(c_hat, concepts)
@@ -220,10 +220,10 @@ class ConceptMoE(nn.Module):
             y = self.decoder.extend(z, rope, state.decoder, lengths)
             p, b = torch.ones(B, T, device=x.device), valid
         else:
-            own = self.chunk.extend(h, span.starts, batch.modality, lengths, state.chunk, above_index)
+            own = self.chunk.extend(h, forced_boundaries(span.starts, batch.modality), lengths, state.chunk, above_index)
             used = (boundaries or Learned())(own, positions, valid, batch.modality)
             used = Boundaries(p=used.p, b=used.b & valid, forced=used.forced)
-            concepts = self.merger.extend(h * valid[..., None], used, span, batch.modality, lengths, state.merge)
+            concepts = self.merger.extend(h * valid[..., None], used, span, state.merge)
             c_hat = self.concept.extend(concepts.x, concepts.layout.positions, concepts.counts, state.concept)
             c_bar = self.dechunk.extend(c_hat, concepts, state.dechunk)
             y = self.decoder.extend(self._decoder_input(h, c_bar, used), rope, state.decoder, lengths, concept=c_bar)
@@ -249,10 +249,10 @@ class ConceptMoE(nn.Module):
         else:
             valid = torch.ones_like(input_ids, dtype=torch.bool) if active is None else active
             modality = torch.full_like(input_ids, Modality.TEXT)
-            own = self.chunk.step(h, (positions == 0) & valid, modality, state.chunk, active)
+            own = self.chunk.step(h, (positions == 0) & valid, state.chunk, active)  # text after text: no run ends
             used = (boundaries or Learned())(own, positions, valid, modality)
             b = used.b & valid
-            x_c = self.merger.step(h * valid[:, None], b, modality, state.merge, active)
+            x_c = self.merger.step(h * valid[:, None], b, state.merge)
             if bool(b.any()):
                 c_hat = self.concept.step(x_c, positions, b, state.concept)
                 c_bar = self.dechunk.step(c_hat, used.p, b, state.dechunk)

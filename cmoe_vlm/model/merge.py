@@ -2,7 +2,7 @@
 concept-level document layout.
 
 The m-th boundary φ(m) closes concept m, whose content is the tokens (φ(m−1), φ(m)] of the same
-document and modality; concept m is at the position of its boundary token (RoPE, §6) and carries
+document; concept m is at the position of its boundary token (RoPE, §6) and carries
 that token's boundary probability (the dechunk EMA's weight). A merge rule says what a concept's
 input vector is:
 
@@ -14,8 +14,10 @@ the number of concepts per document (M, the padded concept count, and the concep
 lengths come from it). A new rule subclasses it with `content` (a span) and `step_content` (one
 token) and is listed in MERGE_RULES.
 
-Decoding state (`MergeState`): the content since each row's last boundary (`carry`, sum merge)
-and the modality of its last token.
+Concepts never mix text and image because every modality run ends in a forced boundary
+(chunk.forced_boundaries), which closes the run's content; nothing here needs the modality.
+
+Decoding state (`MergeState`): the content since each row's last boundary (`carry`, sum merge).
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ import torch
 
 from cmoe_base import DocumentLayout
 
-from .chunk import Boundaries, last_of_rows
+from .chunk import Boundaries
 
 
 @dataclass
@@ -44,10 +46,9 @@ class Concepts:
 @dataclass
 class MergeState:
     carry: torch.Tensor     # (B, d) content since the last boundary, not yet in a concept
-    modality: torch.Tensor  # (B,) modality of each row's last token
 
     def select(self, rows: torch.Tensor) -> None:
-        self.carry, self.modality = self.carry[rows], self.modality[rows]
+        self.carry = self.carry[rows]
 
 
 @dataclass
@@ -83,17 +84,16 @@ class ConceptMerger:
         per_doc = [host[r][:len(tokens.lengths[r])] for r in range(B)]
         return Slots(closed, closed - b.long(), counts, M, bpos[:, :M], valid, per_doc)
 
-    def content(self, h: torch.Tensor, slots: Slots, doc_ids: torch.Tensor,
-                modality: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def content(self, h: torch.Tensor, slots: Slots, doc_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Concept inputs (B, M, d) and the content after each row's last boundary (B, d)."""
         raise NotImplementedError
 
-    def step_content(self, h: torch.Tensor, b: torch.Tensor, modality: torch.Tensor, state: MergeState) -> torch.Tensor:
+    def step_content(self, h: torch.Tensor, b: torch.Tensor, state: MergeState) -> torch.Tensor:
         """One token per row, h (B, d) (zero on inactive rows, whose b is False): the input of the
         concept its token closes (rows with b), and the carry updated. -> (B, d)."""
         raise NotImplementedError
 
-    def join_carry(self, x: torch.Tensor, tail: torch.Tensor, slots: Slots, modality: torch.Tensor,
+    def join_carry(self, x: torch.Tensor, tail: torch.Tensor, slots: Slots,
                    state: MergeState) -> tuple[torch.Tensor, torch.Tensor]:
         """Add the content carried in from before a span to the span's first concept (or its tail)."""
         return x, tail
@@ -109,68 +109,55 @@ class ConceptMerger:
         return Concepts(x=x, layout=layout, p=bnd.p.gather(1, bpos), counts=slots.counts,
                         token_index=slots.closed - 1, tail=tail)
 
-    def __call__(self, h: torch.Tensor, bnd: Boundaries, tokens: DocumentLayout, modality: torch.Tensor) -> Concepts:
-        """Group the tokens of a packed batch into concepts. h (B, T, d); bnd, tokens, modality (B, T)."""
+    def __call__(self, h: torch.Tensor, bnd: Boundaries, tokens: DocumentLayout) -> Concepts:
+        """Group the tokens of a packed batch into concepts. h (B, T, d); bnd, tokens (B, T)."""
         slots = self.slots(bnd.b, tokens)
-        x, tail = self.content(h, slots, tokens.doc_ids, modality)
+        x, tail = self.content(h, slots, tokens.doc_ids)
         return self._concepts(x, tail, slots, bnd, tokens)
 
     def new_state(self, batch_size: int, dim: int, device: torch.device, dtype: torch.dtype) -> MergeState:
-        return MergeState(torch.zeros(batch_size, dim, device=device, dtype=dtype),
-                          torch.zeros(batch_size, dtype=torch.long, device=device))
+        return MergeState(torch.zeros(batch_size, dim, device=device, dtype=dtype))
 
-    def extend(self, h: torch.Tensor, bnd: Boundaries, tokens: DocumentLayout, modality: torch.Tensor,
-               lengths: torch.Tensor | int, state: MergeState) -> Concepts:
+    def extend(self, h: torch.Tensor, bnd: Boundaries, tokens: DocumentLayout, state: MergeState) -> Concepts:
         """The next tokens of cached rows (one document per row; row r's first lengths[r] tokens,
         h zero and b False after them): their concepts, with the content carried in from before."""
         slots = self.slots(bnd.b, tokens)
-        x, tail = self.content(h, slots, tokens.doc_ids, modality)
-        x, tail = self.join_carry(x, tail, slots, modality, state)
+        x, tail = self.content(h, slots, tokens.doc_ids)
+        x, tail = self.join_carry(x, tail, slots, state)
         state.carry = tail
-        state.modality = last_of_rows(modality, lengths, state.modality)
         return self._concepts(x, tail, slots, bnd, tokens)
 
-    def step(self, h: torch.Tensor, b: torch.Tensor, modality: torch.Tensor, state: MergeState,
-             active: torch.Tensor | None = None) -> torch.Tensor:
-        """One token per row (see `step_content`); inactive rows keep their state."""
-        x = self.step_content(h, b, modality, state)
-        state.modality = modality if active is None else torch.where(active, modality, state.modality)
-        return x
+    def step(self, h: torch.Tensor, b: torch.Tensor, state: MergeState) -> torch.Tensor:
+        """One token per row (see `step_content`); inactive rows (h zero, b False) keep their carry."""
+        return self.step_content(h, b, state)
 
 
 class SumMerge(ConceptMerger):
-    """c_m = Σ h_n over the tokens of (φ(m−1), φ(m)] that share the boundary token's document and
-    modality. The forced boundary at a modality switch closes a concept at the switch's first
-    token; the other modality's tokens just before it (the unclosed tail of the previous run) join
-    no concept, so no concept mixes text and image."""
+    """c_m = Σ h_n over the tokens of (φ(m−1), φ(m)] that share the boundary token's document (the
+    unclosed tail of a previous document joins no concept)."""
     rule = "sum"
 
-    def content(self, h, slots, doc_ids, modality):
+    def content(self, h, slots, doc_ids):
         B, T, d = h.shape
         M, counts, bpos = slots.M, slots.counts, slots.bpos
         content = slots.content
         doc_M = doc_ids.gather(1, bpos)
         doc_ext = torch.cat([doc_M, doc_M.new_full((B, 1), -2)], dim=1)  # (B, M+1)
         inside = (content < counts[:, None]) & (doc_ext.gather(1, content) == doc_ids)
-        mod_M = modality.gather(1, bpos)
-        mod_ext = torch.cat([mod_M, mod_M.new_full((B, 1), -2)], dim=1)
-        inside &= mod_ext.gather(1, content) == modality
         target = torch.where(inside, content, M)
         x = torch.zeros(B, M + 1, d, dtype=h.dtype, device=h.device)
         x = x.scatter_add(1, target[..., None].expand(B, T, d), h)[:, :M]
         tail = (h * (content == counts[:, None])[..., None]).sum(1)
         return x, tail
 
-    def join_carry(self, x, tail, slots, modality, state):
+    def join_carry(self, x, tail, slots, state):
         has = slots.counts > 0
-        if slots.M:  # the carry joins the first concept if it is of the same modality
-            joins = has & (modality.gather(1, slots.bpos[:, :1])[:, 0] == state.modality)
-            x = torch.cat([x[:, :1] + state.carry[:, None] * joins[:, None, None], x[:, 1:]], dim=1)
+        if slots.M:  # the carry joins the span's first concept
+            x = torch.cat([x[:, :1] + state.carry[:, None] * has[:, None, None], x[:, 1:]], dim=1)
         return x, tail + state.carry * (~has)[:, None]
 
-    def step_content(self, h, b, modality, state):
-        joins = state.modality == modality  # no concept mixes modalities
-        x = h + state.carry * joins[:, None]
+    def step_content(self, h, b, state):
+        x = h + state.carry
         state.carry = torch.where(b[:, None], torch.zeros_like(h), state.carry + h)
         return x
 
@@ -179,11 +166,11 @@ class LastMerge(ConceptMerger):
     """c_m = h_{φ(m)}: a concept is its boundary token's encoder output."""
     rule = "last"
 
-    def content(self, h, slots, doc_ids, modality):
+    def content(self, h, slots, doc_ids):
         B, M, d = h.shape[0], slots.M, h.shape[-1]
         return h.gather(1, slots.bpos[..., None].expand(B, M, d)), torch.zeros_like(h[:, 0])
 
-    def step_content(self, h, b, modality, state):
+    def step_content(self, h, b, state):
         return h
 
 

@@ -16,6 +16,7 @@ from vision.hf_tower import tower_config
 from ..config import ConfigError, apply_overrides, check, from_dict, load_yaml
 from ..model.conceptmoe import ModelConfig
 from ..model.vlm import VLMConfig
+from .stages import check_stage_fields
 
 
 @dataclass
@@ -52,6 +53,8 @@ class TrainConfig:
     heldout_shards: str | None = None      # held-out data for the end-of-run evaluation (null = none)
     init_from: str | None = None           # start from an export's weights (convert, hf_import; training/init.py)
     ratio_ramp_steps: int = 0              # achieved R ramps from 1: boundaries forced w.p. 1 − step/N (conversion)
+    freeze: list[str] = field(default_factory=list)  # components that do not train (training/stages.py), e.g. [vision]
+    lr_scale: dict[str, float] = field(default_factory=dict)  # component -> learning-rate multiplier (stages.py)
 
     def __post_init__(self):
         check(self.steps >= 1, "steps", self.steps, "must be >= 1")
@@ -77,6 +80,7 @@ class TrainConfig:
               "say which blocks: blocks (every block) or concept (the concept layers only); off for none")
         if self.activation_checkpointing is False:  # YAML reads `off` as false
             self.activation_checkpointing = "off"
+        check_stage_fields(self.freeze, self.lr_scale)
         check(self.peak_tflops is None or self.peak_tflops > 0, "peak_tflops", self.peak_tflops,
               "must be > 0 (null: measured on CPU, from the table on GPUs)")
 

@@ -47,6 +47,7 @@ from .initial_weights import fit_vocab, load_initial_weights
 from .metrics import MetricsLogger, WandbRun, Window, progress_postfix, step_record
 from .optim import apply_hyperparameters
 from .prepare import Prepared, compiled_graphs, prepare_model
+from .stages import apply_freeze
 
 
 class NonFiniteError(RuntimeError):
@@ -153,6 +154,7 @@ def setup_run(exp: ExperimentConfig) -> Run:
     model = ConceptMoEVLM(exp.vlm)
     if cfg.init_from and latest is None:  # a resume takes the checkpoint's weights
         load_initial_weights(model, cfg.init_from)
+    apply_freeze(model, cfg.freeze)  # before the optimizer: frozen parameters are left out of it
     if cfg.ep_size > 1:
         swap_in_deepspeed_moe(model.lm, cfg.ep_size)
     loader = training_loader(exp, tokenizer, model, rank, world)

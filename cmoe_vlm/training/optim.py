@@ -1,4 +1,5 @@
-"""AdamW parameter groups (decay vs no-decay, each named) and the warmup + cosine schedule."""
+"""AdamW parameter groups (decay vs no-decay, per learning-rate scale, each named) and the warmup +
+cosine schedule. A group's `lr_scale` multiplies the configured lr (train.lr_scale, training/stages.py)."""
 from __future__ import annotations
 
 import math
@@ -8,22 +9,27 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from .stages import components_of
+
 if TYPE_CHECKING:  # not at run time: the GPU check imports this without the data pipeline (webdataset)
     from .config import TrainConfig
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Matrices decay; vectors (norm gains, biases) and embeddings do not. Every group carries a
-    `name`, which DeepSpeed's MoE group split needs."""
-    decay, no_decay = [], []
+def param_groups(model: nn.Module, weight_decay: float, lr_scale: dict[str, float] | None = None) -> list[dict]:
+    """Matrices decay; vectors (norm gains, biases) and embeddings do not; parameters of components
+    with a learning-rate scale get groups of their own (`scaled`: those components, whichever values
+    they have, so a resume may change the values). Frozen parameters are left out. Every group carries
+    a `name`, which DeepSpeed's MoE group split needs, and its `lr_scale`."""
+    lr_scale = lr_scale or {}
+    groups: dict[tuple[bool, tuple[str, ...]], list] = {(True, ()): [], (False, ()): []}
     for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        (decay if p.dim() >= 2 and "embed" not in name else no_decay).append(p)
-    return [
-        {"name": "decay", "decay": True, "params": decay, "weight_decay": weight_decay},
-        {"name": "no_decay", "decay": False, "params": no_decay, "weight_decay": 0.0},
-    ]
+        if p.requires_grad:
+            scaled = tuple(c for c in components_of(name) if c in lr_scale)
+            groups.setdefault((p.dim() >= 2 and "embed" not in name, scaled), []).append(p)
+    return [{"name": ("decay" if decay else "no_decay") + "".join(f":{c}" for c in scaled), "decay": decay,
+             "scaled": list(scaled), "lr_scale": math.prod(lr_scale[c] for c in scaled), "params": params,
+             "weight_decay": weight_decay if decay else 0.0}
+            for (decay, scaled), params in groups.items() if params or not scaled]
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
@@ -49,10 +55,12 @@ class AdamW(torch.optim.AdamW):
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> tuple[AdamW, torch.optim.lr_scheduler.LambdaLR]:
-    groups = param_groups(model, cfg.weight_decay)
+    groups = param_groups(model, cfg.weight_decay, cfg.lr_scale)
     if cfg.ep_size > 1:  # expert parameters get their own groups, reduced over the expert-data group
         from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
         groups = split_params_into_different_moe_groups_for_optimizer(groups)
+    for g in groups:
+        g["lr"] = cfg.lr * g["lr_scale"]
     opt = AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(step, cfg))
     return opt, sched
@@ -62,8 +70,10 @@ def apply_hyperparameters(scheduler: torch.optim.lr_scheduler.LambdaLR, cfg: Tra
     """Set lr, betas and weight decay from `cfg` on every group of the scheduler's optimizer, at the
     schedule's current step. A checkpoint restores the saved ones; after a resume the config's apply."""
     groups = scheduler.optimizer.param_groups
-    scheduler.base_lrs = [cfg.lr] * len(groups)
+    for g in groups:  # a checkpoint from before per-component scales has no `scaled`
+        g["lr_scale"] = math.prod(cfg.lr_scale[c] for c in g.get("scaled", ()))
+    scheduler.base_lrs = [cfg.lr * g["lr_scale"] for g in groups]
     factor = lr_factor(scheduler.last_epoch, cfg)
-    for g in groups:
-        g.update(initial_lr=cfg.lr, lr=cfg.lr * factor, betas=tuple(cfg.betas),
+    for g, base in zip(groups, scheduler.base_lrs):
+        g.update(initial_lr=base, lr=base * factor, betas=tuple(cfg.betas),
                  weight_decay=cfg.weight_decay if g["decay"] else 0.0)

@@ -3,7 +3,8 @@
 - Refused (a ConfigError naming the fields and the ways out): the model (`model`, `vision`,
   `projector`) and what the checkpoint's layout or the data position depend on: the number of
   processes, `train.ep_size`, the ZeRO stage, bf16, `data.num_workers`, `data.seed`, `data.tokenizer`,
-  `data.image_size`. DeepSpeed cannot load a checkpoint into another layout, and its universal
+  `data.image_size`, `train.freeze` and which components `train.lr_scale` names (the optimizer's
+  parameter groups). DeepSpeed cannot load a checkpoint into another layout, and its universal
   checkpoint does not cover DeepSpeed MoE's expert files; the route is an export of the checkpoint's
   weights into `train.init_from` (optimizer state and data position start afresh).
 - Applied from the resumed step, with a warning, and recorded in OUT/config_changes.jsonl: everything
@@ -30,7 +31,7 @@ from .engine import deepspeed_config
 
 REFUSED_PREFIXES = ("model.", "vision.", "projector.", "topology.")
 REFUSED = {"train.ep_size", "data.num_workers", "data.seed", "data.tokenizer", "data.image_size",
-           "data.tokens_per_image"}
+           "data.tokens_per_image", "train.freeze"}
 IGNORED = {"train.seed", "train.init_from", "train.resume", "train.out_dir", "vision.pretrained",
            "vision.checkpoint_path"}
 CHANGES = "config_changes.jsonl"
@@ -80,8 +81,9 @@ def compare(saved: dict[str, Any], requested: dict[str, Any]) -> dict[str, dict[
     for key in sorted(set(old) | set(new)):
         if old.get(key) == new.get(key):
             continue
+        regrouped = key.startswith("train.lr_scale") and None in (old.get(key), new.get(key))  # a component added or dropped
         kind = ("ignored" if key in IGNORED else
-                "refused" if key in REFUSED or key.startswith(REFUSED_PREFIXES) else "applied")
+                "refused" if key in REFUSED or key.startswith(REFUSED_PREFIXES) or regrouped else "applied")
         out[kind][key] = [old.get(key), new.get(key)]
     return out
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from cmoe_base import DocumentLayout
-from cmoe_vlm.model.chunk import Boundaries, ChunkConfig, ChunkModule, sharpen
+from cmoe_vlm.model.chunk import Boundaries, ChunkConfig, ChunkModule, forced_boundaries, sharpen
 from cmoe_vlm.model.compression import ModalityStats
 from cmoe_vlm.model.merge import MERGE_RULES
 from cmoe_vlm.objective import ratio_loss
@@ -49,15 +49,15 @@ def test_sharpen():
     assert s[1] < 0.3 and s[3] > 0.7
 
 
-def slow_merge(h, b, doc_ids, merge, modality):
+def slow_merge(h, b, doc_ids, merge):
     """Reference: walk the tokens of each row, closing a concept at every boundary."""
     out = []
     for r in range(h.shape[0]):
         concepts, acc, acc_key = [], torch.zeros_like(h[r, 0]), None
         for n in range(h.shape[1]):
-            key = (int(doc_ids[r, n]), int(modality[r, n]))
+            key = int(doc_ids[r, n])
             if acc_key is not None and key != acc_key:
-                acc = torch.zeros_like(acc)  # an unclosed tail of another document or modality joins no concept
+                acc = torch.zeros_like(acc)  # an unclosed tail of another document joins no concept
             acc_key = key
             acc = acc + h[r, n]
             if b[r, n]:
@@ -81,14 +81,13 @@ def test_merge_matches_slow_reference_with_documents(merge):
     b = (torch.rand(B, T) < 0.3) | starts
     b[1, 14] = False  # doc 0 of row 1 ends with an unclosed tail
     modality = torch.zeros(B, T, dtype=torch.long)
-    modality[0, 10:18] = 1  # an image inside row 0: boundaries forced at both switches
-    b[0, [10, 18]] = True
-    b[0, 9] = False  # text tail before the image: joins no concept
+    modality[0, 10:18] = 1  # an image inside row 0: the runs before and in it end in forced boundaries
+    b |= forced_boundaries(starts, modality)
     p = torch.rand(B, T)
     pos = torch.arange(T).expand(B, T)
     tokens = DocumentLayout(doc_ids, DocumentLayout.from_doc_ids(doc_ids).lengths, starts, pos)
-    c = MERGE_RULES[merge]()(h, Boundaries(p, b, forced=starts), tokens, modality)
-    ref = slow_merge(h, b, doc_ids, merge, modality)
+    c = MERGE_RULES[merge]()(h, Boundaries(p, b, forced=starts), tokens)
+    ref = slow_merge(h, b, doc_ids, merge)
     for r in range(B):
         n = len(ref[r])
         assert c.counts[r] == n
@@ -101,17 +100,23 @@ def test_merge_matches_slow_reference_with_documents(merge):
         # the host lengths of the concept-level layout: concepts per document
         docs = doc_ids[r, bt]
         assert list(c.layout.lengths[r]) == [int((docs == d).sum()) for d in range(len(tokens.lengths[r]))]
+    if merge == "sum":  # row 0 (one document, an image inside): every token up to its last boundary is in a concept
+        last = int(b[0].nonzero().max())
+        torch.testing.assert_close(c.x[0, :int(c.counts[0])].sum(0), h[0, :last + 1].sum(0))
+        image_concepts = modality[0, b[0].nonzero().squeeze(1)] == 1
+        torch.testing.assert_close(c.x[0, :int(c.counts[0])][image_concepts].sum(0), h[0, 10:18].sum(0))
 
 
-def test_chunk_module_forces_document_starts_and_modality_switches():
+def test_chunk_module_forces_document_starts_and_modality_run_ends():
     torch.manual_seed(0)
     cm = ChunkModule(8, ChunkConfig(init="identity")).eval()
     h = torch.randn(1, 1, 8).expand(1, 12, 8).contiguous()  # identical tokens: cos = 1, p = 0
     starts = torch.zeros(1, 12, dtype=torch.bool)
     starts[0, [0, 9]] = True
     modality = torch.tensor([[0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0, 0]])
-    out = cm(h, starts, modality)
-    assert out.b[0].nonzero().squeeze(1).tolist() == [0, 3, 7, 9]
+    out = cm(h, forced_boundaries(starts, modality))
+    # the last token of each run before a switch closes it (2: text before the image; 6: the image's last)
+    assert out.b[0].nonzero().squeeze(1).tolist() == [0, 2, 6, 9]
     assert out.p[0, 1].item() == pytest.approx(0.0, abs=1e-6)
 
 
@@ -123,10 +128,10 @@ def test_training_samples_boundaries_and_eval_thresholds():
     starts[:, 0] = True
     mod = torch.zeros(4, 256, dtype=torch.long)
     cm.eval()
-    e = cm(h, starts, mod)
+    e = cm(h, starts)
     assert torch.equal(e.b, (e.p >= 0.5) | starts)
     cm.train()
-    t = cm(h, starts, mod)
+    t = cm(h, starts)
     assert torch.equal(t.p, e.p)
     flipped = (t.b != e.b).float().mean().item()
     assert 0.0 < flipped < 0.25  # sampling from sharpened p flips a few percent
@@ -142,10 +147,10 @@ def test_2d_image_chunking_uses_patch_above_and_stays_causal():
     above[0, 5:8] = torch.arange(2, 5)
     starts = torch.zeros(1, T, dtype=torch.bool)
     starts[0, 0] = True
-    p2d = cm(h, starts, modality, above_index=above).p
+    p2d = cm(h, starts, above_index=above).p  # the scores alone: only the document start forced
     p1d = ChunkModule(8, ChunkConfig()).eval()
     p1d.load_state_dict(cm.state_dict())
-    p_r = p1d(h, starts, modality).p
+    p_r = p1d(h, starts).p
     assert (p2d >= p_r - 1e-7).all() and (p2d[0, 5:8] > p_r[0, 5:8]).any()
     assert torch.equal(p2d[0, :5], p_r[0, :5])
     # causality: the score of position n depends only on tokens <= n

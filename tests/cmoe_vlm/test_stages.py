@@ -7,13 +7,13 @@ import torch
 
 from cmoe_base import DocumentLayout, Modality
 from cmoe_vlm.model.boundaries import AllTokens, ExternalMask, FixedStride, Learned
-from cmoe_vlm.model.chunk import Boundaries, ChunkConfig, ChunkModule
+from cmoe_vlm.model.chunk import Boundaries, ChunkConfig, ChunkModule, forced_boundaries
 from cmoe_vlm.model.concept_model import ConceptModel
+from cmoe_vlm.model.conceptmoe import ModelConfig
 from cmoe_vlm.model.dechunk import DechunkModule
 from cmoe_vlm.model.layers.attention import AttentionLayout
 from cmoe_vlm.model.layers.moe import MoEConfig
 from cmoe_vlm.model.merge import MERGE_RULES, Concepts
-from cmoe_vlm.model.conceptmoe import ModelConfig
 
 B, T, D = 3, 21, 8
 SPANS = ((0, 6), (6, 7), (7, 15), (15, T))
@@ -42,19 +42,19 @@ def test_chunk_module_forward_extend_step_agree():
     cm = ChunkModule(D, ChunkConfig()).double().eval()
     h = torch.randn(B, T, D, dtype=torch.float64)
     modality, starts = rows_with_an_image()
-    full = cm(h, starts, modality)
+    forced = forced_boundaries(starts, modality)  # of the whole rows: what a span holding whole images gives
+    full = cm(h, forced)
     assert full.forced[:, 0].all() and 0 < int(full.b.sum()) < B * T
 
     state = cm.new_state(B, **F64)
-    parts = [cm.extend(h[:, a:b], starts[:, a:b], modality[:, a:b], b - a, state) for a, b in SPANS]
+    parts = [cm.extend(h[:, a:b], forced[:, a:b], b - a, state) for a, b in SPANS]
     stepped = cm.new_state(B, **F64)
-    steps = [cm.step(h[:, t], starts[:, t], modality[:, t], stepped) for t in range(T)]
+    steps = [cm.step(h[:, t], forced[:, t], stepped) for t in range(T)]
     for got in (Boundaries(*(torch.cat([getattr(x, f) for x in parts], 1) for f in ("p", "b", "forced"))),
                 Boundaries(*(torch.stack([getattr(x, f) for x in steps], 1) for f in ("p", "b", "forced")))):
         torch.testing.assert_close(got.p, full.p)
         assert torch.equal(got.b, full.b) and torch.equal(got.forced, full.forced)
     torch.testing.assert_close(state.last_key, stepped.last_key)
-    assert torch.equal(state.last_modality, stepped.last_modality)
     # rows idle on some steps (active False) keep their state: each row's tokens, fed whenever it is active
     idle = cm.new_state(B, **F64)
     fed, got = torch.zeros(B, dtype=torch.long), [[] for _ in range(B)]
@@ -63,7 +63,7 @@ def test_chunk_module_forward_extend_step_agree():
         active = (torch.rand(B, generator=g) < 0.6) & (fed < T)
         t = fed.clamp_max(T - 1)
         r_ = torch.arange(B)
-        out = cm.step(h[r_, t], starts[r_, t], modality[r_, t], idle, active)
+        out = cm.step(h[r_, t], forced[r_, t], idle, active)
         for r in active.nonzero().squeeze(1).tolist():
             got[r].append((out.p[r], out.b[r]))
         fed += active.long()
@@ -78,26 +78,24 @@ def test_merger_forward_extend_step_agree(rule):
     merger = MERGE_RULES[rule]()
     h = torch.randn(B, T, D, dtype=torch.float64)
     modality, starts = rows_with_an_image()
-    switch = torch.zeros_like(starts)
-    switch[:, 1:] = modality[:, 1:] != modality[:, :-1]
-    forced = starts | switch
+    forced = forced_boundaries(starts, modality)
     b = (torch.rand(B, T) < 0.3) | forced
     b[:, -1] = False  # an open tail at the end
     bnd = Boundaries(torch.rand(B, T, dtype=torch.float64), b, forced)
-    full = merger(h, bnd, span_layout(0, T, starts), modality)
+    full = merger(h, bnd, span_layout(0, T, starts))
     want = [full.x[r, :int(full.counts[r])] for r in range(B)]
 
     state = merger.new_state(B, D, **F64)
     got = [[] for _ in range(B)]
     for a, e in SPANS:
         part = Boundaries(bnd.p[:, a:e], b[:, a:e], forced[:, a:e])
-        c = merger.extend(h[:, a:e], part, span_layout(a, e, starts), modality[:, a:e], e - a, state)
+        c = merger.extend(h[:, a:e], part, span_layout(a, e, starts), state)
         for r in range(B):
             got[r].append(c.x[r, :int(c.counts[r])])
     stepped = merger.new_state(B, D, **F64)
     by_step = [[] for _ in range(B)]
     for t in range(T):
-        x = merger.step(h[:, t], b[:, t], modality[:, t], stepped)
+        x = merger.step(h[:, t], b[:, t], stepped)
         for r in range(B):
             if b[r, t]:
                 by_step[r].append(x[r])

@@ -85,15 +85,15 @@ def test_wrong_image_count_is_a_clear_error(model):
 
 
 @pytest.mark.parametrize("training", [False, True])
-def test_boundaries_forced_at_every_modality_switch(model, training):
+def test_boundaries_forced_at_the_end_of_every_modality_run(model, training):
     model.train(training)
     batch = batch_of(DOCS, model.cfg)
     out = model(batch)
     mod = batch.modality
-    switch = torch.zeros_like(mod, dtype=torch.bool)
-    switch[:, 1:] = mod[:, 1:] != mod[:, :-1]
-    assert switch.sum() == 8
-    assert out.boundaries[switch].all() and (out.boundary_probs[switch] == 1).all()
+    run_end = torch.zeros_like(mod, dtype=torch.bool)
+    run_end[:, :-1] = mod[:, 1:] != mod[:, :-1]  # the token before each switch: <img_start>, an image's last token
+    assert run_end.sum() == 8
+    assert out.boundaries[run_end].all() and (out.boundary_probs[run_end] == 1).all()
 
 
 @pytest.mark.parametrize("image_chunking", ["raster", "2d"])
@@ -193,7 +193,7 @@ def test_no_concept_mixes_text_and_image(model):
     out = model.train()(batch)  # sampled boundaries: tails before switches are common
     onehot = torch.nn.functional.one_hot(mod, 2).float()  # content "vector" = (text count, image count)
     bnd = Boundaries(out.boundary_probs, out.boundaries, forced=batch.layout.starts)
-    cpt = SumMerge()(onehot, bnd, batch.layout, mod)
+    cpt = SumMerge()(onehot, bnd, batch.layout)
     valid = cpt.layout.valid
     mixed = (cpt.x[..., 0] > 0) & (cpt.x[..., 1] > 0) & valid
     assert not mixed.any()

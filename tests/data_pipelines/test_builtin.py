@@ -3,6 +3,7 @@ from collections import Counter
 
 from data_pipelines.builtin import builtin_samples, main, write_builtin_dataset
 from data_pipelines.loader import read_tar
+from data_pipelines.document import Answer
 from data_pipelines.shards import decode_sample, load_manifest
 
 
@@ -36,8 +37,8 @@ def test_captions_describe_the_images():
     texts = [decode_sample({"__key__": "x", **s}) for s in builtin_samples(60, seed=1)]
     captions = [p[1] for p in texts if len(p) == 2 and not isinstance(p[0], str)]
     assert any("circle" in c or "square" in c or "triangle" in c or "written in" in c for c in captions)
-    qa = [c for c in captions if c.startswith("Question:")]
-    assert qa and all(" Answer: " in c for c in qa)
+    qa = [p for p in texts if len(p) == 3 and isinstance(p[2], Answer)]  # [image, "Question: q Answer:", " a"]
+    assert qa and all(p[1].startswith("Question: ") and p[1].endswith(" Answer:") and p[2].startswith(" ") for p in qa)
     long_docs = [p[0] for p in texts if len(p) == 1 and isinstance(p[0], str)]
     assert any("pass key is" in d for d in long_docs)
 

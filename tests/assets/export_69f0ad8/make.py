@@ -46,8 +46,10 @@ text = torch.randint(0, 256, (2, 12), generator=g)
 ids = torch.cat([text[:, :5], torch.full((2, 1), 259), torch.full((2, 4), 261), torch.full((2, 1), 260), text[:, 5:]], 1)
 image_positions = (ids == 261).long()
 pixels = torch.randn(2, 3, 32, 32, generator=g)
+text_ids = torch.randint(0, 256, (2, 20), generator=g)
 with torch.no_grad():
     logits = hf(input_ids=ids, mm_token_type_ids=image_positions, pixel_values=pixels).logits
-save_file({"input_ids": ids, "mm_token_type_ids": image_positions, "pixel_values": pixels, "logits": logits},
-          str(out / "expected.safetensors"))
+    text_logits = hf(input_ids=text_ids).logits
+save_file({"input_ids": ids, "mm_token_type_ids": image_positions, "pixel_values": pixels, "logits": logits,
+           "text_input_ids": text_ids, "text_logits": text_logits}, str(out / "expected.safetensors"))
 print(f"wrote {out}: logits {tuple(logits.shape)}")
