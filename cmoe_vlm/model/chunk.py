@@ -8,8 +8,9 @@ steers (cmoe_vlm/objective.py, §3). Which boundaries the model then uses is a b
 (boundaries.py; by default these). Concepts are built in merge.py.
 
 Decoding state (`ChunkState`): the unit key of each row's last token, which the next token is scored
-against. `forward` scores a packed batch, `extend` the next tokens of cached rows, `step` one token per
-row; all three compute the same p and b (tests/cmoe_vlm/test_stages.py).
+against. `forward` scores a packed batch, `extend` the next tokens of cached rows (a decoding step is a
+one-token span: a path of its own measured no faster, docs/design.md §9); both compute the same p and b
+(tests/cmoe_vlm/test_stages.py).
 """
 from __future__ import annotations
 
@@ -86,6 +87,10 @@ class Boundaries:
     def confidence(self) -> torch.Tensor:
         """c_n = p_n at a boundary, 1 − p_n elsewhere (from the decision actually used)."""
         return torch.where(self.b, self.p, 1 - self.p)
+
+    def at(self, t: int) -> Boundaries:
+        """The decisions at position t of every row: shapes (B,)."""
+        return Boundaries(self.p[:, t], self.b[:, t], self.forced[:, t])
 
 
 def last_of_rows(values: torch.Tensor, lengths: torch.Tensor | int, previous: torch.Tensor) -> torch.Tensor:
@@ -181,13 +186,3 @@ class ChunkModule(nn.Module):
         bnd, k = self._span(h, forced, state.last_key[:, None], above_index)
         state.last_key = last_of_rows(k, lengths, state.last_key)
         return bnd
-
-    def step(self, h: torch.Tensor, forced: torch.Tensor, state: ChunkState,
-             active: torch.Tensor | None = None) -> Boundaries:
-        """One token per row: h (B, d), forced (B,); rows with active False (B,) keep their state.
-        Returns Boundaries of shape (B,)."""
-        q = F.normalize(self.q_proj(h), dim=-1)
-        k = F.normalize(self.k_proj(h), dim=-1)
-        p = ((1 - (q * state.last_key).sum(-1)) / 2).clamp(0, 1)  # (B,)
-        state.last_key = k if active is None else torch.where(active[:, None], k, state.last_key)
-        return self._decide(p, forced)

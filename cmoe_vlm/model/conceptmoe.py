@@ -220,7 +220,8 @@ class ConceptMoE(nn.Module):
             y = self.decoder.extend(z, rope, state.decoder, lengths)
             p, b = torch.ones(B, T, device=x.device), valid
         else:
-            own = self.chunk.extend(h, forced_boundaries(span.starts, batch.modality), lengths, state.chunk, above_index)
+            forced = forced_boundaries(span.starts, batch.modality)
+            own = self.chunk.extend(h, forced, lengths, state.chunk, above_index)
             used = (boundaries or Learned())(own, positions, valid, batch.modality)
             used = Boundaries(p=used.p, b=used.b & valid, forced=used.forced)
             concepts = self.merger.extend(h * valid[..., None], used, span, state.merge)
@@ -235,8 +236,9 @@ class ConceptMoE(nn.Module):
              boundaries: BoundaryPolicy | None = None) -> torch.Tensor:
         """One text token per row, input_ids (B,); rows with active False (B,) do not advance.
         Returns the logits (B, V). The same values as `extend` on one-token spans, without the
-        span's (B, M) bookkeeping: a row whose token is no boundary skips the concept model, and
-        when no row has one the concept model does not run."""
+        span's (B, M) bookkeeping in the stages where it costs (docs/design.md §9: merge, concept model,
+        dechunk): a row whose token is no boundary skips the concept model, and when no row has one the
+        concept model does not run."""
         advance = 1 if active is None else active.long()
         self._advance_length(state, 1, advance)
         x = self.embed(input_ids)  # (B, d)
@@ -249,7 +251,8 @@ class ConceptMoE(nn.Module):
         else:
             valid = torch.ones_like(input_ids, dtype=torch.bool) if active is None else active
             modality = torch.full_like(input_ids, Modality.TEXT)
-            own = self.chunk.step(h, (positions == 0) & valid, state.chunk, active)  # text after text: no run ends
+            forced = ((positions == 0) & valid)[:, None]  # text after text: no modality run ends
+            own = self.chunk.extend(h[:, None], forced, advance, state.chunk).at(0)  # a one-token span
             used = (boundaries or Learned())(own, positions, valid, modality)
             b = used.b & valid
             x_c = self.merger.step(h * valid[:, None], b, state.merge)

@@ -1,7 +1,8 @@
-"""Each stage's three ways through agree: `forward` over a whole span, `extend` over the same span
-cut into pieces (with the stage's own decoding state carried between them) and `step` one token
-(or one concept) at a time. fp64, so equality holds to rounding. The end-to-end versions (cached
-model == uncached model) are in test_model.py and test_generation.py."""
+"""Each stage's ways through agree: `forward` over a whole span, `extend` over the same span cut into
+pieces (with the stage's own decoding state carried between them), and one token (or one concept) at a
+time: `step` where the stage has one (merge, concept model, dechunk), a one-token `extend` where it has
+not (chunk module). fp64, so equality holds to rounding. The end-to-end versions (cached model ==
+uncached model) are in test_model.py and test_generation.py."""
 import pytest
 import torch
 
@@ -37,7 +38,7 @@ def span_layout(a: int, b: int, starts: torch.Tensor) -> DocumentLayout:
     return DocumentLayout(torch.zeros(B, b - a, dtype=torch.long), ((b - a,),) * B, starts[:, a:b], positions)
 
 
-def test_chunk_module_forward_extend_step_agree():
+def test_chunk_module_forward_and_extend_agree_in_spans_and_one_token_at_a_time():
     torch.manual_seed(0)
     cm = ChunkModule(D, ChunkConfig()).double().eval()
     h = torch.randn(B, T, D, dtype=torch.float64)
@@ -48,8 +49,8 @@ def test_chunk_module_forward_extend_step_agree():
 
     state = cm.new_state(B, **F64)
     parts = [cm.extend(h[:, a:b], forced[:, a:b], b - a, state) for a, b in SPANS]
-    stepped = cm.new_state(B, **F64)
-    steps = [cm.step(h[:, t], forced[:, t], stepped) for t in range(T)]
+    stepped = cm.new_state(B, **F64)  # decoding: one-token spans
+    steps = [cm.extend(h[:, t:t + 1], forced[:, t:t + 1], 1, stepped).at(0) for t in range(T)]
     for got in (Boundaries(*(torch.cat([getattr(x, f) for x in parts], 1) for f in ("p", "b", "forced"))),
                 Boundaries(*(torch.stack([getattr(x, f) for x in steps], 1) for f in ("p", "b", "forced")))):
         torch.testing.assert_close(got.p, full.p)
@@ -63,7 +64,7 @@ def test_chunk_module_forward_extend_step_agree():
         active = (torch.rand(B, generator=g) < 0.6) & (fed < T)
         t = fed.clamp_max(T - 1)
         r_ = torch.arange(B)
-        out = cm.step(h[r_, t], forced[r_, t], idle, active)
+        out = cm.extend(h[r_, t][:, None], forced[r_, t][:, None], active.long(), idle).at(0)
         for r in active.nonzero().squeeze(1).tolist():
             got[r].append((out.p[r], out.b[r]))
         fed += active.long()

@@ -5,6 +5,10 @@ contiguous slice, runs the experts on their slices (a loop of matmuls over exper
 `torch._grouped_mm` call), and adds the weighted results back with `index_add_`. No token is
 dropped and there is no Python loop over tokens. With fewer assignments than experts and no
 autograd (decoding), each token's k experts run as a batched matmul on gathered weights instead.
+
+Shape suffixes (torchtitan's convention) name each tensor's dimensions: N tokens, D model width (dim),
+E experts, K experts per token (top_k), M = N·K (token, expert) assignments. So x_ND is (N, D),
+probs_NE (N, E), experts_NK (N, K), order_M (M,), router_probs_E (E,).
 """
 from __future__ import annotations
 
