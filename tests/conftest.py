@@ -1,5 +1,17 @@
 """Fixtures shared across the test packages."""
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAINED_STEPS = 200
+TRAINED_OVERRIDES = ["model.dim=64", "model.moe.expert_hidden=128", "data.seq_len=256", "data.batch_size=4",
+                     "data.num_workers=1", "data.shuffle_buffer=100", "train.ckpt_every=1000", "train.eval_batches=2",
+                     f"train.steps={TRAINED_STEPS}", "train.tensorboard=true", "train.peak_tflops=0.1"]
 
 
 def save_bpe_tokenizer(folder, texts: list[str], vocab_size: int, eos: bool):
@@ -34,3 +46,23 @@ def bpe_tokenizer(tmp_path_factory):
     from pydoc_data.topics import topics
     return save_bpe_tokenizer(tmp_path_factory.mktemp("bpe_tokenizer"), [topics[k] for k in sorted(topics)[:20]],
                               400, eos=True)
+
+
+@pytest.fixture(scope="session")
+def trained_tiny_run(tmp_path_factory) -> Path:
+    """One tiny VLM trained 200 steps on built-in data by `python train_vlm.py` (as a user runs it), with
+    TensorBoard, W&B offline where installed, and a given MFU peak: tests/training/test_train.py checks
+    the run, the evaluation tests use its export (`trained_model`). Returns the run's folder."""
+    from data_pipelines.builtin import write_builtin_dataset
+
+    root = tmp_path_factory.mktemp("trained_tiny")
+    data = write_builtin_dataset(root / "data", num_train=1000, num_heldout=40, maxcount=250, text_chars=1500)
+    wandb = ["train.wandb=true", "train.wandb_mode=offline"] if importlib.util.find_spec("wandb") or os.environ.get("CI") \
+        else []
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    env["PYTHONPATH"] = str(ROOT)
+    proc = subprocess.run([sys.executable, str(ROOT / "train_vlm.py"), str(ROOT / "configs/tiny.yaml"), *TRAINED_OVERRIDES,
+                           *wandb, f"data.shards={data['train']}", f"train.heldout_shards={data['heldout']}",
+                           f"train.out_dir={root / 'run'}"], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return root / "run"

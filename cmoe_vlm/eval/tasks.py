@@ -45,15 +45,17 @@ import re
 import string
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 from PIL import Image
 
 from data_pipelines.shards import qa_prompt, to_rgb
 
-from ..inference.runner import ModelRunner, bits_per_byte
 from .vqa_metric import vqa_accuracy
+
+if TYPE_CHECKING:  # loads torch: the task files are read and written without it (harness_tasks)
+    from ..inference.runner import ModelRunner
 
 TASK_TYPES = ("multiple_choice", "vqa", "caption", "perplexity")
 NUM_EXAMPLES = 5  # predictions kept in the results for a quick look
@@ -350,6 +352,8 @@ def run_caption(runner: ModelRunner, task: Task, limit: int | None = None) -> di
 
 
 def run_perplexity(runner: ModelRunner, task: Task, limit: int | None = None) -> dict[str, Any]:
+    from ..inference.runner import bits_per_byte
+
     recs = task.records(limit)
     nll = 0.0
     tokens = nbytes = 0

@@ -34,41 +34,37 @@ def run_train(args: list[str], **kw) -> subprocess.Popen:
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
 
 
-def test_single_process_run_learns(builtin_data, tmp_path):
-    out = tmp_path / "run"
-    trackers = ["train.tensorboard=true"]  # and W&B offline where installed (CI: always, tests/training/test_metrics.py)
-    if importlib.util.find_spec("wandb") is not None or os.environ.get("CI"):
-        trackers += ["train.wandb=true", "train.wandb_mode=offline"]
-    proc = run_train(overrides(builtin_data, out, "train.steps=40", "train.lr=3e-3", "train.eval_batches=2",
-                               "train.peak_tflops=0.1", *trackers))
-    log, _ = proc.communicate(timeout=900)
-    assert proc.returncode == 0, log[-3000:]
+def test_single_process_run_learns(trained_tiny_run):
+    """The session's 200-step run of `python train_vlm.py` (tests/conftest.py; the evaluation tests use its
+    export): it learns, and its logs, checkpoints, trackers and MFU say what happened."""
+    out = trained_tiny_run
+    steps = json.loads((out / "config.json").read_text())["train"]["steps"]
     m = read_metrics(out)
     first = sum(m[s]["lm_loss"] for s in range(1, 6)) / 5
-    last = sum(m[s]["lm_loss"] for s in range(36, 41)) / 5
+    last = sum(m[s]["lm_loss"] for s in range(steps - 4, steps + 1)) / 5
     assert last < first - 0.5, (first, last)
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["step"] == 40 and summary["skipped_steps"] == 0
+    assert summary["step"] == steps and summary["skipped_steps"] == 0
     assert 0 <= summary["loop_overhead_fraction"] < 1 and 0 <= summary["data_wait_fraction"] < 1
     assert all(m[s]["grad_norm"] > 0 for s in m)  # ZeRO-0: measured by us, not a placeholder
     comp = summary["heldout"]["compression"]
     assert comp["text"]["tokens"] > 0 and comp["image"]["tokens"] > 0
-    assert sorted(p.name for p in (out / "checkpoints").iterdir() if p.name.startswith("step_")) == ["step_00000040"]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir() if p.name.startswith("step_")) == [f"step_{steps:08d}"]
     for key in ("ratio_window_text", "ratio_window_image", "ratio_all", "tokens_per_s", "grad_norm", "expert_load/max_over_mean", "lr"):
-        assert key in m[40], key
+        assert key in m[steps], key
     # MFU: realized training FLOPs per token (3x forward, at the achieved compression), over the given peak
     assert summary["peak_source"] == "train.peak_tflops" and summary["checkpointed_blocks"] == 0
-    assert 1e6 < m[40]["flops_per_token"] < 3 * 20e6 and m[40]["mfu"] == pytest.approx(m[40]["tflops"] / 0.1)
-    assert m[40]["tflops"] * 1e12 == pytest.approx(m[40]["tokens_per_s"] * m[40]["flops_per_token"], rel=1e-6)
+    assert 1e6 < m[steps]["flops_per_token"] < 3 * 20e6 and m[steps]["mfu"] == pytest.approx(m[steps]["tflops"] / 0.1)
+    assert m[steps]["tflops"] * 1e12 == pytest.approx(m[steps]["tokens_per_s"] * m[steps]["flops_per_token"], rel=1e-6)
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     events = EventAccumulator(str(out / "tensorboard"))
     events.Reload()
     tags = events.Tags()
     assert {"train/lm_loss", "train/mfu", "compression/ratio_window_text", "eval/lm_loss", "eval/ratio_image"} <= set(tags["scalars"])
-    assert [e.step for e in events.Scalars("eval/lm_loss")] == [40]
+    assert [e.step for e in events.Scalars("eval/lm_loss")] == [steps]
     assert events.Scalars("eval/lm_loss")[0].value == pytest.approx(summary["heldout"]["lm_loss"])
     assert {"compression/eval_chunk_length_text", "compression/eval_boundary_p_image"} <= set(tags["histograms"])
-    if "train.wandb=true" in trackers:
+    if importlib.util.find_spec("wandb") is not None or os.environ.get("CI"):
         assert list((out / "wandb").glob("offline-run-*/run-*.wandb"))
 
 
