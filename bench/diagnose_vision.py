@@ -28,6 +28,24 @@ from bench_image_adaptivity import parse_variants, train_steps  # noqa: E402
 from easyvqa_data import QUESTION_TYPES, write_easyvqa  # noqa: E402
 
 
+def detach_image_chunk_input(model) -> None:
+    """Experiment: the chunk module scores image tokens on detached encoder outputs, so neither the
+    ratio loss nor the boundary gradient reaches the image features (the vision tower, the projector,
+    the encoder at image positions); W_q and W_k still learn. Variants whose name ends in _imgdetach."""
+    from cmoe_base import Modality
+
+    seen = {}
+    model.lm.register_forward_pre_hook(lambda mod, args, kwargs: seen.update(modality=args[0].modality),
+                                       with_kwargs=True)
+    chunk_forward = model.lm.chunk.forward
+
+    def forward(h, forced, above_index=None):
+        image = (seen["modality"] == Modality.IMAGE)[..., None]
+        return chunk_forward(torch.where(image, h.detach(), h), forced, above_index)
+
+    model.lm.chunk.forward = forward
+
+
 def run_variant(name: str, overrides: list[str], args: argparse.Namespace, paths: dict) -> dict:
     from cmoe_vlm.eval.tasks import load_suite, run_multiple_choice
     from cmoe_vlm.inference.runner import ModelRunner
@@ -39,6 +57,8 @@ def run_variant(name: str, overrides: list[str], args: argparse.Namespace, paths
                                         f"train.seed={args.seed}", "data.num_workers=0", *overrides])
     torch.manual_seed(exp.train.seed)
     model = ConceptMoEVLM(exp.vlm)
+    if name.endswith("_imgdetach") and model.lm.chunk is not None:
+        detach_image_chunk_input(model)
     log: list[dict] = []
     t0 = time.time()
 
@@ -73,6 +93,29 @@ def run_variant(name: str, overrides: list[str], args: argparse.Namespace, paths
     return res
 
 
+def plot(rows: list[dict], path: Path) -> None:
+    """Colour accuracy with the image during training (the mid-run scores) per variant."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.2))
+    for i, r in enumerate(sorted(rows, key=lambda r: -r["suite"]["colour"])):
+        pts = [(rec["step"], rec["acc_colour"]) for rec in r["log"] if "acc_colour" in rec]
+        if pts:
+            ax.plot(*zip(*pts), marker="o", ms=3, color=plt.cm.tab10(i % 10),
+                    label=f"{r['variant']} (final {r['suite']['colour']:.2f}, blind {r['suite_blind']['colour']:.2f})")
+    ax.axhline(1 / 8, color="gray", ls="--", lw=0.8, label="chance (1/8)")
+    ax.set_xlabel("training step")
+    ax.set_ylabel("colour questions answered (with the image)")
+    ax.set_ylim(0, 1.02)
+    ax.legend(fontsize=7, loc="upper left")
+    ax.set_title("easy-VQA colour questions during training (mid-run: 50 questions; final: 200)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="bench/results/diagnose")
@@ -81,14 +124,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=int, default=600)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--limit", type=int, default=200, help="test questions per type")
-    p.add_argument("--variant", action="append", default=[], help="name=key=value[,key=value]")
+    p.add_argument("--variant", action="append", default=[], help="name=key=value[,key=value] (none: just "
+                   "redo the table and plot of OUT)")
     p.add_argument("--eval-every", type=int, default=0, help="score colour and shape questions every N steps")
     p.add_argument("--eval-records", type=int, default=50, help="questions per type in those mid-run scores")
     args = p.parse_args(argv)
     paths = write_easyvqa(args.data)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    for name, overrides in parse_variants(args.variant or ["base="]).items():
+    for name, overrides in parse_variants(args.variant).items():
         res = run_variant(name, overrides, args, paths)
         (out / f"{name}.json").write_text(json.dumps(res, indent=1))
     rows = [json.loads(f.read_text()) for f in sorted(out.glob("*.json"))]
@@ -98,6 +142,7 @@ def main(argv: list[str] | None = None) -> None:
         cells = [f"{r['suite'][t]:.3f} / {r['suite_blind'][t]:.3f}" for t in QUESTION_TYPES]
         lines.append(f"| {r['variant']} | " + " | ".join(cells) + f" | {r['log'][-1]['lm_loss']} | {r['seconds']} |")
     (out / "summary.md").write_text("\n".join(lines) + "\n")
+    plot(rows, out / "colour_during_training.png")
     print("\n".join(lines))
 
 
