@@ -47,7 +47,7 @@ SMALL = ["model.dim=64", "model.moe.expert_hidden=128", "model.encoder_layers=1"
          "model.decoder_layers=1", "vision.depth=1", "vision.embed_dim=48", "data.seq_len=256", "data.batch_size=8",
          "data.shuffle_buffer=100", "data.num_workers=0", "train.warmup_steps=10", "train.lr=3e-3"]
 PER_MODALITY = ["model.chunk.ratio_mode=per_modality", "model.chunk.text_ratio=1.5", "model.chunk.image_ratio=3"]
-PAPER = ["projector.center=false", "model.chunk.image_margin_weight=0"]  # the paper's chunker, no image options
+PAPER = ["projector.center=false", "model.chunk.image_margin_weight=0", "model.chunk.detach_images=false"]  # the paper's chunker, no image options
 VARIANTS = {"joint": [], "per_modality": PER_MODALITY, "joint_paper": PAPER, "per_modality_paper": PER_MODALITY + PAPER}
 BASES = {"small": SMALL, "tiny": ["data.num_workers=0"]}
 

@@ -88,8 +88,9 @@ class DataConfig:
     resampled: bool = False
     steps_per_epoch: int | None = None
     tokenizer: str = "byte"  # "byte" or a local Hugging Face tokenizer folder
-    loss_on: str = "all"  # all: LM loss on every text token; answers: only on answers / assistant turns
-                          # in documents that have them (qa, chat), all text elsewhere (sequence.py)
+    loss_on: str = "answers"  # answers: LM loss only on answers / assistant turns in documents that have them
+                              # (qa, chat), on all text elsewhere; all: every text token (sequence.py). With
+                              # "all" the trained VLMs learned no image content (docs/design.md §7b)
     drop_images: bool = False  # ablation: remove every image from the documents (a text-only control)
     # Derived from the model (vision input size; image tokens of vision + projector): an experiment
     # fills them in, and a value given here must agree. A loader used on its own sets them.

@@ -57,6 +57,7 @@ class OptimConfig:
     steps: int = 1000
     min_lr_ratio: float = 0.1
     ep_size: int = 1
+    lr_scale: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
 def sync(device: torch.device) -> None:

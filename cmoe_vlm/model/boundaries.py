@@ -121,9 +121,11 @@ class ExternalMask(BoundaryPolicy):
 
 @dataclass(frozen=True)
 class ImageStride(BoundaryPolicy):
-    """Fixed-stride chunking of images, learned chunking of text: inside each image a boundary every
-    `stride` image tokens in raster order, counted from the image's first token (stride 1: every
-    image token its own concept, as after a fixed projector reduction); text tokens keep the chunk
+    """Fixed-stride chunking of images, learned chunking of text: inside each image a boundary at the
+    last of every `stride` image tokens in raster order, counted from the image's first token, so the
+    concepts are the groups of `stride` consecutive tokens (the image's last token always closes one,
+    a forced boundary; stride 1: every image token its own concept, as after a fixed projector
+    reduction); text tokens keep the chunk
     module's own boundaries. Forced boundaries stay; p stays the chunker's. Offsets are counted
     within the span, so a span must hold whole images (training, scoring and prefill rows do; a
     decoding step is text, and a step holding an image token is an error)."""
@@ -145,5 +147,5 @@ class ImageStride(BoundaryPolicy):
         n = torch.arange(image.shape[1], device=image.device).expand_as(image)
         first = image & ~torch.cat([torch.zeros_like(image[:, :1]), image[:, :-1]], dim=1)
         offset = n - torch.where(first, n, -1).cummax(dim=1).values  # tokens since the image's first
-        b = torch.where(image, offset % int(self.stride) == 0, own.b) | own.forced
+        b = torch.where(image, (offset + 1) % int(self.stride) == 0, own.b) | own.forced
         return Boundaries(p=own.p, b=b, forced=own.forced)

@@ -40,6 +40,9 @@ class ChunkConfig:
     sharpen_tau: float = 6.0
     image_chunking: Literal["raster", "2d"] = "raster"
     dechunk_update: bool = False           # dechunk the concept model's update ĉ − x, not ĉ (converted models)
+    detach_images: bool = True             # [ours] score image tokens on detached encoder outputs: the ratio loss and
+                                           # the boundary gradient train W_q, W_k but never what the model sees
+                                           # (with it off the VLM learned no image content: docs/design.md §7b)
 
     # Keys of older configs: accepted with the value that is now the default, else an error saying why.
     legacy_keys: ClassVar[dict[str, tuple[Any, str]]] = {

@@ -148,7 +148,8 @@ class ConceptMoE(nn.Module):
             y, decoder_stats = self.decoder(z, rope, attn)
             own = used = None
         else:
-            own = self.chunk(h, forced_boundaries(tokens.starts, batch.modality), above_index)
+            own = self.chunk(self._chunk_input(h, batch.modality), forced_boundaries(tokens.starts, batch.modality),
+                             above_index)
             used = (boundaries or Learned())(own, tokens.positions, tokens.valid, batch.modality)
             concepts = self.merger(h, used, tokens)
             c_hat, concept_stats = self.concept(concepts.x, concepts.layout.positions,
@@ -160,6 +161,17 @@ class ConceptMoE(nn.Module):
         if own is not None:
             out.concept_lengths = concepts.layout.lengths  # what the concept model ran on (MFU, cmoe_vlm/flops)
         return out
+
+    def _chunk_input(self, h: torch.Tensor, modality: torch.Tensor) -> torch.Tensor:
+        """What the chunk module scores, (B, T, d): the encoder outputs, detached with `chunk.detach_images`
+        at image positions and at the token before each image token (the one an image's first token is
+        scored against, which attends to earlier images): the same values, and no gradient from an image
+        token's boundary into what the model sees."""
+        if not self.cfg.chunk.detach_images:
+            return h
+        image = modality == Modality.IMAGE
+        scored_against = torch.cat([image[:, 1:], torch.zeros_like(image[:, :1])], dim=1)
+        return torch.where((image | scored_against)[..., None], h.detach(), h)
 
     @staticmethod
     def _decoder_input(h: torch.Tensor, c_bar: torch.Tensor, used: Boundaries) -> torch.Tensor:
@@ -221,7 +233,7 @@ class ConceptMoE(nn.Module):
             p, b = torch.ones(B, T, device=x.device), valid
         else:
             forced = forced_boundaries(span.starts, batch.modality)
-            own = self.chunk.extend(h, forced, lengths, state.chunk, above_index)
+            own = self.chunk.extend(self._chunk_input(h, batch.modality), forced, lengths, state.chunk, above_index)
             used = (boundaries or Learned())(own, positions, valid, batch.modality)
             used = Boundaries(p=used.p, b=used.b & valid, forced=used.forced)
             concepts = self.merger.extend(h * valid[..., None], used, span, state.merge)

@@ -7,26 +7,28 @@ import torch
 
 from cmoe_base import Modality
 from cmoe_vlm.model.boundaries import ImageStride
-from cmoe_vlm.model.chunk import Boundaries
+from cmoe_vlm.model.chunk import Boundaries, forced_boundaries
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_image_stride_counts_from_each_image_start_and_leaves_text_alone():
+def test_image_stride_closes_groups_counted_from_each_image_start_and_leaves_text_alone():
     T, I = int(Modality.TEXT), int(Modality.IMAGE)
     modality = torch.tensor([[T, T, I, I, I, I, I, T, I, I, I, T],
                              [I, I, I, T, T, T, T, T, T, T, T, T]])  # row 1: a span that opens with an image
-    forced = torch.zeros(2, 12, dtype=torch.bool)
-    forced[0, [0, 2, 7, 8, 11]] = True
-    forced[1, [0, 3]] = True
+    starts = torch.zeros(2, 12, dtype=torch.bool)
+    starts[:, 0] = True
+    forced = forced_boundaries(starts, modality)  # document starts, the last token of each modality run
+    assert forced[0].nonzero().flatten().tolist() == [0, 1, 6, 7, 10] and forced[1].nonzero().flatten().tolist() == [0, 2]
     text_b = torch.zeros(2, 12, dtype=torch.bool)
     text_b[0, 1] = text_b[1, 5] = True  # the chunker's own text boundaries
     own = Boundaries(p=torch.rand(2, 12), b=text_b | forced, forced=forced)
     own.b[0, 3] = True  # an image boundary of the chunker's: the policy replaces it
     pos, valid = torch.arange(12).expand(2, 12), torch.ones(2, 12, dtype=torch.bool)
     two = ImageStride(2)(own, pos, valid, modality)
-    assert two.b[0].nonzero().flatten().tolist() == [0, 1, 2, 4, 6, 7, 8, 10, 11]
-    assert two.b[1].nonzero().flatten().tolist() == [0, 2, 3, 5]
+    # groups of 2 closed at the 2nd, 4th, ... image token, the image's last token closing the rest
+    assert two.b[0].nonzero().flatten().tolist() == [0, 1, 3, 5, 6, 7, 9, 10]
+    assert two.b[1].nonzero().flatten().tolist() == [0, 1, 2, 5]
     assert torch.equal(two.p, own.p) and torch.equal(two.forced, forced)
     one = ImageStride(1)(own, pos, valid, modality)
     assert one.b[modality == I].all() and torch.equal(one.b[modality == T], own.b[modality == T])

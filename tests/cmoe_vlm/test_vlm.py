@@ -5,12 +5,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cmoe_base import Batch
+from cmoe_base import Batch, Modality
 from cmoe_vlm.model.chunk import ChunkConfig
 from cmoe_vlm.model.layers.moe import MoEConfig
 from cmoe_vlm.model.conceptmoe import ModelConfig
 from cmoe_vlm.model.vlm import ConceptMoEVLM, VLMConfig, above_patch_index, image_run_index
-from cmoe_vlm.objective import Objective, lm_loss
+from cmoe_vlm.objective import Objective, lm_loss, margin_loss, ratio_loss
 from data_pipelines.packing import Row, collate_rows
 from data_pipelines.sequence import build_sequence
 from data_pipelines.tokenizer import ByteTokenizer
@@ -229,3 +229,25 @@ def test_version_1_exports_load_with_their_old_weight_names():
     theirs = AutoModelForCausalLM.from_pretrained(folder).float().eval()
     ids = torch.randint(0, 256, (1, 24), generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(theirs(ids).logits, ours(Batch.of(ids)).logits, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("detach", [True, False])
+def test_boundaries_train_the_chunker_but_not_the_image_features_with_detach_images(detach):
+    """chunk.detach_images: the image tokens' ratio and margin losses reach W_q, W_k (and the text before
+    each image, which the first image token is scored against), never the vision tower or the projector
+    (with it off they do: the trained VLMs learned no image content, docs/design.md §7b)."""
+    torch.manual_seed(0)
+    model = ConceptMoEVLM(vlm_config(detach_images=detach)).train()
+    batch = batch_of(DOCS, model.cfg)
+    own = model(batch).own_boundaries
+    image = batch.modality == Modality.IMAGE
+    (ratio_loss(own.p, own.b, 4.0, image) + margin_loss(own.p, image, 0.5)).backward()
+    vision = sum(float(p.grad.abs().sum()) for p in model.vision.parameters() if p.grad is not None)
+    projector = sum(float(p.grad.abs().sum()) for p in model.projector.parameters() if p.grad is not None)
+    assert float(model.lm.chunk.q_proj.weight.grad.abs().sum()) > 0
+    assert (vision == 0 and projector == 0) if detach else (vision > 0 and projector > 0)
+    with torch.no_grad():  # the values are the same either way
+        model.eval()
+        other = ConceptMoEVLM(vlm_config(detach_images=not detach)).eval()
+        other.load_state_dict(model.state_dict())
+        torch.testing.assert_close(other(batch).logits, model(batch).logits)
