@@ -44,7 +44,7 @@ from .engine import StepGuard, build_engine, setup_distributed
 from .evaluate import evaluate
 from .expert_parallel import plain_state_dict, swap_in_deepspeed_moe
 from .initial_weights import fit_vocab, load_initial_weights
-from .metrics import MetricsLogger, WandbRun, Window, progress_postfix, step_record
+from .metrics import MetricsLogger, WandbRun, Window, progress_postfix, source_metrics, step_record
 from .optim import apply_hyperparameters
 from .prepare import Prepared, compiled_graphs, prepare_model
 from .stages import apply_freeze
@@ -103,7 +103,8 @@ class Run:
 
 @dataclass
 class StepResult:
-    """An applied optimizer step: its last micro-batch's output and losses, and the step's host counts."""
+    """An applied optimizer step: its last micro-batch (batch, output, losses), and the step's host counts."""
+    batch: Batch
     out: ModelOutput
     losses: Losses
     ramp: ConversionRamp | None
@@ -291,7 +292,7 @@ def train_step(run: Run, stop_requested: Callable[[], bool]) -> StepResult | Non
     run.step += 1
     seconds = time.perf_counter() - t0
     run.timing.step += seconds
-    return StepResult(out, losses, ramp, tokens, flops, seconds)
+    return StepResult(batch, out, losses, ramp, tokens, flops, seconds)
 
 
 def conversion_ramp(run: Run) -> ConversionRamp | None:
