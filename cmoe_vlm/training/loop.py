@@ -335,6 +335,7 @@ def log_step(run: Run, result: StepResult, bar: tqdm) -> None:
         windowed_ratios=windowed, targets=chunk.targets() if chunk.enabled else {},
         skipped_samples=run.loader.skipped, skipped_steps=run.skipped_steps, grad_norm=run.guard.grad_norm(),
         controller=run.controller, forced_boundary_prob=result.ramp.probability if result.ramp else None,
+        sources=source_metrics(result.out, result.batch, [s.name for s in run.exp.data.sources]),
         compiled_graphs=compiled_graphs() if run.prepared.compiled else None)
     run.logger.log(run.step, record)
     bar.set_postfix(**progress_postfix(record))

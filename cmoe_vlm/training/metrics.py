@@ -91,11 +91,11 @@ def source_metrics(out: ModelOutput, batch: Batch, names: list[str]) -> dict[str
         return {}
     src = batch.source_ids.reshape(-1)
     labels = batch.labels.reshape(-1)
-    nll = F.cross_entropy(out.logits.detach().float().reshape(-1, out.logits.shape[-1]), labels,
-                          ignore_index=IGNORE_INDEX, reduction="none")
     n = len(names)
     predicted = (labels != IGNORE_INDEX) & (src >= 0)
-    loss_sum = torch.zeros(n, device=src.device).index_add_(0, src[predicted], nll[predicted])
+    logits = out.logits.detach().reshape(-1, out.logits.shape[-1])[predicted].float()  # (N, V): predicted only
+    nll = F.cross_entropy(logits, labels[predicted], reduction="none")
+    loss_sum = torch.zeros(n, device=src.device).index_add_(0, src[predicted], nll)
     counts = torch.bincount(src[predicted], minlength=n)
     tokens = torch.bincount(src[src >= 0], minlength=n)
     record: dict[str, float] = {}

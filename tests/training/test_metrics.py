@@ -1,7 +1,9 @@
 """Trackers: namespaced tags (train/, compression/, eval/) in TensorBoard and Weights & Biases (offline),
 the held-out histograms, and the chunk lengths they are built from."""
 import importlib.util
+import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -126,3 +128,23 @@ def test_tensorboard_and_wandb_get_namespaced_train_compression_and_eval_values(
     first_id = (tmp_path / "wandb_run_id").read_text()
     MetricsLogger(tmp_path, enabled=True, tensorboard=False, start_step=2, wandb=run).close()
     assert (tmp_path / "wandb_run_id").read_text() == first_id
+
+
+def test_a_mixture_run_logs_each_sources_loss_tokens_and_compression(builtin_data, tmp_path):
+    """Through the real loop (train()): every logged step of a two-source mixture names both sources."""
+    from cmoe_vlm.training import loop
+    from cmoe_vlm.training.config import load_experiment
+
+    from .conftest import overrides
+
+    mixture = (f"data.mixture=[{{shards: {builtin_data['train']}, weight: 3, name: web}}, "
+               f"{{shards: {builtin_data['heldout']}, weight: 1, name: vqa}}]")
+    root = Path(__file__).resolve().parents[2]
+    loop.train(load_experiment(root / "configs/tiny.yaml", overrides(
+        builtin_data, tmp_path, 'data.shards=""', mixture, "train.steps=2", "data.num_workers=0",
+        "train.heldout_shards=null")))
+    for line in (tmp_path / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        for name in ("web", "vqa"):
+            assert rec[f"source_{name}_tokens"] > 0 and rec[f"source_{name}_ratio"] >= 1, rec
+        assert "source_web_lm_loss" in rec
