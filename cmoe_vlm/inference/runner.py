@@ -15,6 +15,7 @@ by construction.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,8 +72,14 @@ class ModelRunner:
     @classmethod
     def load(cls, folder: str | Path, device: str = "cpu", batch_size: int = 8) -> ModelRunner:
         model, meta = load_pretrained(folder, device=device)
-        tok = load_tokenizer(meta.get("tokenizer", "byte"))
-        return cls(model, tok, batch_size, name=Path(folder).as_posix())
+        spec = meta.get("tokenizer", "byte")
+        if spec is None:
+            raise ConfigError(f"{folder}: the export has no tokenizer (imported from a folder without tokenizer "
+                              "files): import again from a folder holding them")
+        if meta.get("parts") == ["lm"]:
+            warnings.warn(f"{folder}: an import of a language model only: its vision tower and projector are random "
+                          "placeholders, so image results mean nothing until it is trained on images", stacklevel=2)
+        return cls(model, load_tokenizer(spec), batch_size, name=Path(folder).as_posix())
 
     # ------------------------------------------------------------------ sequences
     def sequence(self, pieces: Pieces, add_eos: bool = False) -> TokenSequence:
