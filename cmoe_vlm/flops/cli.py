@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from cmoe_base import ConfigError
+from cmoe_base.commands import Parser, command, positive_float, positive_int
 
 from ..config import from_dict, load_yaml
 
@@ -74,20 +75,21 @@ def format_table(rows: list[Proposal]) -> str:
     return "\n".join(out + ["notes:"] + notes)
 
 
+@command("cmoe-flops")
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(
+    ap = Parser(
         prog="cmoe-flops",
         description="Params, activated FLOPs/token (attention map excluded), attention-map FLOPs and KV "
                     "bytes of a model config, and ConceptMoE configs matched to it in activated FLOPs "
                     "by the paper's three compute-reallocation strategies.")
     ap.add_argument("config", help="YAML with a top-level `model:` section, or a bare ModelConfig mapping")
-    ap.add_argument("--ratio", type=float, default=None,
+    ap.add_argument("--ratio", type=positive_float, default=None,
                     help="compression R (default: the config's model.chunk.target_ratio)")
-    ap.add_argument("--seq-len", type=int, default=None, help="for attention-map FLOPs (default: max_seq_len)")
-    ap.add_argument("--loop-layers", type=int, default=None, help="fix the looped strategy's loop_layers")
+    ap.add_argument("--seq-len", type=positive_int, default=None, help="for attention-map FLOPs (default: max_seq_len)")
+    ap.add_argument("--loop-layers", type=positive_int, default=None, help="fix the looped strategy's loop_layers")
     ap.add_argument("--match", choices=("concept", "model"), default="concept",
                     help="match the concept layers' FLOPs (the paper's equations, default) or the whole model's")
-    ap.add_argument("--kv-bytes", type=int, default=2, help="bytes per cached value (default 2, bf16)")
+    ap.add_argument("--kv-bytes", type=positive_int, default=2, help="bytes per cached value (default 2, bf16)")
     ap.add_argument("--json", action="store_true", help="print the records as JSON instead of a table")
     args = ap.parse_args(argv)
     from .accounting import account, kv_cache_bytes_per_token

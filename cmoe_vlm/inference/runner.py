@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from cmoe_base import Batch, ConfigError, Modality
+from data_pipelines.images import to_rgb
 from data_pipelines.sequence import TokenSequence, build_sequence
 from data_pipelines.tokenizer import Tokenizer, load_tokenizer
 
@@ -84,7 +85,7 @@ class ModelRunner:
     # ------------------------------------------------------------------ sequences
     def sequence(self, pieces: Pieces, add_eos: bool = False) -> TokenSequence:
         """Pieces -> token sequence (bos first; images transformed to tensors)."""
-        pieces = [p if isinstance(p, (str, torch.Tensor)) else self.transform(p.convert("RGB")) for p in pieces]
+        pieces = [p if isinstance(p, (str, torch.Tensor)) else self.transform(to_rgb(p)) for p in pieces]
         return build_sequence(pieces, self.tok, self.tokens_per_image, add_bos=True, add_eos=add_eos)
 
     def _check_len(self, n: int, what: str) -> None:

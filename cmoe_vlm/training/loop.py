@@ -215,7 +215,7 @@ def resume_point(exp: ExperimentConfig, checkpointer: Checkpointer, record: dict
     """The checkpoint to resume from (train.resume) and how the requested config differs from its
     (refused changes raise a ConfigError); with train.resume = false an earlier run is set aside."""
     out_dir = Path(exp.train.out_dir)
-    latest = checkpointer.latest()
+    latest = checkpointer.latest_intact(world) if exp.train.resume else checkpointer.latest()
     if latest is not None and exp.train.resume:
         diff = resume.compare(Checkpointer.experiment(latest), record)
         resume.check_resume(latest, diff)

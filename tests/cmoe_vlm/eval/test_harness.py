@@ -189,7 +189,7 @@ def test_adapters_raise_instead_of_returning_empty(runner):
         lm.generate_until([req("x", {"num_beams": 2})])
     with pytest.raises(ValueError, match="max_seq_len"):
         lm.loglikelihood([req("x" * (runner.max_len + 5), " y")])
-    with pytest.raises(TypeError, match="unknown model_args"):
+    with pytest.raises(ValueError, match="unknown model_args"):
         harness.CMoELMEval(runner, foo=1)
 
 
