@@ -30,7 +30,7 @@ from data_pipelines.tokenizer import Tokenizer, load_tokenizer, save_tokenizer
 
 from ..config import from_dict, to_dict
 from ..model.vlm import ConceptMoEVLM, VLMConfig
-from .tensor_files import SafetensorsWriter
+from .tensor_files import SafetensorsWriter, read_json
 
 FORMAT, VERSION = "cmoe-vlm", 2  # 2: the concept model and joint decoding have their own weight names
 TOKENIZER_INCLUDED = "included"  # config.json's tokenizer spec for "the tokenizer files in this folder"
@@ -135,7 +135,7 @@ def load_pretrained(path: str | Path, device: str | torch.device = "cpu") -> tup
     if not (path / "config.json").exists():
         raise FileNotFoundError(f"{path}: no config.json; expected a folder written by save_pretrained "
                                 f"(training writes one to <out_dir>/final)")
-    meta = json.loads((path / "config.json").read_text())
+    meta = read_json(path / "config.json")
     if meta.get("format") != FORMAT:
         raise ValueError(f"{path}/config.json: format {meta.get('format')!r} is not {FORMAT!r}")
     meta["tokenizer"] = tokenizer_spec(meta, path)

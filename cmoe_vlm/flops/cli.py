@@ -7,12 +7,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from cmoe_base import ConfigError
-from cmoe_base.commands import Parser, command, positive_float, positive_int
+from cmoe_base.commands import InputError, Parser, command, positive_float, positive_int
 
 from ..config import from_dict, load_yaml
 
@@ -94,11 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     from .accounting import account, kv_cache_bytes_per_token
     from .reallocation import Proposal, propose
-    try:
-        cfg = load_model_config(args.config)
-    except (ConfigError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    cfg = load_model_config(args.config)
     ratio = args.ratio if args.ratio is not None else cfg.chunk.target_ratio
     seq_len = args.seq_len or cfg.max_seq_len
     header = []
@@ -111,8 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         baseline = cfg
     if ratio <= 1:
-        print(f"error: ratio = {ratio}: must be > 1 (pass --ratio)", file=sys.stderr)
-        return 2
+        raise InputError(f"ratio = {ratio}: must be > 1 (pass --ratio)")
     rows = propose(baseline, ratio, seq_len, args.loop_layers, args.match)
     if given is not None:
         b = rows[0].cost
