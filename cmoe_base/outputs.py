@@ -32,21 +32,23 @@ def _inside(path: Path, folder: Path) -> bool:
 
 
 def check_output(out: str | Path, inputs: Iterable[str | Path | None] = (), replace: bool = False,
-                 option: str = "--out") -> Path:
-    """Refuse (InputError, one line) an output that is or holds an input or lies inside one, a file, a
-    non-empty folder unless `replace`, or a folder whose parent cannot be written."""
+                 option: str = "--out", whole: bool = True) -> Path:
+    """Refuse (InputError, one line) an output that is an input or lies inside one, a file, or a folder
+    whose parent cannot be written. For an output written `whole` (staged, then renamed over the
+    destination) also one that holds an input, or is a non-empty folder unless `replace`; a
+    results folder (eval, inspect) is only added to."""
     out = Path(out)
     real = out.resolve()
     for src in inputs:
         if src is None:
             continue
         src_real = Path(src).resolve()
-        if _inside(real, src_real) or _inside(src_real, real):
+        if _inside(real, src_real) or (whole and _inside(src_real, real)):
             where = "is" if real == src_real else "is inside" if _inside(real, src_real) else "holds"
             raise InputError(f"{option} {out} {where} the input {src}: write to another folder")
     if out.exists() and not out.is_dir():
         raise InputError(f"{option} {out} is a file, not a folder")
-    if out.is_dir() and any(out.iterdir()) and not replace:
+    if whole and out.is_dir() and any(out.iterdir()) and not replace:
         raise InputError(f"{option} {out} is not empty: choose a new folder, or pass --replace to replace it")
     parent = real.parent
     while not parent.exists():

@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     names = [model_name(m) for m in args.model]
     if len(set(names)) != len(names):
         ap.error(f"two --model folders have the same name {names}: give them distinct folder names")
-    out = check_output(args.out, args.model, replace=True)
+    out = check_output(args.out, args.model, whole=False)
     from ..eval.long_context import DEFAULT_DEPTHS, PROBES
     from ..eval.tasks import load_suite
 

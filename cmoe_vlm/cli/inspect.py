@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-color", action="store_true", help="terminal view with | after boundaries instead of colours")
     ap.add_argument("--quiet", action="store_true", help="do not print the sample views on a terminal")
     args = ap.parse_args(argv)
-    check_output(args.out, [args.model], replace=True)
+    check_output(args.out, [args.model], whole=False)
     terminal = sys.stdout.isatty() and not args.quiet  # elsewhere the views are only in OUT/samples.txt
     from cmoe_vlm.inspection.report import inspect_model  # loads torch: after the arguments are parsed
 

@@ -235,3 +235,33 @@ def test_a_tokenizer_larger_than_the_model_is_a_config_error_naming_both(bpe_tok
         ModelRunner.load(folder)
     assert eval_main(["--model", str(folder), "--suite", "none", "--probes", "passkey", "--out", str(tmp_path)]) == 2
     assert "294 ids" in capsys.readouterr().err
+
+
+def test_an_export_that_does_not_match_its_config_is_refused_and_bad_inputs_are_errors(exported, tmp_path):
+    """transformers alone would load these with random or dropped weights (only a LOAD REPORT on stderr);
+    `load_pretrained` refuses them, and so does the wrapper."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    _, model, exported = exported
+    ids = torch.tensor([[1, 2, 3, 4]])
+    for kwargs, named in ((dict(input_ids=ids[:, :0]), "input_ids has shape"),
+                          (dict(input_ids=ids + TOK.vocab_size), "vocabulary"),
+                          (dict(input_ids=ids, attention_mask=torch.ones(1, 3)), "attention_mask has shape"),
+                          (dict(input_ids=ids, labels=ids[:, :2]), "labels has shape")):
+        with pytest.raises(ValueError, match=named):
+            model(**kwargs)
+    dropped = tmp_path / "dropped"
+    shutil.copytree(exported, dropped)
+    state = load_file(dropped / "model.safetensors")
+    save_file({k: v for k, v in state.items() if k != "lm.norm.weight"}, dropped / "model.safetensors")
+    more = tmp_path / "more_layers"
+    shutil.copytree(exported, more)
+    meta = json.loads((more / "config.json").read_text())
+    meta["vlm"]["model"]["concept_layers"] += 1
+    (more / "config.json").write_text(json.dumps(meta))
+    for folder in (dropped, more):
+        with pytest.raises(ValueError, match="does not match its config"):
+            transformers.AutoModelForCausalLM.from_pretrained(folder)
