@@ -23,7 +23,8 @@ model_args (both): pretrained=DIR (an exported checkpoint folder), device (defau
 device on a machine without CUDA falls back to the CPU with a warning: lm-eval passes `cuda:0` when
 --device is not given), batch_size (requests per forward; `auto` means 8: no memory probing),
 max_batch_size (caps it), max_gen_toks (default 256, lm-eval's default, when a task sets none),
-seed (sampling seed, default 1234).
+seed (sampling seed, default 1234). With lm-eval, model_args win over its own --device, --batch_size
+and --max_batch_size (which it always passes, with their defaults). A bad value is an error naming it.
 
 Generation options (a task's generation_kwargs or --gen_kwargs): `until` (stop strings; one that
 is a single token also ends its row early, any other cuts the text afterwards), `max_gen_toks` /
