@@ -14,6 +14,7 @@ export adds for transformers (processor config, remote code): cmoe_vlm/checkpoin
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -93,6 +94,10 @@ class ConceptMoEForCausalLM(ConceptGeneration, PreTrainedModel, GenerationMixin)
             raise ValueError(f"{pretrained_model_name_or_path}: model.safetensors does not match its config.json "
                              f"({'; '.join(f'{k}: {v}' for k, v in wrong.items())}): not loaded with random or "
                              "dropped weights")
+        if getattr(model.config, "parts", None) == ["lm"]:
+            warnings.warn(f"{pretrained_model_name_or_path}: an import of a language model only: its vision tower "
+                          "and projector are random placeholders, so image inputs mean nothing until it is trained "
+                          "on images", stacklevel=2)
         return (model, info) if want_info else model
 
     def save_pretrained(self, save_directory, *args, **kwargs) -> None:
