@@ -208,6 +208,17 @@ model.save_pretrained(resaved)  # from the bundle: writes the same bundle
 processor.save_pretrained(resaved)
 again = AutoModelForCausalLM.from_pretrained(resaved, trust_remote_code=True).eval()
 assert torch.equal(again.generate(**inputs, max_new_tokens=4, eos_token_id=None), out)
+import shutil
+other = shutil.copytree(resaved, resaved + "_other_version")
+code = open(other + "/cmoe_vlm_code.py").read().replace("FILES = {", "FILES = {'cmoe_vlm/other.py': ['x = 1'],", 1)
+open(other + "/cmoe_vlm_code.py", "w").write(code)  # another version's bundle: its code must not be replaced by ours
+modeling = open(other + "/modeling_cmoe_vlm.py").read()
+open(other + "/modeling_cmoe_vlm.py", "w").write(modeling.replace('DIGEST = "', 'DIGEST = "another-', 1))
+try:
+    AutoModelForCausalLM.from_pretrained(other, trust_remote_code=True)
+    raise SystemExit("a second bundle loaded with the first one's code")
+except ImportError as e:
+    assert "load it in a fresh process" in str(e), e
 """
 
 
