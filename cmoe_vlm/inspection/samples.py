@@ -6,12 +6,19 @@ import json
 from pathlib import Path
 from typing import Any
 
+from cmoe_base.commands import InputError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise InputError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+
 def _jsonl_pieces(path: Path) -> list[list[Any]]:
-    from cmoe_base.commands import InputError
     from data_pipelines.images import open_image
 
     def image(rel: Any, where: str):
@@ -20,11 +27,7 @@ def _jsonl_pieces(path: Path) -> list[list[Any]]:
         return open_image(path.parent / rel)
 
     out = []
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError as e:
-        raise InputError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    for line_no, line in enumerate(lines, 1):
+    for line_no, line in enumerate(_read_text(path).splitlines(), 1):
         if not line.strip():
             continue
         where = f"{path}:{line_no}"
@@ -60,7 +63,7 @@ def load_samples(specs: list[str], limit: int) -> list[list[Any]]:
         elif path.suffix.lower() in IMAGE_SUFFIXES and path.exists():
             docs.append([open_image(path)])
         elif path.is_file() and path.suffix.lower() == ".txt":
-            docs.append([path.read_text()])
+            docs.append([_read_text(path)])
         elif path.is_file() and path.suffix.lower() == ".jsonl":
             docs += _jsonl_pieces(path)
         else:
