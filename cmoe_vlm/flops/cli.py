@@ -4,7 +4,6 @@ ConceptMoE proposals for it, as a table or JSON. The model code (and torch) load
 arguments are parsed."""
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 from pathlib import Path
