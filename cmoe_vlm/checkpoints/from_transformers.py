@@ -88,9 +88,13 @@ def read_source(src: Path) -> tuple[dict[str, Any], Any]:
         pickles = sorted(p.name for p in src.glob("*.bin"))
         raise Unsupported(f"{src}: no model.safetensors (or its index)" + (
             f"; {pickles[0]} is a pickle, which is never loaded: save the model with safetensors" if pickles else ""))
+    from huggingface_hub.errors import StrictDataclassError
     from transformers import AutoConfig
 
-    return raw, AutoConfig.from_pretrained(str(src), local_files_only=True)
+    try:
+        return raw, AutoConfig.from_pretrained(str(src), local_files_only=True)
+    except StrictDataclassError as e:  # a config value of the wrong type, as transformers checks it
+        raise Unsupported(f"{src / 'config.json'}: {' '.join(str(e).split())}") from None
 
 
 def import_checkpoint(src: str | Path, out: str | Path) -> ImportReport:
