@@ -197,11 +197,12 @@ class Checkpointer:
         except (ValueError, UnicodeDecodeError) as e:
             raise CheckpointError(f"{path / EXPERIMENT}: not JSON ({e})") from None
 
-    def damage(self, path: Path, world: int) -> str | None:
+    @staticmethod
+    def damage(path: Path, world: int) -> str | None:
         """Why checkpoint `path` cannot be resumed by `world` processes (a missing, empty or truncated
         file, an unreadable experiment.json), from cheap checks; None when none is found."""
         try:
-            self.experiment(path)
+            Checkpointer.experiment(path)
         except CheckpointError as e:
             return str(e)
         for name in ["mp_rank_00_model_states.pt"] + [f"rank{r}.safetensors" for r in range(world)]:
@@ -284,6 +285,9 @@ def export_checkpoint(path: str | Path, out_dir: str | Path) -> Path:
     from ..model.vlm import ConceptMoEVLM, VLMConfig
 
     path = Path(path)
+    reason = Checkpointer.damage(path, 1)
+    if reason is not None:
+        raise CheckpointError(f"{path} cannot be exported: {reason}")
     exp = Checkpointer.experiment(path)["config"]
     cfg = from_dict(VLMConfig, {k: exp[k] for k in ("model", "vision", "projector")})
     model = ConceptMoEVLM(replace(cfg, vision=replace(cfg.vision, pretrained=False, checkpoint_path=None)))
