@@ -23,6 +23,7 @@ from transformers import BatchFeature, ProcessorMixin
 from transformers.image_processing_utils import BaseImageProcessor
 
 from cmoe_base import Modality
+from data_pipelines.images import to_rgb
 from data_pipelines.sequence import build_sequence
 from data_pipelines.tokenizer import IMAGE_TOKENS, HFTokenizer
 
@@ -65,7 +66,7 @@ class ConceptMoEImageProcessor(BaseImageProcessor):
             from timm.data import create_transform
             cfg = {k: tuple(v) if isinstance(v, list) else v for k, v in ((k, getattr(self, k)) for k in TIMM_FIELDS)}
             self._transform = create_transform(**cfg, is_training=False)
-        return self._transform(image.convert("RGB"))
+        return self._transform(to_rgb(image))  # 16-bit greyscale scaled, as in training
 
     def __call__(self, images, return_tensors: str | None = "pt", **kwargs: Any) -> BatchFeature:
         images = list(images) if isinstance(images, (list, tuple)) else [images]
