@@ -76,7 +76,7 @@ def test_multiple_choice_solves_what_the_model_learned_and_fails_on_wrong_labels
     ok = run_task(runner, Task("filler", "multiple_choice", right))
     bad = run_task(runner, Task("filler_shuffled", "multiple_choice", wrong))
     assert ok["n"] == bad["n"] >= 20 and ok["chance"] == 0.25
-    assert ok["acc"] >= 0.7, ok  # 10% of the documents are long text (docs/design.md §7b)
+    assert ok["acc"] >= 0.6, ok  # 5% of the documents are long text (docs/design.md §7b): 0.68 vs 0.26 shuffled
     assert bad["acc"] <= 0.5, bad
     # log P(answer | choices): near 0 where the model is sure and right, far below chance (−log 4) where
     # it is sure of another choice; a probability over the choices, so never above 0
