@@ -80,7 +80,7 @@ def test_multiple_choice_solves_what_the_model_learned_and_fails_on_wrong_labels
     assert bad["acc"] <= 0.5, bad
     # log P(answer | choices): near 0 where the model is sure and right, far below chance (−log 4) where
     # it is sure of another choice; a probability over the choices, so never above 0
-    assert ok["chance_logprob"] == pytest.approx(-math.log(4)) and ok["answer_logprob"] > -0.5 > ok["chance_logprob"]
+    assert ok["chance_logprob"] == pytest.approx(-math.log(4)) and ok["answer_logprob"] > ok["chance_logprob"] + 0.5
     assert bad["answer_logprob"] < ok["chance_logprob"] and max(ok["answer_logprob"], bad["answer_logprob"]) <= 0
     print(f"filler MC: acc {ok['acc']:.2f}, shuffled labels {bad['acc']:.2f} (n={ok['n']}, chance 0.25)")
 
