@@ -17,11 +17,11 @@ apply_runtime_defaults()
 from cmoe_base.checks import ConfigError, check  # noqa: E402
 from cmoe_base.modality import Modality  # noqa: E402
 
-__all__ = ["Batch", "ConfigError", "DocumentLayout", "IGNORE_INDEX", "Modality", "check"]
+__all__ = ["Batch", "ConfigError", "DocumentLayout", "IGNORE_INDEX", "Modality", "check", "stack_images"]
 
 
 def __getattr__(name: str):
-    if name in ("Batch", "DocumentLayout", "IGNORE_INDEX"):
+    if name in ("Batch", "DocumentLayout", "IGNORE_INDEX", "stack_images"):
         from cmoe_base import batch
         return getattr(batch, name)
     raise AttributeError(f"module 'cmoe_base' has no attribute {name!r}")
