@@ -62,7 +62,10 @@ def main() -> None:
     parser.add_argument("--bucket", type=int, default=1, help="round sides up to this many token units")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = the default)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     exp = load_experiment(args.config, ["vision.dynamic_img_size=true", f"vision.max_pixels={args.max_pixels}"])
     torch.manual_seed(0)

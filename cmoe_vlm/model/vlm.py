@@ -110,6 +110,12 @@ class ConceptMoEVLM(nn.Module):
             return [self.cfg.image_grid] * batch.images.shape[0]
         return [token_grid(h, w, self.cfg.image_unit) for h, w in batch.sizes_of_images()]
 
+    def image_grid_of(self, image: torch.Tensor) -> tuple[int, int]:
+        """(rows, cols) of LM tokens of one transformed image (3, H, W)."""
+        if not self.cfg.vision.variable_size:
+            return self.cfg.image_grid
+        return token_grid(*image.shape[-2:], self.cfg.image_unit)
+
     def image_transform(self, train: bool):
         """PIL image -> (3, H, W): the encoder's transform (at the image's own size with vision.max_pixels)."""
         from vision.transforms import build_image_transform

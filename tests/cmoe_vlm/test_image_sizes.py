@@ -283,3 +283,23 @@ def test_transformers_processor_and_generate_with_mixed_sizes(bpe_tokenizer_fold
         assert out[:, T:].tolist() == ours, use_cache
     kw = dict(max_new_tokens=2, num_beams=2, eos_token_id=None)
     assert torch.equal(hf.generate(**inputs, **kw), hf.generate(**inputs, use_cache=False, **kw))
+
+
+def test_inspection_draws_each_image_on_its_own_grid(model, tmp_path):
+    from cmoe_vlm.inference.runner import ModelRunner
+    from cmoe_vlm.inspection.analysis import analyse, image_records
+    from cmoe_vlm.inspection.plots import image_chunk_map
+    from vision.transforms import image_mean_std
+
+    runner = ModelRunner(model, TOK)
+    docs = [["a wide one ", Image.new("RGB", (96, 32), (200, 0, 0)), " and a tall one ",
+             Image.new("RGB", (32, 64), (0, 0, 200))]]
+    samples = analyse(runner, docs)
+    assert samples[0].image_grids == [(1, 5), (4, 2)]  # 96x32 -> 80x16 px (budget 48x48), 32x64 kept
+    records = image_records(samples, model.cfg.image_grid)
+    assert [r["grid"] for r in records] == [list(g) for g in samples[0].image_grids]
+    assert [len(d) for d in samples[0].image_diffs] == [r * c for r, c in samples[0].image_grids]
+    for k in range(2):
+        path = image_chunk_map(samples[0], k, model.cfg.image_grid, image_mean_std(model.vision),
+                               tmp_path / f"m{k}.png", "t")
+        assert path.exists()
