@@ -63,6 +63,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = the default)")
+    parser.add_argument("--unfused", action="store_true",
+                        help="the ViT's attention as explicit matmul + softmax (timm fused_attn off) instead of SDPA")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -70,6 +72,10 @@ def main() -> None:
     exp = load_experiment(args.config, ["vision.dynamic_img_size=true", f"vision.max_pixels={args.max_pixels}"])
     torch.manual_seed(0)
     model = ConceptMoEVLM(exp.vlm).train()
+    if args.unfused:
+        for module in model.vision.vit.modules():
+            if hasattr(module, "fused_attn"):
+                module.fused_attn = False
     uh, uw = exp.vlm.image_unit
     bh, bw = uh * args.bucket, uw * args.bucket
     sizes = []
@@ -107,7 +113,7 @@ def main() -> None:
         results[name] = {"ms_fwd_bwd": round(ms, 1), "vit_patches": patches[name], "lm_image_tokens": lm_tokens[name]}
         print(f"{name:8s} {ms:8.1f} ms  patches {patches[name]:6d}  LM tokens {lm_tokens[name]:5d}", flush=True)
     out = {
-        "config": args.config, "images": args.images, "max_pixels": args.max_pixels, "bucket": args.bucket,
+        "config": args.config, "images": args.images, "unfused_attention": args.unfused, "max_pixels": args.max_pixels, "bucket": args.bucket,
         "token_unit": [uh, uw], "distinct_sizes": len(set(sizes)), "largest": [int(H), int(W)],
         "square_side_tokens": side, "results": results,
         "machine": f"{os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}, torch threads {torch.get_num_threads()}",
