@@ -16,8 +16,9 @@ apply_runtime_defaults()
 
 from cmoe_base.checks import ConfigError, check  # noqa: E402
 from cmoe_base.modality import Modality  # noqa: E402
+from cmoe_base.tiles import Tiles  # noqa: E402
 
-__all__ = ["Batch", "ConfigError", "DocumentLayout", "IGNORE_INDEX", "Modality", "check", "stack_images"]
+__all__ = ["Batch", "ConfigError", "DocumentLayout", "IGNORE_INDEX", "Modality", "check", "stack_images", "Tiles"]
 
 
 def __getattr__(name: str):

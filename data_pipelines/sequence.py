@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from cmoe_base import IGNORE_INDEX, Modality
+from cmoe_base import IGNORE_INDEX, Modality, Tiles
 from data_pipelines.chat import Chat, render_chat
 from data_pipelines.document import Answer
 from data_pipelines.tokenizer import Tokenizer
@@ -63,6 +63,9 @@ class TokenSequence:
         return shift_labels(ids, torch.tensor([self.modality]), doc, targets)[0].tolist()
 
 
+TILE_ROW_SEPARATOR = "\n"  # text between tile rows of a tiled image (vision.max_tiles)
+
+
 def image_tokens_of(unit: tuple[int, int]) -> Callable[[torch.Tensor], int]:
     """For images at their own size: a transformed image (3, H, W) -> its LM tokens (H / uh) · (W / uw),
     `unit` = (uh, uw) the pixels one token covers (patch size × projector block)."""
@@ -91,6 +94,15 @@ def build_sequence(
         seq.input_ids.extend(ids)
         seq.modality.extend([int(modality)] * len(ids))
 
+    def image_block(piece: Any) -> None:
+        start = len(seq)
+        seq.images.append(piece)
+        extend([tokenizer.img_start_id], Modality.TEXT)
+        n = tokens_per_image(piece) if callable(tokens_per_image) else tokens_per_image
+        extend([tokenizer.image_id] * n, Modality.IMAGE)
+        extend([tokenizer.img_end_id], Modality.TEXT)
+        seq.image_spans.append((start, len(seq)))
+
     if add_bos:
         extend([tokenizer.bos_id], Modality.TEXT)
     for i, piece in enumerate(pieces):
@@ -101,14 +113,15 @@ def build_sequence(
                 seq.answer_spans.append((start, len(seq)))
         elif piece is None:
             raise TypeError(f"pieces[{i}] is None: expected text (str) or an image")
+        elif isinstance(piece, Tiles):  # thumbnail, then the tiles row by row, a separator between rows
+            image_block(piece.thumbnail)
+            for r in range(piece.rows):
+                if r:
+                    extend(tokenizer.encode(TILE_ROW_SEPARATOR), Modality.TEXT)
+                for c in range(piece.cols):
+                    image_block(piece.tiles[r * piece.cols + c])
         else:
-            start = len(seq)
-            seq.images.append(piece)
-            extend([tokenizer.img_start_id], Modality.TEXT)
-            n = tokens_per_image(piece) if callable(tokens_per_image) else tokens_per_image
-            extend([tokenizer.image_id] * n, Modality.IMAGE)
-            extend([tokenizer.img_end_id], Modality.TEXT)
-            seq.image_spans.append((start, len(seq)))
+            image_block(piece)
     if add_eos:
         if seq.answer_spans and seq.answer_spans[-1][1] == len(seq):  # the answer ends the document: so does eos
             seq.answer_spans[-1] = (seq.answer_spans[-1][0], len(seq) + 1)

@@ -38,6 +38,9 @@ class VisionConfig:
     # image is resized to the square img_size. Needs dynamic_img_size: true (backend timm).
     min_pixels: int | None = None
     max_pixels: int | None = None
+    # Tiles (vision/sizes.py, tile_grid): an image larger than img_size becomes up to max_tiles img_size
+    # tiles (the grid closest to its aspect ratio) after a global thumbnail; 0 = off. Backend timm.
+    max_tiles: int = 0
     drop_path_rate: float = 0.0
     # Weights: `pretrained: true` loads `checkpoint_path` (.safetensors/.pt/.pth), or with backend
     # transformers the folder's safetensors; never downloads.
@@ -58,7 +61,13 @@ class VisionConfig:
                   "and drop_path_rate must be off with backend transformers")
             check(self.max_pixels is None and self.min_pixels is None, "max_pixels", self.max_pixels,
                   "must be null with backend transformers (variable image sizes need backend timm)")
+            check(self.max_tiles == 0, "max_tiles", self.max_tiles, "must be 0 with backend transformers (tiles need backend timm)")
             return
+        check(self.max_tiles >= 0, "max_tiles", self.max_tiles, "must be >= 0 (0 = no tiles)")
+        if self.max_tiles:
+            check(self.max_pixels is None, "max_tiles", self.max_tiles,
+                  "and max_pixels are exclusive: tiles are img_size squares; set one of them")
+            check(not self.augment, "augment", self.augment, "must be false with max_tiles set (not supported yet)")
         check(self.min_pixels is None or self.max_pixels is not None, "min_pixels", self.min_pixels,
               "needs max_pixels too (variable image sizes), or leave both null for the square img_size")
         if self.max_pixels is not None:

@@ -32,6 +32,17 @@ def fit_size(height: int, width: int, unit: tuple[int, int], min_pixels: int, ma
     return h, w
 
 
+def tile_grid(height: int, width: int, tile: tuple[int, int], max_tiles: int) -> tuple[int, int]:
+    """(rows, cols) of tiles for an image of (height, width): rows · cols <= max_tiles, the grid whose
+    aspect ratio is closest to the image's, and among those the one whose area is closest to the
+    image's (a small image: one tile, i.e. no tiling)."""
+    th, tw = tile
+    grids = [(r, c) for r in range(1, max_tiles + 1) for c in range(1, max_tiles // r + 1)]
+    aspect = math.log(width / height)
+    return min(grids, key=lambda g: (round(abs(aspect - math.log(g[1] * tw / (g[0] * th))), 9),
+                                     abs(math.log(height * width / (g[0] * g[1] * th * tw)))))
+
+
 def token_grid(height: int, width: int, unit: tuple[int, int]) -> tuple[int, int]:
     """(rows, cols) of LM image tokens for an input of (height, width) pixels (already fitted)."""
     uh, uw = unit

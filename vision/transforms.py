@@ -20,7 +20,7 @@ from timm.data import create_transform, resolve_data_config
 
 from vision.encoder import VisionEncoder
 from vision.hf_tower import processor_settings
-from vision.sizes import fit_size
+from vision.sizes import fit_size, tile_grid
 
 TRAIN_CROP_SCALE = (0.5, 1.0)  # random resized crop keeps at least half the image area
 
@@ -94,6 +94,33 @@ class FitTransform:
         return F.normalize(F.to_tensor(image), self.mean, self.std)
 
 
+class TileTransform:
+    """PIL image -> `cmoe_base.Tiles` (vision.max_tiles): the thumbnail through the encoder's usual
+    transform (the image as an untiled model sees it), and the image resized to rows × cols tiles of
+    img_size (`vision.sizes.tile_grid`), each tile normalised with the encoder's mean/std. An image that
+    gets one tile stays a plain image (no thumbnail)."""
+
+    def __init__(self, base: Callable, tile: tuple[int, int], max_tiles: int, interpolation: str,
+                 mean: tuple[float, ...], std: tuple[float, ...]):
+        self.base, self.tile, self.max_tiles = base, tuple(tile), max_tiles
+        self.interpolation, self.mean, self.std = interpolation, tuple(mean), tuple(std)
+
+    def __call__(self, image: Image.Image):
+        from torchvision.transforms import functional as F
+
+        from cmoe_base import Tiles
+
+        image = image.convert("RGB")
+        rows, cols = tile_grid(image.height, image.width, self.tile, self.max_tiles)
+        if rows * cols == 1:
+            return self.base(image)
+        th, tw = self.tile
+        big = F.normalize(F.to_tensor(image.resize((cols * tw, rows * th), Image.Resampling[self.interpolation.upper()])),
+                          self.mean, self.std)  # (3, rows*th, cols*tw)
+        tiles = big.unflatten(1, (rows, th)).unflatten(3, (cols, tw)).permute(1, 3, 0, 2, 4)  # (rows, cols, 3, th, tw)
+        return Tiles(self.base(image), list(tiles.flatten(0, 1).contiguous()), rows, cols)
+
+
 def fit_transform(encoder: VisionEncoder, unit: tuple[int, int]) -> FitTransform:
     """The variable-size transform of `encoder` (vision.max_pixels set) for token unit `unit`."""
     cfg = data_config(encoder)
@@ -111,6 +138,10 @@ def build_image_transform(encoder: VisionEncoder, train: bool,
             raise ValueError("vision.max_pixels is set: build_image_transform needs the token unit "
                              "(use ConceptMoEVLM.image_transform)")
         return fit_transform(encoder, unit)
+    if encoder.cfg.max_tiles:
+        cfg = data_config(encoder)
+        base = create_transform(**cfg, is_training=False)
+        return TileTransform(base, encoder.img_size, encoder.cfg.max_tiles, cfg["interpolation"], cfg["mean"], cfg["std"])
     if encoder.cfg.backend == "transformers":
         return tower_transform(encoder, train)
     cfg = data_config(encoder)

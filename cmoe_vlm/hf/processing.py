@@ -27,7 +27,7 @@ import torch
 from transformers import BatchFeature, ProcessorMixin
 from transformers.image_processing_utils import BaseImageProcessor
 
-from cmoe_base import Modality, stack_images
+from cmoe_base import Modality, Tiles, stack_images
 from data_pipelines.sequence import build_sequence
 from data_pipelines.tokenizer import IMAGE_TOKENS, HFTokenizer
 
@@ -45,7 +45,7 @@ class ConceptMoEImageProcessor(BaseImageProcessor):
                  mean: list[float] | None = None, std: list[float] | None = None, crop_pct: float = 1.0,
                  crop_mode: str = "center", tower: dict[str, Any] | None = None,
                  token_unit: list[int] | None = None, min_pixels: int | None = None, max_pixels: int | None = None,
-                 **kwargs: Any):
+                 max_tiles: int = 0, **kwargs: Any):
         super().__init__(**kwargs)
         self.tower = tower  # a transformers tower's processor settings (vision.hf_tower.processor_settings)
         self.input_size = list(input_size or (3, 64, 64))
@@ -53,6 +53,7 @@ class ConceptMoEImageProcessor(BaseImageProcessor):
         self.mean = list(mean or (0.5, 0.5, 0.5))
         self.std = list(std or (0.5, 0.5, 0.5))
         self.token_unit, self.min_pixels, self.max_pixels = token_unit, min_pixels, max_pixels  # own sizes
+        self.max_tiles = max_tiles  # tiles + thumbnail (vision.max_tiles): transform returns cmoe_base.Tiles
         self._transform = None
 
     @classmethod
@@ -70,6 +71,13 @@ class ConceptMoEImageProcessor(BaseImageProcessor):
             from vision.transforms import FitTransform
             self._transform = FitTransform(self.token_unit, self.min_pixels, self.max_pixels, self.interpolation,
                                            self.mean, self.std)
+        if self._transform is None and self.max_tiles:
+            from timm.data import create_transform
+
+            from vision.transforms import TileTransform
+            cfg = {k: tuple(v) if isinstance(v, list) else v for k, v in ((k, getattr(self, k)) for k in TIMM_FIELDS)}
+            self._transform = TileTransform(create_transform(**cfg, is_training=False), tuple(self.input_size[1:]),
+                                            self.max_tiles, self.interpolation, self.mean, self.std)
         if self._transform is None and self.tower is not None:
             from vision.transforms import settings_transform
             self._transform = settings_transform(self.tower)
@@ -82,6 +90,7 @@ class ConceptMoEImageProcessor(BaseImageProcessor):
     def __call__(self, images, return_tensors: str | None = "pt", **kwargs: Any) -> BatchFeature:
         images = list(images) if isinstance(images, (list, tuple)) else [images]
         pixels = [self.transform(im) for im in images]
+        pixels = [t for p in pixels for t in (p.images() if isinstance(p, Tiles) else [p])]
         if self.max_pixels is None:
             return BatchFeature({"pixel_values": torch.stack(pixels)}, tensor_type=return_tensors)
         stacked, _ = stack_images(pixels)
@@ -121,6 +130,8 @@ class ConceptMoEProcessor(ProcessorMixin):
         markers = sum(t.count(self.image_marker) for t in texts)
         if markers != len(flat):
             raise ValueError(f"{markers} {self.image_marker} markers in the text but {len(flat)} images")
+        if self.image_processor.max_tiles:  # the tiling decides the layout: transform first
+            flat = [self.image_processor.transform(im) for im in flat]
         tok, queue, seqs = self.token_ids(), iter(flat), []
         for t in texts:
             parts = t.split(self.image_marker)
@@ -135,7 +146,9 @@ class ConceptMoEProcessor(ProcessorMixin):
             ids[r, cols], mask[r, cols] = torch.tensor(s.input_ids), 1
             modality[r, cols] = torch.tensor(s.modality)
         data = {"input_ids": ids, "attention_mask": mask, "mm_token_type_ids": modality}
-        if flat:
+        if flat and self.image_processor.max_tiles:
+            data["pixel_values"] = torch.stack([im for s in seqs for im in s.images])
+        elif flat:
             data.update(self.image_processor(flat, return_tensors="pt"))
         return BatchFeature(data, tensor_type=return_tensors)
 

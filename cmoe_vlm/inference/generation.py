@@ -276,6 +276,9 @@ def generate_text(model, tokenizer, text_or_pieces, max_new_tokens: int = 64, *,
     from data_pipelines.sequence import build_sequence
 
     pieces = [text_or_pieces] if isinstance(text_or_pieces, str) else list(text_or_pieces)
+    if _is_vlm(model) and model.cfg.vision.max_tiles:  # tiles: the transform decides the layout
+        tf = model.image_transform(train=False)
+        pieces = [p if isinstance(p, (str, torch.Tensor)) else tf(p) for p in pieces]
     if tokens_per_image is None:
         tokens_per_image = model.sequence_tokens_per_image() if _is_vlm(model) else 0
     seq = build_sequence(pieces, tokenizer, tokens_per_image, add_bos=True, add_eos=False)

@@ -303,3 +303,81 @@ def test_inspection_draws_each_image_on_its_own_grid(model, tmp_path):
         path = image_chunk_map(samples[0], k, model.cfg.image_grid, image_mean_std(model.vision),
                                tmp_path / f"m{k}.png", "t")
         assert path.exists()
+
+
+# ---------------------------------------------------------------------------------------------- tiles
+def tiled_config(max_tiles: int = 4) -> VLMConfig:
+    cfg = sized_config()
+    return VLMConfig(model=cfg.model, projector=ProjectorConfig(reduction=2, center=True),
+                     vision=VisionConfig(img_size=32, patch_size=8, embed_dim=48, depth=1, num_heads=3,
+                                         crop_pct=1.0, max_tiles=max_tiles))
+
+
+def test_tile_grid_follows_the_aspect_ratio():
+    from vision.sizes import tile_grid
+    assert tile_grid(32, 32, (32, 32), 4) == (1, 1)  # small: one tile, no tiling
+    assert tile_grid(64, 64, (32, 32), 4) == (2, 2)
+    assert tile_grid(40, 130, (32, 32), 4) == (1, 3)  # aspect 3.25: 1x3 is closer than 1x4
+    assert tile_grid(100, 50, (32, 32), 6) == (2, 1)
+    assert tile_grid(200, 100, (32, 32), 8) == (4, 2)  # same aspect, area closer
+    assert tile_grid(1000, 1000, (32, 32), 4) == (2, 2)  # capped by max_tiles
+    with pytest.raises(ConfigError, match="max_tiles"):
+        VisionConfig(img_size=32, patch_size=8, dynamic_img_size=True, max_pixels=4096, max_tiles=4)
+
+
+def test_tiles_layout_forced_boundaries_and_cached_decoding():
+    from cmoe_base import Tiles
+    from data_pipelines.sequence import TILE_ROW_SEPARATOR
+
+    torch.manual_seed(0)
+    m = ConceptMoEVLM(tiled_config()).eval()
+    tf = m.image_transform(train=False)
+    big = Image.new("RGB", (64, 64), (200, 30, 30))
+    big.paste((10, 10, 200), (0, 0, 32, 20))
+    tiles = tf(big)
+    assert isinstance(tiles, Tiles) and (tiles.rows, tiles.cols) == (2, 2) and len(tiles.tiles) == 4
+    torch.testing.assert_close(tiles.thumbnail, tf(big.resize((32, 32), Image.Resampling.BICUBIC)), atol=0.1, rtol=0)
+    assert not isinstance(tf(Image.new("RGB", (32, 32))), Tiles)  # one tile: a plain image
+    seq = build_sequence(["see ", tiles, " done"], TOK, m.sequence_tokens_per_image(), add_eos=False)
+    assert len(seq.images) == 5 and sum(seq.modality) == 5 * 4  # thumbnail + 4 tiles, 2x2 tokens each
+    sep = TOK.encode(TILE_ROW_SEPARATOR)
+    ends = [e for _, e in seq.image_spans]
+    assert seq.input_ids[ends[2]:ends[2] + len(sep)] == sep  # a separator after the first tile row only
+    assert all(seq.input_ids[e:e + len(sep)] != sep for e in (ends[0], ends[1], ends[3]))
+    ids, mod = torch.tensor([seq.input_ids]), torch.tensor([seq.modality])
+    images = torch.stack(seq.images)
+    with torch.no_grad():
+        out = m(Batch.of(ids, modality=mod, images=images))
+        last = [e - 2 for e in ends]  # each tile's last image token: a forced boundary
+        assert out.boundaries[0, last].all()
+        state = m.new_state(1)
+        split = seq.image_spans[2][1]
+        pre = m.extend(Batch.of(ids[:, :split], modality=mod[:, :split], images=images[:3]), state).logits
+        rest = m.extend(Batch.of(ids[:, split:], modality=mod[:, split:], images=images[3:]), state).logits
+    torch.testing.assert_close(torch.cat([pre, rest], 1), out.logits, atol=1e-4, rtol=1e-4)
+
+
+def test_transformers_processor_lays_out_tiles_as_training(bpe_tokenizer_folder, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    import cmoe_vlm.hf  # noqa: F401
+    from cmoe_vlm.checkpoints.export import save_pretrained
+    from cmoe_vlm.inference.generation import generate
+    from cmoe_vlm.inference.runner import ModelRunner
+    from data_pipelines.tokenizer import HFTokenizer
+
+    tok = HFTokenizer(bpe_tokenizer_folder)
+    cfg = tiled_config()
+    cfg.model.vocab_size = tok.vocab_size
+    torch.manual_seed(0)
+    model = ConceptMoEVLM(VLMConfig(model=cfg.model, vision=cfg.vision, projector=cfg.projector)).eval()
+    folder = save_pretrained(model, tmp_path / "m", tokenizer=str(bpe_tokenizer_folder))
+    transformers.AutoTokenizer.from_pretrained(bpe_tokenizer_folder).save_pretrained(folder)
+    processor = transformers.AutoProcessor.from_pretrained(folder)
+    pictures = [Image.new("RGB", (64, 32), (200, 30, 30)), Image.new("RGB", (30, 30), (20, 30, 200))]
+    inputs = processor(text=["<image> two <image> red"], images=pictures)
+    seq = ModelRunner(model, tok).sequence([pictures[0], " two ", pictures[1], " red"])
+    assert inputs["input_ids"][0].tolist() == seq.input_ids and len(seq.images) == 4  # thumb + 1x2 tiles + 1
+    torch.testing.assert_close(inputs["pixel_values"], torch.stack(seq.images))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+    out = hf.generate(**inputs, max_new_tokens=3, eos_token_id=None)
+    assert out[:, len(seq):].tolist() == generate(model, [seq], 3)
