@@ -381,3 +381,34 @@ def test_transformers_processor_lays_out_tiles_as_training(bpe_tokenizer_folder,
     hf = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
     out = hf.generate(**inputs, max_new_tokens=3, eos_token_id=None)
     assert out[:, len(seq):].tolist() == generate(model, [seq], 3)
+
+
+def test_exact_resume_with_images_at_their_own_size(tmp_path):
+    """A loader stopped mid-stream and resumed from its state gives the same batches, image sizes included."""
+    import copy
+    import io
+    import itertools
+
+    import webdataset as wds
+
+    from data_pipelines.loader import DataConfig, StreamingLoader
+    from vision.transforms import FitTransform
+
+    with wds.TarWriter(str(tmp_path / "s.tar"), mtime=0.0) as w:
+        for i in range(12):
+            buf = io.BytesIO()
+            Image.new("RGB", (16 + 24 * (i % 4), 64 - 12 * (i % 3)), (20 * i, 100, 50)).save(buf, format="PNG")
+            w.write({"__key__": f"{i:04d}", "png": buf.getvalue(), "txt": f"picture number {i} " .encode() * 3})
+    cfg = DataConfig(shards=str(tmp_path / "s.tar"), batch_size=2, seq_len=48, num_workers=0, shuffle_buffer=4,
+                     image_size=32, tokens_per_image=16, image_token_unit=(16, 16))
+    tf = FitTransform((16, 16), 256, 64 * 64, "bicubic", (0.5,) * 3, (0.5,) * 3)
+    full = list(StreamingLoader(cfg, image_transform=tf))
+    first = StreamingLoader(cfg, image_transform=tf)
+    head = list(itertools.islice(iter(first), 3))
+    resumed = StreamingLoader(cfg, image_transform=tf)
+    resumed.load_state_dict(copy.deepcopy(first.state_dict()))
+    got = head + list(resumed)
+    assert len(got) == len(full) > 3 and any(b.image_sizes for b in full)
+    for a, b in zip(got, full):
+        assert torch.equal(a.input_ids, b.input_ids) and a.image_sizes == b.image_sizes
+        assert torch.equal(a.images, b.images)
