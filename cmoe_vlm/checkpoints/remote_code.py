@@ -186,7 +186,7 @@ def processor_config(model) -> dict[str, Any]:
             "image_marker": IMAGE_TOKENS["image"],
             "image_processor": {"image_processor_type": "ConceptMoEImageProcessor",
                                 **image_processor_fields(
-                                    model.vision, model.cfg.image_unit if model.cfg.vision.variable_size else None)},
+                                    model.vision, model.image_unit if model.cfg.vision.variable_size else None)},
             "auto_map": PROCESSOR_AUTO_MAP}
 
 

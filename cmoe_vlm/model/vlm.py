@@ -19,7 +19,7 @@ from cmoe_base import Batch, Modality, check
 from vision import Projector, ProjectorConfig, VisionConfig, VisionEncoder
 from vision.encoder import patch_size
 from vision.projector import image_token_grid
-from vision.sizes import token_grid
+from vision.sizes import fit_size, token_grid
 
 from .boundaries import BoundaryPolicy
 from .conceptmoe import ConceptMoE, DecodingState, ModelConfig, ModelOutput
@@ -87,9 +87,10 @@ def above_patch_index(modality: torch.Tensor, grid_cols: int | torch.Tensor) -> 
     k = image_run_index(modality)
     idx = torch.arange(modality.shape[1], device=modality.device).expand_as(k)
     if isinstance(grid_cols, torch.Tensor):
-        first = k == 0  # (B, T) each image's first token
-        ordinal = first.flatten().cumsum(0).view_as(k) - 1  # (B, T) image index of each position, row-major
-        cols = grid_cols.to(k.device)[ordinal.clamp(0, max(grid_cols.numel() - 1, 0))] if grid_cols.numel() else k
+        if grid_cols.numel() == 0:  # no images
+            return torch.full_like(k, -1)
+        ordinal = (k == 0).flatten().cumsum(0).view_as(k) - 1  # (B, T) image index of each position, row-major
+        cols = grid_cols.to(k.device)[ordinal.clamp(0, grid_cols.numel() - 1)]  # (B, T) its image's width
         grid_cols = torch.where(k >= 0, cols, 0)
     return torch.where(k >= grid_cols, idx - grid_cols, -1)
 
@@ -101,6 +102,8 @@ class ConceptMoEVLM(nn.Module):
         self.vision = VisionEncoder(cfg.vision)
         self.projector = Projector(cfg.projector, self.vision.embed_dim, cfg.model.dim)
         self.lm = ConceptMoE(cfg.model)
+        (ph, pw), (ry, rx) = self.vision.patch_size, cfg.projector.block
+        self.image_unit = (ph * ry, pw * rx)  # pixels per LM image token (cfg.image_unit, without a meta ViT)
 
     def image_grids(self, batch: Batch) -> list[tuple[int, int]]:
         """Each image's (rows, cols) of LM tokens (host): the configured grid, or from its own size."""
@@ -108,29 +111,31 @@ class ConceptMoEVLM(nn.Module):
             return []
         if not self.cfg.vision.variable_size:
             return [self.cfg.image_grid] * batch.images.shape[0]
-        return [token_grid(h, w, self.cfg.image_unit) for h, w in batch.sizes_of_images()]
+        return [token_grid(h, w, self.image_unit) for h, w in batch.sizes_of_images()]
 
     def image_grid_of(self, image: torch.Tensor) -> tuple[int, int]:
         """(rows, cols) of LM tokens of one transformed image (3, H, W)."""
         if not self.cfg.vision.variable_size:
             return self.cfg.image_grid
-        return token_grid(*image.shape[-2:], self.cfg.image_unit)
+        return token_grid(*image.shape[-2:], self.image_unit)
 
     def image_transform(self, train: bool):
         """PIL image -> (3, H, W): the encoder's transform (at the image's own size with vision.max_pixels)."""
         from vision.transforms import build_image_transform
-        return build_image_transform(self.vision, train, unit=self.cfg.image_unit if self.cfg.vision.variable_size else None)
+        return build_image_transform(self.vision, train, unit=self.image_unit if self.cfg.vision.variable_size else None)
 
     def image_tokens(self, image) -> int:
         """LM tokens of one image as `build_sequence` lays it out: a transformed (3, H, W) tensor, or a
         PIL image (the size the eval transform gives it)."""
         if not self.cfg.vision.variable_size:
             return self.cfg.tokens_per_image
+        unit = self.image_unit
         if isinstance(image, torch.Tensor):
             height, width = image.shape[-2:]
-        else:
-            height, width = self.image_transform(train=False).size(image)
-        rows, cols = token_grid(height, width, self.cfg.image_unit)
+        else:  # the size FitTransform gives it
+            height, width = fit_size(image.height, image.width, unit, self.cfg.vision.min_pixels or unit[0] * unit[1],
+                                     self.cfg.vision.max_pixels)
+        rows, cols = token_grid(height, width, unit)
         return rows * cols
 
     def sequence_tokens_per_image(self):
@@ -149,7 +154,7 @@ class ConceptMoEVLM(nn.Module):
             (height, width), = groups
             x = images[:, :, :height, :width]
             return self.projector(self.vision(x), self.vision.grid_for(height, width)).flatten(0, 1)
-        counts = [rows * cols for rows, cols in (token_grid(h, w, self.cfg.image_unit) for h, w in sizes)]
+        counts = [rows * cols for rows, cols in (token_grid(h, w, self.image_unit) for h, w in sizes)]
         starts = torch.tensor([0] + counts[:-1]).cumsum(0)  # (N,) host: each image's first token
         outs, where = [], []
         for (height, width), idx in groups.items():
