@@ -412,3 +412,22 @@ def test_exact_resume_with_images_at_their_own_size(tmp_path):
     for a, b in zip(got, full):
         assert torch.equal(a.input_ids, b.input_ids) and a.image_sizes == b.image_sizes
         assert torch.equal(a.images, b.images)
+
+
+def test_bench_image_sizes_smoke(tmp_path, monkeypatch):
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    spec = importlib.util.spec_from_file_location("bench_image_sizes", root / "bench/bench_image_sizes.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "sizes.json"
+    monkeypatch.chdir(root)
+    monkeypatch.setattr("sys.argv", ["bench", "--images", "3", "--repeats", "1", "--max-pixels", "4096",
+                                     "--out", str(out)])
+    bench.main()
+    res = json.loads(out.read_text())
+    assert set(res["results"]) == {"grouped", "padded", "square"}
+    assert res["results"]["grouped"]["vit_patches"] <= res["results"]["padded"]["vit_patches"]
