@@ -431,3 +431,23 @@ def test_bench_image_sizes_smoke(tmp_path, monkeypatch):
     res = json.loads(out.read_text())
     assert set(res["results"]) == {"grouped", "padded", "square"}
     assert res["results"]["grouped"]["vit_patches"] <= res["results"]["padded"]["vit_patches"]
+
+
+def test_bench_image_content_smoke(model, tmp_path, monkeypatch):
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    from cmoe_vlm.checkpoints.export import save_pretrained
+
+    folder = save_pretrained(model, tmp_path / "m")
+    root = Path(__file__).resolve().parents[2]
+    spec = importlib.util.spec_from_file_location("bench_image_content", root / "bench/bench_image_content.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "content.json"
+    monkeypatch.setattr("sys.argv", ["bench", "--model", str(folder), "--sizes", "32,48", "--images", "1",
+                                     "--out", str(out)])
+    bench.main()
+    res = json.loads(out.read_text())["results"]
+    assert res["flat@48"]["tokens"] == 9 and 1 <= res["busy@48"]["concepts_mean"] <= 9
