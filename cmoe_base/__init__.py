@@ -5,6 +5,8 @@
     batch.py     Batch and DocumentLayout: the packed-batch contract between the data pipeline
                  and the model (docs/design.md, "The batch contract")
     runtime.py   environment defaults applied before torch loads (OMP_WAIT_POLICY, DS_ACCELERATOR)
+    tiles.py     Tiles: an image as thumbnail + tiles (vision.max_tiles), made by vision, laid out by
+                 data_pipelines
 
 It imports none of the three packages, so none of them imports a package that imports it. Each of
 them imports it first: importing it applies the runtime defaults and loads no torch (the batch
