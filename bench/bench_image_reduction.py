@@ -1,11 +1,13 @@
 #!/usr/bin/env python
-"""Learned versus fixed image-token reduction at the same image-token budget, on built-in data.
+"""Learned versus fixed image-token reduction at the same image-token budget, on built-in data or
+easy-VQA (`--dataset easyvqa`: images that are mostly white background, where the paper's claim that
+images are redundant should hold most).
 
-At R_image = 2 and 4 (16 image tokens per image -> 8 or 4 image concepts), per seed:
+At R_image = 2, 4 or 8 (16 image tokens per image -> 8, 4 or 2 image concepts), per seed:
 
     learned      per-modality chunking, image_ratio R, `raster` scoring (the chunker decides where)
     learned_2d   the same with `2d` scoring (left neighbour and the token above)
-    projector    fixed: the projector merges blocks of 2x4 (R 2) or 4x4 (R 4) patches (pixel
+    projector    fixed: the projector merges blocks of 2x4 (R 2), 4x4 (R 4) or 4x8 (R 8) patches (pixel
                  shuffle), so the image has 16/R tokens, each its own concept (ImageStride(1))
     stride       fixed-stride chunking of the 16 image tokens: a concept every R tokens in raster
                  order (the boundary policy ImageStride(R), in training and evaluation)
@@ -17,13 +19,16 @@ and the reference `full` (R_image 1: 16 image tokens, each its own concept), tra
 Every variant chunks text with the learned chunker at R_text 1.5 (per-modality mode), so only the
 image side differs. The learned variants keep all 16 image tokens in the token-level layers
 (encoder, decoder) and compress only what the concept model sees; the fixed ones shorten the whole
-sequence. Model: configs/tiny.yaml made smaller (bench_image_adaptivity.SMALL), trained on
-built-in data with grounded text (object positions named in captions and answers). Measured after
-training, on held-out data: the built-in suite's mc_count, mc_colour and mc_position (localisation)
-accuracy, the held-out LM loss, and the image concepts per image actually used (the learned
-chunker's evaluation-time ratio may miss its target). Writes JSON, a Markdown table (.md) and a PNG.
+sequence. Built-in data: configs/tiny.yaml made smaller (bench_image_adaptivity.SMALL), grounded
+text (object positions named in captions and answers), scored on the built-in suite's mc_count,
+mc_colour and mc_position (localisation). easy-VQA: configs/easyvqa.yaml as it is, scored on its
+test questions per type (yes_no, colour, shape; 13-way multiple choice). Also measured: the held-out
+LM loss and the image concepts per image actually used (the learned chunker's evaluation-time ratio
+may miss its target). Writes JSON, a Markdown table (.md) and a PNG.
 
     python bench/bench_image_reduction.py --out bench/results/image_reduction.json --seeds 3
+    python bench/bench_image_reduction.py --dataset easyvqa --config configs/easyvqa.yaml --ratios 4 8 \
+        --seeds 3 --out bench/results/image_reduction_easyvqa.json
 """
 from __future__ import annotations
 
@@ -41,10 +46,18 @@ import torch
 from bench_image_adaptivity import SMALL, ensure_builtin_data, merge_reports, train_steps
 
 PER_MODALITY = ["model.chunk.ratio_mode=per_modality", "model.chunk.text_ratio=1.5"]
-RATIOS = (2, 4)
-PROJECTOR_BLOCKS = {2: ["projector.reduction=2", "projector.reduction_cols=4"], 4: ["projector.reduction=4"]}
-TASKS = ("mc_count", "mc_colour", "mc_position")
+RATIOS = (2, 4, 8)
+PROJECTOR_BLOCKS = {2: ["projector.reduction=2", "projector.reduction_cols=4"], 4: ["projector.reduction=4"],
+                    8: ["projector.reduction=4", "projector.reduction_cols=8"]}
 TOKENS = 16  # image tokens per image at the base reduction (8x8 patches, 2x2 blocks)
+DATASETS = {  # scored tasks and their chance level; the base overrides of the config
+    "builtin": {"tasks": {"mc_count": 1 / 8, "mc_colour": 1 / 6, "mc_position": 1 / 16}, "base": SMALL},
+    "easyvqa": {"tasks": {"yes_no": 1 / 2, "colour": 1 / 8, "shape": 1 / 3}, "base": []},
+}
+
+
+def tasks_of(report: dict) -> dict[str, float]:
+    return DATASETS[report.get("dataset", "builtin")]["tasks"]
 
 
 def variants(ratios: tuple[int, ...]) -> list[tuple[str, int, list[str], int | None, int]]:
@@ -71,7 +84,7 @@ def train_model(exp, boundaries=None):
     return model, losses[-20:]
 
 
-def measure(model, exp, boundaries, suite: Path, limit: int, data_root: Path) -> dict:
+def measure(model, exp, boundaries, suite: Path, limit: int, heldout: Path, tasks: dict[str, float]) -> dict:
     """Suite accuracies, held-out LM loss and image concepts per image of a model (eval mode)."""
     from cmoe_vlm.eval.tasks import load_suite, run_multiple_choice
     from cmoe_vlm.inference.runner import ModelRunner
@@ -81,8 +94,8 @@ def measure(model, exp, boundaries, suite: Path, limit: int, data_root: Path) ->
     from vision import build_image_transform
 
     runner = ModelRunner(model, load_tokenizer(exp.data.tokenizer), batch_size=16, boundaries=boundaries)
-    scores = {t.name: run_multiple_choice(runner, t, limit) for t in load_suite(suite) if t.name in TASKS}
-    held_cfg = replace(exp.data, shards=str(data_root / "heldout"), shuffle_buffer=0, num_workers=0)
+    scores = {t.name: run_multiple_choice(runner, t, limit) for t in load_suite(suite) if t.name in tasks}
+    held_cfg = replace(exp.data, shards=str(heldout), shuffle_buffer=0, num_workers=0)
     held = evaluate(model, StreamingLoader(held_cfg, image_transform=build_image_transform(model.vision, train=False)),
                     exp.train.eval_batches, boundaries=boundaries)
     comp = held["compression"]
@@ -94,25 +107,25 @@ def measure(model, exp, boundaries, suite: Path, limit: int, data_root: Path) ->
             "eval_ratio_image": comp["image"]["ratio"]}
 
 
-def summarise(runs: dict) -> dict:
+def summarise(runs: dict, tasks: dict[str, float]) -> dict:
     """(variant, R) -> each metric as mean, std (n − 1) and the seed values."""
     groups: dict[str, list[dict]] = {}
     for run in runs.values():
         groups.setdefault(f"{run['variant']}@R{run['R']}", []).append(run)
     out = {}
     for key, rs in groups.items():
-        metrics = {f"acc_{t}": [r["acc"][t] for r in rs] for t in TASKS}
-        metrics.update({f"logprob_{t}": [r["answer_logprob"][t] for r in rs] for t in TASKS})
+        metrics = {f"acc_{t}": [r["acc"][t] for r in rs] for t in tasks}
+        metrics.update({f"logprob_{t}": [r["answer_logprob"][t] for r in rs] for t in tasks})
         metrics.update({k: [r[k] for r in rs] for k in ("heldout_lm_loss", "image_concepts_per_image")})
         out[key] = {m: {"mean": statistics.mean(v), "std": statistics.stdev(v) if len(v) > 1 else 0.0, "values": v}
                     for m, v in metrics.items()} | {"seeds": [r["seed"] for r in rs]}
     return out
 
 
-def markdown_table(summary: dict) -> str:
+def markdown_table(summary: dict, tasks: dict[str, float]) -> str:
     """The summary as a Markdown table: mean ± std (n − 1) over seeds per (variant, R)."""
-    cols = [f"acc_{t}" for t in TASKS] + [f"logprob_{t}" for t in TASKS] + ["heldout_lm_loss", "image_concepts_per_image"]
-    heads = [c.replace("acc_mc_", "acc ").replace("logprob_mc_", "log P ").replace("heldout_lm_loss", "held-out LM loss")
+    cols = [f"acc_{t}" for t in tasks] + [f"logprob_{t}" for t in tasks] + ["heldout_lm_loss", "image_concepts_per_image"]
+    heads = [c.replace("acc_", "acc ").replace("logprob_", "log P ").replace("mc_", "").replace("heldout_lm_loss", "held-out LM loss")
              .replace("image_concepts_per_image", "image concepts / image") for c in cols]
     rows = ["| variant | R_image | " + " | ".join(heads) + " |", "|---|---|" + "---|" * len(cols)]
     order = {"full": 0, "learned": 1, "learned_2d": 2, "projector": 3, "stride": 4, "prune": 5}
@@ -129,12 +142,12 @@ def plot(report: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     summary = report["summary"]
+    tasks = tasks_of(report)
     names = ["learned", "learned_2d", "projector", "stride", "prune"]
-    panels = ([(f"acc_{t}", t + " accuracy") for t in TASKS] + [("heldout_lm_loss", "held-out LM loss")]
-              + [(f"logprob_{t}", t + ": log P(answer | choices)") for t in TASKS]
+    panels = ([(f"acc_{t}", t + " accuracy") for t in tasks] + [("heldout_lm_loss", "held-out LM loss")]
+              + [(f"logprob_{t}", t + ": log P(answer | choices)") for t in tasks]
               + [("image_concepts_per_image", "image concepts per image (eval)")])
-    chance = {"acc_mc_count": 1 / 8, "acc_mc_colour": 1 / 6, "acc_mc_position": 1 / 16,
-              "logprob_mc_count": -math.log(8), "logprob_mc_colour": -math.log(6), "logprob_mc_position": -math.log(16)}
+    chance = {f"acc_{t}": c for t, c in tasks.items()} | {f"logprob_{t}": math.log(c) for t, c in tasks.items()}
     fig, axes = plt.subplots(2, 4, figsize=(15, 6.5))
     axes = axes.flat
     width = 0.8 / len(names)
@@ -164,7 +177,7 @@ def plot(report: dict, path: Path) -> None:
     handles, labels = fig.axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8, frameon=False)
     seeds = max(len(s["seeds"]) for s in summary.values())
-    fig.suptitle(f"Image-token reduction at the same budget (built-in suite, {seeds} seeds: bars mean ± std, "
+    fig.suptitle(f"Image-token reduction at the same budget ({report.get('dataset', 'builtin')}, {seeds} seeds: bars mean ± std, "
                  "dots seeds)", fontsize=10)
     fig.tight_layout(rect=(0, 0.05, 1, 0.95))
     fig.savefig(path, dpi=70)
@@ -175,12 +188,15 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="bench/results/image_reduction.json")
     ap.add_argument("--config", default="configs/tiny.yaml")
-    ap.add_argument("--data", default="data/builtin_reduction", help="grounded built-in dataset root (written if missing)")
+    ap.add_argument("--dataset", choices=sorted(DATASETS), default="builtin")
+    ap.add_argument("--data", default=None, help="dataset root, written if missing (default: data/builtin_reduction "
+                    "or data/easyvqa)")
     ap.add_argument("--num-train", type=int, default=4000)
     ap.add_argument("--text-chars", type=int, default=600, help="long text documents (short: images weigh more)")
-    ap.add_argument("--steps", type=int, default=400)
+    ap.add_argument("--steps", type=int, default=None, help="training steps (default: 400 on built-in data, the "
+                    "config's on easy-VQA)")
     ap.add_argument("--limit", type=int, default=100, help="records per suite task")
-    ap.add_argument("--ratios", type=int, nargs="+", default=list(RATIOS), choices=RATIOS)
+    ap.add_argument("--ratios", type=int, nargs="+", default=[2, 4], choices=RATIOS)
     ap.add_argument("--only", nargs="+", default=None, help="variant names to run (full always runs if prune does)")
     ap.add_argument("--skip", nargs="+", default=[], metavar="NAME@RN", help="leave these out, e.g. learned_2d@R4")
     ap.add_argument("--seeds", type=int, default=1)
@@ -191,10 +207,11 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    tasks = DATASETS[args.dataset]["tasks"]
     if args.merge:
-        report = merge_reports(args.merge, summarise)
+        report = merge_reports(args.merge, lambda runs: summarise(runs, tasks)) | {"dataset": args.dataset}
         out.write_text(json.dumps(report, indent=1))
-        out.with_suffix(".md").write_text(markdown_table(report["summary"]))
+        out.with_suffix(".md").write_text(markdown_table(report["summary"], tasks))
         plot(report, out.with_suffix(".png"))
         return report
 
@@ -203,12 +220,19 @@ def main(argv: list[str] | None = None) -> dict:
     from cmoe_vlm.training.config import load_experiment
     from cmoe_vlm.model.vlm import ConceptMoEVLM
 
-    root = Path(args.data)
-    ensure_builtin_data(root, args.num_train, args.text_chars, grounded=True)
-    suite = root / "suite"
-    if not (suite / "suite.yaml").exists():
-        write_builtin_suite(suite, text_chars=args.text_chars, max_per_task=args.limit)
-    report = {"config": args.config, "base": SMALL + PER_MODALITY, "steps": args.steps, "limit": args.limit,
+    base = DATASETS[args.dataset]["base"] + PER_MODALITY
+    if args.dataset == "builtin":
+        root = Path(args.data or "data/builtin_reduction")
+        ensure_builtin_data(root, args.num_train, args.text_chars, grounded=True)
+        suite, train, heldout = root / "suite", root / "train", root / "heldout"
+        if not (suite / "suite.yaml").exists():
+            write_builtin_suite(suite, text_chars=args.text_chars, max_per_task=args.limit, grounded=True)
+    else:
+        from easyvqa_data import write_easyvqa
+        paths = write_easyvqa(args.data or "data/easyvqa")
+        suite, train, heldout = paths["suite"], paths["train"], paths["test"]
+    steps = args.steps or (400 if args.dataset == "builtin" else None)
+    report = {"dataset": args.dataset, "config": args.config, "base": base, "steps": steps, "limit": args.limit,
               "runs": {}}
     grid = [v for v in variants(tuple(args.ratios)) if args.only is None or v[0] in args.only
             or (v[0] == "full" and "prune" in args.only)]
@@ -217,8 +241,9 @@ def main(argv: list[str] | None = None) -> dict:
         full = None
         for name, r, extra, stride, keep in grid:
             t0 = time.perf_counter()
-            exp = load_experiment(args.config, SMALL + PER_MODALITY + extra + [
-                f"train.steps={args.steps}", f"train.seed={seed}", f"data.seed={seed}", f"data.shards={root / 'train'}"])
+            exp = load_experiment(args.config, base + extra + [*([f"train.steps={steps}"] if steps else []),
+                                                               f"train.seed={seed}", f"data.seed={seed}", f"data.shards={train}",
+                                                               "data.num_workers=0"])
             policy = None if stride is None else ImageStride(stride)
             if keep:  # training-free: the full model's weights, fewer image tokens
                 model = ConceptMoEVLM(exp.vlm)
@@ -227,7 +252,7 @@ def main(argv: list[str] | None = None) -> dict:
             else:
                 model, last = train_model(exp, policy)
                 full = model if name == "full" else full
-            rec = measure(model, exp, policy, suite, args.limit, root)
+            rec = measure(model, exp, policy, suite, args.limit, heldout, tasks)
             rec.update(variant=name, R=r, seed=seed, overrides=extra, image_stride=stride, keep_tokens=keep,
                        train_lm_loss_last20=sum(last) / len(last) if last else None,
                        seconds=time.perf_counter() - t0)
@@ -237,9 +262,9 @@ def main(argv: list[str] | None = None) -> dict:
                   f"heldout lm {rec['heldout_lm_loss']:.4f}, image concepts/image {rec['image_concepts_per_image']:.2f}, "
                   f"text ratio {rec['eval_ratio_text']:.2f}, {rec['seconds']:.0f}s", flush=True)
             out.write_text(json.dumps(report, indent=1))
-    report["summary"] = summarise(report["runs"])
+    report["summary"] = summarise(report["runs"], tasks)
     out.write_text(json.dumps(report, indent=1))
-    out.with_suffix(".md").write_text(markdown_table(report["summary"]))
+    out.with_suffix(".md").write_text(markdown_table(report["summary"], tasks))
     plot(report, out.with_suffix(".png"))
     return report
 

@@ -28,24 +28,6 @@ from bench_image_adaptivity import parse_variants, train_steps  # noqa: E402
 from easyvqa_data import QUESTION_TYPES, write_easyvqa  # noqa: E402
 
 
-def detach_image_chunk_input(model) -> None:
-    """Experiment: the chunk module scores image tokens on detached encoder outputs, so neither the
-    ratio loss nor the boundary gradient reaches the image features (the vision tower, the projector,
-    the encoder at image positions); W_q and W_k still learn. Variants whose name ends in _imgdetach."""
-    from cmoe_base import Modality
-
-    seen = {}
-    model.lm.register_forward_pre_hook(lambda mod, args, kwargs: seen.update(modality=args[0].modality),
-                                       with_kwargs=True)
-    chunk_forward = model.lm.chunk.forward
-
-    def forward(h, forced, above_index=None):
-        image = (seen["modality"] == Modality.IMAGE)[..., None]
-        return chunk_forward(torch.where(image, h.detach(), h), forced, above_index)
-
-    model.lm.chunk.forward = forward
-
-
 def run_variant(name: str, overrides: list[str], args: argparse.Namespace, paths: dict) -> dict:
     from cmoe_vlm.eval.tasks import load_suite, run_multiple_choice
     from cmoe_vlm.inference.runner import ModelRunner
@@ -57,8 +39,6 @@ def run_variant(name: str, overrides: list[str], args: argparse.Namespace, paths
                                         f"train.seed={args.seed}", "data.num_workers=0", *overrides])
     torch.manual_seed(exp.train.seed)
     model = ConceptMoEVLM(exp.vlm)
-    if name.endswith("_imgdetach") and model.lm.chunk is not None:
-        detach_image_chunk_input(model)
     log: list[dict] = []
     t0 = time.time()
 

@@ -4,9 +4,10 @@ Sample kinds (mixed in fixed proportions, each sample seeded by (seed, index)):
     caption      shapes scene or rendered word/number, with a caption that describes it
                  ("2 red circles and 1 blue square.", 'The number 417 written in green.')
     qa           an image with a question and its answer ("How many circles?" → "2",
-                 "What colour is the square?" → "red", "What is written?" → "cat")
+                 "What colour is the square?" → "red", "Where is the red square?" → "row 1,
+                 column 2", "What is written?" → "cat"); scene questions of each kind equally often
     interleaved  2-3 images, each introduced and described, and a closing count over all of them
-    text         long documents: a pass key hidden in filler ("The pass key is 48213. Remember it.")
+    text         long documents (TEXT_CHARS): a pass key hidden in filler ("The pass key is 48213. Remember it.")
                  then asked for at the end, or structured filler (multiplication tables, lists)
 
 `write_builtin_dataset` writes `train/` and `heldout/` through the shard writer (the held-out split
@@ -33,7 +34,12 @@ COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (50, 80, 230),
            "yellow": (235, 210, 40), "purple": (150, 60, 190), "orange": (245, 140, 30)}
 SHAPES = ("circle", "square", "triangle")
 WORDS = ("cat", "dog", "sun", "tree", "car", "fish", "bird", "moon", "star", "book", "cup", "hat")
-KINDS = ("caption",) * 8 + ("qa",) * 5 + ("interleaved",) * 3 + ("text",) * 4  # 40/25/15/20 %
+# 30/50/15/5 % of documents: image tokens are ~15% of the training tokens (16 per image against ~50-200
+# bytes of text per image document); with 20% long text documents of 3,000 characters they were ~2%
+# and the demo's VLM learned no image content (docs/design.md §7b).
+KINDS = ("caption",) * 6 + ("qa",) * 10 + ("interleaved",) * 3 + ("text",) * 1
+TEXT_CHARS = 600  # length of the long text documents (passkey, tables): longer than the demo's 512-token probes
+GROUNDED = True    # half the scene captions and questions name object positions (grid cells)
 HELDOUT_SEED_OFFSET = 1_000_003
 FILLER = ("The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. ")
 
@@ -135,12 +141,17 @@ def describe_text_image(text: str, colour: str) -> str:
 
 
 def scene_question(rng: random.Random, objects: list[SceneObject]) -> tuple[str, str]:
+    """A question about the scene, its kind drawn evenly from those it allows: the colour of a shape
+    that has one colour in it, how many of a shape (present or not), whether there is a shape."""
     shape_counts = Counter(o.shape for o in objects)
-    shape = rng.choice(SHAPES)
-    colours = {o.colour for o in objects if o.shape == shape}
-    if len(colours) == 1 and rng.random() < 0.5:
-        return f"What colour is the {shape}?", colours.pop()
-    if rng.random() < 0.3:
+    one_colour = sorted(s for s in shape_counts if len({o.colour for o in objects if o.shape == s}) == 1)
+    kinds = ["count", "is_there"] + (["colour"] if one_colour else [])
+    kind = rng.choice(kinds)
+    if kind == "colour":
+        shape = rng.choice(one_colour)
+        return f"What colour is the {shape}?", next(o.colour for o in objects if o.shape == shape)
+    shape = rng.choice(sorted(shape_counts)) if kind == "count" and rng.random() < 0.8 else rng.choice(SHAPES)
+    if kind == "is_there":
         return f"Is there a {shape}?", "yes" if shape_counts[shape] else "no"
     return f"How many {shape}s?", str(shape_counts[shape])
 
@@ -168,7 +179,7 @@ def where_question(rng: random.Random, objects: list[SceneObject]) -> tuple[str,
     column c?' (any cell; 'nothing' for an empty one)."""
     kinds = Counter((o.colour, o.shape) for o in objects)
     unique = [o for o in objects if kinds[(o.colour, o.shape)] == 1]
-    if unique and rng.random() < 0.5:
+    if unique and rng.random() < 0.8:
         o = rng.choice(unique)
         return f"Where is the {o.colour} {o.shape}?", cell_name(o.cell)
     cell = rng.randrange(16)
@@ -176,7 +187,7 @@ def where_question(rng: random.Random, objects: list[SceneObject]) -> tuple[str,
     return f"What is at {cell_name(cell)}?", f"{_a(found[0].colour)} {found[0].shape}" if found else "nothing"
 
 
-def caption_sample(rng: random.Random, size: int, grounded: bool = False) -> Document:
+def caption_sample(rng: random.Random, size: int, grounded: bool = GROUNDED) -> Document:
     if rng.random() < 0.7:
         drawing = draw_scene(rng, size)
         layout = grounded and rng.random() < 0.5
@@ -187,10 +198,10 @@ def caption_sample(rng: random.Random, size: int, grounded: bool = False) -> Doc
     return {"png": _png(drawing.image), "txt": caption.encode()}, [drawing]
 
 
-def qa_sample(rng: random.Random, size: int, grounded: bool = False) -> Document:
-    if rng.random() < 0.75:
+def qa_sample(rng: random.Random, size: int, grounded: bool = GROUNDED) -> Document:
+    if rng.random() < 0.85:
         drawing = draw_scene(rng, size)
-        where = grounded and rng.random() < 0.5
+        where = grounded and rng.random() < 1 / 3
         question, answer = (where_question if where else scene_question)(rng, drawing.objects)
     else:
         drawing, text = draw_text_image(rng, size)
@@ -234,8 +245,8 @@ def text_sample(rng: random.Random, chars: int) -> Document:
     return {"txt": text.encode()}, []
 
 
-def builtin_documents(num: int, image_size: int = 64, seed: int = 0, text_chars: int = 3000,
-                      grounded: bool = False) -> Iterator[Document]:
+def builtin_documents(num: int, image_size: int = 64, seed: int = 0, text_chars: int = TEXT_CHARS,
+                      grounded: bool = GROUNDED) -> Iterator[Document]:
     """`num` (sample, drawings) pairs; pair i depends only on (seed, i). The drawings carry each
     image's object masks, which the shards do not hold (cmoe_vlm.eval.adaptivity reads them).
     `grounded`: half the scene captions list every object with its grid cell, half the scene
@@ -253,15 +264,15 @@ def builtin_documents(num: int, image_size: int = 64, seed: int = 0, text_chars:
             yield text_sample(rng, text_chars)
 
 
-def builtin_samples(num: int, image_size: int = 64, seed: int = 0, text_chars: int = 3000,
-                    grounded: bool = False) -> Iterator[Sample]:
+def builtin_samples(num: int, image_size: int = 64, seed: int = 0, text_chars: int = TEXT_CHARS,
+                    grounded: bool = GROUNDED) -> Iterator[Sample]:
     """`num` samples; sample i depends only on (seed, i)."""
     return (sample for sample, _ in builtin_documents(num, image_size, seed, text_chars, grounded))
 
 
 def write_builtin_dataset(
     out_dir: str | Path, num_train: int = 4000, num_heldout: int = 400, image_size: int = 64,
-    seed: int = 0, maxcount: int = 500, text_chars: int = 3000, grounded: bool = False,
+    seed: int = 0, maxcount: int = 500, text_chars: int = TEXT_CHARS, grounded: bool = GROUNDED,
 ) -> dict[str, Path]:
     """Write `out_dir/train` and `out_dir/heldout` shards (+ manifests); returns both folders."""
     paths = {"train": Path(out_dir) / "train", "heldout": Path(out_dir) / "heldout"}
@@ -279,8 +290,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--maxcount", type=int, default=500, help="samples per shard")
-    parser.add_argument("--text-chars", type=int, default=3000, help="length of the long text documents")
-    parser.add_argument("--grounded", action="store_true", help="add captions and questions about object positions")
+    parser.add_argument("--text-chars", type=int, default=TEXT_CHARS, help="length of the long text documents")
+    parser.add_argument("--grounded", action=argparse.BooleanOptionalAction, default=GROUNDED,
+                        help="captions and questions about object positions (default: on)")
     args = parser.parse_args(argv)
     paths = write_builtin_dataset(args.out, args.num_train, args.num_heldout, args.image_size,
                                   args.seed, args.maxcount, args.text_chars, args.grounded)

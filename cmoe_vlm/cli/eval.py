@@ -115,6 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--limit", type=int, default=None, help="records per task (default: all)")
     ap.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass (default 8)")
     ap.add_argument("--no-long-context", action="store_true", help="skip the passkey / needle probes")
+    ap.add_argument("--chat", action="store_true", help="ask every task as a conversation (the tokenizer's chat "
+                    "template; as a task's `chat: true` option does): for models trained on chat data")
     ap.add_argument("--probes", nargs="+", default=None, metavar="PROBE",
                     help="long-context probes to run (default: all in cmoe_vlm/eval/long_context.py: passkey, needle)")
     ap.add_argument("--lengths", nargs="+", type=int, default=None,
@@ -145,6 +147,9 @@ def main(argv: list[str] | None = None) -> int:
         suite = load_suite(write_builtin_suite(out / "suite"))
     else:
         suite = load_suite(args.suite)
+    if args.chat and suite:
+        for task in suite:
+            task.options["chat"] = True
     from cmoe_base import ConfigError
     try:
         results = {model_name(m): evaluate_model(m, suite, out, args) for m in args.model}

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from cmoe_base import Modality
-from data_pipelines.builtin import HELDOUT_SEED_OFFSET, Drawing, builtin_documents
+from data_pipelines.builtin import GROUNDED, HELDOUT_SEED_OFFSET, TEXT_CHARS, Drawing, builtin_documents
 from data_pipelines.packing import split_point
 from data_pipelines.shards import decode_sample
 
@@ -89,8 +89,8 @@ class ImageRecord:
     kind: str             # "text" for a rendered word or number, "scene" for shapes
 
 
-def heldout_documents(num_images: int, image_size: int, seed: int = 0, text_chars: int = 3000,
-                      grounded: bool = False, max_docs: int = 10_000) -> list[tuple[list[Any], list[Drawing]]]:
+def heldout_documents(num_images: int, image_size: int, seed: int = 0, text_chars: int = TEXT_CHARS,
+                      grounded: bool = GROUNDED, max_docs: int = 10_000) -> list[tuple[list[Any], list[Drawing]]]:
     """Held-out built-in documents (pieces, drawings) in order until they hold >= num_images images."""
     docs, n = [], 0
     for sample, drawings in builtin_documents(max_docs, image_size, seed + HELDOUT_SEED_OFFSET, text_chars, grounded):
@@ -184,8 +184,8 @@ def _image_figures(images: list[ImageRecord]) -> dict[str, Any]:
     }
 
 
-def measure_adaptivity(runner, num_images: int = 64, seed: int = 0, text_chars: int = 3000,
-                       grounded: bool = False, batch_size: int = 8) -> dict[str, Any]:
+def measure_adaptivity(runner, num_images: int = 64, seed: int = 0, text_chars: int = TEXT_CHARS,
+                       grounded: bool = GROUNDED, batch_size: int = 8) -> dict[str, Any]:
     """Chunk >= `num_images` held-out built-in images (in their documents) and summarise. `seed`,
     `text_chars`, `grounded` as the built-in data was written with."""
     image_size = runner.model.vision.img_size[0]

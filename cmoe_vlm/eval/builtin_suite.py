@@ -31,7 +31,7 @@ from typing import Any
 
 import yaml
 
-from data_pipelines.builtin import COLOURS, HELDOUT_SEED_OFFSET, builtin_documents, cell_name
+from data_pipelines.builtin import COLOURS, GROUNDED, HELDOUT_SEED_OFFSET, TEXT_CHARS, builtin_documents, cell_name
 
 SCENE = re.compile(r"(\d+) (\w+) (circle|square|triangle)s?")
 MAX_COUNT = 8
@@ -54,10 +54,11 @@ def recolour(caption: str, groups: list[tuple[int, str, str]], rng: random.Rando
 
 
 def write_builtin_suite(out_dir: str | Path, num_samples: int = 400, image_size: int = 64, seed: int = 0,
-                        text_chars: int = 3000, max_per_task: int = 100) -> Path:
+                        text_chars: int = TEXT_CHARS, max_per_task: int = 100,
+                        grounded: bool = GROUNDED) -> Path:
     """Write the suite to `out_dir` (suite.yaml, *.jsonl, images/); returns the suite.yaml path.
 
-    `num_samples`, `image_size`, `seed`, `text_chars` must match `write_builtin_dataset`'s held-out
+    `num_samples`, `image_size`, `seed`, `text_chars`, `grounded` must match `write_builtin_dataset`'s held-out
     split for the suite to be that split (defaults match)."""
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
@@ -72,7 +73,7 @@ def write_builtin_suite(out_dir: str | Path, num_samples: int = 400, image_size:
         (out / name).write_bytes(data)
         return name
 
-    docs = builtin_documents(num_samples, image_size, seed + HELDOUT_SEED_OFFSET, text_chars)
+    docs = builtin_documents(num_samples, image_size, seed + HELDOUT_SEED_OFFSET, text_chars, grounded)
     for i, (sample, drawings) in enumerate(docs):
         images = [k for k in sample if k.endswith("png")]  # "png", or "0.png", "1.png", ... in order
         for k, drawing in zip(images, drawings):  # every scene image with an object of a unique kind

@@ -34,6 +34,11 @@ One JSON object per line; `image` paths are relative to the JSONL file's folder.
     perplexity       {"text": str}
                      Bits per byte (UTF-8), bits per token and token perplexity of each text.
 
+Task option `chat: true` (or `cmoe-eval --chat` for every task) asks as a conversation: the prompt
+(a VQA record's bare question) and image become a user turn rendered with the tokenizer's chat
+template (data_pipelines/chat.py: its own, else the documented default) up to the assistant's cue,
+the layout `chat` training data has; choices and generations are the assistant's reply.
+
 `run_task(runner, task)` returns the metrics dict plus a few `examples`; `load_suite(path)` reads
 the YAML (or a single JSONL task file, typed by its name's prefix).
 """
@@ -50,6 +55,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 from PIL import Image
 
+from data_pipelines.chat import Message, render_chat
 from data_pipelines.shards import qa_prompt, to_rgb
 
 from .vqa_metric import vqa_accuracy
@@ -144,9 +150,14 @@ def caption_tokens(text: str) -> str:
 
 # ----------------------------------------------------------------------------- runners
 
-def _with_image(task: Task, rec: dict[str, Any], *text: str) -> list[Any]:
+def _with_image(runner: ModelRunner, task: Task, rec: dict[str, Any], *text: str) -> list[Any]:
+    """The prompt pieces: [image?, text...], or with the task's `chat` option that user turn rendered
+    by the tokenizer's chat template, ending with the assistant's cue."""
     img = task.image(rec)
-    return ([img] if img is not None else []) + [t for t in text if t]
+    pieces = ([img] if img is not None else []) + [t for t in text if t]
+    if not task.options.get("chat"):
+        return pieces
+    return render_chat([Message("user", pieces)], runner.tok.chat_template, add_generation_prompt=True)
 
 
 # Field names of multiple-choice records, in lm-eval / lmms-eval datasets and ours.
@@ -239,7 +250,7 @@ def run_multiple_choice(runner: ModelRunner, task: Task, limit: int | None = Non
     for i, rec in enumerate(recs):
         prompt, choices, answer = multiple_choice_fields(rec, f"{task.data}: record {i + 1}", task.options)
         items.append((prompt, choices, answer))
-        ctx = _with_image(task, rec, prompt)
+        ctx = _with_image(runner, task, rec, prompt)
         for c in choices:
             contexts.append(ctx)
             conts.append(prefix + c)
@@ -273,8 +284,9 @@ VQA_QUESTION_FIELDS = ("question", "query")
 VQA_ANSWER_FIELDS = ("answers", "answer")
 
 
-def vqa_fields(rec: dict[str, Any], where: str) -> tuple[str, list[str]]:
-    """(prompt text, human answers) of a VQA record: `prompt` as it is, else qa_prompt(question);
+def vqa_fields(rec: dict[str, Any], where: str, chat: bool = False) -> tuple[str, list[str]]:
+    """(prompt text, human answers) of a VQA record: `prompt` as it is, else qa_prompt(question) (with
+    `chat`: the bare question, the user's turn);
     answers from "answers" ([str] or [{"answer": str}]) or "answer" (str or [str])."""
     if isinstance(rec.get("prompt"), str):
         prompt = rec["prompt"]
@@ -283,7 +295,7 @@ def vqa_fields(rec: dict[str, Any], where: str) -> tuple[str, list[str]]:
         if field is None:
             raise ValueError(f"{where}: no question: expected a string field prompt, "
                              f"{' or '.join(VQA_QUESTION_FIELDS)}; the record has {sorted(rec)}")
-        prompt = qa_prompt(rec[field])
+        prompt = rec[field] if chat else qa_prompt(rec[field])
     field = next((f for f in VQA_ANSWER_FIELDS if rec.get(f) not in (None, "", [])), None)
     if field is None:
         raise ValueError(f"{where}: no answers: expected {' or '.join(VQA_ANSWER_FIELDS)}; the record has {sorted(rec)}")
@@ -296,8 +308,8 @@ def vqa_fields(rec: dict[str, Any], where: str) -> tuple[str, list[str]]:
 
 def run_vqa(runner: ModelRunner, task: Task, limit: int | None = None) -> dict[str, Any]:
     recs = task.records(limit)
-    fields = [vqa_fields(r, f"{task.data}: record {i + 1}") for i, r in enumerate(recs)]
-    prompts = [_with_image(task, r, prompt) for r, (prompt, _) in zip(recs, fields)]
+    fields = [vqa_fields(r, f"{task.data}: record {i + 1}", bool(task.options.get("chat"))) for i, r in enumerate(recs)]
+    prompts = [_with_image(runner, task, r, prompt) for r, (prompt, _) in zip(recs, fields)]
     preds = runner.generate(prompts, int(task.options.get("max_new_tokens", 16)), stop=("\n",))
     hits, vqa, examples = 0, 0.0, []
     for rec, (prompt, answers), pred in zip(recs, fields, preds):
@@ -337,7 +349,7 @@ def caption_scores(refs: dict[str, list[str]], preds: dict[str, str]) -> dict[st
 
 def run_caption(runner: ModelRunner, task: Task, limit: int | None = None) -> dict[str, Any]:
     recs = task.records(limit)
-    prompts = [_with_image(task, r, r.get("prompt", "")) for r in recs]
+    prompts = [_with_image(runner, task, r, r.get("prompt", "")) for r in recs]
     preds = runner.generate(prompts, int(task.options.get("max_new_tokens", 48)), stop=("\n",))
     refs = {str(i): r["references"] for i, r in enumerate(recs)}
     out: dict[str, Any] = {"type": task.type, "n": len(recs)}

@@ -4,6 +4,7 @@
     runner.loglikelihood([[image, "Question: What colour is the circle? Answer:"]], [" red"])
     runner.generate([[image, "Question: How many squares? Answer:"]], max_new_tokens=8)
     runner.text_nll("some long text")              # summed over windows of max_seq_len
+    runner.chat([[Message("user", [image, "How many squares?"])]], max_new_tokens=8)  # chat template
 
 Prompts are lists of pieces (text or PIL images), laid out exactly as in training by
 `data_pipelines.sequence.build_sequence` (bos, no eos). Scoring batches rows of different lengths
@@ -24,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from cmoe_base import Batch, ConfigError, Modality
+from data_pipelines.chat import DEFAULT_CHAT_TEMPLATE, Message, render_chat
 from data_pipelines.sequence import TokenSequence, build_sequence
 from data_pipelines.tokenizer import Tokenizer, load_tokenizer
 
@@ -176,6 +178,16 @@ class ModelRunner:
                                 top_p=top_p, top_k=top_k, seed=seed):
                 texts.append(cut_at_stop(self.tok.decode(ids), stop))
         return texts
+
+    def chat(self, chats: list[list[Message]], max_new_tokens: int, **sampling: Any) -> list[str]:
+        """The assistant's next reply to each conversation (`data_pipelines.chat.Message`s, images in the
+        turns), rendered with the tokenizer's chat template up to the assistant's cue, as chat training
+        data and `cmoe-eval --chat` lay it out; cut at the end of the turn (eos, or the default
+        template's newline)."""
+        template = self.tok.chat_template
+        prompts = [render_chat(c, template, add_generation_prompt=True) for c in chats]
+        return self.generate(prompts, max_new_tokens, stop=("\n",) if template == DEFAULT_CHAT_TEMPLATE else (),
+                             **sampling)
 
 
 def check_vocab(tokenizer: Tokenizer, vocab_size: int, where: str = "model") -> None:

@@ -43,10 +43,10 @@ from .engine import StepGuard, build_engine, setup_distributed
 from .evaluate import evaluate
 from .expert_parallel import plain_state_dict, swap_in_deepspeed_moe
 from .initial_weights import fit_vocab, load_initial_weights
-from .metrics import MetricsLogger, WandbRun, Window, progress_postfix, step_record
+from .metrics import MetricsLogger, WandbRun, Window, progress_postfix, source_metrics, step_record
 from .optim import apply_hyperparameters
 from .prepare import Prepared, compiled_graphs, prepare_model
-from .stages import apply_freeze
+from .stages import apply_freeze, previous_stages, stage, stage_change
 
 
 class NonFiniteError(RuntimeError):
@@ -82,6 +82,7 @@ class Run:
     peak: float | None                   # FLOP/s for MFU (rank 0)
     peak_source: str
     logger: MetricsLogger = field(init=False)  # opened once the resumed step is known
+    stages: list[dict[str, Any]] = field(default_factory=list)  # earlier stages (train.init_from's export)
     step: int = 0
     skipped_steps: int = 0
     consecutive_bad: int = 0
@@ -102,7 +103,8 @@ class Run:
 
 @dataclass
 class StepResult:
-    """An applied optimizer step: its last micro-batch's output and losses, and the step's host counts."""
+    """An applied optimizer step: its last micro-batch (batch, output, losses), and the step's host counts."""
+    batch: Batch
     out: ModelOutput
     losses: Losses
     ramp: ConversionRamp | None
@@ -168,8 +170,13 @@ def setup_run(exp: ExperimentConfig) -> Run:
               monitor=CollapseMonitor(exp.model.chunk.targets() if exp.model.chunk.enabled else {}))
     if latest is not None:
         restore(run, latest, diff)
+    run.stages = previous_stages(cfg.init_from)
     if rank == 0:
         run.out_dir.mkdir(parents=True, exist_ok=True)
+        change = stage_change(run.stages, cfg.freeze, cfg.lr_scale) if latest is None else {}
+        if change:  # a new stage from the previous stage's export: recorded, not refused
+            print(f"new stage from {cfg.init_from}: " + ", ".join(f"{k} {v[0]} -> {v[1]}" for k, v in change.items()))
+            resume.record(run.out_dir, 0, {"applied": change, "ignored": {}})
         if latest is None or diff["applied"] or diff["ignored"]:  # the run's config as it is from now on
             (run.out_dir / "config.json").write_text(json.dumps(to_dict(exp), indent=2, default=str))
     wandb = WandbRun(cfg.wandb_project, cfg.wandb_name, cfg.wandb_mode, to_dict(exp)) if cfg.wandb else None
@@ -290,7 +297,7 @@ def train_step(run: Run, stop_requested: Callable[[], bool]) -> StepResult | Non
     run.step += 1
     seconds = time.perf_counter() - t0
     run.timing.step += seconds
-    return StepResult(out, losses, ramp, tokens, flops, seconds)
+    return StepResult(batch, out, losses, ramp, tokens, flops, seconds)
 
 
 def conversion_ramp(run: Run) -> ConversionRamp | None:
@@ -327,6 +334,7 @@ def log_step(run: Run, result: StepResult, bar: tqdm) -> None:
         windowed_ratios=windowed, targets=chunk.targets() if chunk.enabled else {},
         skipped_samples=run.loader.skipped, skipped_steps=run.skipped_steps, grad_norm=run.guard.grad_norm(),
         controller=run.controller, forced_boundary_prob=result.ramp.probability if result.ramp else None,
+        sources=source_metrics(result.out, result.batch, [s.name for s in run.exp.data.sources]),
         compiled_graphs=compiled_graphs() if run.prepared.compiled else None)
     run.logger.log(run.step, record)
     bar.set_postfix(**progress_postfix(record))
@@ -360,8 +368,9 @@ def finish(run: Run) -> dict[str, Any]:
     if not run.stopping:
         state = plain_state_dict(run.engine.module)  # collective: gathers expert-parallel shards
         if run.rank == 0:
+            stages = run.stages + [stage(run.cfg.freeze, run.cfg.lr_scale, run.step)]
             summary["exported"] = str(save_pretrained(run.engine.module, run.out_dir / "final",
-                                                      run.exp.data.tokenizer, state=state))
+                                                      run.exp.data.tokenizer, state=state, extra={"stages": stages}))
     if run.rank == 0:
         (run.out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     run.logger.close()

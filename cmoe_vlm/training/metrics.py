@@ -25,15 +25,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
-from cmoe_base import Modality
+from cmoe_base import IGNORE_INDEX, Batch, Modality
 
 from ..model.compression import ModalityStats
 from ..model.conceptmoe import ModelOutput
 from ..objective import Losses, RatioController
 
 COMPRESSION_KEY = re.compile(r"^(ratio_(all|text|image)$|ratio_window_|tokens_(all|text|image)$|concepts_|"
-                             r"target_ratio_|ratio_integral_|forced_boundary_prob$)")
+                             r"target_ratio_|ratio_integral_|forced_boundary_prob$|source_.+_(ratio|tokens)$)")
 
 
 def tracker_tag(key: str) -> str:
@@ -82,11 +83,43 @@ def compression_summary(stats: dict[str, ModalityStats]) -> dict[str, float]:
     return out
 
 
+def source_metrics(out: ModelOutput, batch: Batch, names: list[str]) -> dict[str, float]:
+    """Per mixture source (`data.mixture`, more than one source) in a micro-batch: its LM loss over the
+    predicted tokens of its documents (`source_<name>_lm_loss`), its tokens and its compression
+    (`source_<name>_ratio`: tokens / concepts, with chunking). {} with one source or no source ids."""
+    if len(names) < 2 or batch.source_ids is None or batch.labels is None:
+        return {}
+    src = batch.source_ids.reshape(-1)
+    labels = batch.labels.reshape(-1)
+    n = len(names)
+    predicted = (labels != IGNORE_INDEX) & (src >= 0)
+    logits = out.logits.detach().reshape(-1, out.logits.shape[-1])[predicted].float()  # (N, V): predicted only
+    nll = F.cross_entropy(logits, labels[predicted], reduction="none")
+    loss_sum = torch.zeros(n, device=src.device).index_add_(0, src[predicted], nll)
+    counts = torch.bincount(src[predicted], minlength=n)
+    tokens = torch.bincount(src[src >= 0], minlength=n)
+    record: dict[str, float] = {}
+    concepts = None
+    if out.boundaries is not None:
+        b = out.boundaries.reshape(-1) & (src >= 0)
+        concepts = torch.bincount(src[b], minlength=n)
+    for i, name in enumerate(names):
+        if int(tokens[i]):
+            record[f"source_{name}_tokens"] = int(tokens[i])
+        if int(counts[i]):
+            record[f"source_{name}_lm_loss"] = float(loss_sum[i] / counts[i])
+        if concepts is not None and int(concepts[i]):
+            record[f"source_{name}_ratio"] = int(tokens[i]) / int(concepts[i])
+    return record
+
+
 def step_record(losses: Losses, out: ModelOutput, window: Window, *, lr: float, world: int, peak: float | None,
                 windowed_ratios: dict[str, float], targets: dict[str, float], skipped_samples: dict[str, int],
                 skipped_steps: int, grad_norm: float | None, controller: RatioController | None = None,
-                forced_boundary_prob: float | None = None, compiled_graphs: int | None = None) -> dict[str, Any]:
-    """The flat record of a logged step: its last micro-batch's losses and compression, the window's
+                forced_boundary_prob: float | None = None, compiled_graphs: int | None = None,
+                sources: dict[str, float] | None = None) -> dict[str, Any]:
+    """The flat record of a logged step: its last micro-batch's losses and compression (also per mixture
+    source: `source_metrics`), the window's
     throughput, the collapse monitor's windowed ratios, expert load, skip counters, the compression
     targets and controller, the conversion ramp's forced-boundary probability, compile graphs."""
     record = {
@@ -99,6 +132,7 @@ def step_record(losses: Losses, out: ModelOutput, window: Window, *, lr: float, 
         **({"forced_boundary_prob": forced_boundary_prob} if forced_boundary_prob is not None else {}),
         **({f"ratio_integral_{k}": float(mu) for k, mu in zip(targets, controller.mu)} if controller else {}),
         **({"compiled_graphs": compiled_graphs} if compiled_graphs is not None else {}),
+        **(sources or {}),
     }
     if grad_norm is not None:
         record["grad_norm"] = float(grad_norm)

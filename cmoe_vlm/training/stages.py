@@ -12,15 +12,21 @@ The last two cut across the stacks. `train.freeze: [vision, embed, encoder, chun
 trains only the projector (LLaVA's alignment stage); `train.lr_scale: {vision: 0.1, chunk: 2}`
 multiplies those components' learning rates (H-Net's per-stage rates); a parameter in several
 components gets the product of their scales. Frozen parameters get no gradient and are left out of
-the optimizer. The next stage starts from the previous stage's export (`train.init_from`). A resume that changes
-`train.freeze` or which components `train.lr_scale` names is refused (the optimizer's parameter
-groups would change); one that changes only the scales' values is applied and recorded like any
-other schedule change (training/resume.py).
+the optimizer. The next stage starts from the previous stage's export (`train.init_from`). An export
+records its stages in config.json (`stages`: each stage's freeze, lr_scale and steps, earlier stages
+first, carried over from the export it started from); a run that starts a new stage from an export
+whose last stage differs records the change in OUT/config_changes.jsonl (step 0) and says so. A resume
+that changes `train.freeze` or which components `train.lr_scale` names is refused (the optimizer's
+parameter groups would change: start the stage from an export instead); one that changes only the
+scales' values is applied and recorded like any other schedule change (training/resume.py).
 """
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 from torch import nn
 
@@ -62,3 +68,25 @@ def apply_freeze(model: nn.Module, freeze: list[str]) -> int:
             p.requires_grad_(False)
             frozen += p.numel()
     return frozen
+
+
+def stage(freeze: list[str], lr_scale: dict[str, float], steps: int) -> dict[str, Any]:
+    """One stage as an export records it."""
+    return {"freeze": sorted(freeze), "lr_scale": dict(sorted(lr_scale.items())), "steps": steps}
+
+
+def previous_stages(init_from: str | None) -> list[dict[str, Any]]:
+    """The stages recorded by the export a run starts from ([] without one, or for an export that
+    records none: a conversion, an import, an older version)."""
+    config = Path(init_from) / "config.json" if init_from else None
+    if config is None or not config.is_file():
+        return []
+    return list(json.loads(config.read_text()).get("stages", []))
+
+
+def stage_change(before: list[dict[str, Any]], freeze: list[str], lr_scale: dict[str, float]) -> dict[str, list]:
+    """{"train.freeze" | "train.lr_scale": [previous stage's, this run's]} where they differ."""
+    if not before:
+        return {}
+    last, now = before[-1], stage(freeze, lr_scale, 0)
+    return {f"train.{k}": [last.get(k), now[k]] for k in ("freeze", "lr_scale") if last.get(k) != now[k]}

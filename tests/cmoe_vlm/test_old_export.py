@@ -39,11 +39,16 @@ def same_semantics(expected: dict[str, torch.Tensor]) -> int:
     return int(starts[0])
 
 
+# The expected logits were computed on another CPU: fp32 kernels differ in the last bits between CPUs
+# (here 6e-8 of logits ~0.1 on an AMD EPYC). A wrong weight mapping or config reading is O(0.1).
+TOL = {"rtol": 1e-5, "atol": 1e-6}
+
+
 def assert_69f0ad8_logits(image_logits: torch.Tensor, text_logits: torch.Tensor, expected: dict[str, torch.Tensor],
                           whole: bool = False) -> None:
-    torch.testing.assert_close(text_logits, expected["text_logits"], rtol=0, atol=0)
+    torch.testing.assert_close(text_logits, expected["text_logits"], **TOL)
     n = expected["logits"].shape[1] if whole else same_semantics(expected)
-    torch.testing.assert_close(image_logits[:, :n], expected["logits"][:, :n], rtol=0, atol=0)
+    torch.testing.assert_close(image_logits[:, :n], expected["logits"][:, :n], **TOL)
 
 
 def hf_logits(model, x: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -40,7 +40,8 @@ def stream_ids(batches: list[Batch]) -> list[int]:
 
 @pytest.mark.parametrize("workers", [0, 2])
 def test_batches_obey_the_contract(builtin_dirs, workers):
-    cfg = config(builtin_dirs["train"], num_workers=workers)
+    # loss on every text token: the contract's label rule (answers-only masks: tests/data_pipelines/test_answers.py)
+    cfg = config(builtin_dirs["train"], num_workers=workers, loss_on="all")
     batches = list(StreamingLoader(cfg))
     for b in batches:
         check_batch(b, TOK, TOKENS_PER_IMAGE, cfg.seq_len)

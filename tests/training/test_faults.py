@@ -166,6 +166,16 @@ def test_resume_refuses_model_and_layout_changes_and_records_the_rest(builtin_da
                                     f"train.init_from={export}"))
     assert summary["step"] == 1
 
+    # a new stage from the run's export (train.freeze changed): recorded at step 0, not refused; the
+    # export lists both stages
+    stage2 = tmp_path / "stage2"
+    loop.train(experiment(builtin_data, stage2, "train.steps=1", f"train.init_from={out / 'final'}",
+                          "train.freeze=[vision]"))
+    (line,) = [json.loads(x) for x in (stage2 / "config_changes.jsonl").read_text().splitlines()]
+    assert line["step"] == 0 and line["applied"] == {"train.freeze": [[], ["vision"]]}
+    assert json.loads((stage2 / "final" / "config.json").read_text())["stages"] == [
+        {"freeze": [], "lr_scale": {}, "steps": 3}, {"freeze": ["vision"], "lr_scale": {}, "steps": 1}]
+
     # train.resume=false starts over in the same folder, with the previous run moved aside, not mixed in
     with pytest.warns(UserWarning, match="previous run's files are in"):
         loop.train(experiment(builtin_data, out, "train.steps=1", "train.resume=false", "model.moe.num_experts=8"))

@@ -1,13 +1,15 @@
 """Trackers: namespaced tags (train/, compression/, eval/) in TensorBoard and Weights & Biases (offline),
 the held-out histograms, and the chunk lengths they are built from."""
 import importlib.util
+import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
 
 from cmoe_base import Modality
-from cmoe_vlm.training.metrics import MetricsLogger, WandbRun, compression_histograms, tracker_tag
+from cmoe_vlm.training.metrics import MetricsLogger, WandbRun, compression_histograms, source_metrics, tracker_tag
 
 
 def wandb_or_skip():
@@ -25,6 +27,43 @@ def test_tags_are_namespaced():
                                      "target_ratio_all", "ratio_integral_text", "forced_boundary_prob")] == [
         "compression/" + k for k in ("ratio_text", "ratio_window_image", "tokens_all", "concepts_image",
                                      "target_ratio_all", "ratio_integral_text", "forced_boundary_prob")]
+    assert [tracker_tag(k) for k in ("source_web_lm_loss", "source_web_ratio", "source_web_tokens")] == [
+        "train/source_web_lm_loss", "compression/source_web_ratio", "compression/source_web_tokens"]
+
+
+def test_per_source_loss_and_compression_match_a_per_token_loop():
+    """data.mixture logs: each source's LM loss over its predicted tokens and its tokens / concepts, as a
+    per-token loop over the rows counts them; nothing with one source."""
+    from types import SimpleNamespace
+
+    import torch.nn.functional as F
+    from cmoe_base import IGNORE_INDEX
+
+    g = torch.Generator().manual_seed(0)
+    B, T, V = 3, 20, 11
+    logits = torch.randn(B, T, V, generator=g)
+    labels = torch.randint(0, V, (B, T), generator=g)
+    labels[torch.rand(B, T, generator=g) < 0.3] = IGNORE_INDEX
+    source_ids = torch.randint(0, 3, (B, T), generator=g)
+    source_ids[:, -4:] = -1  # padding
+    labels[:, -4:] = IGNORE_INDEX
+    boundaries = torch.rand(B, T, generator=g) < 0.4
+    out = SimpleNamespace(logits=logits, boundaries=boundaries)
+    batch = SimpleNamespace(source_ids=source_ids, labels=labels)
+    got = source_metrics(out, batch, ["web", "vqa", "text"])
+    for i, name in enumerate(["web", "vqa", "text"]):
+        nll, tokens, concepts = [], 0, 0
+        for r in range(B):
+            for t in range(T):
+                if source_ids[r, t] != i:
+                    continue
+                tokens += 1
+                concepts += int(boundaries[r, t])
+                if labels[r, t] != IGNORE_INDEX:
+                    nll.append(float(F.cross_entropy(logits[r, t][None], labels[r, t][None])))
+        assert got[f"source_{name}_tokens"] == tokens and got[f"source_{name}_ratio"] == pytest.approx(tokens / concepts)
+        assert got[f"source_{name}_lm_loss"] == pytest.approx(sum(nll) / len(nll), rel=1e-5)
+    assert source_metrics(out, batch, ["data"]) == {}
 
 
 def chunk_lengths_reference(b, modality, starts, valid):
@@ -89,3 +128,23 @@ def test_tensorboard_and_wandb_get_namespaced_train_compression_and_eval_values(
     first_id = (tmp_path / "wandb_run_id").read_text()
     MetricsLogger(tmp_path, enabled=True, tensorboard=False, start_step=2, wandb=run).close()
     assert (tmp_path / "wandb_run_id").read_text() == first_id
+
+
+def test_a_mixture_run_logs_each_sources_loss_tokens_and_compression(builtin_data, tmp_path):
+    """Through the real loop (train()): every logged step of a two-source mixture names both sources."""
+    from cmoe_vlm.training import loop
+    from cmoe_vlm.training.config import load_experiment
+
+    from .conftest import overrides
+
+    mixture = (f"data.mixture=[{{shards: {builtin_data['train']}, weight: 3, name: web}}, "
+               f"{{shards: {builtin_data['heldout']}, weight: 1, name: vqa}}]")
+    root = Path(__file__).resolve().parents[2]
+    loop.train(load_experiment(root / "configs/tiny.yaml", overrides(
+        builtin_data, tmp_path, 'data.shards=""', mixture, "train.steps=2", "data.num_workers=0",
+        "train.heldout_shards=null")))
+    for line in (tmp_path / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        for name in ("web", "vqa"):
+            assert rec[f"source_{name}_tokens"] > 0 and rec[f"source_{name}_ratio"] >= 1, rec
+        assert "source_web_lm_loss" in rec

@@ -73,7 +73,7 @@ def test_multiple_choice_solves_what_the_model_learned_and_fails_on_wrong_labels
     ok = run_task(runner, Task("filler", "multiple_choice", right))
     bad = run_task(runner, Task("filler_shuffled", "multiple_choice", wrong))
     assert ok["n"] == bad["n"] >= 20 and ok["chance"] == 0.25
-    assert ok["acc"] >= 0.8, ok
+    assert ok["acc"] >= 0.7, ok  # 10% of the documents are long text (docs/design.md §7b)
     assert bad["acc"] <= 0.5, bad
     # log P(answer | choices): near 0 where the model is sure and right, far below chance (−log 4) where
     # it is sure of another choice; a probability over the choices, so never above 0
@@ -214,3 +214,46 @@ def test_cli_puts_two_checkpoints_side_by_side(trained_model, suite, tmp_path):
     md = (out / "results.md").read_text()
     assert "| | modelA | modelB |" in md and "passkey accuracy @ 200" in md
     assert (out / "modelA" / "long_context" / "heatmap_passkey.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("kind", ["multiple_choice", "vqa"])
+def test_chat_tasks_ask_in_the_layout_of_chat_training_data(tmp_path, kind):
+    """Task option `chat` (cmoe-eval --chat): the scored / generated context is the user's turn rendered
+    by the tokenizer's template up to the assistant's cue: exactly how a chat training sample with that
+    question lays out, and the scored choice is how its answer starts. Without it: the qa layout."""
+    from PIL import Image
+
+    from data_pipelines.chat import Chat, Message, render_chat
+    from data_pipelines.document import Answer
+    from data_pipelines.tokenizer import ByteTokenizer
+
+    Image.new("RGB", (8, 8), (200, 10, 10)).save(tmp_path / "red.png")
+    rec = {"image": "red.png", "question": "What colour is it?", "choices": ["red", "blue"], "answer": 0,
+           "answers": ["red"]}
+    (tmp_path / "t.jsonl").write_text(json.dumps(rec) + "\n")
+    seen = {}
+
+    class Recorder:  # a runner that records what it is asked
+        tok = ByteTokenizer()
+
+        def loglikelihood(self, contexts, conts):
+            seen["ctx"], seen["cont"] = contexts[0], conts[0]
+            return [type("S", (), {"logprob": -float(i)})() for i in range(len(conts))]
+
+        def generate(self, prompts, max_new_tokens, stop=()):
+            seen["ctx"] = prompts[0]
+            return ["red"] * len(prompts)
+
+    for chat in (True, False):
+        run_task(Recorder(), Task("t", kind, tmp_path / "t.jsonl", {"chat": chat, "choices_field": "choices"}))
+        (image,) = [p for p in seen["ctx"] if isinstance(p, Image.Image)]
+        text = [p for p in seen["ctx"] if isinstance(p, str)]
+        if not chat:
+            assert text == ["Question: What colour is it? Answer:"] if kind == "vqa" else ["What colour is it?"]
+            continue
+        training = render_chat(Chat([Message("user", [image, "What colour is it?"]), Message("assistant", ["red"])]),
+                               Recorder.tok.chat_template)
+        n = len(seen["ctx"])
+        assert training[:n] == seen["ctx"] and isinstance(training[n], Answer) and text[0] == "User: "
+        if kind == "multiple_choice":
+            assert training[n].startswith(seen["cont"])
