@@ -132,8 +132,11 @@ def to_overrides(cfg: Any, prefix: str) -> list[str]:
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
-    with open(path) as f:
-        data = yaml.safe_load(f) or {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ConfigError(f"not valid YAML: {' '.join(str(e).split())}") from None  # the message names the file
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping, got {type(data).__name__}")
     return data

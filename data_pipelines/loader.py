@@ -34,12 +34,14 @@ import bisect
 import glob
 import hashlib
 import itertools
+import json
 import math
 import os
 import random
 import re
 import signal
 import tarfile
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -55,7 +57,7 @@ from data_pipelines.packing import RowPacker, collate_rows
 from data_pipelines.chat import Chat
 from data_pipelines.document import LOSS_ON
 from data_pipelines.sequence import TokenSequence, build_sequence, image_tokens_of
-from data_pipelines.shards import MAX_IMAGE_PIXELS, decode_sample
+from data_pipelines.shards import MANIFEST, MAX_IMAGE_PIXELS, decode_sample
 from data_pipelines.tokenizer import Tokenizer, load_tokenizer
 
 ImageTransform = Callable[[Any], torch.Tensor]  # PIL image → (3, H, W)
@@ -162,7 +164,7 @@ def list_shards(spec: str, name: str = "data.shards") -> list[str]:
             if _is_url(url):
                 found.append(url)
             elif os.path.isdir(url):
-                found.extend(sorted(glob.glob(os.path.join(glob.escape(url), "*.tar"))))
+                found.extend(folder_shards(url, name))
             elif glob.has_magic(url):
                 found.extend(sorted(p for p in glob.glob(url) if os.path.isfile(p)))
             else:
@@ -175,6 +177,29 @@ def list_shards(spec: str, name: str = "data.shards") -> list[str]:
         urls.extend(found)
     check(any(_is_url(u) or os.path.exists(u) for u in urls), name, spec, "matches no existing shard")
     return urls
+
+
+def folder_shards(folder: str, name: str = "data.shards") -> list[str]:
+    """The shards of a folder: those its manifest.json lists (cmoe-shards writes one), else its *.tar.
+    A tar the manifest does not list (left by another writer) is not read, with a warning; a listed one
+    that is missing is counted at read time (missing_shard)."""
+    tars = sorted(glob.glob(os.path.join(glob.escape(folder), "*.tar")))
+    manifest_path = os.path.join(folder, MANIFEST)
+    if not os.path.isfile(manifest_path):
+        return tars
+    try:
+        with open(manifest_path, encoding="utf-8") as f:
+            names = [s["path"] for s in json.load(f)["shards"]]
+    except (ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"{name}: {manifest_path} is not a shard manifest ({e})") from None
+    if not all(isinstance(n, str) and n == os.path.basename(n) and n not in ("", ".", "..") for n in names):
+        raise ConfigError(f"{name}: {manifest_path} lists shards outside its folder: {names[:3]}")
+    listed = [os.path.join(folder, n) for n in names]
+    extra = sorted(set(tars) - set(listed))
+    if extra:
+        warnings.warn(f"{name}: {len(extra)} tar file(s) in {folder} are not in its manifest and are not read "
+                      f"({os.path.basename(extra[0])}{', ...' if len(extra) > 1 else ''})", stacklevel=3)
+    return listed
 
 
 def check_data(cfg: DataConfig, world_size: int = 1) -> list[list[str]]:

@@ -45,11 +45,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from cmoe_base.commands import InputError, Parser, command, positive_float, positive_int
+from cmoe_base.outputs import check_output, staged_folder
 from data_pipelines.errors import BadSample
+from data_pipelines.images import to_rgb
 from data_pipelines.chat import IMAGE_MARKER, ROLES, Chat, Message
 from data_pipelines.document import Answer
 
@@ -91,15 +93,6 @@ def decode_image(data: bytes, max_pixels: int | None = MAX_IMAGE_PIXELS) -> Imag
         raise
     except Exception as e:  # PIL raises many types for corrupt or truncated files
         raise BadSample("bad_image", f"{type(e).__name__}: {e}") from None
-
-
-def to_rgb(img: Image.Image) -> Image.Image:
-    """8-bit RGB. 16-bit greyscale (PNG: mode I;16, or I) is scaled to 8 bits; Pillow's own
-    `convert("RGB")` clips it instead, so nearly every pixel came out white."""
-    if img.mode.startswith("I;16") or img.mode == "I":
-        grey = np.rint(np.clip(np.asarray(img, dtype=np.float64), 0, 65535) / 257).astype(np.uint8)
-        img = Image.fromarray(grey)
-    return img.convert("RGB")
 
 
 def decode_text(data: bytes, reason: str = "missing_caption") -> str:
@@ -488,12 +481,18 @@ def write_shards(
 ) -> dict[str, Any]:
     """Write samples to `out_dir/shard-NNNNNN.tar` and `out_dir/manifest.json`; returns the manifest.
 
-    Tar members get mtime 0, so the same samples always give byte-identical shards.
+    Tar members get mtime 0, so the same samples always give byte-identical shards. The folder is
+    built beside `out_dir` and renamed into place whole (cmoe_base.outputs): an interrupted rewrite
+    leaves the previous shard set as it was, never old and new shards mixed.
     """
+    with staged_folder(out_dir) as tmp:
+        return _write_shards(items, tmp, maxcount, maxsize, total, desc)
+
+
+def _write_shards(items: Iterable[SourceItem], out: Path, maxcount: int, maxsize: float, total: int | None,
+                  desc: str) -> dict[str, Any]:
     import webdataset as wds  # here, not at import: it takes seconds (it loads torch); readers of this module need none
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     per_shard: Counter[str] = Counter()
     skipped: list[dict[str, str]] = []
     writer = wds.ShardWriter(str(out / "shard-%06d.tar"), maxcount=maxcount, maxsize=maxsize, verbose=0, mtime=0.0)
@@ -525,23 +524,30 @@ def load_manifest(shard_dir: str | Path) -> dict[str, Any]:
     return json.loads((Path(shard_dir) / MANIFEST).read_text())
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+@command("cmoe-shards")
+def main(argv: list[str] | None = None) -> int:
+    parser = Parser(prog="cmoe-shards", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("source", choices=sorted(SOURCES), help="input kind")
     parser.add_argument("input", help="folder (img2dataset), JSONL file, or JSON list (llava)")
     parser.add_argument("--image-root", help=f"folder image paths are relative to ({', '.join(IMAGE_ROOT_SOURCES)}; "
                                              f"default: the input file's folder)")
-    parser.add_argument("--out", required=True, help="output folder for shard-NNNNNN.tar + manifest.json")
-    parser.add_argument("--maxcount", type=int, default=1000, help="max samples per shard")
-    parser.add_argument("--maxsize", type=float, default=1e9, help="max bytes per shard")
+    parser.add_argument("--out", required=True, help="output folder for shard-NNNNNN.tar + manifest.json (new or "
+                                                     "empty; see --replace)")
+    parser.add_argument("--replace", action="store_true", help="replace a non-empty --out folder (whole, atomically)")
+    parser.add_argument("--maxcount", type=positive_int, default=1000, help="max samples per shard")
+    parser.add_argument("--maxsize", type=positive_float, default=1e9, help="max bytes per shard")
     args = parser.parse_args(argv)
     if args.image_root is not None and args.source not in IMAGE_ROOT_SOURCES:
         parser.error(f"--image-root applies to {', '.join(IMAGE_ROOT_SOURCES)}, not {args.source}")
+    if not Path(args.input).exists():
+        raise InputError(f"{args.input}: no such file or folder")
+    check_output(args.out, [args.input, args.image_root], args.replace)
     extra = {"image_root": args.image_root} if args.source in IMAGE_ROOT_SOURCES else {}
     manifest = write_shards(SOURCES[args.source](args.input, **extra), args.out, args.maxcount, args.maxsize)
     print(f"{manifest['samples']} samples, {manifest['bytes']} bytes in {len(manifest['shards'])} shards; "
           f"skipped {manifest['skipped_counts'] or 0} → {Path(args.out) / MANIFEST}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

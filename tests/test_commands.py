@@ -61,3 +61,68 @@ def test_direct_commands_get_the_runtime_defaults_before_torch():
     proc = subprocess.run([sys.executable, "-c", probe.format("cmoe_vlm")], env={**env, "OMP_WAIT_POLICY": "ACTIVE"},
                           capture_output=True, text=True, timeout=120)
     assert proc.stdout.split()[0] == "ACTIVE"  # a value the user set wins
+
+
+def _bad_inputs(tmp_path: Path) -> dict[str, Path]:
+    broken = tmp_path / "broken_export"  # a folder whose config.json is not JSON
+    broken.mkdir()
+    (broken / "config.json").write_text("{not json")
+    (tmp_path / "broken.yaml").write_text("tasks: [1]\nmodel: {dim: [\n")
+    (tmp_path / "suite.yaml").write_text("tasks:\n  - {name: t, type: perplexity, data: ../outside.jsonl}\n")
+    return {"export": broken, "yaml": tmp_path / "broken.yaml", "suite": tmp_path / "suite.yaml"}
+
+
+# command -> (a bad option, what its message names), (a bad input file, what its message names);
+# {export}, {yaml}, {suite}, {out} are filled in from _bad_inputs and tmp_path.
+USER_ERRORS = {
+    "cmoe-train": ((["configs/tiny.yaml", "train.lr=-1"], "train.lr"), (["{yaml}"], "broken.yaml")),
+    "cmoe-eval": ((["--model", "{export}", "--out", "{out}", "--batch-size", "-1"], "--batch-size"),
+                  (["--model", "{export}", "--out", "{out}", "--suite", "{suite}"], "outside.jsonl")),
+    "cmoe-convert": ((["--baseline", "{export}", "--out", "{out}", "--target-ratio", "nan"], "--target-ratio"),
+                     (["--baseline", "{export}", "--out", "{out}"], "broken_export/config.json")),
+    "cmoe-hf-import": ((["{export}", "--out", "{export}"], "is the input"),
+                       (["{export}", "--out", "{out}"], "broken_export/config.json")),
+    "cmoe-hf-export": ((["{export}", "--out", "{export}/sub"], "is inside the input"),
+                       (["{export}", "--out", "{out}"], "broken_export/config.json")),
+    "cmoe-shards": ((["text", "{yaml}", "--out", "{out}", "--maxcount", "0"], "--maxcount"),
+                    (["text", "{export}/missing.jsonl", "--out", "{out}"], "missing.jsonl")),
+    "cmoe-flops": ((["{yaml}", "--ratio", "nan"], "--ratio"), (["{yaml}"], "broken.yaml")),
+    "cmoe-inspect": ((["--model", "{export}", "--data", "builtin", "--out", "{out}", "--repeat-tolerance", "nan"],
+                      "--repeat-tolerance"),
+                     (["--model", "{export}", "--data", "builtin", "--out", "{out}"], "broken_export/config.json")),
+    "cmoe-lm-eval": ((["--model", "cmoe-vlm", "--model_args", "pretrained={export},max_batch_size=-1", "--tasks",
+                       "arc_easy"], "max_batch_size"),
+                     (["--model", "cmoe-vlm", "--model_args", "pretrained={export}", "--tasks", "arc_easy"],
+                      "broken_export/config.json")),
+}
+
+
+def test_every_command_has_a_user_error_case():
+    assert set(USER_ERRORS) == set(COMMANDS)
+
+
+@pytest.mark.parametrize("case", ["option", "input"])
+@pytest.mark.parametrize("command", sorted(USER_ERRORS))
+def test_user_errors_are_one_line_with_exit_status_2(command, case, tmp_path, capfd, monkeypatch):
+    """Every console command: a bad option and a bad input file give one line naming it and status 2
+    (no traceback), before anything heavy runs. Called in-process (argv; lm-eval's through sys.argv)."""
+    import importlib
+
+    monkeypatch.chdir(ROOT)
+    argv, named = USER_ERRORS[command][case == "input"]
+    fill = {**{k: str(v) for k, v in _bad_inputs(tmp_path).items()}, "out": str(tmp_path / "out")}
+    argv = [a.format(**fill) for a in argv]
+    module, func = COMMANDS[command].split(":")
+    main = getattr(importlib.import_module(module), func)
+    if command == "cmoe-lm-eval":  # lm-eval's own command line reads sys.argv
+        monkeypatch.setattr(sys, "argv", [command, *argv])
+        monkeypatch.setattr(sys, "stderr", sys.__stderr__)  # its log handler outlives the test's capture stream
+        status = main()
+    else:
+        status = main(argv)
+    err = [line for line in capfd.readouterr().err.splitlines() if line.strip()]
+    errors = [line for line in err if f"{command}: error:" in line or line.startswith("config error:")]
+    assert status == 2 and len(errors) == 1 and named in errors[0], err
+    assert "Traceback" not in "\n".join(err)
+    if command != "cmoe-lm-eval":  # lm-eval logs its own progress lines on stderr
+        assert len(err) == 1, err

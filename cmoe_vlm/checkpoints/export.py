@@ -25,11 +25,12 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
+from cmoe_base.outputs import staged_folder
 from data_pipelines.tokenizer import Tokenizer, load_tokenizer, save_tokenizer
 
 from ..config import from_dict, to_dict
 from ..model.vlm import ConceptMoEVLM, VLMConfig
-from .tensor_files import SafetensorsWriter
+from .tensor_files import SafetensorsWriter, read_json
 
 FORMAT, VERSION = "cmoe-vlm", 2  # 2: the concept model and joint decoding have their own weight names
 TOKENIZER_INCLUDED = "included"  # config.json's tokenizer spec for "the tokenizer files in this folder"
@@ -41,30 +42,44 @@ class NonFiniteWeightsError(ValueError):
     """The weights to export hold NaN or inf values."""
 
 
-def save_pretrained(model: ConceptMoEVLM, out_dir: str | Path, tokenizer: str = "byte",
+def save_pretrained(model: ConceptMoEVLM, out_dir: str | Path, tokenizer: str | None = "byte",
                     extra: dict[str, Any] | None = None, state: dict[str, torch.Tensor] | None = None,
-                    ids: dict[str, int | None] | None = None) -> Path:
+                    ids: dict[str, int | None] | None = None, files: dict[str, str] | None = None) -> Path:
     """Write `model` (or `state`, its weights in the plain layout, e.g. gathered from expert-parallel
-    ranks) with its config and tokenizer; the bos/eos/pad `ids` are the tokenizer's unless given (a
-    conversion keeps its baseline's). Refuses (NonFiniteWeightsError, naming them) weights that are
-    not finite."""
+    ranks) with its config, tokenizer and the text `files` given; the bos/eos/pad `ids` are the
+    tokenizer's unless given (a conversion keeps its baseline's). Refuses (NonFiniteWeightsError,
+    naming them) weights that are not finite. The folder is built beside `out_dir` and renamed into
+    place whole (cmoe_base.outputs): a crash leaves the previous `out_dir` as it was."""
     out = Path(out_dir)
     state = model.state_dict() if state is None else state
+    check_finite(state, out)
+    with staged_folder(out) as tmp:
+        _write_export(model, state, tmp, tokenizer, extra, ids)
+        for name, text in (files or {}).items():
+            (tmp / name).write_text(text)
+    return out
+
+
+def check_finite(state: dict[str, torch.Tensor], where: str | Path) -> None:
     bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
     if bad:
-        raise NonFiniteWeightsError(f"{out}: not exported: {len(bad)} of {len(state)} tensors hold NaN or inf "
+        raise NonFiniteWeightsError(f"{where}: not exported: {len(bad)} of {len(state)} tensors hold NaN or inf "
                                     f"({', '.join(bad[:5])}{', ...' if len(bad) > 5 else ''})")
-    out.mkdir(parents=True, exist_ok=True)
-    save_tokenizer(tokenizer, out)
+
+
+def _write_export(model: ConceptMoEVLM, state: dict[str, torch.Tensor], out: Path, tokenizer: str | None,
+                  extra: dict[str, Any] | None, ids: dict[str, int | None] | None) -> None:
+    """The export's files into `out`; `tokenizer` None (an import without one) writes none and keeps `ids`."""
+    if tokenizer is not None:
+        save_tokenizer(tokenizer, out)
     with SafetensorsWriter(out / "model.safetensors", {k: v.to("meta") for k, v in state.items()}) as writer:
         for k, v in state.items():
             writer.write(k, v)
     ids = special_ids(load_tokenizer(tokenizer)) if ids is None else ids
     from .remote_code import write_transformers_files  # processor config, remote code
     extra = {**(extra or {}), **write_transformers_files(out, model)}
-    write_config(out, exported_config(model.cfg, out), "byte" if tokenizer == "byte" else TOKENIZER_INCLUDED, ids,
-                 extra)
-    return out
+    spec = tokenizer if tokenizer in ("byte", None) else TOKENIZER_INCLUDED
+    write_config(out, exported_config(model.cfg, out), spec, ids, extra)
 
 
 def exported_config(cfg: VLMConfig, out: Path) -> VLMConfig:
@@ -120,7 +135,7 @@ def load_pretrained(path: str | Path, device: str | torch.device = "cpu") -> tup
     if not (path / "config.json").exists():
         raise FileNotFoundError(f"{path}: no config.json; expected a folder written by save_pretrained "
                                 f"(training writes one to <out_dir>/final)")
-    meta = json.loads((path / "config.json").read_text())
+    meta = read_json(path / "config.json")
     if meta.get("format") != FORMAT:
         raise ValueError(f"{path}/config.json: format {meta.get('format')!r} is not {FORMAT!r}")
     meta["tokenizer"] = tokenizer_spec(meta, path)

@@ -25,7 +25,6 @@ Anything the family's forward does that our layers do not reproduce is refused i
 """
 from __future__ import annotations
 
-import json
 import resource
 import sys
 import time
@@ -35,15 +34,17 @@ from typing import Any
 
 import torch
 
+from cmoe_base.outputs import staged_folder
 from data_pipelines.tokenizer import save_tokenizer
 from vision import Projector, VisionEncoder
 
 from .. import flops
-from ..config import to_overrides
+from ..config import from_dict, to_dict, to_overrides
+from ..model.config import ModelConfig
 from ..model.vlm import ConceptMoEVLM, VLMConfig
 from .export import TOKENIZER_INCLUDED, write_config
-from .families import Unsupported, family_of
-from .tensor_files import TensorSource, stream_convert
+from .families import Family, Unsupported, family_of
+from .tensor_files import TensorSource, confined, read_json, stream_convert
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json")
 IGNORED_TENSORS = (".rotary_emb.inv_freq",)  # buffers some older checkpoints saved; recomputed
@@ -65,19 +66,35 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def source_shapes(family: Family, cfg: ModelConfig, expected: dict[str, torch.Size]) -> dict[str, tuple[int, ...]]:
+    """The shape of every source tensor the config implies: the family's export rules run on our
+    model's meta tensors (import and export are inverse), so q and k swapped but of the same total
+    are refused as transformers refuses them."""
+    meta = {k: torch.empty(v, device="meta") for k, v in expected.items()}
+    return {r.output: tuple(r.fn([meta[n] for n in r.inputs]).shape) for r in family.export_rules(cfg)
+            if all(n in meta for n in r.inputs)}
+
+
 def read_source(src: Path) -> tuple[dict[str, Any], Any]:
     """config.json as written, and transformers' config object for it (family defaults filled in)."""
     if not (src / "config.json").is_file():
         raise FileNotFoundError(f"{src}: no config.json (expected a local transformers model folder)")
-    raw = json.loads((src / "config.json").read_text())
+    raw = read_json(confined(src, "config.json"))
+    for name in TOKENIZER_FILES:
+        if (src / name).exists():
+            confined(src, name, "tokenizer file")
     family_of(raw.get("model_type")).check_keys(raw)  # before transformers reads the file
     if not any((src / n).is_file() for n in ("model.safetensors", "model.safetensors.index.json")):
         pickles = sorted(p.name for p in src.glob("*.bin"))
         raise Unsupported(f"{src}: no model.safetensors (or its index)" + (
             f"; {pickles[0]} is a pickle, which is never loaded: save the model with safetensors" if pickles else ""))
+    from huggingface_hub.errors import StrictDataclassError
     from transformers import AutoConfig
 
-    return raw, AutoConfig.from_pretrained(str(src), local_files_only=True)
+    try:
+        return raw, AutoConfig.from_pretrained(str(src), local_files_only=True)
+    except StrictDataclassError as e:  # a config value of the wrong type, as transformers checks it
+        raise Unsupported(f"{src / 'config.json'}: {' '.join(str(e).split())}") from None
 
 
 def import_checkpoint(src: str | Path, out: str | Path) -> ImportReport:
@@ -86,7 +103,7 @@ def import_checkpoint(src: str | Path, out: str | Path) -> ImportReport:
     src, out = Path(src), Path(out)
     raw, hf = read_source(src)
     family = family_of(raw["model_type"])
-    cfg = family.model_config(hf, raw)
+    cfg = from_dict(ModelConfig, to_dict(family.model_config(hf, raw)), prefix="model")  # every field checked
     source = TensorSource.open(src)
     rules = family.import_rules(cfg, source.names)
     used = {n for r in rules for n in r.inputs} | ({"lm_head.weight"} if cfg.tie_embeddings else set())  # = embed
@@ -119,17 +136,18 @@ def import_checkpoint(src: str | Path, out: str | Path) -> ImportReport:
         ids = {"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id,
                "pad_token_id": tok.pad_token_id if tok.pad_token_id is not None else ids["pad_token_id"]}
 
-    out.mkdir(parents=True, exist_ok=True)
-    stream_convert(source, rules, out / "model.safetensors", expected={r.output: expected[r.output] for r in rules},
-                   extra=placeholders)
-    if tokenizer:
-        save_tokenizer(str(src), out)
-    else:
+    with staged_folder(out) as tmp:  # renamed into place whole: never half-written, never mixed with old files
+        stream_convert(source, rules, tmp / "model.safetensors",
+                       expected={r.output: expected[r.output] for r in rules}, extra=placeholders,
+                       source_shapes=source_shapes(family, cfg, expected))
+        if tokenizer:
+            save_tokenizer(str(src), tmp)
+        marks = {"parts": ["lm"], **({"tokenizer_vocab_size": len(tok)} if tokenizer else {})}  # training/init.py
+        write_config(tmp, vcfg, TOKENIZER_INCLUDED if tokenizer else None, ids,
+                     {**marks, "imported_from": {"family": family.name, "architecture": family.architecture,
+                                                 "config": raw}})
+        (tmp / "train_overrides.txt").write_text("\n".join(to_overrides(cfg, "model")) + "\n")
+    if not tokenizer:
         print(f"note: {src} has no tokenizer files: set data.tokenizer when training from {out}", file=sys.stderr)
-    marks = {"parts": ["lm"], **({"tokenizer_vocab_size": len(tok)} if tokenizer else {})}  # see training/init.py
-    write_config(out, vcfg, TOKENIZER_INCLUDED if tokenizer else None, ids,
-                 {**marks, "imported_from": {"family": family.name, "architecture": family.architecture,
-                                             "config": raw}})
-    (out / "train_overrides.txt").write_text("\n".join(to_overrides(cfg, "model")) + "\n")
     return ImportReport(family.name, cfg.concept_layers, flops.total_params(cfg), source.nbytes(),
                         time.perf_counter() - t0, peak_rss_bytes(), tokenizer)

@@ -23,6 +23,7 @@ each copied file) finds nothing in them.
 from __future__ import annotations
 
 import ast
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -55,10 +56,13 @@ import sys
 from .cmoe_vlm_code import FILES
 
 PACKAGES = {name.split("/")[0] for name in FILES}
+DIGEST = "@DIGEST@"  # of FILES: a different bundle is a different file, so transformers imports it apart
 
 
 class BundledSources(importlib.abc.MetaPathFinder, importlib.abc.SourceLoader):
     """Imports the packages of FILES from their sources (module files "<cmoe_vlm_code>/cmoe_vlm/model/conceptmoe.py", ...)."""
+
+    digest = DIGEST
 
     def _path(self, fullname):
         base = fullname.replace(".", "/")
@@ -82,8 +86,14 @@ class BundledSources(importlib.abc.MetaPathFinder, importlib.abc.SourceLoader):
         return FILES
 
 
-if importlib.util.find_spec("cmoe_vlm") is None and not any(isinstance(f, BundledSources) for f in sys.meta_path):
+# One process runs one bundle: a second export whose bundle differs would otherwise run the first one's code.
+running = next((f for f in sys.meta_path if type(f).__name__ == "BundledSources"), None)
+if running is None and importlib.util.find_spec("cmoe_vlm") is None:
     sys.meta_path.insert(0, BundledSources())
+elif running is not None and getattr(running, "digest", None) != DIGEST:
+    raise ImportError(f"this process already runs the cmoe-vlm code bundled with another export (bundle "
+                      f"{getattr(running, 'digest', 'of an older version')}); this folder's bundle ({DIGEST}) differs: "
+                      "load it in a fresh process, or install cmoe-vlm")
 
 hf = importlib.import_module("cmoe_vlm.hf")
 
@@ -152,13 +162,19 @@ def write_remote_code(folder: str | Path) -> None:
     folder = Path(folder)
     lines = ['"""Source files of cmoe-vlm that modeling_cmoe_vlm.py imports, one string per line',
              '(written by cmoe_vlm/checkpoints/remote_code.py)."""', "FILES = {"]
-    for path, text in sorted(source_files().items()):
+    files = source_files()
+    for path, text in sorted(files.items()):
         lines.append(f"    {path!r}: [")
         lines += [f"        {line!r}," for line in text.split("\n")]
         lines.append("    ],")
     lines.append("}")
     (folder / CODE_FILE).write_text("\n".join(lines) + "\n")
-    (folder / MODELING_FILE).write_text(MODELING_SOURCE)
+    (folder / MODELING_FILE).write_text(MODELING_SOURCE.replace("@DIGEST@", bundle_digest(files)))
+
+
+def bundle_digest(files: dict[str, str]) -> str:
+    """A short hash of the bundled sources (path -> text)."""
+    return hashlib.sha256(repr(sorted(files.items())).encode("utf-8")).hexdigest()[:16]
 
 
 def image_processor_fields(encoder, unit: tuple[int, int] | None = None) -> dict[str, Any]:

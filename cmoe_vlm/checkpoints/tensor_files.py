@@ -57,15 +57,12 @@ def read_header(path: Path) -> tuple[dict[str, Entry], dict[str, str]]:
             header = json.loads(f.read(n))
         except ValueError as e:
             raise TensorFileError(f"{path}: unreadable safetensors header ({e})") from None
+    if not isinstance(header, dict):
+        raise TensorFileError(f"{path}: the safetensors header is a {type(header).__name__}, not an object")
     meta = header.pop("__metadata__", None) or {}
+    checked = {name: _header_entry(path, name, info) for name, info in header.items()}
     entries, end = {}, 0
-    for name, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
-        dtype = DTYPES.get(info.get("dtype"))
-        if dtype is None:
-            raise TensorFileError(f"{path}: tensor {name} has dtype {info.get('dtype')!r}; supported: "
-                                  f"{', '.join(DTYPES)}")
-        shape = tuple(int(s) for s in info["shape"])
-        lo, hi = (int(x) for x in info["data_offsets"])
+    for name, (dtype, shape, lo, hi) in sorted(checked.items(), key=lambda kv: kv[1][2]):
         numel = 1
         for s in shape:
             numel *= s
@@ -75,6 +72,57 @@ def read_header(path: Path) -> tuple[dict[str, Entry], dict[str, str]]:
         entries[name] = Entry(path, dtype, shape, 8 + n + lo, hi - lo)
         end = hi
     return entries, meta
+
+
+def _is_ints(value: object, length: int | None = None) -> bool:
+    return isinstance(value, list) and (length is None or len(value) == length) and \
+        all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in value)
+
+
+def _header_entry(path: Path, name: str, info: object) -> tuple[torch.dtype, tuple[int, ...], int, int]:
+    """(dtype, shape, start, end) of one header entry, each field checked."""
+    if not isinstance(info, dict):
+        raise TensorFileError(f"{path}: header entry {name!r} is a {type(info).__name__}, not an object")
+    dtype = DTYPES.get(info.get("dtype"))
+    if dtype is None:
+        raise TensorFileError(f"{path}: tensor {name} has dtype {info.get('dtype')!r}; supported: {', '.join(DTYPES)}")
+    if not _is_ints(info.get("shape")) or not _is_ints(info.get("data_offsets"), 2):
+        raise TensorFileError(f"{path}: tensor {name}: shape and data_offsets must be lists of non-negative "
+                              f"integers, got {info.get('shape')!r} and {info.get('data_offsets')!r}")
+    lo, hi = info["data_offsets"]
+    return dtype, tuple(info["shape"]), lo, hi
+
+
+def read_json(path: Path) -> dict:
+    """A JSON object from `path`; a TensorFileError naming the file otherwise."""
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise TensorFileError(f"{path}: not a JSON file ({e})") from None
+    if not isinstance(obj, dict):
+        raise TensorFileError(f"{path}: expected a JSON object, got a {type(obj).__name__}")
+    return obj
+
+
+def link_root(folder: Path) -> Path:
+    """Where files of `folder` may point through symlinks: the folder itself, or for a Hugging Face
+    hub-cache snapshot (`models--X/snapshots/REV/`, files linked to `../../blobs/`) the repo's cache."""
+    real = folder.resolve()
+    return real.parent.parent if real.parent.name == "snapshots" else real
+
+
+def confined(folder: Path, name: str, what: str = "file") -> Path:
+    """`folder / name` for a relative `name` that stays in the folder (links may lead into `link_root`)."""
+    rel = Path(name)
+    if rel.is_absolute() or ".." in rel.parts or not rel.parts:
+        raise TensorFileError(f"{folder}: {what} {name!r} is not a file inside the folder")
+    path = folder / rel
+    real, root = path.resolve(), link_root(folder)
+    if root not in real.parents:
+        raise TensorFileError(f"{path}: a link out of the folder ({real}): refused")
+    if not real.is_file():
+        raise TensorFileError(f"{path}: {what} is missing or not a regular file")
+    return path
 
 
 class TensorSource:
@@ -87,27 +135,28 @@ class TensorSource:
 
     @classmethod
     def open(cls, folder: str | Path) -> TensorSource:
+        """model.safetensors if the folder has one (what transformers loads first), else the shards of its index."""
         folder = Path(folder)
-        if (folder / INDEX).is_file():
-            weight_map = json.loads((folder / INDEX).read_text()).get("weight_map") or {}
+        index, weight_map = folder / INDEX, None
+        if (folder / "model.safetensors").exists():
+            files = ["model.safetensors"]
+        elif index.is_file():
+            weight_map = read_json(index).get("weight_map") or {}
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise TensorFileError(f"{index}: weight_map must map tensor names to shard file names")
             files = sorted(set(weight_map.values()))
             if not files:
-                raise TensorFileError(f"{folder / INDEX}: its weight_map is empty")
-        elif (folder / "model.safetensors").is_file():
-            weight_map, files = None, ["model.safetensors"]
+                raise TensorFileError(f"{index}: its weight_map is empty")
         else:
             raise TensorFileError(f"{folder}: no model.safetensors or {INDEX}")
         entries: dict[str, Entry] = {}
         for name in files:
-            path = (folder / name).resolve()
-            if folder.resolve() not in path.parents or not path.is_file():
-                raise TensorFileError(f"{folder / INDEX}: shard {name!r} is not a file inside the folder")
-            found, _ = read_header(path)
+            found, _ = read_header(confined(folder, name, "shard" if weight_map is not None else "weights file"))
             entries.update(found)
         if weight_map is not None:
             missing = sorted(set(weight_map) - set(entries))
             if missing:
-                raise TensorFileError(f"{folder / INDEX}: tensors listed but not in their shards: {missing[:5]}")
+                raise TensorFileError(f"{index}: tensors listed but not in their shards: {missing[:5]}")
         return cls(entries)
 
     @property
@@ -207,11 +256,18 @@ class Rule:
 
 def stream_convert(source: TensorSource, rules: Iterable[Rule], path: str | Path,
                    expected: dict[str, torch.Size] | None = None, dtype: torch.dtype | None = None,
-                   extra: dict[str, torch.Tensor] | None = None, metadata: dict[str, str] | None = None) -> int:
+                   extra: dict[str, torch.Tensor] | None = None, metadata: dict[str, str] | None = None,
+                   source_shapes: dict[str, tuple[int, ...]] | None = None) -> int:
     """Write every rule's output (cast to `dtype` if given) and the `extra` tensors into the safetensors
-    file `path`, one at a time. `expected` (output name -> shape) is checked on meta tensors before any
-    data is read. Returns the bytes of tensor data written."""
+    file `path`, one at a time. `source_shapes` (input name -> shape) and `expected` (output name ->
+    shape) are checked on meta tensors before any data is read; a tensor holding NaN or inf is refused
+    as it is read. Returns the bytes of tensor data written."""
     rules = list(rules)
+    wrong = [(n, source.entries[n].shape, tuple(shape)) for n, shape in (source_shapes or {}).items()
+             if n in source and source.entries[n].shape != tuple(shape)]
+    if wrong:
+        raise TensorFileError("tensor shapes do not match the checkpoint's config: " + ", ".join(
+            f"{n} is {have}, its config says {want}" for n, have, want in wrong[:3]))
     layout: dict[str, torch.Tensor] = {}
     for rule in rules:
         missing = [n for n in rule.inputs if n not in source]
@@ -228,6 +284,9 @@ def stream_convert(source: TensorSource, rules: Iterable[Rule], path: str | Path
     with SafetensorsWriter(path, layout, metadata) as writer:
         for rule in rules:
             out = rule.fn([source.load(n) for n in rule.inputs])
+            if out.is_floating_point() and not bool(torch.isfinite(out).all()):
+                raise TensorFileError(f"{rule.output}: NaN or inf in the checkpoint's {', '.join(rule.inputs[:2])}"
+                                      f"{', ...' if len(rule.inputs) > 2 else ''}")
             writer.write(rule.output, out.to(dtype) if dtype is not None else out)
             del out
         for name, t in (extra or {}).items():

@@ -15,13 +15,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from cmoe_base.outputs import staged_folder
 from data_pipelines.tokenizer import save_tokenizer
 
 from ..config import from_dict
 from ..model.vlm import VLMConfig
 from .export import FORMAT, tokenizer_spec
 from .families import Unsupported, family_of
-from .tensor_files import TensorSource, stream_convert
+from .tensor_files import TensorSource, read_json, stream_convert
 
 
 def export_checkpoint(src: str | Path, out: str | Path, family: str | None = None) -> str:
@@ -30,7 +31,7 @@ def export_checkpoint(src: str | Path, out: str | Path, family: str | None = Non
     src, out = Path(src), Path(out)
     if not (src / "config.json").is_file():
         raise FileNotFoundError(f"{src}: no config.json (expected an export folder)")
-    meta = json.loads((src / "config.json").read_text())
+    meta = read_json(src / "config.json")
     if meta.get("format") != FORMAT:
         raise ValueError(f"{src}/config.json: format {meta.get('format')!r} is not {FORMAT!r}")
     cfg = from_dict(VLMConfig, meta["vlm"]).model
@@ -49,12 +50,12 @@ def export_checkpoint(src: str | Path, out: str | Path, family: str | None = Non
     if unused:
         raise Unsupported(f"weights with no place in {fam.name}: {', '.join(unused[:3])}")
     hf_json["dtype"] = str(source.meta("lm.embed.weight").dtype).removeprefix("torch.")
-    out.mkdir(parents=True, exist_ok=True)
-    stream_convert(source, rules, out / "model.safetensors", metadata={"format": "pt"})
-    spec = tokenizer_spec(meta, src)
-    if spec is not None:
-        save_tokenizer(spec, out)
-    ids = {k: hf_json.get(k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
-    (out / "generation_config.json").write_text(json.dumps(ids, indent=2))
-    (out / "config.json").write_text(json.dumps(hf_json, indent=2))
+    with staged_folder(out) as tmp:  # renamed into place whole: never half-written, never mixed with old files
+        stream_convert(source, rules, tmp / "model.safetensors", metadata={"format": "pt"})
+        spec = tokenizer_spec(meta, src)
+        if spec is not None:
+            save_tokenizer(spec, tmp)
+        ids = {k: hf_json.get(k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+        (tmp / "generation_config.json").write_text(json.dumps(ids, indent=2))
+        (tmp / "config.json").write_text(json.dumps(hf_json, indent=2))
     return fam.name

@@ -1,5 +1,7 @@
-"""The commands (console scripts of pyproject.toml). Each parses its arguments before importing torch,
-then calls the library.
+"""The commands (console scripts of pyproject.toml). Each parses and range-checks its arguments before
+importing torch, then calls the library; each main is wrapped by `cmoe_base.commands.command`, the
+error boundary every command shares (a user's mistake is one line naming it, exit status 2), and
+writes its output folders through `cmoe_base.outputs` (staged, renamed into place whole).
 
     train.py      cmoe-train (python train_vlm.py)
     eval.py       cmoe-eval (python -m cmoe_vlm.eval)

@@ -22,6 +22,9 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from cmoe_base.commands import Parser, command, fraction, non_negative_int, positive_int
+from cmoe_base.outputs import check_output
+
 if TYPE_CHECKING:  # the evaluation modules load torch: imported after the arguments are parsed
     from ..inference.runner import ModelRunner
 
@@ -104,30 +107,36 @@ def markdown(results: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+@command("cmoe-eval")
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="cmoe-eval", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = Parser(prog="cmoe-eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", action="append", required=True,
                     help="exported checkpoint folder (e.g. runs/tiny/final); repeat for side by side")
     ap.add_argument("--suite", default="builtin",
                     help="builtin (default) | suite folder or YAML | <type>*.jsonl task file | none")
     ap.add_argument("--out", required=True, help="output folder for results.json, results.md, reports")
-    ap.add_argument("--limit", type=int, default=None, help="records per task (default: all)")
-    ap.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass (default 8)")
+    ap.add_argument("--allow-outside-paths", action="store_true",
+                    help="let a suite read data and image files outside its own folder (refused by default)")
+    ap.add_argument("--limit", type=positive_int, default=None, help="records per task (default: all)")
+    ap.add_argument("--batch-size", type=positive_int, default=8, help="sequences per forward pass (default 8)")
     ap.add_argument("--no-long-context", action="store_true", help="skip the passkey / needle probes")
     ap.add_argument("--chat", action="store_true", help="ask every task as a conversation (the tokenizer's chat "
                     "template; as a task's `chat: true` option does): for models trained on chat data")
     ap.add_argument("--probes", nargs="+", default=None, metavar="PROBE",
                     help="long-context probes to run (default: all in cmoe_vlm/eval/long_context.py: passkey, needle)")
-    ap.add_argument("--lengths", nargs="+", type=int, default=None,
+    ap.add_argument("--lengths", nargs="+", type=positive_int, default=None,
                     help="context lengths in tokens (default 1024, 2048, ... up to max_seq_len)")
-    ap.add_argument("--depths", nargs="+", type=float, default=None,
+    ap.add_argument("--depths", nargs="+", type=fraction, default=None,
                     help="where the key / needle sits: 0 = start of the context, 1 = end (default 0 0.25 0.5 0.75 1)")
-    ap.add_argument("--samples", type=int, default=3, help="probe samples per (length, depth) cell (default 3)")
+    ap.add_argument("--samples", type=positive_int, default=3, help="probe samples per (length, depth) cell (default 3)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the probe contents (default 0)")
-    ap.add_argument("--compression-samples", type=int, default=32,
+    ap.add_argument("--compression-samples", type=non_negative_int, default=32,
                     help="built-in held-out samples for the per-modality compression ratios (default 32; 0 = skip)")
     args = ap.parse_args(argv)
+    names = [model_name(m) for m in args.model]
+    if len(set(names)) != len(names):
+        ap.error(f"two --model folders have the same name {names}: give them distinct folder names")
+    out = check_output(args.out, args.model, whole=False)
     from ..eval.long_context import DEFAULT_DEPTHS, PROBES
     from ..eval.tasks import load_suite
 
@@ -135,27 +144,19 @@ def main(argv: list[str] | None = None) -> int:
     if not set(args.probes) <= set(PROBES):
         ap.error(f"--probes: {sorted(set(args.probes) - set(PROBES))} unknown; choose from {', '.join(PROBES)}")
     args.depths = list(DEFAULT_DEPTHS) if args.depths is None else args.depths
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    names = [model_name(m) for m in args.model]
-    if len(set(names)) != len(names):
-        raise SystemExit(f"two --model folders have the same name {names}: give them distinct folder names")
     if args.suite == "none":
         suite = None
     elif args.suite == "builtin":
         from ..eval.builtin_suite import write_builtin_suite
+        out.mkdir(parents=True, exist_ok=True)
         suite = load_suite(write_builtin_suite(out / "suite"))
     else:
-        suite = load_suite(args.suite)
+        suite = load_suite(args.suite, allow_outside=args.allow_outside_paths)
     if args.chat and suite:
         for task in suite:
             task.options["chat"] = True
-    from cmoe_base import ConfigError
-    try:
-        results = {model_name(m): evaluate_model(m, suite, out, args) for m in args.model}
-    except ConfigError as e:  # e.g. a tokenizer that does not fit the model
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
+    out.mkdir(parents=True, exist_ok=True)
+    results = {model_name(m): evaluate_model(m, suite, out, args) for m in args.model}
     (out / "results.json").write_text(json.dumps({"suite": args.suite, "models": results}, indent=2))
     md = markdown(results)
     (out / "results.md").write_text(md)

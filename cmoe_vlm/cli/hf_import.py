@@ -7,26 +7,25 @@ imported, so `--help` is instant.
 from __future__ import annotations
 
 import argparse
-import sys
+
+from cmoe_base.commands import InputError, Parser, command
+from cmoe_base.outputs import check_output
 
 
+@command("cmoe-hf-import")
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="cmoe-hf-import", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = Parser(prog="cmoe-hf-import", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("src", help="local transformers model folder (config.json + safetensors [+ tokenizer])")
-    ap.add_argument("--out", required=True, help="export folder to write")
+    ap.add_argument("--out", required=True, help="export folder to write (new or empty; see --replace)")
+    ap.add_argument("--replace", action="store_true", help="replace a non-empty --out folder (whole, atomically)")
     args = ap.parse_args(argv)
-    from cmoe_base import ConfigError
-
-    from ..checkpoints.families import Unsupported
+    check_output(args.out, [args.src], args.replace)
     from ..checkpoints.from_transformers import import_checkpoint
-    from ..checkpoints.tensor_files import TensorFileError
 
     try:
         report = import_checkpoint(args.src, args.out)
-    except (Unsupported, TensorFileError, FileNotFoundError, ConfigError) as e:
-        print(f"error: {args.src}: {e}", file=sys.stderr)
-        return 2
+    except ValueError as e:  # the checkpoint's errors (Unsupported, TensorFileError, ConfigError) name the part
+        raise InputError(f"{args.src}: {e}") from None
     mib = 2 ** 20
     print(f"imported {report.family}: {report.layers} layers, {report.params / 1e6:.1f}M parameters, "
           f"{report.checkpoint_bytes / mib:.1f} MiB read in {report.seconds:.1f} s; peak RSS "

@@ -16,9 +16,12 @@ import json
 import sys
 from pathlib import Path
 
+from cmoe_base.commands import Parser, command
 
+
+@command("cmoe-train")
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(prog="cmoe-train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("config", help="experiment YAML (see configs/)")
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides")
     parser.add_argument("--builtin", action="store_true", help="generate the built-in dataset if it is missing")

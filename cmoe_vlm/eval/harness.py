@@ -23,7 +23,8 @@ model_args (both): pretrained=DIR (an exported checkpoint folder), device (defau
 device on a machine without CUDA falls back to the CPU with a warning: lm-eval passes `cuda:0` when
 --device is not given), batch_size (requests per forward; `auto` means 8: no memory probing),
 max_batch_size (caps it), max_gen_toks (default 256, lm-eval's default, when a task sets none),
-seed (sampling seed, default 1234).
+seed (sampling seed, default 1234). With lm-eval, model_args win over its own --device, --batch_size
+and --max_batch_size (which it always passes, with their defaults). A bad value is an error naming it.
 
 Generation options (a task's generation_kwargs or --gen_kwargs): `until` (stop strings; one that
 is a single token also ends its row early, any other cuts the text afterwards), `max_gen_toks` /
@@ -42,6 +43,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -49,6 +51,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tqdm import tqdm
+
+from cmoe_base.commands import command
 
 if TYPE_CHECKING:
     from ..inference.runner import ModelRunner, Pieces, Scored
@@ -98,7 +102,31 @@ def resolve_batch_size(batch_size: int | str, max_batch_size: int | str | None =
             raise ValueError(f"batch_size = {batch_size!r}: expected a positive integer or 'auto'") from None
     if size < 1:
         raise ValueError(f"batch_size = {batch_size!r}: must be >= 1")
-    return min(size, int(max_batch_size)) if max_batch_size else size
+    if max_batch_size is None:
+        return size
+    return min(size, model_arg_int("max_batch_size", max_batch_size, 1))
+
+
+def model_arg_int(name: str, value: int | str, low: int | None = None) -> int:
+    """An integer model_arg / generation option, or a ValueError naming it."""
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} = {value!r}: expected an integer") from None
+    if low is not None and number < low:
+        raise ValueError(f"{name} = {value!r}: must be >= {low}")
+    return number
+
+
+def model_arg_float(name: str, value: float | str) -> float:
+    """A finite number, or a ValueError naming the option."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} = {value!r}: expected a number") from None
+    if not math.isfinite(number):
+        raise ValueError(f"{name} = {value!r}: must be a finite number")
+    return number
 
 
 def resolve_device(device: str | None) -> str:
@@ -162,8 +190,8 @@ class GenerationOptions:
         lengths = {kw[k] for k in ("max_gen_toks", "max_new_tokens") if k in kw}
         if len(lengths) > 1:
             raise ValueError(f"max_gen_toks and max_new_tokens disagree: {sorted(lengths)}")
-        max_new = int(lengths.pop()) if lengths else int(default_max_new_tokens)
-        temperature = float(kw.get("temperature", 0.0))
+        max_new = model_arg_int("max_gen_toks", lengths.pop() if lengths else default_max_new_tokens, 0)
+        temperature = model_arg_float("temperature", kw.get("temperature", 0.0))
         do_sample = _as_bool(kw["do_sample"], "do_sample") if "do_sample" in kw else temperature > 0
         if not do_sample:
             return cls(until, max_new)
@@ -172,8 +200,8 @@ class GenerationOptions:
         if temperature <= 0:
             raise ValueError(f"do_sample=True needs temperature > 0 (got temperature = {temperature})")
         seed = kw.get("seed", default_seed)
-        return cls(until, max_new, temperature, float(kw.get("top_p", 1.0)), int(kw.get("top_k", 0)),
-                   None if seed is None else int(seed))
+        return cls(until, max_new, temperature, model_arg_float("top_p", kw.get("top_p", 1.0)),
+                   model_arg_int("top_k", kw.get("top_k", 0), 0), None if seed is None else model_arg_int("seed", seed))
 
 
 # ----------------------------------------------------------------------------- batched calls
@@ -238,12 +266,23 @@ class CMoELMEval(_LMBase):
         if not HAVE_LM_EVAL:
             raise ImportError("CMoELMEval needs lm-eval: pip install 'lm-eval==0.4.13' (or the project's eval extra)")
         if unused:
-            raise TypeError(f"CMoELMEval: unknown model_args {sorted(unused)}; known: pretrained, device, batch_size, "
-                            "max_batch_size, max_gen_toks, seed")
+            raise ValueError(f"CMoELMEval: unknown model_args {sorted(unused)}; known: pretrained, device, batch_size, "
+                             "max_batch_size, max_gen_toks, seed")
         super().__init__()
+        self.max_gen_toks = model_arg_int("max_gen_toks", max_gen_toks, 0)
+        self.seed = model_arg_int("seed", seed)
         self.runner = load_runner(pretrained, device, batch_size, max_batch_size)
-        self.max_gen_toks = int(max_gen_toks)
-        self.seed = int(seed)
+
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None) -> CMoELMEval:
+        """lm-eval's way in: `--model_args` wins over the values lm-eval passes for its own --device,
+        --batch_size and --max_batch_size (always passed, with their defaults), so the documented
+        model_args device=... and batch_size=... work."""
+        from lm_eval.utils import simple_parse_args_string
+
+        args = simple_parse_args_string(arg_string)
+        given = {k: v for k, v in (additional_config or {}).items() if v is not None and k not in args}
+        return cls(**args, **given)
 
     def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
         contexts = [[r.args[0]] if r.args[0] else [] for r in requests]
@@ -293,8 +332,10 @@ def register_lm_eval() -> None:
             model_registry.register(name, target="cmoe_vlm.eval.harness:CMoELMEval")
 
 
-def lm_eval_main() -> None:
-    """`cmoe-lm-eval`: lm-eval's command line (`lm-eval ...`) with cmoe-vlm registered."""
+@command("cmoe-lm-eval")
+def lm_eval_main() -> int:
+    """`cmoe-lm-eval`: lm-eval's command line (`lm-eval ...`) with cmoe-vlm registered; a bad model_arg,
+    generation option or file is one line with exit status 2, as for our own commands."""
     if not HAVE_LM_EVAL:
         raise SystemExit("cmoe-lm-eval needs lm-eval: pip install 'cmoe-vlm[eval]' (lm-eval==0.4.13)")
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # spin-waiting OpenMP threads cost several x on small CPUs
@@ -302,6 +343,7 @@ def lm_eval_main() -> None:
     from lm_eval.__main__ import cli_evaluate
 
     cli_evaluate()
+    return 0
 
 
 if HAVE_LM_EVAL:
@@ -334,4 +376,4 @@ def lmms_models():
 
 
 if __name__ == "__main__":
-    lm_eval_main()
+    raise SystemExit(lm_eval_main())

@@ -24,24 +24,25 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from cmoe_base.commands import InputError, Parser, command
+
 HARNESSES = ("lm-eval", "lmms-eval")
 DEFAULT_PREFIX = "cmoe_"
+SAFE_NAME = re.compile(r"[A-Za-z0-9_.-]+")
 MODULE = "cmoe_vlm.eval.harness_tasks"  # named by the task files (also when this runs as __main__)
 
 
 def doc_to_visual(doc: dict[str, Any]) -> list[Any]:
     """The record's image (an absolute path, as written by `write_harness_tasks`), or none."""
-    from PIL import Image
+    from data_pipelines.images import open_image
 
-    if not doc.get("image"):
-        return []
-    with Image.open(doc["image"]) as img:
-        return [img.convert("RGB")]
+    return [open_image(doc["image"])] if doc.get("image") else []
 
 
 def vqa_process_results(doc: dict[str, Any], results: list[str]) -> dict[str, float]:
@@ -76,7 +77,7 @@ def _rows(task) -> list[dict[str, Any]]:
     rows = []
     for i, rec in enumerate(task.records(task.options.get("limit"))):
         where = f"{task.data}: record {i + 1}"
-        image = str((task.data.parent / rec["image"]).resolve()) if rec.get("image") else ""
+        image = _image_path(task, rec, where)
         if task.type == "multiple_choice":
             prompt, choices, answer = multiple_choice_fields(rec, where, task.options)
             rows.append({"image": image, "prompt": prompt, "choices": choices, "answer": answer})
@@ -84,8 +85,29 @@ def _rows(task) -> list[dict[str, Any]]:
             prompt, answers = vqa_fields(rec, where)
             rows.append({"image": image, "prompt": prompt, "answers": answers, "answer": answers[0]})
         else:
+            if not isinstance(rec.get("text"), str) or not rec["text"]:
+                raise InputError(f"{where}: a perplexity record needs a non-empty string 'text'")
             rows.append({"text": rec["text"]})
     return rows
+
+
+def _image_path(task, rec: dict[str, Any], where: str) -> str:
+    """The record's image as an absolute path inside the suite's folder (unless the suite allows outside paths)."""
+    if not rec.get("image"):
+        return ""
+    if not isinstance(rec["image"], str):
+        raise InputError(f"{where}: image {rec['image']!r} is not a path string")
+    return str(task.inside(task.data.parent / rec["image"], "image"))
+
+
+def task_file_name(prefix: str, name: str) -> str:
+    """`prefix + name` if it is a plain file name (letters, digits, `_`, `-`, `.`; not hidden): a
+    task name never leads out of --out."""
+    full = f"{prefix}{name}"
+    if not SAFE_NAME.fullmatch(full) or full.startswith("."):
+        raise InputError(f"task name {full!r} (prefix {prefix!r} + name {name!r}): use letters, digits, '_', '-' "
+                         "and '.' only: task files are written as OUT/<name>.yaml")
+    return full
 
 
 def _spec(task, rows: list[dict[str, Any]], harness: str) -> dict[str, Any] | None:
@@ -114,22 +136,26 @@ def _spec(task, rows: list[dict[str, Any]], harness: str) -> dict[str, Any] | No
 
 
 def write_harness_tasks(suite: str | Path, out: str | Path, harness: str = "lmms-eval",
-                        prefix: str = DEFAULT_PREFIX) -> list[str]:
-    """Write the tasks of `suite` that `harness` can run (see the module docstring) into `out`;
-    returns their task names."""
+                        prefix: str = DEFAULT_PREFIX, allow_outside: bool = False) -> list[str]:
+    """Write the tasks of `suite` that `harness` can run (see the module docstring) into `out`, and
+    nowhere else; returns their task names. Images outside the suite's folder are refused unless
+    `allow_outside`."""
     from .tasks import load_suite
 
     if harness not in HARNESSES:
         raise ValueError(f"harness {harness!r}: expected one of {', '.join(HARNESSES)}")
     out = Path(out)
+    tasks = load_suite(suite, allow_outside)
+    for task in tasks:
+        task_file_name(prefix, task.name)
     out.mkdir(parents=True, exist_ok=True)
     names = []
-    for task in load_suite(suite):
+    for task in tasks:
         rows = _rows(task) if task.type in ("multiple_choice", "vqa", "perplexity") else []
         spec = _spec(task, rows, harness) if rows else None
         if spec is None:
             continue
-        name = f"{prefix}{task.name}"
+        name = task_file_name(prefix, task.name)
         data = out / f"{name}.jsonl"
         data.write_text("".join(json.dumps(r) + "\n" for r in rows))
         head = {"task": name, "dataset_path": "json",
@@ -139,21 +165,24 @@ def write_harness_tasks(suite: str | Path, out: str | Path, harness: str = "lmms
         (out / f"{name}.yaml").write_text(f"# {harness} task written by {MODULE} from {task.data}\n{text}")
         names.append(name)
     if not names:
-        raise ValueError(f"{suite}: no task that {harness} can run (it runs: "
+        raise InputError(f"{suite}: no task that {harness} can run (it runs: "
                          + ("multiple_choice, vqa" if harness == "lmms-eval" else
                             "multiple_choice without images, perplexity") + ")")
     return names
 
 
+@command("harness_tasks")
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m cmoe_vlm.eval.harness_tasks", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = Parser(prog="python -m cmoe_vlm.eval.harness_tasks", description=__doc__,
+                formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--harness", choices=HARNESSES, required=True, help="which harness the task files are for")
     ap.add_argument("--suite", required=True, help="suite folder or YAML, or a <type>*.jsonl task file")
     ap.add_argument("--out", required=True, help="folder for the task files (the harness's --include_path)")
     ap.add_argument("--prefix", default=DEFAULT_PREFIX, help="prefix of the task names (default %(default)s)")
+    ap.add_argument("--allow-outside-paths", action="store_true",
+                    help="let the suite's images lie outside its folder (refused by default)")
     args = ap.parse_args(argv)
-    names = write_harness_tasks(args.suite, args.out, args.harness, args.prefix)
+    names = write_harness_tasks(args.suite, args.out, args.harness, args.prefix, args.allow_outside_paths)
     print(f"wrote {len(names)} {args.harness} tasks to {args.out}: {','.join(names)}")
     return 0
 

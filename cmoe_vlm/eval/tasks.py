@@ -55,8 +55,10 @@ from typing import TYPE_CHECKING, Any
 import yaml
 from PIL import Image
 
+from cmoe_base.commands import InputError
 from data_pipelines.chat import Message, render_chat
-from data_pipelines.shards import qa_prompt, to_rgb
+from data_pipelines.images import check_regular_file, open_image
+from data_pipelines.shards import qa_prompt
 
 from .vqa_metric import vqa_accuracy
 
@@ -69,45 +71,70 @@ NUM_EXAMPLES = 5  # predictions kept in the results for a quick look
 
 @dataclass
 class Task:
+    """One task of a suite. Its data file and images lie inside `root` (the suite's folder) unless
+    `allow_outside` (cmoe-eval --allow-outside-paths)."""
+
     name: str
     type: str
     data: Path
     options: dict[str, Any] = field(default_factory=dict)
+    root: Path | None = None
+    allow_outside: bool = False
 
     def __post_init__(self) -> None:
         if self.type not in TASK_TYPES:
-            raise ValueError(f"task {self.name!r}: type {self.type!r} is not one of {', '.join(TASK_TYPES)}")
+            raise InputError(f"task {self.name!r}: type {self.type!r} is not one of {', '.join(TASK_TYPES)}")
+        self.root = (self.root or self.data.parent).resolve()
+        self.data = self.inside(self.data, "data file")
+        limit = self.options.get("limit")
+        if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
+            raise InputError(f"task {self.name!r}: limit = {limit!r}: must be an integer >= 1")
+
+    def inside(self, path: str | Path, what: str) -> Path:
+        """`path` resolved (links followed), refused outside the suite's folder unless allowed."""
+        resolved = Path(path).resolve()
+        if not self.allow_outside and resolved != self.root and self.root not in resolved.parents:
+            raise InputError(f"task {self.name!r}: {what} {path} is outside the suite's folder {self.root} "
+                             "(pass --allow-outside-paths to read it)")
+        return resolved
 
     def records(self, limit: int | None = None) -> list[dict[str, Any]]:
-        if not self.data.is_file():
-            raise FileNotFoundError(f"task {self.name!r}: data file {self.data} does not exist")
+        check_regular_file(self.data, f"task {self.name!r}: data file")
         out = []
-        with self.data.open() as f:
-            for line_no, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{self.data}:{line_no}: {e}") from None
-                out.append(rec)
-                if limit is not None and len(out) >= limit:
-                    break
+        try:
+            with self.data.open(encoding="utf-8") as f:
+                for line_no, line in enumerate(f, 1):
+                    if limit is not None and len(out) >= limit:
+                        break
+                    if line.strip():
+                        out.append(self._record(line, line_no))
+        except UnicodeDecodeError as e:
+            raise InputError(f"{self.data}: not UTF-8 text ({e.reason} at byte {e.start})") from None
         if not out:
-            raise ValueError(f"task {self.name!r}: {self.data} holds no records")
+            raise InputError(f"task {self.name!r}: {self.data} holds no records")
         return out
+
+    def _record(self, line: str, line_no: int) -> dict[str, Any]:
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise InputError(f"{self.data}:{line_no}: {e}") from None
+        if not isinstance(rec, dict):
+            raise InputError(f"{self.data}:{line_no}: a record must be a JSON object, got {type(rec).__name__}")
+        return rec
 
     def image(self, rec: dict[str, Any]) -> Image.Image | None:
         if not rec.get("image"):
             return None
-        path = self.data.parent / rec["image"]
-        with Image.open(path) as img:
-            return to_rgb(img)  # 16-bit PNGs scaled, not clipped to white
+        if not isinstance(rec["image"], str):
+            raise InputError(f"{self.data}: image {rec['image']!r} is not a path string")
+        return open_image(self.inside(self.data.parent / rec["image"], "image"))
 
 
-def load_suite(path: str | Path) -> list[Task]:
+def load_suite(path: str | Path, allow_outside: bool = False) -> list[Task]:
     """Tasks of a suite folder (`suite.yaml` inside), a suite YAML, or one JSONL file whose name
-    starts with its type (e.g. `multiple_choice_colours.jsonl`)."""
+    starts with its type (e.g. `multiple_choice_colours.jsonl`). Data files and images must lie in
+    the suite's folder unless `allow_outside`."""
     path = Path(path)
     if path.is_dir():
         path = path / "suite.yaml"
@@ -116,19 +143,34 @@ def load_suite(path: str | Path) -> list[Task]:
     if path.suffix == ".jsonl":
         kind = next((t for t in TASK_TYPES if path.stem.startswith(t)), None)
         if kind is None:
-            raise ValueError(f"{path}: a single task file must be named <type>*.jsonl, type one of {TASK_TYPES}")
-        return [Task(path.stem, kind, path.resolve())]
-    spec = yaml.safe_load(path.read_text()) or {}
-    tasks = []
-    for i, t in enumerate(spec.get("tasks", [])):
-        missing = [k for k in ("name", "type", "data") if k not in t]
-        if missing:
-            raise ValueError(f"{path}: tasks[{i}] lacks {', '.join(missing)}")
-        opts = {k: v for k, v in t.items() if k not in ("name", "type", "data")}
-        tasks.append(Task(t["name"], t["type"], (path.parent / t["data"]).resolve(), opts))
-    if not tasks:
-        raise ValueError(f"{path}: no tasks listed under 'tasks:'")
+            raise InputError(f"{path}: a single task file must be named <type>*.jsonl, type one of {TASK_TYPES}")
+        return [Task(path.stem, kind, path.resolve(), allow_outside=allow_outside)]
+    try:
+        spec = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise InputError(f"{path}: not a readable YAML file ({' '.join(str(e).split())})") from None
+    entries = spec.get("tasks") if isinstance(spec, dict) else None
+    if not isinstance(entries, list) or not entries:
+        raise InputError(f"{path}: expected a mapping with a non-empty list under 'tasks:'")
+    tasks = [_suite_task(path, i, t, allow_outside) for i, t in enumerate(entries)]
+    names = [t.name for t in tasks]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise InputError(f"{path}: task names {repeated} appear more than once: results are keyed by name")
     return tasks
+
+
+def _suite_task(path: Path, i: int, t: Any, allow_outside: bool) -> Task:
+    if not isinstance(t, dict):
+        raise InputError(f"{path}: tasks[{i}] must be a mapping with name, type and data")
+    missing = [k for k in ("name", "type", "data") if k not in t]
+    if missing:
+        raise InputError(f"{path}: tasks[{i}] lacks {', '.join(missing)}")
+    bad = [k for k in ("name", "type", "data") if not isinstance(t[k], str) or not t[k]]
+    if bad:
+        raise InputError(f"{path}: tasks[{i}]: {', '.join(bad)} must be non-empty strings")
+    opts = {k: v for k, v in t.items() if k not in ("name", "type", "data")}
+    return Task(t["name"], t["type"], path.parent / t["data"], opts, root=path.parent, allow_outside=allow_outside)
 
 
 # ----------------------------------------------------------------------------- text normalisation
@@ -171,13 +213,13 @@ def _one_field(rec: dict[str, Any], fields: tuple[str, ...], chosen: str | None,
                option: str) -> str:
     if chosen is not None:
         if chosen not in rec:
-            raise ValueError(f"{where}: no field {chosen!r} ({option} of the task); the record has {sorted(rec)}")
+            raise InputError(f"{where}: no field {chosen!r} ({option} of the task); the record has {sorted(rec)}")
         return chosen
     found = [f for f in fields if f in rec]
     if len(found) > 1:
-        raise ValueError(f"{where}: several {role} fields {found}: set {option} for the task to choose")
+        raise InputError(f"{where}: several {role} fields {found}: set {option} for the task to choose")
     if not found:
-        raise ValueError(f"{where}: no {role} field: expected one of {', '.join(fields)} (or set {option} for the "
+        raise InputError(f"{where}: no {role} field: expected one of {', '.join(fields)} (or set {option} for the "
                          f"task); the record has {sorted(rec)}")
     return found[0]
 
@@ -191,12 +233,12 @@ def multiple_choice_fields(rec: dict[str, Any], where: str, options: dict[str, A
     if isinstance(chosen, list):
         missing = [f for f in chosen if f not in rec]
         if missing:
-            raise ValueError(f"{where}: no field(s) {missing} (prompt_field of the task); the record has {sorted(rec)}")
+            raise InputError(f"{where}: no field(s) {missing} (prompt_field of the task); the record has {sorted(rec)}")
         prompt = "\n".join(str(rec[f]) for f in chosen)
     else:
         prompt = rec[_one_field(rec, MC_PROMPT_FIELDS, chosen, "prompt", where, "prompt_field")]
     if not isinstance(prompt, str):
-        raise ValueError(f"{where}: the prompt is a {type(prompt).__name__}, expected a string")
+        raise InputError(f"{where}: the prompt is a {type(prompt).__name__}, expected a string")
 
     labels: list[str] | None = None
     if options.get("choices_field") is None and not any(f in rec for f in MC_CHOICE_FIELDS) and \
@@ -215,8 +257,10 @@ def multiple_choice_fields(rec: dict[str, Any], where: str, options: dict[str, A
             choices = choices["text"]
     if not isinstance(choices, list) or len(choices) < 2 or \
             not all(isinstance(c, (str, int, float)) and not isinstance(c, bool) for c in choices):
-        raise ValueError(f"{where}: choices must be a list of at least 2 strings, got {choices!r}")
+        raise InputError(f"{where}: choices must be a list of at least 2 strings, got {choices!r}")
     choices = [str(c) for c in choices]
+    if not all(c.strip() for c in choices):
+        raise InputError(f"{where}: a choice is empty, got {choices!r}")
 
     answer = rec[_one_field(rec, MC_ANSWER_FIELDS, options.get("answer_field"), "answer", where, "answer_field")]
     return prompt, choices, _answer_index(answer, choices, labels, where)
@@ -236,10 +280,10 @@ def _answer_index(answer: Any, choices: list[str], labels: list[str] | None, whe
     elif isinstance(answer, str) and answer.strip().isdigit():
         index = int(answer)
     else:
-        raise ValueError(f"{where}: answer {answer!r} is not an index, a choice, or a choice's label/letter "
+        raise InputError(f"{where}: answer {answer!r} is not an index, a choice, or a choice's label/letter "
                          f"(choices {choices})")
     if not 0 <= index < n:
-        raise ValueError(f"{where}: answer {answer!r} is not an index into its {n} choices")
+        raise InputError(f"{where}: answer {answer!r} is not an index into its {n} choices")
     return index
 
 
@@ -293,16 +337,16 @@ def vqa_fields(rec: dict[str, Any], where: str, chat: bool = False) -> tuple[str
     else:
         field = next((f for f in VQA_QUESTION_FIELDS if isinstance(rec.get(f), str)), None)
         if field is None:
-            raise ValueError(f"{where}: no question: expected a string field prompt, "
+            raise InputError(f"{where}: no question: expected a string field prompt, "
                              f"{' or '.join(VQA_QUESTION_FIELDS)}; the record has {sorted(rec)}")
         prompt = rec[field] if chat else qa_prompt(rec[field])
     field = next((f for f in VQA_ANSWER_FIELDS if rec.get(f) not in (None, "", [])), None)
     if field is None:
-        raise ValueError(f"{where}: no answers: expected {' or '.join(VQA_ANSWER_FIELDS)}; the record has {sorted(rec)}")
+        raise InputError(f"{where}: no answers: expected {' or '.join(VQA_ANSWER_FIELDS)}; the record has {sorted(rec)}")
     answers = rec[field] if isinstance(rec[field], list) else [rec[field]]
     answers = [a["answer"] if isinstance(a, dict) and "answer" in a else a for a in answers]
     if not all(isinstance(a, str) for a in answers):
-        raise ValueError(f"{where}: answers must be strings (or {{'answer': str}}), got {rec[field]!r}")
+        raise InputError(f"{where}: answers must be strings (or {{'answer': str}}), got {rec[field]!r}")
     return prompt, answers
 
 
@@ -347,8 +391,19 @@ def caption_scores(refs: dict[str, list[str]], preds: dict[str, str]) -> dict[st
     return {**{f"bleu{i + 1}": float(b) for i, b in enumerate(bleu)}, "cider": float(cider), "rouge_l": float(rouge)}
 
 
+def caption_references(rec: dict[str, Any], where: str) -> list[str]:
+    """The references of a caption record: a list of strings, or one string (one reference)."""
+    refs = rec.get("references")
+    refs = [refs] if isinstance(refs, str) else refs
+    if not isinstance(refs, list) or not refs or not all(isinstance(r, str) and r.strip() for r in refs):
+        raise InputError(f"{where}: references must be a non-empty string or list of strings, got {refs!r}")
+    return refs
+
+
 def run_caption(runner: ModelRunner, task: Task, limit: int | None = None) -> dict[str, Any]:
     recs = task.records(limit)
+    for i, r in enumerate(recs):
+        r["references"] = caption_references(r, f"{task.data}: record {i + 1}")
     prompts = [_with_image(runner, task, r, r.get("prompt", "")) for r in recs]
     preds = runner.generate(prompts, int(task.options.get("max_new_tokens", 48)), stop=("\n",))
     refs = {str(i): r["references"] for i, r in enumerate(recs)}
@@ -369,7 +424,9 @@ def run_perplexity(runner: ModelRunner, task: Task, limit: int | None = None) ->
     recs = task.records(limit)
     nll = 0.0
     tokens = nbytes = 0
-    for rec in recs:
+    for i, rec in enumerate(recs):
+        if not isinstance(rec.get("text"), str) or not rec["text"]:
+            raise InputError(f"{task.data}: record {i + 1}: a perplexity record needs a non-empty string 'text'")
         n, t = runner.text_nll(rec["text"])
         nll, tokens, nbytes = nll + n, tokens + t, nbytes + len(rec["text"].encode())
     return {"type": task.type, "n": len(recs), "bits_per_byte": bits_per_byte(nll, nbytes),

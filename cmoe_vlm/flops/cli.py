@@ -4,14 +4,13 @@ ConceptMoE proposals for it, as a table or JSON. The model code (and torch) load
 arguments are parsed."""
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
-import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from cmoe_base import ConfigError
+from cmoe_base.commands import InputError, Parser, command, positive_float, positive_int
 
 from ..config import from_dict, load_yaml
 
@@ -74,29 +73,26 @@ def format_table(rows: list[Proposal]) -> str:
     return "\n".join(out + ["notes:"] + notes)
 
 
+@command("cmoe-flops")
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(
+    ap = Parser(
         prog="cmoe-flops",
         description="Params, activated FLOPs/token (attention map excluded), attention-map FLOPs and KV "
                     "bytes of a model config, and ConceptMoE configs matched to it in activated FLOPs "
                     "by the paper's three compute-reallocation strategies.")
     ap.add_argument("config", help="YAML with a top-level `model:` section, or a bare ModelConfig mapping")
-    ap.add_argument("--ratio", type=float, default=None,
+    ap.add_argument("--ratio", type=positive_float, default=None,
                     help="compression R (default: the config's model.chunk.target_ratio)")
-    ap.add_argument("--seq-len", type=int, default=None, help="for attention-map FLOPs (default: max_seq_len)")
-    ap.add_argument("--loop-layers", type=int, default=None, help="fix the looped strategy's loop_layers")
+    ap.add_argument("--seq-len", type=positive_int, default=None, help="for attention-map FLOPs (default: max_seq_len)")
+    ap.add_argument("--loop-layers", type=positive_int, default=None, help="fix the looped strategy's loop_layers")
     ap.add_argument("--match", choices=("concept", "model"), default="concept",
                     help="match the concept layers' FLOPs (the paper's equations, default) or the whole model's")
-    ap.add_argument("--kv-bytes", type=int, default=2, help="bytes per cached value (default 2, bf16)")
+    ap.add_argument("--kv-bytes", type=positive_int, default=2, help="bytes per cached value (default 2, bf16)")
     ap.add_argument("--json", action="store_true", help="print the records as JSON instead of a table")
     args = ap.parse_args(argv)
     from .accounting import account, kv_cache_bytes_per_token
     from .reallocation import Proposal, propose
-    try:
-        cfg = load_model_config(args.config)
-    except (ConfigError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    cfg = load_model_config(args.config)
     ratio = args.ratio if args.ratio is not None else cfg.chunk.target_ratio
     seq_len = args.seq_len or cfg.max_seq_len
     header = []
@@ -109,8 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         baseline = cfg
     if ratio <= 1:
-        print(f"error: ratio = {ratio}: must be > 1 (pass --ratio)", file=sys.stderr)
-        return 2
+        raise InputError(f"ratio = {ratio}: must be > 1 (pass --ratio)")
     rows = propose(baseline, ratio, seq_len, args.loop_layers, args.match)
     if given is not None:
         b = rows[0].cost

@@ -16,8 +16,12 @@ from .processing import ConceptMoEImageProcessor, ConceptMoEProcessor
 
 __all__ = ["MODEL_TYPE", "ConceptMoEConfig", "ConceptMoEForCausalLM", "ConceptMoEImageProcessor", "ConceptMoEProcessor"]
 
-AutoConfig.register(MODEL_TYPE, ConceptMoEConfig)
-AutoModelForCausalLM.register(ConceptMoEConfig, ConceptMoEForCausalLM)
+# Served from an export's bundle (trust_remote_code without cmoe-vlm installed) the folder's auto_map
+# names the config and model classes: registering them here would make every later export in the
+# process build its model with this bundle's code instead of its own.
+if not hasattr(getattr(__spec__, "loader", None), "bundled_files"):
+    AutoConfig.register(MODEL_TYPE, ConceptMoEConfig)
+    AutoModelForCausalLM.register(ConceptMoEConfig, ConceptMoEForCausalLM)
 AutoImageProcessor.register(ConceptMoEConfig, image_processor_classes={  # one class: timm's transform
     "torchvision": ConceptMoEImageProcessor, "pil": ConceptMoEImageProcessor})
 AutoProcessor.register(ConceptMoEConfig, ConceptMoEProcessor)

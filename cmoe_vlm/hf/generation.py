@@ -179,6 +179,9 @@ def packed_batch(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, m
                  image_sizes: torch.Tensor | None = None) -> tuple[Batch, torch.Tensor | None]:
     """The full (uncached) forward's batch: our packed `doc_ids` if given, else one document per row
     from the attention mask; transformers-style labels shifted onto our targets."""
+    for name, t in (("attention_mask", attention_mask), ("labels", labels), ("doc_ids", doc_ids)):
+        if t is not None and t.shape != input_ids.shape:
+            raise ValueError(f"{name} has shape {tuple(t.shape)}, input_ids {tuple(input_ids.shape)}: they must match")
     if doc_ids is not None:
         if attention_mask is not None and not torch.equal(attention_mask.bool(), doc_ids >= 0):
             raise ValueError("attention_mask and doc_ids disagree: give one of them (doc_ids −1 marks padding)")
@@ -203,6 +206,15 @@ def shift_hf_labels(labels: torch.Tensor, modality: torch.Tensor | None, doc_ids
     ignored = torch.zeros_like(labels, dtype=torch.bool)
     ignored[:, :-1] = labels[:, 1:] == IGNORE_INDEX
     return shifted.masked_fill(ignored, IGNORE_INDEX)
+
+
+def check_input_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
+    """input_ids of shape (B, T) with B, T >= 1 and every id in [0, vocab_size)."""
+    if input_ids.dim() != 2 or input_ids.numel() == 0:
+        raise ValueError(f"input_ids has shape {tuple(input_ids.shape)}: expected (batch, tokens), both >= 1")
+    low, high = int(input_ids.min()), int(input_ids.max())
+    if low < 0 or high >= vocab_size:
+        raise ValueError(f"input_ids hold ids from {low} to {high}: the model's vocabulary is 0..{vocab_size - 1}")
 
 
 def resolve_modality(input_ids: torch.Tensor, modality: torch.Tensor | None, mm_token_type_ids: torch.Tensor | None,

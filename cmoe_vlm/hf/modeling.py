@@ -14,6 +14,7 @@ export adds for transformers (processor config, remote code): cmoe_vlm/checkpoin
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -29,8 +30,8 @@ from ..config import from_dict, to_dict
 from ..model.conceptmoe import LEGACY_KEYS
 from ..model.vlm import ConceptMoEVLM, VLMConfig
 from ..objective import Objective
-from .generation import (ConceptCache, ConceptGeneration, check_no_other_inputs, packed_batch, resolve_modality,
-                            restore_columns)
+from .generation import (ConceptCache, ConceptGeneration, check_input_ids, check_no_other_inputs, packed_batch,
+                         resolve_modality, restore_columns)
 
 MODEL_TYPE = "cmoe_vlm"
 
@@ -77,12 +78,27 @@ class ConceptMoEForCausalLM(ConceptGeneration, PreTrainedModel, GenerationMixin)
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
         """Export folders of format version 1 keep their weights under older names: they load through
-        a key mapping (transformers' loader does not call the model's own load_state_dict hook)."""
+        a key mapping (transformers' loader does not call the model's own load_state_dict hook). A
+        folder whose weights do not match its config (missing, unexpected or mis-shaped tensors) is
+        refused, as `load_pretrained` refuses it, rather than loaded with random or dropped weights."""
         config = Path(pretrained_model_name_or_path) / "config.json"
         if config.is_file() and json.loads(config.read_text()).get("version", 1) < VERSION:
             kwargs.setdefault("key_mapping", dict((rf"^lm\.{p[1:]}", f"lm.{r}") if p.startswith("^") else (p, r)
                                                   for p, r in LEGACY_KEYS))
-        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        want_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True,
+                                              **kwargs)
+        wrong = {k: sorted(map(str, v))[:5] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")
+                 if (v := info.get(k))}
+        if wrong:
+            raise ValueError(f"{pretrained_model_name_or_path}: model.safetensors does not match its config.json "
+                             f"({'; '.join(f'{k}: {v}' for k, v in wrong.items())}): not loaded with random or "
+                             "dropped weights")
+        if getattr(model.config, "parts", None) == ["lm"]:
+            warnings.warn(f"{pretrained_model_name_or_path}: an import of a language model only: its vision tower "
+                          "and projector are random placeholders, so image inputs mean nothing until it is trained "
+                          "on images", stacklevel=2)
+        return (model, info) if want_info else model
 
     def save_pretrained(self, save_directory, *args, **kwargs) -> None:
         """transformers' save, plus what our export adds for transformers (processor config, remote code)."""
@@ -114,6 +130,7 @@ class ConceptMoEForCausalLM(ConceptGeneration, PreTrainedModel, GenerationMixin)
         one's (H, W), as the processor returns them. With a
         `cache` (or use_cache=True) the columns extend its decoding state: generate() decodes so."""
         check_no_other_inputs(kwargs)
+        check_input_ids(input_ids, self.vlm.cfg.model.vocab_size)
         images = pixel_values if pixel_values is not None else images
         modality = resolve_modality(input_ids, modality, mm_token_type_ids, images,
                                     getattr(self.config, "image_token_id", None))

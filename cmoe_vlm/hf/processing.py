@@ -28,6 +28,7 @@ from transformers import BatchFeature, ProcessorMixin
 from transformers.image_processing_utils import BaseImageProcessor
 
 from cmoe_base import Modality, Tiles, stack_images
+from data_pipelines.images import to_rgb
 from data_pipelines.sequence import build_sequence
 from data_pipelines.tokenizer import IMAGE_TOKENS, HFTokenizer
 
@@ -85,7 +86,7 @@ class ConceptMoEImageProcessor(BaseImageProcessor):
             from timm.data import create_transform
             cfg = {k: tuple(v) if isinstance(v, list) else v for k, v in ((k, getattr(self, k)) for k in TIMM_FIELDS)}
             self._transform = create_transform(**cfg, is_training=False)
-        return self._transform(image.convert("RGB"))
+        return self._transform(to_rgb(image))  # 16-bit greyscale scaled, as in training
 
     def __call__(self, images, return_tensors: str | None = "pt", **kwargs: Any) -> BatchFeature:
         images = list(images) if isinstance(images, (list, tuple)) else [images]
@@ -101,7 +102,7 @@ class ConceptMoEImageProcessor(BaseImageProcessor):
         """LM tokens of one image at its own size (max_pixels set): rows × cols of its token grid."""
         if self._transform is None:
             self.transform(image)  # builds the FitTransform
-        (uh, uw), (height, width) = self.token_unit, self._transform.size(image.convert("RGB"))
+        (uh, uw), (height, width) = self.token_unit, self._transform.size(to_rgb(image))
         return (height // uh) * (width // uw)
 
     preprocess = __call__

@@ -17,6 +17,8 @@ running (or on the cache): the same seed gives the same tokens with and without 
 """
 from __future__ import annotations
 
+import math
+
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -105,9 +107,9 @@ def sample_next(logits: torch.Tensor, temperature: float, top_p: float, top_k: i
 def _check_args(max_new_tokens: int, temperature: float, top_p: float, top_k: int) -> None:
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens = {max_new_tokens}: must be >= 0")
-    if temperature < 0:
-        raise ValueError(f"temperature = {temperature}: must be >= 0 (0 = greedy)")
-    if not 0 < top_p <= 1:
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise ValueError(f"temperature = {temperature}: must be a finite number >= 0 (0 = greedy)")
+    if not 0 < top_p <= 1:  # False for NaN too
         raise ValueError(f"top_p = {top_p}: must be in (0, 1]")
     if top_k < 0:
         raise ValueError(f"top_k = {top_k}: must be >= 0 (0 = no limit)")

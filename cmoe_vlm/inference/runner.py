@@ -16,6 +16,7 @@ by construction.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,7 @@ import torch.nn.functional as F
 
 from cmoe_base import Batch, ConfigError, Modality
 from data_pipelines.chat import DEFAULT_CHAT_TEMPLATE, Message, render_chat
+from data_pipelines.images import to_rgb
 from data_pipelines.sequence import TokenSequence, build_sequence
 from data_pipelines.tokenizer import Tokenizer, load_tokenizer
 
@@ -71,13 +73,19 @@ class ModelRunner:
     @classmethod
     def load(cls, folder: str | Path, device: str = "cpu", batch_size: int = 8) -> ModelRunner:
         model, meta = load_pretrained(folder, device=device)
-        tok = load_tokenizer(meta.get("tokenizer", "byte"))
-        return cls(model, tok, batch_size, name=Path(folder).as_posix())
+        spec = meta.get("tokenizer", "byte")
+        if spec is None:
+            raise ConfigError(f"{folder}: the export has no tokenizer (imported from a folder without tokenizer "
+                              "files): import again from a folder holding them")
+        if meta.get("parts") == ["lm"]:
+            warnings.warn(f"{folder}: an import of a language model only: its vision tower and projector are random "
+                          "placeholders, so image results mean nothing until it is trained on images", stacklevel=2)
+        return cls(model, load_tokenizer(spec), batch_size, name=Path(folder).as_posix())
 
     # ------------------------------------------------------------------ sequences
     def sequence(self, pieces: Pieces, add_eos: bool = False) -> TokenSequence:
         """Pieces -> token sequence (bos first; images transformed to tensors)."""
-        pieces = [p if isinstance(p, (str, torch.Tensor)) else self.transform(p.convert("RGB")) for p in pieces]
+        pieces = [p if isinstance(p, (str, torch.Tensor)) else self.transform(to_rgb(p)) for p in pieces]
         return build_sequence(pieces, self.tok, self.tokens_per_image, add_bos=True, add_eos=add_eos)
 
     def _check_len(self, n: int, what: str) -> None:

@@ -6,34 +6,51 @@ import json
 from pathlib import Path
 from typing import Any
 
+from cmoe_base.commands import InputError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise InputError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+
 
 def _jsonl_pieces(path: Path) -> list[list[Any]]:
-    from PIL import Image
+    from data_pipelines.images import open_image
 
-    def image(rel: str):
-        with Image.open(path.parent / rel) as im:
-            return im.convert("RGB")
+    def image(rel: Any, where: str):
+        if not isinstance(rel, str):
+            raise InputError(f"{where}: image {rel!r} is not a path string")
+        return open_image(path.parent / rel)
 
     out = []
-    for line_no, line in enumerate(path.read_text().splitlines(), 1):
+    for line_no, line in enumerate(_read_text(path).splitlines(), 1):
         if not line.strip():
             continue
-        obj = json.loads(line)
+        where = f"{path}:{line_no}"
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise InputError(f"{where}: {e}") from None
+        if not isinstance(obj, dict):
+            raise InputError(f"{where}: expected a JSON object")
         if "pieces" in obj:
-            out.append([p["text"] if "text" in p else image(p["image"]) for p in obj["pieces"]])
+            out.append([p["text"] if "text" in p else image(p.get("image"), where) for p in obj["pieces"]])
         elif "image" in obj:
-            out.append([image(obj["image"])] + ([obj["text"]] if obj.get("text") else []))
+            out.append([image(obj["image"], where)] + ([obj["text"]] if obj.get("text") else []))
         elif "text" in obj:
             out.append([obj["text"]])
         else:
-            raise ValueError(f"{path}:{line_no}: expected 'pieces', 'image' or 'text'")
+            raise InputError(f"{where}: expected 'pieces', 'image' or 'text'")
     return out
 
 
 def load_samples(specs: list[str], limit: int) -> list[list[Any]]:
     """Documents (lists of text pieces and PIL images) from shards, `builtin` or files."""
-    from PIL import Image
-
+    from data_pipelines.images import open_image
     from data_pipelines.loader import list_shards, read_tar
     from data_pipelines.shards import decode_sample
 
@@ -43,11 +60,10 @@ def load_samples(specs: list[str], limit: int) -> list[list[Any]]:
         if spec == "builtin":
             from data_pipelines.builtin import HELDOUT_SEED_OFFSET, builtin_samples
             docs += [decode_sample(s) for s in builtin_samples(limit, seed=HELDOUT_SEED_OFFSET)]
-        elif path.is_file() and path.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"):
-            with Image.open(path) as im:
-                docs.append([im.convert("RGB")])
+        elif path.suffix.lower() in IMAGE_SUFFIXES and path.exists():
+            docs.append([open_image(path)])
         elif path.is_file() and path.suffix.lower() == ".txt":
-            docs.append([path.read_text()])
+            docs.append([_read_text(path)])
         elif path.is_file() and path.suffix.lower() == ".jsonl":
             docs += _jsonl_pieces(path)
         else:

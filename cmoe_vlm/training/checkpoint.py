@@ -20,13 +20,14 @@ another number of processes or expert-parallel size, which a resume cannot).
 """
 from __future__ import annotations
 
-import argparse
 import errno
 import json
 import pickle
 import random
 import re
 import shutil
+import warnings
+import zipfile
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,9 @@ import torch
 import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import save_file
+
+from cmoe_base.commands import InputError, Parser, command
+from cmoe_base.outputs import check_output
 
 STEP_DIR = re.compile(r"^step_(\d{8})$")
 EXPERIMENT = "experiment.json"
@@ -188,7 +192,44 @@ class Checkpointer:
                     f"{path} is in the older pickle format, which is not loaded because unpickling can run code; "
                     f"start a new run (another train.out_dir, or train.resume=false to overwrite this one)")
             raise CheckpointError(f"{path}: no {EXPERIMENT}; not a checkpoint written by train_vlm.py")
-        return json.loads((path / EXPERIMENT).read_text())
+        try:
+            return json.loads((path / EXPERIMENT).read_text())
+        except (ValueError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{path / EXPERIMENT}: not JSON ({e})") from None
+
+    @staticmethod
+    def damage(path: Path, world: int) -> str | None:
+        """Why checkpoint `path` cannot be resumed by `world` processes (a missing, empty or truncated
+        file, an unreadable experiment.json), from cheap checks; None when none is found."""
+        try:
+            Checkpointer.experiment(path)
+        except CheckpointError as e:
+            return str(e)
+        for name in ["mp_rank_00_model_states.pt"] + [f"rank{r}.safetensors" for r in range(world)]:
+            if not (path / name).is_file() or (path / name).stat().st_size == 0:
+                return f"{path / name} is missing or empty"
+        for f in sorted(path.glob("*.pt")):
+            if not zipfile.is_zipfile(f):
+                return f"{f} is truncated or not a torch file"
+        return None
+
+    def latest_intact(self, world: int) -> Path | None:
+        """The newest checkpoint without `damage`; each newer damaged one is skipped with a warning
+        naming it. A CheckpointError when every checkpoint is damaged."""
+        done = self.complete()
+        reasons = []
+        for path in reversed(done):
+            reason = self.damage(path, world)
+            if reason is None:
+                for skipped in reasons:
+                    warnings.warn(f"checkpoint skipped: {skipped}; resuming from {path.name} (remove the damaged "
+                                  f"folder to silence this)", stacklevel=3)
+                return path
+            reasons.append(reason)
+        if reasons:
+            raise CheckpointError(f"no intact checkpoint in {self.root}: {'; '.join(reasons)}. Remove the damaged "
+                                  "folders, or start over with train.resume=false")
+        return None
 
     def load(self, engine, path: Path) -> dict[str, Any]:
         """Restore the engine (model, optimizer, scheduler) and the RNG states; returns this rank's state."""
@@ -244,6 +285,9 @@ def export_checkpoint(path: str | Path, out_dir: str | Path) -> Path:
     from ..model.vlm import ConceptMoEVLM, VLMConfig
 
     path = Path(path)
+    reason = Checkpointer.damage(path, 1)
+    if reason is not None:
+        raise CheckpointError(f"{path} cannot be exported: {reason}")
     exp = Checkpointer.experiment(path)["config"]
     cfg = from_dict(VLMConfig, {k: exp[k] for k in ("model", "vision", "projector")})
     model = ConceptMoEVLM(replace(cfg, vision=replace(cfg.vision, pretrained=False, checkpoint_path=None)))
@@ -255,13 +299,22 @@ def export_checkpoint(path: str | Path, out_dir: str | Path) -> Path:
     return save_pretrained(model, out_dir, exp["data"]["tokenizer"], extra={"from_checkpoint": str(path)})
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Export a training checkpoint's weights (for train.init_from).")
+@command("python -m cmoe_vlm.training.checkpoint")
+def main(argv: list[str] | None = None) -> int:
+    parser = Parser(prog="python -m cmoe_vlm.training.checkpoint",
+                    description="Export a training checkpoint's weights (for train.init_from).")
     parser.add_argument("checkpoint", help="OUT/checkpoints/step_NNNNNNNN")
-    parser.add_argument("--out", required=True, help="export folder to write (config.json + model.safetensors)")
+    parser.add_argument("--out", required=True, help="export folder to write (config.json + model.safetensors; new "
+                                                     "or empty, see --replace)")
+    parser.add_argument("--replace", action="store_true", help="replace a non-empty --out folder (whole, atomically)")
     args = parser.parse_args(argv)
-    print(export_checkpoint(args.checkpoint, args.out))
+    check_output(args.out, [args.checkpoint], args.replace)
+    try:
+        print(export_checkpoint(args.checkpoint, args.out))
+    except CheckpointError as e:
+        raise InputError(str(e)) from None
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
@@ -155,6 +156,16 @@ def training_data(exp: ExperimentConfig, world_size: int) -> DataConfig:
     return exp.data
 
 
+def check_out_dir(t: TrainConfig) -> None:
+    """train.out_dir is a folder, or can be made, and can be written."""
+    out = Path(t.out_dir)
+    check(not out.exists() or out.is_dir(), "train.out_dir", t.out_dir, "is a file, not a folder")
+    existing = out.resolve()
+    while not existing.exists():
+        existing = existing.parent
+    check(os.access(existing, os.W_OK | os.X_OK), "train.out_dir", t.out_dir, f"{existing} is not writable")
+
+
 def check_experiment(exp: ExperimentConfig, world_size: int) -> Tokenizer:
     """Every check that needs the file system or the number of processes, run before anything is
     built: each failure is a ConfigError naming the field. Returns the loaded tokenizer."""
@@ -187,10 +198,15 @@ def check_experiment(exp: ExperimentConfig, world_size: int) -> Tokenizer:
         raise ConfigError(f"data.{e}") from None
     check(tokenizer.vocab_size <= exp.model.vocab_size or t.init_from, "model.vocab_size", exp.model.vocab_size,
           f"must be >= the tokenizer's vocabulary ({tokenizer.vocab_size}, data.tokenizer = {exp.data.tokenizer!r})")
+    check_out_dir(t)
     if t.init_from:
         check((Path(t.init_from) / "config.json").is_file(), "train.init_from", t.init_from,
               "must be an export folder (config.json + model.safetensors): a run's <out_dir>/final, a converted "
               "model, or a checkpoint exported with python -m cmoe_vlm.training.checkpoint")
+        init, out = Path(t.init_from).resolve(), Path(t.out_dir).resolve()
+        check(out != init and init not in out.parents, "train.init_from", t.init_from,
+              f"is or holds train.out_dir = {t.out_dir!r}: the run would write its config.json, checkpoints and "
+              "final/ into the export it starts from; choose another train.out_dir")
     if exp.vision.backend == "transformers":
         tower_config(exp.vision.model_name)  # a ConfigError naming vision.model_name
     elif exp.vision.pretrained:

@@ -1,6 +1,8 @@
 """The training loop: packed batches → DeepSpeed engine → objective → logs and checkpoints.
 
-    run = setup_run(exp)            # checks, resume point, model, loader, engine, objective, logger
+    tokenizer = check_experiment(exp, world)    # every config check, before anything is built
+    with run_lock(out_dir, rank, world):       # train.out_dir owned by this run (a second one refuses)
+        run = setup_run(exp, tokenizer, rank, world)   # resume point, model, loader, engine, objective, logger
     train_step(run, ...)            # one optimizer step over train.grad_accum micro-batches
     log_step(run, result, bar)      # on log steps: the metrics record (metrics.py) to the JSONL and trackers
     save(run)                       # a checkpoint (checkpoint.py), with the loader and controller states
@@ -25,7 +27,9 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from cmoe_base import Batch
+from cmoe_base import Batch, ConfigError
+from cmoe_base.commands import InputError
+from cmoe_base.outputs import FolderLock
 from data_pipelines.loader import StreamingLoader
 from data_pipelines.tokenizer import Tokenizer
 
@@ -118,7 +122,13 @@ def train(exp: ExperimentConfig) -> dict[str, Any]:
 
     Everything is validated (`check_experiment`) and a resume checked against the checkpoint's config
     (`resume`) before the model is built; both raise a ConfigError naming the fields."""
-    run = setup_run(exp)
+    rank, world = setup_distributed()
+    tokenizer = check_experiment(exp, world)
+    with run_lock(exp.train.out_dir, rank, world):
+        return run_training(setup_run(exp, tokenizer, rank, world))
+
+
+def run_training(run: Run) -> dict[str, Any]:
     bar = tqdm(total=run.cfg.steps, initial=run.step, disable=run.rank != 0, desc="train", dynamic_ncols=True)
     with stop_signals() as stop_requested, contextlib.closing(bar):
         while run.step < run.cfg.steps and not run.stopping:
@@ -140,12 +150,33 @@ def train(exp: ExperimentConfig) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------------------- set-up
 
-def setup_run(exp: ExperimentConfig) -> Run:
-    """Check everything, find the resume point, build the model, loader, engine and objective, and
-    restore the checkpoint's state."""
+@contextlib.contextmanager
+def run_lock(out_dir: str, rank: int, world: int) -> Iterator[None]:
+    """train.out_dir locked by rank 0 while the run owns it; a second run refuses (ConfigError naming
+    the holder) on every rank."""
+    lock, refusal = None, None
+    if rank == 0:
+        try:
+            lock = FolderLock(out_dir, "train.out_dir")
+        except (InputError, OSError) as e:
+            refusal = str(e)
+    if world > 1:
+        box = [refusal]
+        dist.broadcast_object_list(box, src=0)
+        refusal = box[0]
+    if refusal is not None:
+        raise ConfigError(refusal)
+    try:
+        yield
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def setup_run(exp: ExperimentConfig, tokenizer: Tokenizer, rank: int, world: int) -> Run:
+    """Find the resume point, build the model, loader, engine and objective, and restore the
+    checkpoint's state (`exp` checked by `check_experiment`, which gave `tokenizer`)."""
     cfg = exp.train
-    rank, world = setup_distributed()
-    tokenizer = check_experiment(exp, world)
     exp = fit_vocab(exp, tokenizer)  # with train.init_from, model.vocab_size follows the tokenizer
     checkpointer = Checkpointer(cfg.out_dir, cfg.keep_last, rank)
     record = resume.experiment_record(exp, world)
@@ -190,7 +221,7 @@ def resume_point(exp: ExperimentConfig, checkpointer: Checkpointer, record: dict
     """The checkpoint to resume from (train.resume) and how the requested config differs from its
     (refused changes raise a ConfigError); with train.resume = false an earlier run is set aside."""
     out_dir = Path(exp.train.out_dir)
-    latest = checkpointer.latest()
+    latest = checkpointer.latest_intact(world) if exp.train.resume else checkpointer.latest()
     if latest is not None and exp.train.resume:
         diff = resume.compare(Checkpointer.experiment(latest), record)
         resume.check_resume(latest, diff)

@@ -12,15 +12,16 @@ documents' own lengths (causal), the vision tower on the images present; trainin
 Peaks: accelerators from a table of dense tensor-core peaks (`PEAK_TFLOPS`); a CPU's is measured
 once (a short matmul benchmark at the current thread count) and cached in
 $XDG_CACHE_HOME/cmoe-vlm/peak_flops.json (default ~/.cache; $CMOE_CACHE_DIR replaces the folder), keyed
-by CPU model, threads and dtype.
-`train.peak_tflops` overrides both. On a shared machine the measured peak is what the machine gave
-at that moment: delete the cache file to measure again.
+by CPU model, threads and dtype, with the time and load average of the measurement (both shown in
+summary.json's `peak_source`). `train.peak_tflops` overrides both. On a shared machine the measured
+peak is what the machine gave at that moment: delete the cache file to measure again.
 """
 from __future__ import annotations
 
 import json
 import os
 import platform
+import re
 import time
 from pathlib import Path
 
@@ -31,18 +32,18 @@ from cmoe_base import Batch
 
 from .. import flops
 
-# Dense (no structured sparsity) peaks in TFLOP/s: (bf16 tensor core, fp32). First match in the device
-# name wins, so longer names come first.
+# Dense (no structured sparsity) peaks in TFLOP/s: (bf16 tensor core, fp32). A key matches whole words of
+# the device name ("L4" is not "L40"); the first match wins, so longer names come first.
 PEAK_TFLOPS: dict[str, tuple[float, float]] = {
-    "H200": (989.0, 67.0), "H100 PCIe": (756.0, 51.0), "H100": (989.0, 67.0), "A100": (312.0, 19.5),
-    "L40S": (362.0, 91.6), "L4": (121.0, 30.3), "A10": (125.0, 31.2),
+    "H200": (989.0, 67.0), "H100 PCIe": (756.0, 51.0), "H100 NVL": (835.0, 60.0), "H100": (989.0, 67.0),
+    "A100": (312.0, 19.5), "L40S": (362.0, 91.6), "L40": (181.0, 90.5), "L4": (121.0, 30.3), "A10": (125.0, 31.2),
 }
 
 
 def accelerator_peak(name: str, bf16: bool) -> float | None:
     """FLOP/s of a GPU named `name` (torch.cuda.get_device_name), or None if it is not in the table."""
     for key, (p_bf16, p_fp32) in PEAK_TFLOPS.items():
-        if key in name:
+        if re.search(rf"(?<![A-Za-z0-9]){re.escape(key)}(?![A-Za-z0-9])", name):
             return (p_bf16 if bf16 else p_fp32) * 1e12
     return None
 
@@ -81,17 +82,21 @@ def measure_matmul_peak(dtype: torch.dtype, size: int = 1024, seconds: float = 0
     return best
 
 
-def cpu_peak(bf16: bool) -> float:
-    """The CPU's matmul FLOP/s in the training dtype, measured on first use and cached."""
+def cpu_peak(bf16: bool) -> tuple[float, str]:
+    """The CPU's matmul FLOP/s in the training dtype, measured on first use and cached, with when and
+    under what load (1-minute load average) it was measured: the figure MFU is divided by."""
     key = f"{cpu_model()} | threads={torch.get_num_threads()} | {'bf16' if bf16 else 'fp32'}"
     path = cache_file()
     try:
         cached = json.loads(path.read_text())
     except (OSError, ValueError):
         cached = {}
-    if not isinstance(cached, dict) or not isinstance(cached.get(key), (int, float)):
+    entry = cached.get(key) if isinstance(cached, dict) else None
+    if not (isinstance(entry, dict) and isinstance(entry.get("flops"), (int, float))):  # older caches: a bare number
         cached = cached if isinstance(cached, dict) else {}
-        cached[key] = measure_matmul_peak(torch.bfloat16 if bf16 else torch.float32)
+        load = os.getloadavg()[0]
+        cached[key] = {"flops": measure_matmul_peak(torch.bfloat16 if bf16 else torch.float32),
+                       "measured": time.strftime("%Y-%m-%d %H:%M"), "load": round(load, 2)}
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(f".{os.getpid()}.tmp")
@@ -99,7 +104,8 @@ def cpu_peak(bf16: bool) -> float:
             tmp.replace(path)
         except OSError:
             pass  # a read-only home: measure again next time
-    return float(cached[key])
+    entry = cached[key]
+    return float(entry["flops"]), f"measured {entry['measured']} at load average {entry['load']}"
 
 
 def peak_flops(device: torch.device, bf16: bool, override_tflops: float | None = None) -> tuple[float | None, str]:
@@ -111,7 +117,9 @@ def peak_flops(device: torch.device, bf16: bool, override_tflops: float | None =
         name = torch.cuda.get_device_name(device)
         peak = accelerator_peak(name, bf16)
         return peak, f"table ({name})" if peak else f"unknown GPU {name!r}: set train.peak_tflops"
-    return cpu_peak(bf16), f"measured matmul ({cpu_model()}, {torch.get_num_threads()} threads, cached in {cache_file()})"
+    peak, when = cpu_peak(bf16)
+    return peak, (f"measured matmul ({cpu_model()}, {torch.get_num_threads()} threads, {when}, cached in "
+                  f"{cache_file()}: delete it to measure again)")
 
 
 def vision_flops_per_image(model: nn.Module, size: tuple[int, int] | None = None) -> float:

@@ -25,6 +25,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from cmoe_base.outputs import FolderLock
+
 from ..config import ConfigError, to_dict
 from .config import ExperimentConfig
 from .engine import deepspeed_config
@@ -124,10 +126,10 @@ def record(out_dir: Path, step: int, diff: dict[str, dict[str, list]]) -> None:
 
 
 def set_aside(out_dir: Path) -> Path:
-    """Move everything in `out_dir` (but earlier set-aside runs) into out_dir/previous-<time>/."""
+    """Move everything in `out_dir` (but earlier set-aside runs and the run's lock) into out_dir/previous-<time>/."""
     into = out_dir / f"previous-{time.strftime('%Y%m%d-%H%M%S')}"
     into.mkdir()
     for entry in out_dir.iterdir():
-        if entry != into and not entry.name.startswith("previous-"):
+        if entry != into and not entry.name.startswith("previous-") and entry.name != FolderLock.NAME:
             shutil.move(str(entry), str(into / entry.name))
     return into

@@ -208,6 +208,17 @@ model.save_pretrained(resaved)  # from the bundle: writes the same bundle
 processor.save_pretrained(resaved)
 again = AutoModelForCausalLM.from_pretrained(resaved, trust_remote_code=True).eval()
 assert torch.equal(again.generate(**inputs, max_new_tokens=4, eos_token_id=None), out)
+import shutil
+other = shutil.copytree(resaved, resaved + "_other_version")
+code = open(other + "/cmoe_vlm_code.py").read().replace("FILES = {", "FILES = {'cmoe_vlm/other.py': ['x = 1'],", 1)
+open(other + "/cmoe_vlm_code.py", "w").write(code)  # another version's bundle: its code must not be replaced by ours
+modeling = open(other + "/modeling_cmoe_vlm.py").read()
+open(other + "/modeling_cmoe_vlm.py", "w").write(modeling.replace('DIGEST = "', 'DIGEST = "another-', 1))
+try:
+    AutoModelForCausalLM.from_pretrained(other, trust_remote_code=True)
+    raise SystemExit("a second bundle loaded with the first one's code")
+except ImportError as e:
+    assert "load it in a fresh process" in str(e), e
 """
 
 
@@ -235,3 +246,33 @@ def test_a_tokenizer_larger_than_the_model_is_a_config_error_naming_both(bpe_tok
         ModelRunner.load(folder)
     assert eval_main(["--model", str(folder), "--suite", "none", "--probes", "passkey", "--out", str(tmp_path)]) == 2
     assert "294 ids" in capsys.readouterr().err
+
+
+def test_an_export_that_does_not_match_its_config_is_refused_and_bad_inputs_are_errors(exported, tmp_path):
+    """transformers alone would load these with random or dropped weights (only a LOAD REPORT on stderr);
+    `load_pretrained` refuses them, and so does the wrapper."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    _, model, exported = exported
+    ids = torch.tensor([[1, 2, 3, 4]])
+    for kwargs, named in ((dict(input_ids=ids[:, :0]), "input_ids has shape"),
+                          (dict(input_ids=ids + TOK.vocab_size), "vocabulary"),
+                          (dict(input_ids=ids, attention_mask=torch.ones(1, 3)), "attention_mask has shape"),
+                          (dict(input_ids=ids, labels=ids[:, :2]), "labels has shape")):
+        with pytest.raises(ValueError, match=named):
+            model(**kwargs)
+    dropped = tmp_path / "dropped"
+    shutil.copytree(exported, dropped)
+    state = load_file(dropped / "model.safetensors")
+    save_file({k: v for k, v in state.items() if k != "lm.norm.weight"}, dropped / "model.safetensors")
+    more = tmp_path / "more_layers"
+    shutil.copytree(exported, more)
+    meta = json.loads((more / "config.json").read_text())
+    meta["vlm"]["model"]["concept_layers"] += 1
+    (more / "config.json").write_text(json.dumps(meta))
+    for folder in (dropped, more):
+        with pytest.raises(ValueError, match="does not match its config"):
+            transformers.AutoModelForCausalLM.from_pretrained(folder)

@@ -328,3 +328,74 @@ def test_bf16_checkpoints_import_in_their_dtype(bpe_tokenizer, tmp_path):
         want = source.float()(ids, attention_mask=mask).logits
         got = ours(ids, attention_mask=mask).logits
     assert (want - got)[mask.bool()].abs().max().item() <= 1e-4
+
+
+def _swap_qk(folder):
+    from safetensors.torch import load_file, save_file
+    state = load_file(folder / "model.safetensors")
+    q, k = "model.layers.0.self_attn.q_proj.weight", "model.layers.0.self_attn.k_proj.weight"
+    state[q], state[k] = state[k].clone(), state[q].clone()  # same total rows: the concatenation fits
+    save_file(state, folder / "model.safetensors")
+
+
+def _nan_weight(folder):
+    from safetensors.torch import load_file, save_file
+    state = load_file(folder / "model.safetensors")
+    state["model.layers.1.mlp.gate.weight"][0, 0] = float("nan")
+    save_file(state, folder / "model.safetensors")
+
+
+def _header_without_shape(folder):
+    header = json.dumps({"model.norm.weight": {"dtype": "F32", "data_offsets": [0, 4]}}).encode()
+    (folder / "model.safetensors").write_bytes(len(header).to_bytes(8, "little") + header + b"\0" * 4)
+
+
+def _nan_rope_theta(folder):
+    config = json.loads((folder / "config.json").read_text())
+    config["rope_parameters"] = {**(config.get("rope_parameters") or {"rope_type": "default"}), "rope_theta": "NaN"}
+    (folder / "config.json").write_text(json.dumps(config).replace('"NaN"', "NaN"))
+
+
+BROKEN_SOURCES = {  # what a source folder gets -> what the one-line refusal names
+    "qk_shapes_swapped": (_swap_qk, "q_proj.weight is (16, 32), its config says (32, 32)"),
+    "nan_weights": (_nan_weight, "NaN or inf in the checkpoint's model.layers.1.mlp.gate.weight"),
+    "header_without_shape": (_header_without_shape, "model.norm.weight: shape and data_offsets"),
+    "config_not_json": (lambda f: (f / "config.json").write_text("{'not': json"), "config.json: not a JSON file"),
+    "nan_rope_theta": (_nan_rope_theta, "rope_theta"),
+}
+
+
+@pytest.mark.parametrize("case", BROKEN_SOURCES)
+def test_sources_transformers_refuses_are_refused_in_one_line(imported, tmp_path, capsys, case):
+    folder = _with_config(imported["qwen2_moe"][1], tmp_path, "src")
+    change, named = BROKEN_SOURCES[case]
+    change(folder)
+    assert import_main([str(folder), "--out", str(tmp_path / "dst")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and named in err, err
+    assert not (tmp_path / "dst").exists() and [p.name for p in tmp_path.iterdir()] == ["src"]  # no staging left
+
+
+def test_import_output_rules_and_a_hub_cache_snapshot(imported, tmp_path, capsys):
+    """--out is never the source; a non-empty --out is replaced whole only with --replace (an older
+    export's tokenizer and code do not survive); model.safetensors wins over a stale index as in
+    transformers; a hub-cache snapshot (files linked into ../../blobs) imports."""
+    src = imported["qwen2_moe"][1]
+    assert import_main([str(src), "--out", str(src)]) == 2 and "is the input" in capsys.readouterr().err
+    dst = tmp_path / "dst"
+    dst.mkdir()
+    (dst / "tokenizer.json").write_text("an older export's tokenizer")
+    assert import_main([str(src), "--out", str(dst)]) == 2 and "--replace" in capsys.readouterr().err
+    stale = _with_config(src, tmp_path, "stale")
+    (stale / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"x": "gone.safetensors"}}))
+    assert import_main([str(stale), "--out", str(dst), "--replace"]) == 0
+    assert json.loads((dst / "tokenizer.json").read_text())["model"]["type"] == "BPE"
+    assert not (tmp_path / "dst").with_name(".dst.staging").exists()
+    cache = tmp_path / "hub" / "models--x--tiny"
+    (cache / "blobs").mkdir(parents=True)
+    snapshot = cache / "snapshots" / "0123abc"
+    snapshot.mkdir(parents=True)
+    for f in src.iterdir():
+        shutil.copy(f, cache / "blobs" / f.name)
+        (snapshot / f.name).symlink_to(f"../../blobs/{f.name}")
+    assert import_main([str(snapshot), "--out", str(tmp_path / "from_hub")]) == 0

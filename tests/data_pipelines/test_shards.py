@@ -90,3 +90,32 @@ def test_cli(tmp_path):
     assert "img2dataset" in subprocess.run(run + ["--help"], capture_output=True, text=True, check=True).stdout
     main(["text", str(path), "--out", str(tmp_path / "out"), "--maxcount", "1"])
     assert load_manifest(tmp_path / "out")["samples"] == 2 and len(list((tmp_path / "out").glob("*.tar"))) == 2
+
+
+def test_an_interrupted_rewrite_keeps_the_old_shard_set_and_the_loader_reads_only_the_manifests(tmp_path):
+    """A rewrite killed half-way used to leave new and stale shards that the old manifest still matched,
+    and the loader read both: the set is now built aside and renamed into place whole, and a folder's
+    shards are those its manifest lists."""
+    import warnings
+
+    import pytest
+
+    from data_pipelines.loader import list_shards
+
+    out = tmp_path / "out"
+    write_shards(jsonl_text(write_jsonl(tmp_path / "a.jsonl", [{"text": f"a{i}"} for i in range(6)])), out, maxcount=2)
+
+    def killed_half_way():
+        yield from jsonl_text(write_jsonl(tmp_path / "b.jsonl", [{"text": f"b{i}"} for i in range(6)]))
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        write_shards(killed_half_way(), out, maxcount=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.jsonl", "b.jsonl", "out"]  # no staging left
+    assert sorted(d["txt"] for d in read_all(out)) == [f"a{i}".encode() for i in range(6)]
+    (out / "shard-000009.tar").write_bytes((out / "shard-000000.tar").read_bytes())  # another writer's file
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        shards = list_shards(str(out))
+    assert [Path(s).name for s in shards] == ["shard-000000.tar", "shard-000001.tar", "shard-000002.tar"]
+    assert any("not in its manifest" in str(w.message) for w in caught)

@@ -3,6 +3,7 @@ gradient accumulation and on one rank of two, resumes with a changed config, a f
 an empty held-out set, non-finite weights at export."""
 import json
 import os
+import re
 import shutil
 import stat
 import subprocess
@@ -126,8 +127,15 @@ def test_crafted_pickles_in_a_checkpoint_do_not_run_on_resume(builtin_data, tmp_
     assert not marker.exists()
     shutil.rmtree(ckpt)
     shutil.copytree(pristine, ckpt)  # the real files load: the allow-list covers ZeRO-1's optimizer state
-    with pytest.warns(UserWarning, match=r"applied from step 2: train.steps \(2 -> 3\)"):
+    damaged = out / "checkpoints" / "step_00000004"  # a newer checkpoint missing its model states: skipped
+    shutil.copytree(pristine, damaged)
+    (damaged / "mp_rank_00_model_states.pt").unlink()
+    with pytest.warns(UserWarning) as warned:
         summary = loop.train(experiment(builtin_data, out, "train.steps=3", "train.ckpt_every=2", "train.zero_stage=1"))
+    messages = [str(w.message) for w in warned]
+    assert any("checkpoint skipped: " in m and "step_00000004/mp_rank_00_model_states.pt is missing" in m and
+               "resuming from step_00000002" in m for m in messages), messages
+    assert any(re.search(r"applied from step 2: train.steps \(2 -> 3\)", m) for m in messages), messages
     assert summary["step"] == 3
 
 
@@ -251,8 +259,12 @@ def test_config_errors_name_the_field_before_anything_is_built(builtin_data, tmp
         "train.deepspeed_config = ": [f"train.deepspeed_config={tmp_path}/missing.json"],
         "sets ZeRO stage 3": [f"train.deepspeed_config={ds}"],
         "train.init_from": [f"train.init_from={tmp_path}/no-export"],
+        "is or holds train.out_dir": [f"train.init_from={tmp_path}/x"],  # would overwrite the export's config.json
+        "train.out_dir = ": [f"train.out_dir={ds}"],  # a file
     }
     (tmp_path / "empty-dir").mkdir()
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "config.json").write_text("{}")
     for expected, extra in cases.items():
         exp = load_experiment(ROOT / "configs/tiny.yaml", overrides(builtin_data, tmp_path / "x", *extra))
         with pytest.raises(ConfigError, match=expected.replace("(", r"\(")):

@@ -143,6 +143,9 @@ def test_peak_flops_measured_once_cached_and_overridden(tmp_path, monkeypatch):
     assert mfu.accelerator_peak("NVIDIA H100 PCIe", bf16=True) == 756e12
     assert mfu.accelerator_peak("NVIDIA A100-SXM4-40GB", bf16=False) == 19.5e12
     assert mfu.accelerator_peak("Some New GPU", bf16=True) is None
+    assert mfu.accelerator_peak("NVIDIA L40", bf16=True) == 181e12  # not the L4's (a substring match gave 121)
+    assert mfu.accelerator_peak("NVIDIA L4", bf16=True) == 121e12
+    assert mfu.accelerator_peak("NVIDIA A10", bf16=True) == 125e12
 
 
 def test_measuring_the_peak_leaves_the_training_random_numbers_alone():

@@ -166,6 +166,23 @@ def test_generation_options():
         p({"max_gen_toks": 4, "max_new_tokens": 5})
     with pytest.raises(ValueError, match="temperature > 0"):
         p({"do_sample": True, "temperature": 0})
+    with pytest.raises(ValueError, match="temperature = 'nan': must be a finite number"):
+        p({"do_sample": True, "temperature": "nan"})
+    with pytest.raises(ValueError, match="seed = 'abc': expected an integer"):
+        p({"do_sample": True, "seed": "abc"})
+    with pytest.raises(ValueError, match="max_batch_size = -1: must be >= 1"):  # gave perplexity 1, unscored
+        harness.resolve_batch_size("8", -1)
+
+
+def test_harness_tasks_are_written_inside_out_only(tmp_path):
+    suite = tmp_path / "suite"
+    suite.mkdir()
+    (suite / "t.jsonl").write_text(json.dumps({"text": "some text"}) + "\n")
+    for name in ("../../pwned", str(tmp_path / "abs"), ".hidden"):
+        (suite / "suite.yaml").write_text(f"tasks:\n  - {{name: '{name}', type: perplexity, data: t.jsonl}}\n")
+        with pytest.raises(ValueError, match="task name"):
+            write_harness_tasks(suite, tmp_path / "out", "lm-eval", prefix="")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["suite"]  # nothing written anywhere
 
 
 def test_model_args_defaults(runner):
@@ -189,7 +206,7 @@ def test_adapters_raise_instead_of_returning_empty(runner):
         lm.generate_until([req("x", {"num_beams": 2})])
     with pytest.raises(ValueError, match="max_seq_len"):
         lm.loglikelihood([req("x" * (runner.max_len + 5), " y")])
-    with pytest.raises(TypeError, match="unknown model_args"):
+    with pytest.raises(ValueError, match="unknown model_args"):
         harness.CMoELMEval(runner, foo=1)
 
 

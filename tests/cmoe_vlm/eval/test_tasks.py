@@ -4,14 +4,17 @@ computed cases), captioning and perplexity run and give sane numbers; the CLI pu
 by side."""
 import json
 import math
+import os
 import random
 import shutil
 
+import numpy as np
 import pytest
 
 from cmoe_vlm.cli.eval import main as eval_main
 from cmoe_vlm.eval.builtin_suite import parse_scene, write_builtin_suite
-from cmoe_vlm.eval.tasks import Task, load_suite, multiple_choice_fields, normalize_answer, run_task, vqa_fields
+from cmoe_vlm.eval.tasks import (Task, caption_references, load_suite, multiple_choice_fields, normalize_answer,
+                                 run_task, vqa_fields)
 from cmoe_vlm.eval.vqa_metric import normalize_vqa_answer, vqa_accuracy
 
 
@@ -198,6 +201,55 @@ def test_bad_task_files_raise(tmp_path):
         load_suite(tmp_path / "nope")
     with pytest.raises(ValueError, match="type"):
         Task("t", "essay", path)
+
+
+SUITE_REFUSALS = {  # suite.yaml -> what the one-line error names
+    "outside_data": ("tasks:\n  - {name: t, type: perplexity, data: ../elsewhere/t.jsonl}\n", "outside the suite"),
+    "absolute_data": ("tasks:\n  - {name: t, type: perplexity, data: /etc/passwd}\n", "outside the suite"),
+    "duplicate_names": ("tasks:\n  - {name: t, type: perplexity, data: t.jsonl}\n"
+                        "  - {name: t, type: perplexity, data: t.jsonl}\n", "more than once"),
+    "a_list": ("- {name: t, type: perplexity, data: t.jsonl}\n", "a mapping with a non-empty list"),
+    "string_limit": ("tasks:\n  - {name: t, type: perplexity, data: t.jsonl, limit: '2'}\n", "limit = '2'"),
+    "not_yaml": ("tasks: [\n", "not a readable YAML"),
+}
+
+
+@pytest.mark.parametrize("case", SUITE_REFUSALS)
+def test_suites_are_confined_to_their_folder_and_checked_before_running(case, tmp_path):
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "t.jsonl").write_text('{"text": "outside"}\n')
+    suite = tmp_path / "suite"
+    suite.mkdir()
+    (suite / "t.jsonl").write_text('{"text": "inside"}\n')
+    text, named = SUITE_REFUSALS[case]
+    (suite / "suite.yaml").write_text(text)
+    with pytest.raises(ValueError, match=named):
+        load_suite(suite)
+    if case == "outside_data":  # allowed explicitly (cmoe-eval --allow-outside-paths)
+        (task,) = load_suite(suite, allow_outside=True)
+        assert task.records() == [{"text": "outside"}]
+
+
+def test_task_records_limits_images_and_references(tmp_path):
+    from PIL import Image
+
+    recs = [{"image": "img.png", "references": "a red circle", "text": "x"}] * 3
+    (tmp_path / "caption_t.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    (task,) = load_suite(tmp_path / "caption_t.jsonl")
+    assert len(task.records(1)) == 1 and len(task.records(None)) == 3  # --limit 1 is one record, not two
+    # a 16-bit PNG is scaled to 8 bits, not clipped to white (one decoder for every path)
+    Image.fromarray(np.full((8, 8), 20000, dtype=np.uint16)).save(tmp_path / "img.png")
+    assert Image.open(tmp_path / "img.png").mode.startswith("I")
+    assert np.asarray(task.image(recs[0])).mean() == pytest.approx(20000 / 257, abs=1)
+    assert caption_references(recs[0], "rec") == ["a red circle"]  # one reference, not one per character
+    os.mkfifo(tmp_path / "fifo.png")  # would block the reader forever
+    for image, named in (("fifo.png", "not a regular file"), (7, "not a path string"),
+                         ("/etc/hostname", "outside the suite")):
+        with pytest.raises(ValueError, match=named):
+            task.image({"image": image})
+    (tmp_path / "caption_t.jsonl").write_bytes(b'{"text": "\xff"}\n')
+    with pytest.raises(ValueError, match="caption_t.jsonl: not UTF-8"):
+        task.records()
 
 
 def test_cli_puts_two_checkpoints_side_by_side(trained_model, suite, tmp_path):
