@@ -100,12 +100,29 @@ class DocumentLayout:
                        positions=self.positions.to(device))
 
 
+def stack_images(images: list[torch.Tensor]) -> tuple[torch.Tensor, tuple[tuple[int, int], ...] | None]:
+    """Images (3, H_i, W_i) -> (N, 3, H, W) and their sizes: stacked as they are when all share one
+    size (sizes None), else each padded with zeros at its bottom and right to the largest H and W
+    (sizes: each image's (H_i, W_i), host)."""
+    shapes = {tuple(img.shape[-2:]) for img in images}
+    if len(shapes) <= 1:
+        return torch.stack(images), None
+    height, width = max(h for h, _ in shapes), max(w for _, w in shapes)
+    out = images[0].new_zeros(len(images), images[0].shape[0], height, width)
+    for i, img in enumerate(images):  # one copy per image (host side, building the batch)
+        out[i, :, :img.shape[-2], :img.shape[-1]] = img
+    return out, tuple(tuple(img.shape[-2:]) for img in images)
+
+
 @dataclass
 class Batch:
     """B packed rows of T positions: what the model takes for training, scoring and prefill.
 
     Image positions (modality IMAGE) are filled, in order, with the projected patch tokens of
-    `images`; each image occupies tokens_per_image consecutive positions in raster order.
+    `images`; each image occupies rows × cols consecutive positions in raster order, its token grid:
+    tokens_per_image for the fixed square size, or its own grid when images come at their own size
+    (`vision.max_pixels`): then `image_sizes` gives each image's pixel size (the model derives its grid),
+    the images being padded at bottom and right to the largest (`stack_images`).
     """
     input_ids: torch.Tensor                 # (B, T) int64; image positions hold the image id, padding the pad id
     modality: torch.Tensor                  # (B, T) int64 Modality codes
@@ -113,12 +130,14 @@ class Batch:
     labels: torch.Tensor | None = None      # (B, T) int64, already shifted; IGNORE_INDEX = no loss
     images: torch.Tensor | None = None      # (N, 3, H, W) float, in row-major order of their positions
     num_images: torch.Tensor | None = None  # (B,) int64 images per row
-    image_tokens: int = 0                   # host: positions with modality IMAGE (N · tokens_per_image)
+    image_tokens: int = 0                   # host: positions with modality IMAGE (the images' token counts summed)
     source_ids: torch.Tensor | None = None  # (B, T) int64 data source of each position (−1 padding), for per-source logs
+    image_sizes: tuple[tuple[int, int], ...] | None = None  # host: each image's (H, W) when sizes differ, else None
 
     @classmethod
     def of(cls, input_ids: torch.Tensor, modality: torch.Tensor | None = None, doc_ids: torch.Tensor | None = None,
-           labels: torch.Tensor | None = None, images: torch.Tensor | None = None) -> Batch:
+           labels: torch.Tensor | None = None, images: torch.Tensor | None = None,
+           image_sizes: tuple[tuple[int, int], ...] | None = None) -> Batch:
         """A batch from tensors: modality defaults to text, doc_ids to one document per row.
         Reads doc_ids and modality to the host once (building it is not part of a forward)."""
         B, T = input_ids.shape
@@ -126,7 +145,16 @@ class Batch:
         layout = (DocumentLayout.single(B, T, input_ids.device) if doc_ids is None
                   else DocumentLayout.from_doc_ids(doc_ids))
         image_tokens = int((modality == Modality.IMAGE).sum())
-        return cls(input_ids, modality, layout, labels, images, image_tokens=image_tokens)
+        return cls(input_ids, modality, layout, labels, images, image_tokens=image_tokens,
+                   image_sizes=None if image_sizes is None else tuple(tuple(s) for s in image_sizes))
+
+    def sizes_of_images(self) -> tuple[tuple[int, int], ...]:
+        """Each image's (H, W) in pixels (host): `image_sizes`, or the images' common size."""
+        if self.images is None:
+            return ()
+        if self.image_sizes is not None:
+            return self.image_sizes
+        return (tuple(self.images.shape[-2:]),) * self.images.shape[0]
 
     @property
     def doc_ids(self) -> torch.Tensor:

@@ -3,7 +3,8 @@
     str       text, context the model reads
     Answer    text the document teaches the model to produce (a question's answer, an assistant
               turn): with `data.loss_on: answers` the only text with LM loss in its document
-    image     a PIL image (or, after the loader's transform, a tensor (3, H, W))
+    image     a PIL image (or, after the loader's transform, a tensor (3, H, W), or with vision.max_tiles
+              a `cmoe_base.Tiles` of such tensors)
 
 `sequence.build_sequence` lays the pieces out as tokens.
 """

@@ -56,7 +56,7 @@ from data_pipelines.errors import BadSample, SkipCounter, merge_counts
 from data_pipelines.packing import RowPacker, collate_rows
 from data_pipelines.chat import Chat
 from data_pipelines.document import LOSS_ON
-from data_pipelines.sequence import TokenSequence, build_sequence
+from data_pipelines.sequence import TokenSequence, build_sequence, image_tokens_of
 from data_pipelines.shards import MANIFEST, MAX_IMAGE_PIXELS, decode_sample
 from data_pipelines.tokenizer import Tokenizer, load_tokenizer
 
@@ -97,7 +97,8 @@ class DataConfig:
     # Derived from the model (vision input size; image tokens of vision + projector): an experiment
     # fills them in, and a value given here must agree. A loader used on its own sets them.
     image_size: int | None = None
-    tokens_per_image: int | None = None
+    tokens_per_image: int | None = None  # images at their own size: the most one image may take
+    image_token_unit: tuple[int, int] | None = None  # images at their own size (vision.max_pixels): pixels per token
     max_image_pixels: int = MAX_IMAGE_PIXELS  # larger images: skipped as image_too_large (see shards.py)
 
     def __post_init__(self) -> None:
@@ -370,7 +371,8 @@ class WorkerStream:
                     pieces = [p if isinstance(p, str) else self.transform(p) for p in pieces]
             finally:
                 rng.set_state(saved)
-        seq = build_sequence(pieces, self.tokenizer, self.cfg.tokens_per_image)
+        unit = self.cfg.image_token_unit
+        seq = build_sequence(pieces, self.tokenizer, image_tokens_of(unit) if unit else self.cfg.tokens_per_image)
         seq.source = self.source
         return seq
 

@@ -12,7 +12,8 @@ document (new doc id, no bos). A split never falls inside an image block (<img_s
                each row's document lengths on the host; document starts and positions (B, T)
     labels     (B, T) int64  already shifted: next token if it is text in the same doc (and a target of
                              its document: `data.loss_on`, sequence.py), else −100
-    images     (N, 3, H, W) float  row-major order; N * tokens_per_image == (modality == 1).sum()
+    images     (N, 3, H, W) float  row-major order; their token counts sum to (modality == 1).sum(); of
+                             several sizes (vision.max_pixels): padded to the largest, `image_sizes` each one's
     num_images (B,) int64    images per row
     source_ids (B, T) int64  data source of each position (data.mixture; 0 with one source), −1 on padding
 """
@@ -24,7 +25,7 @@ from typing import Any
 
 import torch
 
-from cmoe_base import Batch, DocumentLayout, Modality
+from cmoe_base import Batch, DocumentLayout, Modality, stack_images
 from data_pipelines.sequence import TokenSequence, shift_labels
 
 
@@ -121,15 +122,17 @@ def collate_rows(rows: list[Row], image_shape: tuple[int, int, int]) -> Batch:
     modality = torch.tensor([r.modality for r in rows], dtype=torch.long)  # (B, T)
     layout = DocumentLayout.from_lengths([r.doc_lengths for r in rows], input_ids.shape[1])
     images = [img for r in rows for img in r.images]
+    stacked, sizes = stack_images(images) if images else (torch.zeros(0, *image_shape), None)
     return Batch(
         input_ids=input_ids,
         modality=modality,
         layout=layout,
         labels=shift_labels(input_ids, modality, layout.doc_ids, torch.tensor([r.targets for r in rows], dtype=torch.bool)),
-        images=torch.stack(images) if images else torch.zeros(0, *image_shape),  # (N, 3, H, W)
+        images=stacked,  # (N, 3, H, W)
         num_images=torch.tensor([len(r.images) for r in rows], dtype=torch.long),  # (B,)
         image_tokens=sum(m for r in rows for m in r.modality),  # Modality.IMAGE is 1, TEXT 0
         source_ids=torch.tensor([r.sources for r in rows], dtype=torch.long),  # (B, T)
+        image_sizes=sizes,  # host: each image's (H, W) when they differ
     )
 
 

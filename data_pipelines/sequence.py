@@ -6,7 +6,9 @@ transformed tensor (3, H, W)). `build_sequence` lays it out as
     [bos] text-tokens ... <img_start> <image> x tokens_per_image <img_end> ... [eos]
 
 The image markers are text tokens (Modality.TEXT); the `tokens_per_image` placeholders are image
-tokens (Modality.IMAGE) that the model replaces with projected ViT patches, in raster order.
+tokens (Modality.IMAGE) that the model replaces with projected ViT patches, in raster order. With
+images at their own size (`vision.max_pixels`), `tokens_per_image` is a function giving each image's
+own count (rows × cols of its token grid: `image_tokens_of` for transformed tensors).
 `shift_labels` turns ids into next-token targets: images and document ends get no LM loss.
 
 Answers. A piece of type `Answer` (a `str`) is text the document teaches the model to produce: a
@@ -17,12 +19,13 @@ without any (a caption, plain text) keeps the loss on all its text, as with `los
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from cmoe_base import IGNORE_INDEX, Modality
+from cmoe_base import IGNORE_INDEX, Modality, Tiles
 from data_pipelines.chat import Chat, render_chat
 from data_pipelines.document import Answer
 from data_pipelines.tokenizer import Tokenizer
@@ -60,11 +63,29 @@ class TokenSequence:
         return shift_labels(ids, torch.tensor([self.modality]), doc, targets)[0].tolist()
 
 
+TILE_ROW_SEPARATOR = "\n"  # text between tile rows of a tiled image (vision.max_tiles)
+
+
+def image_tokens_of(unit: tuple[int, int]) -> Callable[[torch.Tensor], int]:
+    """For images at their own size: a transformed image (3, H, W) -> its LM tokens (H / uh) · (W / uw),
+    `unit` = (uh, uw) the pixels one token covers (patch size × projector block)."""
+    uh, uw = unit
+
+    def count(image: torch.Tensor) -> int:
+        height, width = image.shape[-2:]
+        if height % uh or width % uw:
+            raise ValueError(f"image of size {(height, width)} is not a multiple of the token unit {(uh, uw)}")
+        return (height // uh) * (width // uw)
+    return count
+
+
 def build_sequence(
-    pieces: list[Any], tokenizer: Tokenizer, tokens_per_image: int, add_bos: bool = True, add_eos: bool = True
+    pieces: list[Any], tokenizer: Tokenizer, tokens_per_image: int | Callable[[Any], int], add_bos: bool = True,
+    add_eos: bool = True,
 ) -> TokenSequence:
-    """Tokenise text pieces and expand each image into <img_start> <image>*n <img_end>. A `Chat` is
-    first rendered with the tokenizer's chat template (data_pipelines/chat.py)."""
+    """Tokenise text pieces and expand each image into <img_start> <image>*n <img_end>: n =
+    tokens_per_image, or tokens_per_image(image) when it is a function (images at their own size).
+    A `Chat` is first rendered with the tokenizer's chat template (data_pipelines/chat.py)."""
     if isinstance(pieces, Chat):
         pieces = render_chat(pieces, tokenizer.chat_template)
     seq = TokenSequence()
@@ -72,6 +93,15 @@ def build_sequence(
     def extend(ids: list[int], modality: Modality) -> None:
         seq.input_ids.extend(ids)
         seq.modality.extend([int(modality)] * len(ids))
+
+    def image_block(piece: Any) -> None:
+        start = len(seq)
+        seq.images.append(piece)
+        extend([tokenizer.img_start_id], Modality.TEXT)
+        n = tokens_per_image(piece) if callable(tokens_per_image) else tokens_per_image
+        extend([tokenizer.image_id] * n, Modality.IMAGE)
+        extend([tokenizer.img_end_id], Modality.TEXT)
+        seq.image_spans.append((start, len(seq)))
 
     if add_bos:
         extend([tokenizer.bos_id], Modality.TEXT)
@@ -83,13 +113,15 @@ def build_sequence(
                 seq.answer_spans.append((start, len(seq)))
         elif piece is None:
             raise TypeError(f"pieces[{i}] is None: expected text (str) or an image")
+        elif isinstance(piece, Tiles):  # thumbnail, then the tiles row by row, a separator between rows
+            image_block(piece.thumbnail)
+            for r in range(piece.rows):
+                if r:
+                    extend(tokenizer.encode(TILE_ROW_SEPARATOR), Modality.TEXT)
+                for c in range(piece.cols):
+                    image_block(piece.tiles[r * piece.cols + c])
         else:
-            start = len(seq)
-            seq.images.append(piece)
-            extend([tokenizer.img_start_id], Modality.TEXT)
-            extend([tokenizer.image_id] * tokens_per_image, Modality.IMAGE)
-            extend([tokenizer.img_end_id], Modality.TEXT)
-            seq.image_spans.append((start, len(seq)))
+            image_block(piece)
     if add_eos:
         if seq.answer_spans and seq.answer_spans[-1][1] == len(seq):  # the answer ends the document: so does eos
             seq.answer_spans[-1] = (seq.answer_spans[-1][0], len(seq) + 1)

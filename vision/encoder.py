@@ -33,6 +33,14 @@ class VisionConfig:
     depth: int | None = None
     num_heads: int | None = None
     dynamic_img_size: bool = False  # accept any input size divisible by the patch size
+    # Images at their own size (vision/sizes.py): each image keeps its aspect ratio and is scaled into
+    # [min_pixels, max_pixels] (sides multiples of patch × projector block). Both null (default): every
+    # image is resized to the square img_size. Needs dynamic_img_size: true (backend timm).
+    min_pixels: int | None = None
+    max_pixels: int | None = None
+    # Tiles (vision/sizes.py, tile_grid): an image larger than img_size becomes up to max_tiles img_size
+    # tiles (the grid closest to its aspect ratio) after a global thumbnail; 0 = off. Backend timm.
+    max_tiles: int = 0
     drop_path_rate: float = 0.0
     # Weights: `pretrained: true` loads `checkpoint_path` (.safetensors/.pt/.pth), or with backend
     # transformers the folder's safetensors; never downloads.
@@ -51,7 +59,24 @@ class VisionConfig:
                       "must be null with backend transformers: the tower folder's config and image processor decide")
             check(not self.dynamic_img_size and self.drop_path_rate == 0, "dynamic_img_size", self.dynamic_img_size,
                   "and drop_path_rate must be off with backend transformers")
+            check(self.max_pixels is None and self.min_pixels is None, "max_pixels", self.max_pixels,
+                  "must be null with backend transformers (variable image sizes need backend timm)")
+            check(self.max_tiles == 0, "max_tiles", self.max_tiles, "must be 0 with backend transformers (tiles need backend timm)")
             return
+        check(self.max_tiles >= 0, "max_tiles", self.max_tiles, "must be >= 0 (0 = no tiles)")
+        if self.max_tiles:
+            check(self.max_pixels is None, "max_tiles", self.max_tiles,
+                  "and max_pixels are exclusive: tiles are img_size squares; set one of them")
+            check(not self.augment, "augment", self.augment, "must be false with max_tiles set (not supported yet)")
+        check(self.min_pixels is None or self.max_pixels is not None, "min_pixels", self.min_pixels,
+              "needs max_pixels too (variable image sizes), or leave both null for the square img_size")
+        if self.max_pixels is not None:
+            check(self.max_pixels >= 1, "max_pixels", self.max_pixels, "must be >= 1, or null")
+            check(self.min_pixels is None or 1 <= self.min_pixels <= self.max_pixels, "min_pixels", self.min_pixels,
+                  f"must be in [1, max_pixels = {self.max_pixels}], or null")
+            check(self.dynamic_img_size, "dynamic_img_size", self.dynamic_img_size,
+                  "must be true with max_pixels set (the ViT then interpolates its position embeddings per size)")
+            check(not self.augment, "augment", self.augment, "must be false with max_pixels set (not supported yet)")
         for name in ("img_size", "patch_size", "embed_dim", "depth", "num_heads"):
             value = getattr(self, name)
             check(value is None or value > 0, name, value, "must be > 0, or null for the timm default")
@@ -67,6 +92,11 @@ class VisionConfig:
         check(self.checkpoint_path is None or self.pretrained, "checkpoint_path", self.checkpoint_path,
               "is only loaded with pretrained: true (set it, or remove checkpoint_path)")
         check(self.crop_pct is None or 0.0 < self.crop_pct <= 1.0, "crop_pct", self.crop_pct, "must be in (0, 1], or null")
+
+    @property
+    def variable_size(self) -> bool:
+        """Images at their own size (max_pixels set), not all resized to img_size."""
+        return self.max_pixels is not None
 
     def timm_kwargs(self) -> dict:
         """Keyword arguments for `timm.create_model`: the overrides that are set."""
@@ -98,6 +128,15 @@ def patch_grid(cfg: VisionConfig) -> tuple[int, int]:
     with torch.device("meta"):
         vit = create_vit(cfg)
     return tuple(vit.patch_embed.grid_size)
+
+
+def patch_size(cfg: VisionConfig) -> tuple[int, int]:
+    """(height, width) of one ViT patch, without allocating weights."""
+    if cfg.backend == "transformers":
+        return tower_geometry(cfg.model_name).patch_size
+    with torch.device("meta"):
+        vit = create_vit(cfg)
+    return tuple(vit.patch_embed.patch_size)
 
 
 def input_size(cfg: VisionConfig) -> tuple[int, int]:

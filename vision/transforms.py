@@ -20,6 +20,7 @@ from timm.data import create_transform, resolve_data_config
 
 from vision.encoder import VisionEncoder
 from vision.hf_tower import processor_settings
+from vision.sizes import fit_size, tile_grid
 
 TRAIN_CROP_SCALE = (0.5, 1.0)  # random resized crop keeps at least half the image area
 
@@ -68,8 +69,79 @@ def settings_transform(p: dict[str, Any], first: Callable | None = None) -> Call
     return v2.Compose(steps)
 
 
-def build_image_transform(encoder: VisionEncoder, train: bool) -> Callable[[Image.Image], torch.Tensor]:
-    """PIL.Image -> FloatTensor (3, H, W) at the encoder's img_size, normalised with its mean/std."""
+class FitTransform:
+    """PIL image -> (3, H, W) at its own size: scaled into the pixel budget with its aspect ratio kept
+    (`vision.sizes.fit_size`), no crop, then [0, 1] and normalised with the encoder's mean/std. A class,
+    not a closure, so loader workers can pickle it."""
+
+    def __init__(self, unit: tuple[int, int], min_pixels: int, max_pixels: int, interpolation: str,
+                 mean: tuple[float, ...], std: tuple[float, ...]):
+        self.unit, self.min_pixels, self.max_pixels = tuple(unit), min_pixels, max_pixels
+        self.interpolation, self.mean, self.std = interpolation, tuple(mean), tuple(std)
+
+    def size(self, image: Image.Image) -> tuple[int, int]:
+        """(H, W) the image is resized to."""
+        return fit_size(image.height, image.width, self.unit, self.min_pixels, self.max_pixels)
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        from torchvision.transforms import functional as F
+
+        image = image.convert("RGB")
+        height, width = self.size(image)
+        resample = Image.Resampling[self.interpolation.upper()]
+        if (height, width) != (image.height, image.width):
+            image = image.resize((width, height), resample)
+        return F.normalize(F.to_tensor(image), self.mean, self.std)
+
+
+class TileTransform:
+    """PIL image -> `cmoe_base.Tiles` (vision.max_tiles): the thumbnail through the encoder's usual
+    transform (the image as an untiled model sees it), and the image resized to rows × cols tiles of
+    img_size (`vision.sizes.tile_grid`), each tile normalised with the encoder's mean/std. An image that
+    gets one tile stays a plain image (no thumbnail)."""
+
+    def __init__(self, base: Callable, tile: tuple[int, int], max_tiles: int, interpolation: str,
+                 mean: tuple[float, ...], std: tuple[float, ...]):
+        self.base, self.tile, self.max_tiles = base, tuple(tile), max_tiles
+        self.interpolation, self.mean, self.std = interpolation, tuple(mean), tuple(std)
+
+    def __call__(self, image: Image.Image):
+        from torchvision.transforms import functional as F
+
+        from cmoe_base import Tiles
+
+        image = image.convert("RGB")
+        rows, cols = tile_grid(image.height, image.width, self.tile, self.max_tiles)
+        if rows * cols == 1:
+            return self.base(image)
+        th, tw = self.tile
+        big = F.normalize(F.to_tensor(image.resize((cols * tw, rows * th), Image.Resampling[self.interpolation.upper()])),
+                          self.mean, self.std)  # (3, rows*th, cols*tw)
+        tiles = big.unflatten(1, (rows, th)).unflatten(3, (cols, tw)).permute(1, 3, 0, 2, 4)  # (rows, cols, 3, th, tw)
+        return Tiles(self.base(image), list(tiles.flatten(0, 1).contiguous()), rows, cols)
+
+
+def fit_transform(encoder: VisionEncoder, unit: tuple[int, int]) -> FitTransform:
+    """The variable-size transform of `encoder` (vision.max_pixels set) for token unit `unit`."""
+    cfg = data_config(encoder)
+    min_pixels = encoder.cfg.min_pixels or unit[0] * unit[1]
+    return FitTransform(unit, min_pixels, encoder.cfg.max_pixels, cfg["interpolation"], cfg["mean"], cfg["std"])
+
+
+def build_image_transform(encoder: VisionEncoder, train: bool,
+                          unit: tuple[int, int] | None = None) -> Callable[[Image.Image], torch.Tensor]:
+    """PIL.Image -> FloatTensor (3, H, W) at the encoder's img_size, normalised with its mean/std; with
+    `vision.max_pixels` set, at the image's own size (`unit`: pixels per LM token, patch × projector
+    block; `ConceptMoEVLM.image_transform` passes it)."""
+    if encoder.cfg.variable_size:
+        if unit is None:
+            raise ValueError("vision.max_pixels is set: build_image_transform needs the token unit "
+                             "(use ConceptMoEVLM.image_transform)")
+        return fit_transform(encoder, unit)
+    if encoder.cfg.max_tiles:
+        cfg = data_config(encoder)
+        base = create_transform(**cfg, is_training=False)
+        return TileTransform(base, encoder.img_size, encoder.cfg.max_tiles, cfg["interpolation"], cfg["mean"], cfg["std"])
     if encoder.cfg.backend == "transformers":
         return tower_transform(encoder, train)
     cfg = data_config(encoder)

@@ -177,15 +177,23 @@ def bundle_digest(files: dict[str, str]) -> str:
     return hashlib.sha256(repr(sorted(files.items())).encode("utf-8")).hexdigest()[:16]
 
 
-def image_processor_fields(encoder) -> dict[str, Any]:
+def image_processor_fields(encoder, unit: tuple[int, int] | None = None) -> dict[str, Any]:
     """What ConceptMoEImageProcessor applies for a `vision.VisionEncoder`: its timm eval transform's data
-    config (input size, interpolation, mean/std, crop), or a transformers tower's processor settings."""
+    config (input size, interpolation, mean/std, crop), or a transformers tower's processor settings;
+    with images at their own size (vision.max_pixels) also the pixel budget and `token_unit` (pixels
+    per LM token, patch × projector block, which the VLM passes as `unit`)."""
     if encoder.cfg.backend == "transformers":  # the tower's own image processor, as training applies it
         from vision.hf_tower import processor_settings
         settings = processor_settings(encoder.cfg.model_name)
         return {"tower": {k: list(v) if isinstance(v, tuple) else v for k, v in settings.items()}}
     from vision.transforms import data_config
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in data_config(encoder).items() if k in TIMM_FIELDS}
+    out = {k: list(v) if isinstance(v, tuple) else v for k, v in data_config(encoder).items() if k in TIMM_FIELDS}
+    if encoder.cfg.max_tiles:
+        out["max_tiles"] = encoder.cfg.max_tiles
+    if encoder.cfg.variable_size:
+        out.update(token_unit=list(unit), max_pixels=encoder.cfg.max_pixels,
+                   min_pixels=encoder.cfg.min_pixels or unit[0] * unit[1])
+    return out
 
 
 def processor_config(model) -> dict[str, Any]:
@@ -193,7 +201,8 @@ def processor_config(model) -> dict[str, Any]:
     return {"processor_class": "ConceptMoEProcessor", "tokens_per_image": model.cfg.tokens_per_image,
             "image_marker": IMAGE_TOKENS["image"],
             "image_processor": {"image_processor_type": "ConceptMoEImageProcessor",
-                                **image_processor_fields(model.vision)},
+                                **image_processor_fields(
+                                    model.vision, model.image_unit if model.cfg.vision.variable_size else None)},
             "auto_map": PROCESSOR_AUTO_MAP}
 
 

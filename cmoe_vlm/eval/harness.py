@@ -206,9 +206,11 @@ class GenerationOptions:
 
 # ----------------------------------------------------------------------------- batched calls
 
-def _length(pieces: Pieces, tokens_per_image: int) -> int:
-    """Sort key: characters of text plus the image tokens (close to tokens for the byte tokenizer)."""
-    return sum(len(p) if isinstance(p, str) else tokens_per_image for p in pieces)
+def _length(pieces: Pieces, tokens_per_image) -> int:
+    """Sort key: characters of text plus the image tokens (close to tokens for the byte tokenizer);
+    tokens_per_image is a count, or a function of the image (images at their own size)."""
+    per_image = tokens_per_image if callable(tokens_per_image) else lambda _: tokens_per_image
+    return sum(len(p) if isinstance(p, str) else per_image(p) for p in pieces)
 
 
 def _longest_first(runner: ModelRunner, lengths: Sequence[int], groups: Sequence[Any] | None = None) -> list[list[int]]:

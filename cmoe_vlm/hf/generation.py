@@ -109,7 +109,8 @@ class ConceptCache(Cache):
         """Nothing is recorded: `crop` refuses instead."""
 
     def forward(self, model: ConceptMoEVLM, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-                modality: torch.Tensor | None, images: torch.Tensor | None) -> torch.Tensor:
+                modality: torch.Tensor | None, images: torch.Tensor | None,
+                image_sizes: torch.Tensor | None = None) -> torch.Tensor:
         """Feed the next columns (B, S) of every row; attention_mask covers all columns fed so far
         plus these (transformers' convention) or only these. Returns logits (B, S, V), column for
         column (masked columns: meaningless values)."""
@@ -121,7 +122,7 @@ class ConceptCache(Cache):
             active = None if new is None or bool(new.all()) else new[:, 0]
             logits = session.step(input_ids[:, 0], active)[:, None]
         else:
-            batch, order = aligned_batch(input_ids, new, modality, images)
+            batch, order = aligned_batch(input_ids, new, modality, images, image_sizes)
             logits = restore_columns(session.extend(batch).logits, order)
         self.columns += S
         return logits
@@ -150,8 +151,14 @@ def restore_columns(logits: torch.Tensor, order: torch.Tensor | None) -> torch.T
     return torch.empty_like(logits).scatter_(1, order[..., None].expand_as(logits), logits)
 
 
+def host_sizes(image_sizes: torch.Tensor | None) -> tuple[tuple[int, int], ...] | None:
+    """image_sizes (N, 2) (transformers' LLaVA-NeXT convention: each image's (H, W)) -> host tuples."""
+    return None if image_sizes is None else tuple(tuple(s) for s in torch.as_tensor(image_sizes).tolist())
+
+
 def aligned_batch(input_ids: torch.Tensor, mask: torch.Tensor | None, modality: torch.Tensor | None,
-                  images: torch.Tensor | None) -> tuple[Batch, torch.Tensor | None]:
+                  images: torch.Tensor | None,
+                  image_sizes: torch.Tensor | None = None) -> tuple[Batch, torch.Tensor | None]:
     """Rows of one document each, tokens first (`token_order`), and the permutation used."""
     B, T = input_ids.shape
     order = token_order(mask)
@@ -162,12 +169,14 @@ def aligned_batch(input_ids: torch.Tensor, mask: torch.Tensor | None, modality: 
         layout = DocumentLayout.from_lengths([[n] if n else [] for n in mask.sum(1).tolist()], T).to(input_ids.device)
     modality = torch.full_like(input_ids, Modality.TEXT) if modality is None else modality
     image_tokens = int((modality == Modality.IMAGE).sum())
-    return Batch(input_ids, modality, layout, images=images, image_tokens=image_tokens), order
+    return Batch(input_ids, modality, layout, images=images, image_tokens=image_tokens,
+                 image_sizes=host_sizes(image_sizes)), order
 
 
 def packed_batch(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, modality: torch.Tensor | None,
                  images: torch.Tensor | None, doc_ids: torch.Tensor | None,
-                 labels: torch.Tensor | None) -> tuple[Batch, torch.Tensor | None]:
+                 labels: torch.Tensor | None,
+                 image_sizes: torch.Tensor | None = None) -> tuple[Batch, torch.Tensor | None]:
     """The full (uncached) forward's batch: our packed `doc_ids` if given, else one document per row
     from the attention mask; transformers-style labels shifted onto our targets."""
     for name, t in (("attention_mask", attention_mask), ("labels", labels), ("doc_ids", doc_ids)):
@@ -176,10 +185,11 @@ def packed_batch(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, m
     if doc_ids is not None:
         if attention_mask is not None and not torch.equal(attention_mask.bool(), doc_ids >= 0):
             raise ValueError("attention_mask and doc_ids disagree: give one of them (doc_ids −1 marks padding)")
-        batch, order = Batch.of(input_ids, modality=modality, doc_ids=doc_ids, images=images), None
+        batch, order = Batch.of(input_ids, modality=modality, doc_ids=doc_ids, images=images,
+                                image_sizes=host_sizes(image_sizes)), None
     else:
         mask = None if attention_mask is None else attention_mask.bool()
-        batch, order = aligned_batch(input_ids, mask, modality, images)
+        batch, order = aligned_batch(input_ids, mask, modality, images, image_sizes)
     if labels is not None:
         labels = shift_hf_labels(gather_columns(labels, order), batch.modality, batch.doc_ids)
     batch.labels = labels
@@ -274,14 +284,15 @@ class ConceptGeneration:
                                       input_ids: torch.Tensor | None = None, **model_kwargs: Any):
         """Beams and num_return_sequences repeat each row; its images are repeated with it (transformers
         would repeat each image, which is only right with one image per row)."""
-        images = {k: model_kwargs.pop(k) for k in ("pixel_values", "images") if model_kwargs.get(k) is not None}
+        images = {k: model_kwargs.pop(k) for k in ("pixel_values", "images", "image_sizes")
+                  if model_kwargs.get(k) is not None}
         input_ids, model_kwargs = super()._expand_inputs_for_generation(
             expand_size=expand_size, is_encoder_decoder=is_encoder_decoder, input_ids=input_ids, **model_kwargs)
         if images and expand_size > 1:
             modality = resolve_modality(input_ids, model_kwargs.get("modality"), model_kwargs.get("mm_token_type_ids"),
                                         next(iter(images.values())), getattr(self.config, "image_token_id", None))
-            per_row = torch.div((modality == Modality.IMAGE).sum(1)[::expand_size], self.vlm.cfg.tokens_per_image,
-                                rounding_mode="floor")
+            is_image = modality == Modality.IMAGE  # images per row: image runs (they differ in length at their own size)
+            per_row = (is_image[:, 1:] & ~is_image[:, :-1]).sum(1)[::expand_size] + is_image[::expand_size, 0]
             first = torch.cumsum(per_row, 0) - per_row
             index = torch.cat([torch.arange(int(n), device=per_row.device) + int(f)
                                for f, n in zip(first.tolist(), per_row.tolist()) for _ in range(expand_size)])

@@ -120,11 +120,14 @@ class ConceptMoEForCausalLM(ConceptGeneration, PreTrainedModel, GenerationMixin)
                 labels: torch.Tensor | None = None, pixel_values: torch.Tensor | None = None,
                 mm_token_type_ids: torch.Tensor | None = None, modality: torch.Tensor | None = None,
                 images: torch.Tensor | None = None, doc_ids: torch.Tensor | None = None, cache: ConceptCache | None = None,
-                use_cache: bool | None = None, **kwargs: Any) -> CausalLMOutputWithPast:
+                use_cache: bool | None = None, image_sizes: torch.Tensor | None = None,
+                **kwargs: Any) -> CausalLMOutputWithPast:
         """transformers' conventions (cmoe_vlm/hf/generation.py): attention_mask (B, T) marks each row's
         tokens, anywhere in the row (positions count them from 0); pixel_values (N, 3, H, W) (or
         `images`) fill the image positions that mm_token_type_ids (or `modality`) mark with 1;
-        `doc_ids` (B, T) instead of a mask gives packed documents (−1 padding at row ends). With a
+        `doc_ids` (B, T) instead of a mask gives packed documents (−1 padding at row ends). Images at
+        their own size (vision.max_pixels) come padded to the largest, with `image_sizes` (N, 2) each
+        one's (H, W), as the processor returns them. With a
         `cache` (or use_cache=True) the columns extend its decoding state: generate() decodes so."""
         check_no_other_inputs(kwargs)
         check_input_ids(input_ids, self.vlm.cfg.model.vocab_size)
@@ -135,9 +138,9 @@ class ConceptMoEForCausalLM(ConceptGeneration, PreTrainedModel, GenerationMixin)
             if labels is not None or doc_ids is not None:
                 raise ValueError("labels and doc_ids need the full forward: pass use_cache=False")
             cache = ConceptCache() if cache is None else cache
-            logits = cache.forward(self.vlm, input_ids, attention_mask, modality, images)
+            logits = cache.forward(self.vlm, input_ids, attention_mask, modality, images, image_sizes)
             return CausalLMOutputWithPast(logits=logits, cache=cache)
-        batch, order = packed_batch(input_ids, attention_mask, modality, images, doc_ids, labels)
+        batch, order = packed_batch(input_ids, attention_mask, modality, images, doc_ids, labels, image_sizes)
         out = self.vlm(batch)
         loss = None if labels is None else Objective(self.vlm.cfg.model)(out, batch).total
         return CausalLMOutputWithPast(loss=loss, logits=restore_columns(out.logits, order))

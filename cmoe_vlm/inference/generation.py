@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from cmoe_base import Batch, DocumentLayout, Modality
+from cmoe_base import Batch, DocumentLayout, Modality, stack_images
 
 from .session import InferenceSession, last_token_logits
 
@@ -40,8 +40,7 @@ def _image_tensor(model: nn.Module, img: Any, cache: dict) -> torch.Tensor:
     if isinstance(img, torch.Tensor):
         return img
     if "tf" not in cache:  # PIL image: the encoder's eval transform
-        from vision.transforms import build_image_transform
-        cache["tf"] = build_image_transform(model.vision, train=False)
+        cache["tf"] = model.image_transform(train=False)
     return cache["tf"](img)
 
 
@@ -71,9 +70,9 @@ def prompt_batch(model: nn.Module, prompts) -> Batch:
             ids[r, :len(s)] = torch.tensor(s.input_ids, dtype=torch.long)
             modality[r, :len(s)] = torch.tensor(s.modality, dtype=torch.long)
             images += [_image_tensor(model, img, tf_cache) for img in s.images]
+        stacked, sizes = stack_images(images) if images else (None, None)
         batch = Batch(ids, modality, DocumentLayout.from_lengths([[n] for n in lengths], T),
-                      images=torch.stack(images) if images else None,
-                      image_tokens=sum(sum(s.modality) for s in prompts))
+                      images=stacked, image_tokens=sum(sum(s.modality) for s in prompts), image_sizes=sizes)
     if batch.image_tokens and not _is_vlm(model):
         raise ValueError("prompts hold images but the model is a text-only ConceptMoE")
     return batch.to(device)
@@ -279,8 +278,11 @@ def generate_text(model, tokenizer, text_or_pieces, max_new_tokens: int = 64, *,
     from data_pipelines.sequence import build_sequence
 
     pieces = [text_or_pieces] if isinstance(text_or_pieces, str) else list(text_or_pieces)
+    if _is_vlm(model) and model.cfg.vision.max_tiles:  # tiles: the transform decides the layout
+        tf = model.image_transform(train=False)
+        pieces = [p if isinstance(p, (str, torch.Tensor)) else tf(p) for p in pieces]
     if tokens_per_image is None:
-        tokens_per_image = model.cfg.tokens_per_image if _is_vlm(model) else 0
+        tokens_per_image = model.sequence_tokens_per_image() if _is_vlm(model) else 0
     seq = build_sequence(pieces, tokenizer, tokens_per_image, add_bos=True, add_eos=False)
     stops = (tokenizer.eos_id,) if stop_ids is None else tuple(stop_ids)
     return tokenizer.decode(generate(model, [seq], max_new_tokens, stop_ids=stops, **kwargs)[0])

@@ -59,17 +59,15 @@ class ModelRunner:
 
     def __init__(self, model: ConceptMoEVLM, tokenizer: Tokenizer, batch_size: int = 8, name: str = "model",
                  boundaries: BoundaryPolicy | None = None):
-        from vision import build_image_transform
-
         check_vocab(tokenizer, model.cfg.model.vocab_size, name)
         self.model = model.eval()
         self.tok = tokenizer
         self.batch_size = batch_size
         self.name = name
         self.boundaries = boundaries  # the policy every scoring forward uses (None: the chunker's own)
-        self.tokens_per_image = model.cfg.tokens_per_image
+        self.tokens_per_image = model.sequence_tokens_per_image()  # a count, or per image (vision.max_pixels)
         self.max_len = model.cfg.model.max_seq_len
-        self.transform = build_image_transform(model.vision, train=False)
+        self.transform = model.image_transform(train=False)
         self.device = next(model.parameters()).device
 
     @classmethod

@@ -29,6 +29,11 @@ class SampleChunks:
     images: list[torch.Tensor]  # the transformed image tensors the model saw
     reported: dict[str, tuple[int, int]] = field(default_factory=dict)  # model's (tokens, concepts)
     image_diffs: list[np.ndarray] = field(default_factory=list)  # per image (P,) `cell_difference`
+    image_grids: list[tuple[int, int]] = field(default_factory=list)  # per image its (rows, cols) of tokens
+
+    def grid(self, k: int, default: tuple[int, int]) -> tuple[int, int]:
+        """Image k's token grid (its own with vision.max_pixels), else `default` (the configured grid)."""
+        return self.image_grids[k] if k < len(self.image_grids) else default
 
     @property
     def chunk_id(self) -> np.ndarray:
@@ -66,7 +71,6 @@ def analyse(runner: ModelRunner, docs: list[list[Any]]) -> list[SampleChunks]:
     from vision.transforms import image_mean_std
 
     mean_std = image_mean_std(runner.model.vision)
-    grid = runner.model.cfg.image_grid
     above = runner.model.cfg.model.chunk.image_chunking == "2d"
     out = []
     for pieces in docs:
@@ -81,7 +85,9 @@ def analyse(runner: ModelRunner, docs: list[list[Any]]) -> list[SampleChunks]:
             boundary=res.boundaries[0].cpu().numpy().astype(bool), p=res.boundary_probs[0].float().cpu().numpy(),
             images=list(seq.images),
             reported={k: (int(s.tokens), int(s.concepts)) for k, s in res.compression.items()},
-            image_diffs=[cell_difference(model_pixels(img, mean_std), grid, above) for img in seq.images]))
+            image_diffs=[cell_difference(model_pixels(img, mean_std), runner.model.image_grid_of(img), above)
+                         for img in seq.images],
+            image_grids=[runner.model.image_grid_of(img) for img in seq.images]))
     return out
 
 
@@ -95,13 +101,15 @@ def _spread(values: list[float]) -> dict[str, float]:
 
 def image_records(samples: list[SampleChunks], grid: tuple[int, int]) -> list[dict[str, Any]]:
     """One record per image: where it is, its boundaries and ratio, the spread of p over its
-    non-forced patches, and whether it is degenerate (one chunk, or every token a boundary)."""
-    P = grid[0] * grid[1]
+    non-forced patches, and whether it is degenerate (one chunk, or every token a boundary). `grid`:
+    the configured grid, for images without their own (`SampleChunks.image_grids`)."""
     out = []
     for i, s in enumerate(samples):
         for k, start in enumerate(image_starts(s.modality)):
+            rows, cols = s.grid(k, grid)
+            P = rows * cols
             n = int(s.boundary[start:start + P].sum())
-            out.append({"sample": i, "image": k, "start": int(start), "boundaries": n,
+            out.append({"sample": i, "image": k, "start": int(start), "grid": [rows, cols], "boundaries": n,
                         "ratio": round(P / max(n, 1), 2),
                         "p_std": float(s.p[start + 1:start + P].std()),  # the first patch is a forced boundary
                         "degenerate": "one chunk" if n <= 1 else "all boundaries" if n == P else None})

@@ -58,7 +58,7 @@ def image_chunk_map(s: SampleChunks, image_index: int, grid: tuple[int, int], me
     from matplotlib import colormaps
     from matplotlib.patches import Patch
 
-    rows, cols = grid
+    rows, cols = s.grid(image_index, grid)  # the image's own grid (vision.max_pixels), else `grid`
     P = rows * cols
     start = int(image_starts(s.modality)[image_index])
     cid = s.chunk_id[start:start + P].reshape(rows, cols)

@@ -56,7 +56,7 @@ def inspect_model(model_dir: str | Path, data: list[str], out_dir: str | Path, n
             name = f"sample_{i}_image_{k}.png"
             image_chunk_map(samples[i], k, grid, mean_std, out / name,
                             f"{label}, sample {i}, image {k}: ratio {r['ratio']:.2f} ({r['boundaries']} of "
-                            f"{grid[0] * grid[1]} tokens are boundaries{state})", tolerance)
+                            f"{r['grid'][0] * r['grid'][1]} tokens are boundaries{state})", tolerance)
             drawn[(i, k)] = name
         return drawn[(i, k)]
 

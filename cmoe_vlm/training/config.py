@@ -115,7 +115,9 @@ class ExperimentConfig:
         # and a value the config states must agree.
         height, width = input_size(self.vision)
         check(height == width, "vision.img_size", self.vision.img_size, "must give square images")
-        derived = {"image_size": height, "tokens_per_image": self.vlm.tokens_per_image}
+        vlm = self.vlm
+        derived = {"image_size": height, "tokens_per_image": vlm.max_tokens_per_image,
+                   "image_token_unit": vlm.image_unit if self.vision.variable_size else None}
         for name, value in derived.items():
             given = getattr(self.data, name)
             check(given is None or given == value, f"data.{name}", given,

@@ -32,7 +32,6 @@ from cmoe_base.commands import InputError
 from cmoe_base.outputs import FolderLock
 from data_pipelines.loader import StreamingLoader
 from data_pipelines.tokenizer import Tokenizer
-from vision import build_image_transform
 
 from ..checkpoints.export import save_pretrained
 from ..config import to_dict
@@ -247,7 +246,7 @@ def training_loader(exp: ExperimentConfig, tokenizer: Tokenizer, model: ConceptM
         warnings.warn(f"{world} processes and no data.steps_per_epoch: streaming shards resampled (with "
                       f"replacement) so that every rank runs the same steps; set data.steps_per_epoch to "
                       f"keep epoch order", stacklevel=3)
-    transform = build_image_transform(model.vision, train=True)
+    transform = model.image_transform(train=True)
     return StreamingLoader(data_cfg, tokenizer=tokenizer, image_transform=transform, rank=rank, world_size=world)
 
 
@@ -415,7 +414,7 @@ def heldout_evaluation(run: Run) -> dict[str, Any]:
     eval_cfg = replace(run.exp.data, shards=cfg.heldout_shards, num_workers=0, shuffle_buffer=0, resampled=False,
                        steps_per_epoch=None)
     loader = StreamingLoader(eval_cfg, tokenizer=run.tokenizer,
-                             image_transform=build_image_transform(model.vision, train=False))
+                             image_transform=model.image_transform(train=False))
     histograms: dict[str, torch.Tensor] = {}
     heldout = evaluate(model, loader, cfg.eval_batches, histograms)
     run.logger.log_eval(run.step, heldout, histograms)

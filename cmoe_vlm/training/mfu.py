@@ -122,23 +122,33 @@ def peak_flops(device: torch.device, bf16: bool, override_tflops: float | None =
                   f"{cache_file()}: delete it to measure again)")
 
 
-def vision_flops_per_image(model: nn.Module) -> float:
-    """Forward FLOPs of the vision tower on one image, as 2 × parameters × the tokens each part runs on
-    (ViT: patches and prefix tokens; projector: its output tokens); the ViT's attention map is left out
-    (64 patches at the default image size: under 1% of the tower)."""
+def vision_flops_per_image(model: nn.Module, size: tuple[int, int] | None = None) -> float:
+    """Forward FLOPs of the vision tower on one image (of `size` (H, W); None = img_size), as 2 ×
+    parameters × the tokens each part runs on (ViT: patches and prefix tokens; projector: its output
+    tokens); the ViT's attention map is left out (64 patches at the default image size: under 1% of the tower)."""
     vit = model.vision.vit
-    tokens = model.vision.num_patches + vit.num_prefix_tokens
+    if size is None:
+        patches, out_tokens = model.vision.num_patches, model.cfg.tokens_per_image
+    else:
+        rows, cols = model.vision.grid_for(*size)
+        out_rows, out_cols = model.projector.output_grid((rows, cols))
+        patches, out_tokens = rows * cols, out_rows * out_cols
+    tokens = patches + vit.num_prefix_tokens
     vit_params = sum(p.numel() for p in vit.parameters())
     proj_params = sum(p.numel() for p in model.projector.parameters())
-    return 2.0 * (vit_params * tokens + proj_params * model.cfg.tokens_per_image)
+    return 2.0 * (vit_params * tokens + proj_params * out_tokens)
 
 
 def forward_flops(model: nn.Module, batch: Batch, concept_lengths) -> float:
-    """Realized forward FLOPs of a ConceptMoEVLM (or a bare ConceptMoE) on `batch`; host data only."""
+    """Realized forward FLOPs of a ConceptMoEVLM (or a bare ConceptMoE) on `batch`; host data only.
+    Images at their own size (batch.image_sizes) count each image's own patches and tokens."""
     lm = getattr(model, "lm", model)
     total = flops.realized_flops(lm.cfg, batch.layout.lengths, concept_lengths)["total"]
     if hasattr(model, "vision") and batch.images is not None:
-        total += vision_flops_per_image(model) * batch.images.shape[0]
+        if batch.image_sizes is None:
+            total += vision_flops_per_image(model) * batch.images.shape[0]
+        else:
+            total += sum(vision_flops_per_image(model, size) for size in batch.image_sizes)
     return total
 
 

@@ -33,7 +33,7 @@ from .engine import deepspeed_config
 
 REFUSED_PREFIXES = ("model.", "vision.", "projector.", "topology.")
 REFUSED = {"train.ep_size", "data.num_workers", "data.seed", "data.tokenizer", "data.image_size",
-           "data.tokens_per_image", "train.freeze"}
+           "data.tokens_per_image", "data.image_token_unit", "train.freeze"}
 IGNORED = {"train.seed", "train.init_from", "train.resume", "train.out_dir", "vision.pretrained",
            "vision.checkpoint_path"}
 CHANGES = "config_changes.jsonl"
