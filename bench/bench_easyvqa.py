@@ -108,6 +108,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--steps", type=int, default=None, help="training steps (default: the config's)")
     ap.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of {', '.join(VARIANTS)}")
     ap.add_argument("--limit", type=int, default=None, help="test questions per type (default: the full split)")
+    ap.add_argument("--score-only", action="store_true", help="no training: score the runs already in OUT/runs/")
     ap.add_argument("overrides", nargs="*", help="key=value overrides for every variant")
     args = ap.parse_args(argv)
     names = args.variants.split(",")
@@ -124,8 +125,12 @@ def main(argv: list[str] | None = None) -> dict:
         cmd = [sys.executable, "train_vlm.py", args.config, f"data.shards={paths['train']}",
                f"train.heldout_shards={paths['test']}", f"train.out_dir={run_dir}", "train.resume=false",
                *([f"train.steps={args.steps}"] if args.steps else []), *args.overrides, *VARIANTS[name]]
-        print(f"[{name}] training: {' '.join(cmd[2:])}", flush=True)
-        seconds = run(cmd, out / f"{name}.train.log")
+        if args.score_only:
+            seconds = (json.loads((out / "easyvqa.json").read_text())["variants"].get(name, {}).get("train_seconds", 0)
+                       if (out / "easyvqa.json").is_file() else 0)
+        else:
+            print(f"[{name}] training: {' '.join(cmd[2:])}", flush=True)
+            seconds = run(cmd, out / f"{name}.train.log")
         summary = json.loads((run_dir / "summary.json").read_text())
         res = {"train_seconds": round(seconds), "train_summary": summary.get("train", {}),
                "heldout_compression": summary.get("heldout", {}).get("compression", {}), "steps": summary["step"]}
