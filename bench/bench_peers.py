@@ -6,7 +6,8 @@ config class (`--dim`, `--layers`, `--experts` top-`--top-k`, GQA `--heads`/`--k
 saved with `save_pretrained`, and imported with `cmoe-hf-import` (cmoe_vlm/checkpoints/from_transformers.py).
 Before any timing the bench checks that our import gives transformers' logits (fp32, max |diff| below
 1e-4; it stops otherwise). Then, in fp32 and bf16 (autocast over fp32 weights, as our trainer and
-transformers' Trainer run bf16), it times, interleaved (A B A B ...), medians of `--reps`:
+transformers' Trainer run bf16), it times, interleaved (A B A B ...), medians of `--reps` (wall time,
+and process CPU time beside it: less swayed by other jobs on a shared machine):
 
 - train: one step, forward + cross-entropy + backward + AdamW, B `--batch` x T `--seq`;
 - prefill: `--batch` prompts of `--seq` tokens into an empty cache, the last token's logits
@@ -104,18 +105,22 @@ def logits_diff(theirs, ours, ids: torch.Tensor, boundaries=None) -> float:
     return (want - got).abs().max().item()
 
 
-def interleaved(arms: dict[str, Callable[[], object]], reps: int, warmup: int = 1) -> dict[str, list[float]]:
-    """Seconds per call of each arm, alternating arms (order reversed every other repetition)."""
+def interleaved(arms: dict[str, Callable[[], object]], reps: int, warmup: int = 1,
+                ) -> dict[str, dict[str, list[float]]]:
+    """Wall and process CPU seconds per call of each arm, alternating arms (order reversed every other
+    repetition). CPU time (both threads' work, system time included) is less swayed by other jobs
+    than wall time on a shared machine."""
     for _ in range(warmup):
         for fn in arms.values():
             fn()
-    times: dict[str, list[float]] = {k: [] for k in arms}
+    times: dict[str, dict[str, list[float]]] = {k: {"wall": [], "cpu": []} for k in arms}
     names = list(arms)
     for r in range(reps):
         for name in (names if r % 2 == 0 else names[::-1]):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             arms[name]()
-            times[name].append(time.perf_counter() - t0)
+            times[name]["cpu"].append(time.process_time() - c0)
+            times[name]["wall"].append(time.perf_counter() - t0)
     return times
 
 
@@ -186,9 +191,10 @@ def decoders(theirs, ours, exported, prompt: torch.Tensor, new: int, bf16: bool)
     return {"ours": ours_fn, "transformers": hf_fn(theirs), "transformers_on_ours": hf_fn(exported)}
 
 
-def summarise(times: dict[str, list[float]], work: float) -> dict[str, dict[str, float]]:
-    """Median seconds and work/s per arm (work = tokens per call)."""
-    return {k: {"median_s": statistics.median(v), "per_s": work / statistics.median(v), "times_s": v}
+def summarise(times: dict[str, dict[str, list[float]]], work: float) -> dict[str, dict]:
+    """Median wall seconds, work/s (work = tokens per call) and median CPU seconds per arm."""
+    return {k: {"median_s": statistics.median(v["wall"]), "per_s": work / statistics.median(v["wall"]),
+                "median_cpu_s": statistics.median(v["cpu"]), "times_s": v["wall"], "cpu_s": v["cpu"]}
             for k, v in times.items()}
 
 
@@ -230,9 +236,14 @@ def bench_family(family: str, a: argparse.Namespace, tmp: Path) -> dict:
         for phase in ("train", "prefill", "decode"):
             base = res[phase]["transformers"]["median_s"]
             res[f"{phase}_speedup"] = {k: base / v["median_s"] for k, v in res[phase].items() if k != "transformers"}
+            base_cpu = res[phase]["transformers"]["median_cpu_s"]
+            res[f"{phase}_cpu_speedup"] = {k: base_cpu / v["median_cpu_s"] for k, v in res[phase].items()
+                                           if k != "transformers"}
             print(f"{family} {dtype} {phase}: " + ", ".join(
                 f"{k} {v['per_s']:.0f} tok/s" for k, v in res[phase].items())
-                + " | vs transformers: " + ", ".join(f"{k} {s:.2f}x" for k, s in res[f"{phase}_speedup"].items()),
+                + " | vs transformers: " + ", ".join(f"{k} {s:.2f}x" for k, s in res[f"{phase}_speedup"].items())
+                + " (CPU time: " + ", ".join(f"{k} {s:.2f}x" for k, s in res[f"{phase}_cpu_speedup"].items()) + ")"
+                + f" load {os.getloadavg()[0]:.1f}",
                 flush=True)
         row[dtype] = res
     row["load_after"] = os.getloadavg()
