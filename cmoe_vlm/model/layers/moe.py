@@ -118,13 +118,14 @@ class Experts(nn.Module):
 
     def forward(self, x_sorted: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
         """x_sorted (M, dim) grouped by expert, tokens_per_expert (E,) -> (M, dim). `grouped` (auto
-        wherever torch has `_grouped_mm`, CPU included, and the widths are 16-byte multiples): one
+        wherever torch has `_grouped_mm`, CPU included, for fp32/bf16/fp16 with widths of 16-byte multiples): one
         `GroupedSwiGLU` node, no host read; `loop`: a matmul per expert."""
         impl = self.impl
         dtype = compute_dtype(x_sorted)
-        if impl == "auto":  # _grouped_mm needs row strides of whole 16-byte units (dim and hidden)
-            aligned = all(n * dtype.itemsize % 16 == 0 for n in self.w2.shape[1:])
-            impl = "grouped" if hasattr(torch, "_grouped_mm") and aligned else "loop"
+        if impl == "auto":  # _grouped_mm: fp32/bf16/fp16, row strides of whole 16-byte units (dim and hidden)
+            ok = dtype in (torch.float32, torch.bfloat16, torch.float16) and all(
+                n * dtype.itemsize % 16 == 0 for n in self.w2.shape[1:])
+            impl = "grouped" if hasattr(torch, "_grouped_mm") and ok else "loop"
         if impl == "grouped":
             offs_E = tokens_per_expert.cumsum(0).to(torch.int32)
             # stacked weights cast once per layer (autocast does not cover _grouped_mm)
