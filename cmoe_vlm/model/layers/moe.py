@@ -150,16 +150,29 @@ class Experts(nn.Module):
         return torch.cat(outs)
 
     def per_token(self, x_ND: torch.Tensor, experts_NK: torch.Tensor, weights_NK: torch.Tensor) -> torch.Tensor:
-        """Few tokens (decoding): gather each token's k experts' weights and run them as one batched
-        matmul per projection, with no sort and no per-expert loop. x_ND (N, dim), experts_NK and
-        weights_NK (N, K) -> Σ_k weight · expert_k(x), (N, dim). Reads the same weights the loop reads;
-        indexing the stacked weights would make backward write full zero gradients, so no autograd."""
+        """Few tokens (decoding, N·K <= E, no autograd): Σ_k weight · expert_k(x). x_ND (N, dim), experts_NK
+        and weights_NK (N, K) -> (N, dim). On CPU each of the N·K (token, expert) pairs multiplies by
+        its expert's weights in place (the ids read to the host, free there): a batch-1 decode step is
+        a matrix-vector product, memory-bound on the weights, and gathering them first (the CUDA path:
+        one batched matmul per projection, no host read) copied 3 MiB per layer per token, 2x the
+        layer's time. Indexing the stacked weights would make backward write full zero gradients,
+        hence no autograd."""
         N, K = experts_NK.shape
+        if not x_ND.is_cuda:
+            pairs = zip(x_ND.repeat_interleave(K, 0).unbind(0), experts_NK.reshape(-1).tolist())
+            y = torch.stack([swiglu(x, self.w13[e], self.w2[e]) for x, e in pairs])  # (N·K, dim)
+            return (y.view(N, K, -1) * weights_NK[..., None].to(y.dtype)).sum(1).to(x_ND.dtype)
         idx = experts_NK.reshape(-1)
         x = x_ND[:, None].expand(N, K, x_ND.shape[-1]).reshape(N * K, 1, -1)
         gate, up = torch.bmm(x, self.w13.index_select(0, idx)).chunk(2, dim=-1)  # (N·K, 1, h) each
         act = F.silu(gate) * up * weights_NK.reshape(-1, 1, 1).to(up.dtype)  # routing weight applied here
         return torch.bmm(act, self.w2.index_select(0, idx)).view(N, K, -1).sum(1).to(x_ND.dtype)
+
+
+def swiglu(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+    """One expert: x (..., dim), w13 (dim, 2h), w2 (h, dim) -> (..., dim)."""
+    gate, up = (x @ w13).chunk(2, dim=-1)
+    return (F.silu(gate) * up) @ w2
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
