@@ -250,6 +250,24 @@ def bench_family(family: str, a: argparse.Namespace, tmp: Path) -> dict:
     return row
 
 
+def table(result: dict) -> str:
+    """The README's markdown table: speed vs transformers per family, dtype and phase, wall (CPU time)."""
+    rows = ["| family | dtype | train: ours | train: ConceptMoE R 2 | prefill: ours | decode: ours | decode: "
+            "transformers generate() on our export | load |", "|---|---|---|---|---|---|---|---|"]
+    for fam in result["families"]:
+        for dt in result["args"]["dtypes"]:
+            r = fam[dt]
+
+            def cell(phase: str, arm: str) -> str:
+                if arm not in r[f"{phase}_speedup"]:
+                    return "–"
+                return f"{r[f'{phase}_speedup'][arm]:.2f}× ({r[f'{phase}_cpu_speedup'][arm]:.2f}×)"
+            rows.append(f"| {fam['family']} | {dt} | {cell('train', 'ours')} | {cell('train', 'concept_r2')} | "
+                        f"{cell('prefill', 'ours')} | {cell('decode', 'ours')} | {cell('decode', 'transformers_on_ours')} "
+                        f"| {fam['load_before'][0]:.1f}–{fam['load_after'][0]:.1f} |")
+    return "\n".join(rows)
+
+
 def plot(result: dict, path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -317,6 +335,7 @@ def main(argv: list[str] | None = None) -> dict:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
     plot(result, Path(a.plot) if a.plot else out.with_suffix(".png"))
+    print(table(result))
     print(f"wrote {out}")
     return result
 
