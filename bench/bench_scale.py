@@ -162,7 +162,7 @@ def run_point(p: dict) -> dict:
     batch = random_batch(cfg, rows, p["T"], p["docs"])
     bf16 = p.get("dtype", "fp32") == "bf16"
     dtype = torch.bfloat16 if bf16 else torch.float32
-    peak_before = mfu.measure_matmul_peak(dtype)
+    peak_before = mfu.measure_matmul_peak(dtype).flops
     rss_before = rss_gib()
     times, outs, _ = train_steps(model, lambda i: batch, adamw(model), bf16, torch.device("cpu"), p.get("steps", 3),
                                  p.get("min_steps", 1))
@@ -170,7 +170,7 @@ def run_point(p: dict) -> dict:
     flops = mfu.step_flops(model, batch, outs[-1])
     tokens = batch.num_tokens()
     concepts = sum(map(sum, outs[-1].concept_lengths)) if outs[-1].concept_lengths else tokens
-    peak = (peak_before + mfu.measure_matmul_peak(dtype)) / 2
+    peak = (peak_before + mfu.measure_matmul_peak(dtype).flops) / 2
     return {**p, "steps_run": len(times), "step_s": step_s, "peak_gflops": peak / 1e9,
             "first_step_s": times[0], "tokens_per_s": rows * p["T"] / step_s, "ratio": tokens / concepts,
             "flops_per_token": flops / tokens, "tflops": flops / step_s / 1e12, "mfu": flops / step_s / peak,
@@ -481,7 +481,7 @@ def main(argv: list[str] | None = None) -> dict:
     res.update({"machine": {"cpu": mfu.cpu_model(), "threads": torch.get_num_threads(), "torch": torch.__version__,
                             "python": platform.python_version()}, "preliminary": True, "quick": args.quick})
     run = {"sections": list(sections), "uptime_start": uptime()}
-    peaks = {"fp32": mfu.measure_matmul_peak(torch.float32), "bf16": mfu.measure_matmul_peak(torch.bfloat16)}
+    peaks = {"fp32": mfu.measure_matmul_peak(torch.float32).flops, "bf16": mfu.measure_matmul_peak(torch.bfloat16).flops}
     run["peak_flops_start"] = peaks
     print(f"{run['uptime_start']}\nmatmul peak: fp32 {peaks['fp32'] / 1e9:.0f} GFLOP/s, "
           f"bf16 {peaks['bf16'] / 1e9:.0f} GFLOP/s", flush=True)
@@ -496,8 +496,8 @@ def main(argv: list[str] | None = None) -> dict:
             got.sort(key=lambda r: (r["config"], r["T"]))
         res[name] = got
         res[name + "_runs"] = [*res.get(name + "_runs", []), run] if isinstance(got, list) else [run]
-    run["peak_flops_end"] = {"fp32": mfu.measure_matmul_peak(torch.float32),
-                             "bf16": mfu.measure_matmul_peak(torch.bfloat16)}
+    run["peak_flops_end"] = {"fp32": mfu.measure_matmul_peak(torch.float32).flops,
+                             "bf16": mfu.measure_matmul_peak(torch.bfloat16).flops}
     run["uptime_end"], run["wall_s"] = uptime(), time.perf_counter() - t0
     res["targets"] = targets(res)
     out.mkdir(parents=True, exist_ok=True)

@@ -41,3 +41,29 @@ def test_gpu_check_runs_on_cpu_without_deepspeed_or_webdataset(tmp_path):
     assert res["train"][1]["graphs"] > 0 and res["generate"]["cached_equals_uncached"]
     assert res["ep"] == {"skipped": "needs 2 GPUs"}
     assert "compiled / eager speed" in res["table"] and "GPU check" in proc.stdout
+
+
+
+def test_bench_peers_quick(tmp_path):
+    """bench/bench_peers.py --quick: every family imported with equal logits, every arm timed, JSON and plot."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_peers", ROOT / "bench" / "bench_peers.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "peers.json"
+    import torch
+
+    bench.main(["--quick", "--out", str(out), "--threads", str(torch.get_num_threads())])
+    res = json.loads(out.read_text())
+    assert [f["family"] for f in res["families"]] == ["mixtral", "qwen2_moe", "olmoe"]
+    for fam in res["families"]:
+        assert fam["logits_max_diff"]["import"] < 1e-4 and len(fam["load_before"]) == 3
+        assert fam["fp32"]["decode_same_tokens"]  # greedy in fp32; bf16 rounding may pick other tokens
+        for dtype in ("fp32", "bf16"):
+            r = fam[dtype]
+            assert set(r["decode"]) == {"ours", "transformers", "transformers_on_ours"}
+            arms = {"ours", "transformers"} | ({"concept_r2"} if fam["family"] == "mixtral" else set())
+            assert set(r["train"]) == set(r["prefill"]) == set(r["train_peak_mib"]) == arms
+            assert all(v["per_s"] > 0 for phase in ("train", "prefill", "decode") for v in r[phase].values())
+    assert out.with_suffix(".png").stat().st_size > 10_000

@@ -50,7 +50,7 @@ class InferenceSession:
         """Start a new state with the prompts of `batch` (one per row, padding at row ends).
         Returns the logits of each row's last prompt token (B, V)."""
         self.state = self.model.new_state(batch.shape[0])
-        return last_token_logits(self.extend(batch).logits, batch)
+        return self.model.extend(batch, self.state, boundaries=self.boundaries, last_only=True).logits[:, 0]
 
     @torch.inference_mode()
     def extend(self, batch: Batch) -> ModelOutput:

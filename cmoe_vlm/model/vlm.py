@@ -212,10 +212,11 @@ class ConceptMoEVLM(nn.Module):
     def new_state(self, batch_size: int) -> DecodingState:
         return self.lm.new_state(batch_size)
 
-    def extend(self, batch: Batch, state: DecodingState, boundaries: BoundaryPolicy | None = None) -> ModelOutput:
+    def extend(self, batch: Batch, state: DecodingState, boundaries: BoundaryPolicy | None = None,
+               last_only: bool = False) -> ModelOutput:
         """The next tokens of cached rows (see `ConceptMoE.extend`); images must lie wholly in this span."""
         return self.lm.extend(batch, state, inputs_embeds=self.embed(batch),
-                              above_index=self.above_index(batch), boundaries=boundaries)
+                              above_index=self.above_index(batch), boundaries=boundaries, last_only=last_only)
 
     def step(self, input_ids: torch.Tensor, state: DecodingState, active: torch.Tensor | None = None,
              boundaries: BoundaryPolicy | None = None) -> torch.Tensor:

@@ -49,7 +49,7 @@ from .expert_parallel import plain_state_dict, swap_in_deepspeed_moe
 from .initial_weights import fit_vocab, load_initial_weights
 from .metrics import MetricsLogger, WandbRun, Window, progress_postfix, source_metrics, step_record
 from .optim import apply_hyperparameters
-from .prepare import Prepared, compiled_graphs, prepare_model
+from .prepare import Prepared, compiled_graphs, prepare_model, use_bf16
 from .stages import apply_freeze, previous_stages, stage, stage_change
 
 
@@ -189,10 +189,12 @@ def setup_run(exp: ExperimentConfig, tokenizer: Tokenizer, rank: int, world: int
     apply_freeze(model, cfg.freeze)  # before the optimizer: frozen parameters are left out of it
     if cfg.ep_size > 1:
         swap_in_deepspeed_moe(model.lm, cfg.ep_size)
+    # the peak before anything of ours runs beside it (the loader's workers, the engine's threads)
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    peak, peak_source = mfu.peak_flops(device, use_bf16(cfg), cfg.peak_tflops) if rank == 0 else (None, "")
     loader = training_loader(exp, tokenizer, model, rank, world)
     engine, _, scheduler = build_engine(model, cfg, exp.data.batch_size)
     prepared = prepare_model(engine.module, cfg, engine.device)
-    peak, peak_source = mfu.peak_flops(engine.device, prepared.bf16, cfg.peak_tflops) if rank == 0 else (None, "")
     controller = RatioController.of(exp.model, engine.device)
     run = Run(exp=exp, rank=rank, world=world, tokenizer=tokenizer, engine=engine, scheduler=scheduler,
               guard=StepGuard(engine, scheduler.optimizer), prepared=prepared, loader=loader,
@@ -359,6 +361,9 @@ def log_step(run: Run, result: StepResult, bar: tqdm) -> None:
     windowed = {}
     for stats in run.window.compression:  # the collapse monitor pools every step, read now
         windowed = run.monitor.update(stats)
+    achieved = run.window.flops / max(run.window.seconds, 1e-9)
+    if run.peak and achieved > run.peak and run.peak_source.startswith("measured"):  # a CPU peak measured too low
+        run.peak, run.peak_source = mfu.raised_peak(achieved, run.prepared.bf16)
     chunk = run.exp.model.chunk
     record = step_record(
         result.losses, result.out, run.window, lr=run.scheduler.get_last_lr()[0], world=run.world, peak=run.peak,

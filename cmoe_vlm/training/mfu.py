@@ -9,20 +9,26 @@ for each real token, concept-level work for each concept the merger made, attent
 documents' own lengths (causal), the vision tower on the images present; training = 3 × forward
 (activation checkpointing's recomputation is not credited, as usual for MFU). Padding is not.
 
-Peaks: accelerators from a table of dense tensor-core peaks (`PEAK_TFLOPS`); a CPU's is measured
-once (a short matmul benchmark at the current thread count) and cached in
+Peaks: accelerators from a table of dense tensor-core peaks (`PEAK_TFLOPS`). A CPU's is the fp32 (or
+bf16) matmul rate at the current thread count, measured before the data loader's workers start, ~3 s
+over three sizes (median per size, best size; `measure_matmul_peak`), and cached in
 $XDG_CACHE_HOME/cmoe-vlm/peak_flops.json (default ~/.cache; $CMOE_CACHE_DIR replaces the folder), keyed
-by CPU model, threads and dtype, with the time and load average of the measurement (both shown in
-summary.json's `peak_source`). `train.peak_tflops` overrides both. On a shared machine the measured
-peak is what the machine gave at that moment: delete the cache file to measure again.
+by CPU model, threads and dtype, with the time and load it was measured at. Only a quiet measurement
+is cached (the threads ran >= 90% of the wall time: other jobs did not hold the cores), and only
+when higher than the cached one; entries expire after 30 days. When a window of steps realizes more
+than the peak in use, it is measured again and raised (`raised_peak`): no MFU above 100% is reported.
+`train.peak_tflops` overrides all of it.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import platform
 import re
+import statistics
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -64,48 +70,102 @@ def cache_file() -> Path:
     return Path(folder) / "peak_flops.json"
 
 
-def measure_matmul_peak(dtype: torch.dtype, size: int = 1024, seconds: float = 0.25) -> float:
-    """FLOP/s of a (size × size) @ (size × size) matmul on the CPU at the current thread count: the
-    best of three timed runs of ~`seconds / 3` each, after a warm-up. Its own generator: a training run
-    that measures (an empty cache) must draw the same random numbers as one that reads the cache."""
+PEAK_SIZES = (1024, 2048, 3072)  # square fp32/bf16 matmuls timed for a CPU peak: the best size wins
+QUIET_UTILISATION = 0.9          # a measurement is cached only if its threads ran at least this share of the time
+CACHE_DAYS = 30                  # a cached peak older than this is measured again
+
+
+@dataclass
+class Peak:
+    """A CPU peak measurement: FLOP/s, and the conditions it was taken in."""
+    flops: float
+    measured_at: float     # Unix time
+    load: tuple[float, float, float]  # os.getloadavg() just before
+    utilisation: float     # process CPU time / (wall time × threads) while timing: < 1 when other jobs took the cores
+    threads: int
+
+    @property
+    def quiet(self) -> bool:
+        return self.utilisation >= QUIET_UTILISATION
+
+    def describe(self) -> str:
+        when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(self.measured_at))
+        return (f"measured matmul ({cpu_model()}, {self.threads} threads, {when}, load {self.load[0]:.1f}, "
+                f"utilisation {self.utilisation:.2f}{'' if self.quiet else ', contended: not cached'})")
+
+
+def measure_matmul_peak(dtype: torch.dtype, sizes: tuple[int, ...] = PEAK_SIZES, seconds: float = 3.0) -> Peak:
+    """The CPU's matmul FLOP/s at the current thread count: for each size n (n × n @ n × n) a warm-up,
+    then repeated timed matmuls for ~`seconds / len(sizes)`; a size's rate is the median over its
+    matmuls, the peak the best size's. Also records the load and how much of the wall time the threads
+    actually ran (process CPU time / wall / threads), which tells a contended measurement from a quiet
+    one. Its own generator: a training run that measures (an empty cache) must draw the same random
+    numbers as one that reads the cache."""
     g = torch.Generator().manual_seed(0)
-    a, b = (torch.randn(size, size, generator=g).to(dtype) for _ in range(2))
-    for _ in range(3):
+    threads = torch.get_num_threads()
+    load = os.getloadavg()
+    best, wall, cpu = 0.0, 0.0, 0.0
+    for n in sizes:
+        a, b = (torch.randn(n, n, generator=g).to(dtype) for _ in range(2))
         a @ b
-    best = 0.0
-    for _ in range(3):
-        n, t0 = 0, time.perf_counter()
-        while (elapsed := time.perf_counter() - t0) < seconds / 3:
+        rates = []
+        t_end = time.perf_counter() + seconds / len(sizes)
+        while not rates or time.perf_counter() < t_end:
+            t0, c0 = time.perf_counter(), time.process_time()
             a @ b
-            n += 1
-        best = max(best, 2 * size ** 3 * n / elapsed)
-    return best
+            dt = time.perf_counter() - t0
+            wall, cpu = wall + dt, cpu + time.process_time() - c0
+            rates.append(2 * n ** 3 / dt)
+        best = max(best, statistics.median(rates))
+    return Peak(best, time.time(), load, min(cpu / max(wall * threads, 1e-9), 1.0), threads)
 
 
-def cpu_peak(bf16: bool) -> tuple[float, str]:
-    """The CPU's matmul FLOP/s in the training dtype, measured on first use and cached, with when and
-    under what load (1-minute load average) it was measured: the figure MFU is divided by."""
-    key = f"{cpu_model()} | threads={torch.get_num_threads()} | {'bf16' if bf16 else 'fp32'}"
-    path = cache_file()
+def _read_cache(path: Path) -> dict:
     try:
         cached = json.loads(path.read_text())
     except (OSError, ValueError):
-        cached = {}
-    entry = cached.get(key) if isinstance(cached, dict) else None
-    if not (isinstance(entry, dict) and isinstance(entry.get("flops"), (int, float))):  # older caches: a bare number
-        cached = cached if isinstance(cached, dict) else {}
-        load = os.getloadavg()[0]
-        cached[key] = {"flops": measure_matmul_peak(torch.bfloat16 if bf16 else torch.float32),
-                       "measured": time.strftime("%Y-%m-%d %H:%M"), "load": round(load, 2)}
+        return {}
+    return cached if isinstance(cached, dict) else {}
+
+
+def _store(path: Path, key: str, peak: Peak) -> None:
+    """Cache `peak` under `key` if it was measured quietly and beats what is cached (see `cpu_peak`)."""
+    if not peak.quiet:
+        return
+    cached = _read_cache(path)
+    old = cached.get(key)
+    if isinstance(old, dict) and old.get("flops", 0) >= peak.flops and time.time() - old.get("measured_at", 0) < CACHE_DAYS * 86400:
+        return
+    cached[key] = dataclasses.asdict(peak)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(cached, indent=1))
+        tmp.replace(path)
+    except OSError:
+        pass  # a read-only home: measure again next time
+
+
+def cpu_peak(bf16: bool, fresh: bool = False) -> Peak:
+    """The CPU's matmul peak in the training dtype: the cached one (quiet, at most CACHE_DAYS old), else
+    measured now. A measurement is cached only when quiet (utilisation >= QUIET_UTILISATION) and
+    higher than the cached one: a peak taken while other jobs held the cores is used for this run but
+    never becomes the machine's. `fresh` measures even with a cached peak (and returns the higher)."""
+    key = f"{cpu_model()} | threads={torch.get_num_threads()} | {'bf16' if bf16 else 'fp32'}"
+    path = cache_file()
+    old = _read_cache(path).get(key)
+    cached = None
+    if isinstance(old, dict) and time.time() - old.get("measured_at", 0) < CACHE_DAYS * 86400:
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(cached, indent=1))
-            tmp.replace(path)
-        except OSError:
-            pass  # a read-only home: measure again next time
-    entry = cached[key]
-    return float(entry["flops"]), f"measured {entry['measured']} at load average {entry['load']}"
+            cached = Peak(float(old["flops"]), float(old["measured_at"]), tuple(old["load"]), float(old["utilisation"]),
+                          int(old["threads"]))
+        except (KeyError, TypeError, ValueError):
+            cached = None  # an older format (a bare number, measured in 0.25 s): measure again
+    if cached is not None and not fresh:
+        return cached
+    peak = measure_matmul_peak(torch.bfloat16 if bf16 else torch.float32)
+    _store(path, key, peak)
+    return peak if cached is None or peak.flops > cached.flops else cached
 
 
 def peak_flops(device: torch.device, bf16: bool, override_tflops: float | None = None) -> tuple[float | None, str]:
@@ -117,9 +177,17 @@ def peak_flops(device: torch.device, bf16: bool, override_tflops: float | None =
         name = torch.cuda.get_device_name(device)
         peak = accelerator_peak(name, bf16)
         return peak, f"table ({name})" if peak else f"unknown GPU {name!r}: set train.peak_tflops"
-    peak, when = cpu_peak(bf16)
-    return peak, (f"measured matmul ({cpu_model()}, {torch.get_num_threads()} threads, {when}, cached in "
-                  f"{cache_file()}: delete it to measure again)")
+    peak = cpu_peak(bf16)
+    return peak.flops, f"{peak.describe()}, cache {cache_file()}"
+
+
+def raised_peak(achieved: float, bf16: bool) -> tuple[float, str]:
+    """A CPU step realized `achieved` FLOP/s, more than the peak in use: measure again (cached if quiet)
+    and return the larger of the new peak and `achieved`, so that no MFU above 100% is reported."""
+    peak = cpu_peak(bf16, fresh=True)
+    if peak.flops >= achieved:
+        return peak.flops, f"re-{peak.describe()} after a step exceeded the earlier peak"
+    return achieved, f"a step's achieved FLOP/s (above a fresh {peak.describe()})"
 
 
 def vision_flops_per_image(model: nn.Module, size: tuple[int, int] | None = None) -> float:

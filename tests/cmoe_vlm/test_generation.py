@@ -319,3 +319,21 @@ def test_prefill_speedup_script_on_exports(tmp_path):
     rows = {Path(r["model"]).name: r for r in json.loads(out.read_text())["rows"]}
     assert rows["base"]["speedup"] == 1.0 and rows["base"]["ratio"] == 1.0
     assert 1.0 < rows["cmoe"]["ratio"] < 300 and rows["cmoe"]["median_s"] > 0
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_prefill_computes_the_last_tokens_logits_only(enabled):
+    """`InferenceSession.prefill` runs the LM head on each row's last prompt token only (`last_only`):
+    the same logits as the full span's at those tokens (the reference), ragged rows included."""
+    torch.manual_seed(0)
+    model = ConceptMoE(lm_config(enabled)).eval()
+    ids = torch.randint(0, 256, (3, 12))
+    doc_ids = torch.zeros_like(ids)
+    doc_ids[1, 7:] = -1
+    doc_ids[2, 3:] = -1
+    batch = Batch.of(ids, doc_ids=doc_ids)
+    got = InferenceSession(model).prefill(batch)
+    with torch.inference_mode():
+        full = model.extend(batch, model.new_state(3)).logits
+    want = full[torch.arange(3), torch.tensor([11, 6, 2])]
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)

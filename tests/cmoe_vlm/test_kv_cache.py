@@ -57,3 +57,31 @@ def test_fast_and_per_row_paths_store_and_attend_alike():
         full = attn(x, rope_angles(torch.arange(9).expand(2, -1), 8, 10000.0),
                     AttentionLayout.of(DocumentLayout.single(2, 9)))
     torch.testing.assert_close(outs[0], full, atol=1e-5, rtol=1e-5)
+
+
+def test_one_query_attention_matches_the_fused_kernel(monkeypatch):
+    """The decode-step attention (grouped query heads as one matmul per KV head) against SDPA, the
+    reference, with GQA and batch > 1; and a decode step through it (the key threshold lowered to 1)
+    gives the logits of the full causal forward at that position."""
+    import torch.nn.functional as F
+
+    from cmoe_vlm.model.layers import attention
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = torch.randn(3, 4, 1, 8, generator=g), torch.randn(3, 2, 37, 8, generator=g), torch.randn(3, 2, 37, 8, generator=g)
+    want = F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+    torch.testing.assert_close(attention.one_query_attention(q, k, v), want, atol=1e-6, rtol=1e-5)
+
+    monkeypatch.setattr(attention, "ONE_QUERY_MIN_KEYS", 1)
+    torch.manual_seed(1)
+    attn = Attention(AttentionConfig(dim=16, num_heads=4, num_kv_heads=2, head_dim=8)).eval()
+    x = torch.randn(2, 9, 16)
+    pos = torch.arange(9).expand(2, 9)
+    rope = rope_angles(pos, 8, 10000.0)
+    with torch.no_grad():
+        full = attn(x, rope, AttentionLayout.of(DocumentLayout.single(2, 9)))
+        cache = KVCache(2, 2, 8, "cpu", torch.float32)
+        attn.extend(x[:, :8], tuple(r[:, :8] for r in rope), cache)
+        cache.advance(8)
+        step = attn.extend(x[:, 8:], tuple(r[:, 8:] for r in rope), cache)
+    torch.testing.assert_close(step[:, 0], full[:, 8], atol=1e-5, rtol=1e-5)

@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cmoe_vlm.model.layers.moe import MoE, MoEConfig
+from cmoe_vlm.model.layers.moe import GroupedSwiGLU, MoE, MoEConfig
 from cmoe_vlm.objective import balance_loss
 
 
@@ -23,11 +23,11 @@ def naive_moe(moe: MoE, x: torch.Tensor) -> torch.Tensor:
     return out
 
 
-@pytest.mark.parametrize("impl", ["loop", "grouped"])
+@pytest.mark.parametrize("impl,hidden", [("loop", 24), ("grouped", 24), ("auto", 6)])  # auto: 6 -> loop (unaligned)
 @pytest.mark.parametrize("shared,norm", [(0, True), (32, False)])
-def test_dispatch_matches_naive_reference(impl, shared, norm):
+def test_dispatch_matches_naive_reference(impl, hidden, shared, norm):
     torch.manual_seed(0)
-    moe = MoE(16, MoEConfig(num_experts=6, top_k=2, expert_hidden=24, shared_expert_hidden=shared,
+    moe = MoE(16, MoEConfig(num_experts=6, top_k=2, expert_hidden=hidden, shared_expert_hidden=shared,
                             norm_topk_prob=norm, impl=impl))
     x = torch.randn(37, 16)
     y, stats = moe(x)
@@ -51,9 +51,10 @@ def test_few_token_path_matches_naive_reference(n):
     assert int(stats.tokens_per_expert.sum()) == n * 2
 
 
-def test_gradients_match_reference():
+@pytest.mark.parametrize("impl", ["loop", "grouped"])
+def test_gradients_match_reference(impl):
     torch.manual_seed(1)
-    moe = MoE(8, MoEConfig(num_experts=4, top_k=2, expert_hidden=8, impl="loop"))
+    moe = MoE(8, MoEConfig(num_experts=4, top_k=2, expert_hidden=8, impl=impl))
     x = torch.randn(11, 8, requires_grad=True)
     moe(x)[0].pow(2).sum().backward()
     g_fast = [p.grad.clone() for p in moe.parameters()] + [x.grad.clone()]
@@ -87,3 +88,34 @@ def test_load_balance_loss_is_one_when_uniform_and_higher_when_skewed():
     assert balance_loss(moe(x)[1]).item() == pytest.approx(1.0, abs=1e-3)
     x = torch.eye(4)[:1].repeat(64, 1)  # everything to expert 0
     assert balance_loss(moe(x)[1]).item() > 3.5
+
+
+def per_expert_reference(x, w13, w2, counts):
+    """The slow reference of `GroupedSwiGLU`: autograd through one SwiGLU per expert slice."""
+    outs = []
+    for e, x_e in enumerate(x.split(counts)):
+        gate, up = (x_e @ w13[e]).chunk(2, dim=-1)
+        outs.append((F.silu(gate) * up) @ w2[e])
+    return torch.cat(outs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grouped_swiglu_matches_per_expert_reference(dtype):
+    """The fused node (one silu backward over all rows, grouped matmuls) against autograd through
+    per-expert slices: outputs and all three gradients, with an expert that has no rows."""
+    torch.manual_seed(3)
+    counts = [5, 0, 9, 1, 7]
+    x = torch.randn(sum(counts), 16, dtype=dtype, requires_grad=True)
+    w13 = (torch.randn(5, 16, 2 * 8) * 0.3).to(dtype).requires_grad_()
+    w2 = (torch.randn(5, 8, 16) * 0.3).to(dtype).requires_grad_()
+    g = torch.randn(sum(counts), 16, dtype=dtype)
+    offs = torch.tensor(counts).cumsum(0).to(torch.int32)
+    got = GroupedSwiGLU.apply(x, w13, w2, offs)
+    grads = torch.autograd.grad(got, (x, w13, w2), g)
+    want = per_expert_reference(x, w13, w2, counts)
+    ref_grads = torch.autograd.grad(want, (x, w13, w2), g)
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(got, want, **tol)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b, **tol)
+    assert grads[1][1].abs().sum() == 0 and grads[2][1].abs().sum() == 0  # the empty expert: zero gradient

@@ -3,6 +3,10 @@ the plain run's gradients while keeping fewer activations, bf16 autocast on CPU 
 master weights, the compiled step follows the eager one with a bounded number of graphs while the
 concept count changes every step, and the MFU peak is measured once and cached."""
 import json
+import os
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -130,14 +134,29 @@ def test_compiled_step_matches_eager_with_bounded_graphs():
 def test_peak_flops_measured_once_cached_and_overridden(tmp_path, monkeypatch):
     monkeypatch.setenv("CMOE_CACHE_DIR", str(tmp_path / "cmoe-vlm"))
     calls = []
-    real = mfu.measure_matmul_peak
-    monkeypatch.setattr(mfu, "measure_matmul_peak", lambda dtype: calls.append(dtype) or real(dtype, size=256))
+
+    def fake(dtype, utilisation=0.97):
+        calls.append(dtype)
+        return mfu.Peak(1.5e11, time.time(), (0.1, 0.1, 0.1), utilisation, torch.get_num_threads())
+
+    monkeypatch.setattr(mfu, "measure_matmul_peak", fake)
     cpu = torch.device("cpu")
     first, source = mfu.peak_flops(cpu, bf16=False)
     again, _ = mfu.peak_flops(cpu, bf16=False)
-    assert first == again > 1e8 and calls == [torch.float32] and "measured" in source
+    assert first == again == 1.5e11 and calls == [torch.float32] and "measured" in source and "load 0.1" in source
     cached = json.loads((tmp_path / "cmoe-vlm" / "peak_flops.json").read_text())
-    assert list(cached) == [f"{mfu.cpu_model()} | threads={torch.get_num_threads()} | fp32"]
+    key = f"{mfu.cpu_model()} | threads={torch.get_num_threads()} | fp32"
+    assert list(cached) == [key] and cached[key]["flops"] == 1.5e11 and cached[key]["load"] == [0.1, 0.1, 0.1]
+    # a step realized more than the peak: measured again, and never an MFU above 100%
+    assert mfu.raised_peak(1e11, bf16=False)[0] == 1.5e11 and len(calls) == 2
+    assert mfu.raised_peak(2e11, bf16=False)[0] == 2e11
+    # an old-format entry (a bare number, measured in 0.25 s) or an expired one is measured again
+    (tmp_path / "cmoe-vlm" / "peak_flops.json").write_text(json.dumps({key: 7.8e10}))
+    assert mfu.peak_flops(cpu, bf16=False)[0] == 1.5e11 and len(calls) == 4
+    cached[key]["measured_at"] -= (mfu.CACHE_DAYS + 1) * 86400
+    (tmp_path / "cmoe-vlm" / "peak_flops.json").write_text(json.dumps(cached))
+    mfu.peak_flops(cpu, bf16=False)
+    assert len(calls) == 5
     assert mfu.peak_flops(cpu, bf16=False, override_tflops=2.5) == (2.5e12, "train.peak_tflops")
     assert mfu.accelerator_peak("NVIDIA H100 80GB HBM3", bf16=True) == 989e12
     assert mfu.accelerator_peak("NVIDIA H100 PCIe", bf16=True) == 756e12
@@ -148,11 +167,30 @@ def test_peak_flops_measured_once_cached_and_overridden(tmp_path, monkeypatch):
     assert mfu.accelerator_peak("NVIDIA A10", bf16=True) == 125e12
 
 
+def test_a_peak_measured_under_contention_is_not_cached(tmp_path, monkeypatch):
+    """Busy processes on every core while the peak is measured: the measurement sees its threads
+    descheduled (utilisation below the quiet threshold), uses the figure for this run and caches nothing."""
+    monkeypatch.setenv("CMOE_CACHE_DIR", str(tmp_path / "cmoe-vlm"))
+    real = mfu.measure_matmul_peak
+    monkeypatch.setattr(mfu, "measure_matmul_peak", lambda dtype: real(dtype, sizes=(512,), seconds=1.0))
+    busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2 * (os.cpu_count() or 1))]
+    try:
+        time.sleep(0.3)
+        peak = mfu.cpu_peak(bf16=False)
+    finally:
+        for p in busy:
+            p.kill()
+            p.wait()
+    assert not peak.quiet and peak.utilisation < mfu.QUIET_UTILISATION and peak.flops > 0
+    assert "contended" in peak.describe()
+    assert not (tmp_path / "cmoe-vlm" / "peak_flops.json").exists()
+
+
 def test_measuring_the_peak_leaves_the_training_random_numbers_alone():
     """A run that measured the CPU peak (empty cache) drew other boundary samples than one that read the
     cache: two fresh runs of one config differed from step 1 unless an earlier test had filled the cache."""
     torch.manual_seed(0)
     want = torch.rand(4)
     torch.manual_seed(0)
-    mfu.measure_matmul_peak(torch.float32, size=64, seconds=0.01)
+    mfu.measure_matmul_peak(torch.float32, sizes=(64,), seconds=0.01)
     assert torch.equal(torch.rand(4), want)

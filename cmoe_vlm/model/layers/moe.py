@@ -1,8 +1,8 @@
 """Mixture-of-experts feed-forward: SwiGLU experts, top-k softmax router, dropless dispatch.
 
 Dispatch sorts the N·k (token, expert) assignments by expert so each expert's tokens are one
-contiguous slice, runs the experts on their slices (a loop of matmuls over experts, or one
-`torch._grouped_mm` call), and adds the weighted results back with `index_add_`. No token is
+contiguous slice, runs the experts on their slices (one `GroupedSwiGLU` autograd node of
+`torch._grouped_mm` calls, CPU and CUDA; a loop of matmuls over experts where torch lacks it), and adds the weighted results back with `index_add_`. No token is
 dropped and there is no Python loop over tokens. With fewer assignments than experts and no
 autograd (decoding), each token's k experts run as a batched matmul on gathered weights instead.
 
@@ -31,7 +31,7 @@ class MoEConfig:
     shared_expert_gate: bool = False  # scale the shared expert by sigmoid(w·x) per token (Qwen2-MoE)
     norm_topk_prob: bool = True       # renormalise the k selected router probabilities to sum to 1 (Mixtral;
                                       # false: the softmax's own top-k values, Qwen-MoE and OLMoE by default)
-    impl: Literal["auto", "loop", "grouped"] = "auto"  # auto: grouped_mm on CUDA, loop on CPU
+    impl: Literal["auto", "loop", "grouped"] = "auto"  # auto: grouped (GroupedSwiGLU) where torch has _grouped_mm
 
     def __post_init__(self):
         check(self.num_experts >= 1, "num_experts", self.num_experts, "must be >= 1")
@@ -62,6 +62,49 @@ class SwiGLU(nn.Module):
         return self.w2(F.silu(gate) * up)
 
 
+class GroupedSwiGLU(torch.autograd.Function):
+    """E SwiGLU experts over expert-sorted tokens as one autograd node: two grouped matmuls forward,
+    four backward, and the SwiGLU's derivative computed once over all M rows (autograd through a
+    per-expert loop made a silu backward, a mul and a cat or split per expert slice per layer).
+
+    Forward: x_MD (M, D) sorted by expert, w13_EDH (E, D, 2H), w2_EHD (E, H, D), offs_E (E,) int32,
+    the cumulative row counts (the end of each expert's rows) -> y_MD (M, D). Saves x and the first
+    projection h (M, 2H); silu(gate)·up is recomputed in backward (one elementwise pass) rather than
+    kept, so the node holds no more than autograd through the loop held."""
+
+    @staticmethod
+    def forward(ctx, x_MD: torch.Tensor, w13_EDH: torch.Tensor, w2_EHD: torch.Tensor,
+                offs_E: torch.Tensor) -> torch.Tensor:
+        h_MH = torch._grouped_mm(x_MD, w13_EDH, offs=offs_E)
+        gate, up = h_MH.chunk(2, dim=-1)
+        y_MD = torch._grouped_mm(F.silu(gate).mul_(up), w2_EHD, offs=offs_E)
+        ctx.save_for_backward(x_MD, h_MH, w13_EDH, w2_EHD, offs_E)
+        return y_MD
+
+    @staticmethod
+    def backward(ctx, grad_y_MD: torch.Tensor):
+        x_MD, h_MH, w13_EDH, w2_EHD, offs_E = ctx.saved_tensors
+        grad_y_MD = grad_y_MD.contiguous()
+        gate, up = h_MH.chunk(2, dim=-1)
+        silu = F.silu(gate)
+        grad_act = torch._grouped_mm(grad_y_MD, w2_EHD.transpose(-2, -1), offs=offs_E)  # (M, H)
+        grad_w2 = (torch._grouped_mm((silu * up).t(), grad_y_MD, offs=offs_E)  # (E, H, D)
+                   if ctx.needs_input_grad[2] else None)
+        grad_h = torch.empty_like(h_MH)  # [d/dgate, d/dup], written in place
+        g_gate, g_up = grad_h.chunk(2, dim=-1)
+        torch.mul(grad_act, silu, out=g_up)
+        torch.ops.aten.silu_backward.grad_input(grad_act * up, gate, grad_input=g_gate)
+        grad_x = (torch._grouped_mm(grad_h, w13_EDH.transpose(-2, -1), offs=offs_E)
+                  if ctx.needs_input_grad[0] else None)
+        grad_w13 = (torch._grouped_mm(x_MD.t(), grad_h, offs=offs_E)  # (E, D, 2H)
+                    if ctx.needs_input_grad[1] else None)
+        return grad_x, grad_w13, grad_w2, None
+
+
+# A compile graph break: _grouped_mm's fake-tensor kernel takes bf16 only (eager CPU takes fp32 too).
+grouped_swiglu = torch.compiler.disable(GroupedSwiGLU.apply)
+
+
 class Experts(nn.Module):
     """E SwiGLU experts with stacked weights, applied to expert-sorted tokens."""
 
@@ -74,32 +117,32 @@ class Experts(nn.Module):
         nn.init.normal_(self.w2, std=hidden ** -0.5)
 
     def forward(self, x_sorted: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
-        """x_sorted (M, dim) grouped by expert, tokens_per_expert (E,) -> (M, dim)."""
+        """x_sorted (M, dim) grouped by expert, tokens_per_expert (E,) -> (M, dim). `grouped` (auto
+        wherever torch has `_grouped_mm`, CPU included, for fp32/bf16/fp16 with widths of 16-byte multiples): one
+        `GroupedSwiGLU` node, no host read; `loop`: a matmul per expert."""
         impl = self.impl
         dtype = compute_dtype(x_sorted)
-        if impl == "auto":  # grouped_mm on CUDA in bf16 (its kernel's dtype); the loop elsewhere
-            impl = "grouped" if x_sorted.is_cuda and dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm") else "loop"
+        if impl == "auto":  # _grouped_mm: fp32/bf16/fp16, row strides of whole 16-byte units (dim and hidden)
+            ok = dtype in (torch.float32, torch.bfloat16, torch.float16) and all(
+                n * dtype.itemsize % 16 == 0 for n in self.w2.shape[1:])
+            impl = "grouped" if hasattr(torch, "_grouped_mm") and ok else "loop"
         if impl == "grouped":
-            offs = tokens_per_expert.cumsum(0).to(torch.int32)
-            h = torch._grouped_mm(x_sorted.to(dtype), self.w13.to(dtype), offs=offs)
-            gate, up = h.chunk(2, dim=-1)
-            return torch._grouped_mm((F.silu(gate) * up).contiguous(), self.w2.to(dtype), offs=offs)
+            offs_E = tokens_per_expert.cumsum(0).to(torch.int32)
+            # stacked weights cast once per layer (autocast does not cover _grouped_mm)
+            return grouped_swiglu(x_sorted.to(dtype).contiguous(), self.w13.to(dtype), self.w2.to(dtype), offs_E)
         return self._loop(x_sorted.to(dtype), tokens_per_expert)
 
     @torch.compiler.disable  # reads the counts to the host: a compiled graph would specialise on them
     def _loop(self, x_sorted: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
-        """A matmul per expert over its contiguous slice (the CPU path, docs/design.md §12)."""
+        """A matmul per expert over its contiguous slice (torch without `_grouped_mm`; docs/design.md §12)."""
         counts = tokens_per_expert.tolist()
         outs = [x_sorted.new_empty(0, self.w2.shape[-1])]
-        # The stacked weights cast once (autocast would cast each expert's slice at every matmul: bf16
-        # expert matmuls ran at fp32 speed). With autograd, unbind rather than w13[e]: indexing makes
-        # backward write a full (E, d, 2h) zero gradient per expert. Without it, indexing only the busy
-        # experts is cheaper (at decode, k of E experts have a token and the E views of unbind cost more).
+        # The stacked weights cast once (autocast would cast each expert's slice at every matmul).
+        # With autograd, unbind rather than w13[e]: indexing makes backward write a full (E, d, 2h) zero
+        # gradient per expert; split, not slices, for the same reason on x_sorted.
         w13, w2 = self.w13.to(x_sorted.dtype), self.w2.to(x_sorted.dtype)
         grad = torch.is_grad_enabled() and self.w13.requires_grad
         w13s, w2s = (w13.unbind(0), w2.unbind(0)) if grad else (w13, w2)
-        # split, not slices: its backward is one cat, where each slice's wrote a zero gradient of all of
-        # x_sorted (E full-size fills per layer; 1.9x the layer's fwd+bwd time in bf16, 1.15x in fp32)
         for e, x_e in enumerate(x_sorted.split(counts)):
             if counts[e]:  # experts without tokens are skipped
                 gate, up = (x_e @ w13s[e]).chunk(2, dim=-1)
@@ -107,16 +150,29 @@ class Experts(nn.Module):
         return torch.cat(outs)
 
     def per_token(self, x_ND: torch.Tensor, experts_NK: torch.Tensor, weights_NK: torch.Tensor) -> torch.Tensor:
-        """Few tokens (decoding): gather each token's k experts' weights and run them as one batched
-        matmul per projection, with no sort and no per-expert loop. x_ND (N, dim), experts_NK and
-        weights_NK (N, K) -> Σ_k weight · expert_k(x), (N, dim). Reads the same weights the loop reads;
-        indexing the stacked weights would make backward write full zero gradients, so no autograd."""
+        """Few tokens (decoding, N·K <= E, no autograd): Σ_k weight · expert_k(x). x_ND (N, dim), experts_NK
+        and weights_NK (N, K) -> (N, dim). On CPU each of the N·K (token, expert) pairs multiplies by
+        its expert's weights in place (the ids read to the host, free there): a batch-1 decode step is
+        a matrix-vector product, memory-bound on the weights, and gathering them first (the CUDA path:
+        one batched matmul per projection, no host read) copied 3 MiB per layer per token, 2x the
+        layer's time. Indexing the stacked weights would make backward write full zero gradients,
+        hence no autograd."""
         N, K = experts_NK.shape
+        if not x_ND.is_cuda:
+            pairs = zip(x_ND.repeat_interleave(K, 0).unbind(0), experts_NK.reshape(-1).tolist())
+            y = torch.stack([swiglu(x, self.w13[e], self.w2[e]) for x, e in pairs])  # (N·K, dim)
+            return (y.view(N, K, -1) * weights_NK[..., None].to(y.dtype)).sum(1).to(x_ND.dtype)
         idx = experts_NK.reshape(-1)
         x = x_ND[:, None].expand(N, K, x_ND.shape[-1]).reshape(N * K, 1, -1)
         gate, up = torch.bmm(x, self.w13.index_select(0, idx)).chunk(2, dim=-1)  # (N·K, 1, h) each
         act = F.silu(gate) * up * weights_NK.reshape(-1, 1, 1).to(up.dtype)  # routing weight applied here
         return torch.bmm(act, self.w2.index_select(0, idx)).view(N, K, -1).sum(1).to(x_ND.dtype)
+
+
+def swiglu(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+    """One expert: x (..., dim), w13 (dim, 2h), w2 (h, dim) -> (..., dim)."""
+    gate, up = (x @ w13).chunk(2, dim=-1)
+    return (F.silu(gate) * up) @ w2
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
