@@ -12,12 +12,14 @@ probs_NE (N, E), experts_NK (N, K), order_M (M,), router_probs_E (E,).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.flop_counter import register_flop_formula
 
 from cmoe_base import check
 
@@ -103,6 +105,16 @@ class GroupedSwiGLU(torch.autograd.Function):
 
 # A compile graph break: _grouped_mm's fake-tensor kernel takes bf16 only (eager CPU takes fp32 too).
 grouped_swiglu = torch.compiler.disable(GroupedSwiGLU.apply)
+
+
+@register_flop_formula(torch.ops.aten._grouped_mm)
+def grouped_mm_flops(a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
+    """FLOPs of `torch._grouped_mm` for torch's FlopCounterMode, which has no formula for it: 2-D x 2-D
+    with groups along the contraction (a weight gradient) is one (m, k) @ (k, n) product; otherwise each
+    output element is a length-k dot product (2-D x 3-D: the tokens of each expert; 3-D x 3-D: batched)."""
+    if len(a_shape) == 2 and len(b_shape) == 2:
+        return 2 * a_shape[0] * a_shape[1] * b_shape[1]
+    return 2 * math.prod(out_shape) * a_shape[-1]
 
 
 class Experts(nn.Module):
