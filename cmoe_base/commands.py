@@ -16,6 +16,7 @@ error too (for debugging the commands themselves).
 from __future__ import annotations
 
 import argparse
+import json
 import functools
 import math
 import os
@@ -28,6 +29,17 @@ USER_ERROR_STATUS = 2
 
 class InputError(ValueError):
     """A file, record or option the user can fix. The message names it (path, line, field)."""
+
+
+def json_object(line: str, where: str) -> dict:
+    """One JSONL line that must hold a JSON object; an InputError naming `where` (file:line) otherwise."""
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise InputError(f"{where}: {e}") from None
+    if not isinstance(obj, dict):
+        raise InputError(f"{where}: a record must be a JSON object, got {type(obj).__name__}")
+    return obj
 
 
 class UsageError(InputError):

@@ -44,7 +44,6 @@ the YAML (or a single JSONL task file, typed by its name's prefix).
 """
 from __future__ import annotations
 
-import json
 import math
 import re
 import string
@@ -55,7 +54,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 from PIL import Image
 
-from cmoe_base.commands import InputError
+from cmoe_base.commands import InputError, json_object
 from data_pipelines.chat import Message, render_chat
 from data_pipelines.images import check_regular_file, open_image
 from data_pipelines.shards import qa_prompt
@@ -107,21 +106,12 @@ class Task:
                     if limit is not None and len(out) >= limit:
                         break
                     if line.strip():
-                        out.append(self._record(line, line_no))
+                        out.append(json_object(line, f"{self.data}:{line_no}"))
         except UnicodeDecodeError as e:
             raise InputError(f"{self.data}: not UTF-8 text ({e.reason} at byte {e.start})") from None
         if not out:
             raise InputError(f"task {self.name!r}: {self.data} holds no records")
         return out
-
-    def _record(self, line: str, line_no: int) -> dict[str, Any]:
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise InputError(f"{self.data}:{line_no}: {e}") from None
-        if not isinstance(rec, dict):
-            raise InputError(f"{self.data}:{line_no}: a record must be a JSON object, got {type(rec).__name__}")
-        return rec
 
     def image(self, rec: dict[str, Any]) -> Image.Image | None:
         if not rec.get("image"):

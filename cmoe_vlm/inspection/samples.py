@@ -2,11 +2,10 @@
 held-out split, or files (images, .txt, .jsonl)."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
-from cmoe_base.commands import InputError
+from cmoe_base.commands import InputError, json_object
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
@@ -31,12 +30,7 @@ def _jsonl_pieces(path: Path) -> list[list[Any]]:
         if not line.strip():
             continue
         where = f"{path}:{line_no}"
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise InputError(f"{where}: {e}") from None
-        if not isinstance(obj, dict):
-            raise InputError(f"{where}: expected a JSON object")
+        obj = json_object(line, where)
         if "pieces" in obj:
             out.append([p["text"] if "text" in p else image(p.get("image"), where) for p in obj["pieces"]])
         elif "image" in obj:

@@ -244,24 +244,31 @@ def test_experiment_config_and_loader_stream_images_at_their_own_size(tmp_path):
             m(b)  # the model takes the loader's batches as they are
 
 
+def exported(cfg: VLMConfig, tokenizer_folder, tmp_path):
+    """(tokenizer, model, export folder, its AutoProcessor) of a random model of `cfg` with a BPE tokenizer."""
+    import transformers
+
+    from cmoe_vlm.checkpoints.export import save_pretrained
+    from data_pipelines.tokenizer import HFTokenizer
+
+    tok = HFTokenizer(tokenizer_folder)
+    cfg.model.vocab_size = tok.vocab_size
+    torch.manual_seed(0)
+    model = ConceptMoEVLM(VLMConfig(model=cfg.model, vision=cfg.vision, projector=cfg.projector)).eval()
+    folder = save_pretrained(model, tmp_path / "m", tokenizer=str(tokenizer_folder))
+    transformers.AutoTokenizer.from_pretrained(tokenizer_folder).save_pretrained(folder)
+    return tok, model, folder, transformers.AutoProcessor.from_pretrained(folder)
+
+
 def test_transformers_processor_and_generate_with_mixed_sizes(bpe_tokenizer_folder, tmp_path):
     """The export's AutoProcessor lays out images of three sizes as training does (its own token count
     each, pixel_values padded + image_sizes), and generate() (cache on and off, beams) gives our tokens."""
     transformers = pytest.importorskip("transformers")
     import cmoe_vlm.hf  # noqa: F401  registers the Auto classes
-    from cmoe_vlm.checkpoints.export import save_pretrained
     from cmoe_vlm.inference.generation import generate
     from cmoe_vlm.inference.runner import ModelRunner
-    from data_pipelines.tokenizer import HFTokenizer
 
-    tok = HFTokenizer(bpe_tokenizer_folder)
-    cfg = sized_config()
-    cfg.model.vocab_size = tok.vocab_size
-    torch.manual_seed(0)
-    model = ConceptMoEVLM(VLMConfig(model=cfg.model, vision=cfg.vision, projector=cfg.projector)).eval()
-    folder = save_pretrained(model, tmp_path / "m", tokenizer=str(bpe_tokenizer_folder))
-    transformers.AutoTokenizer.from_pretrained(bpe_tokenizer_folder).save_pretrained(folder)
-    processor = transformers.AutoProcessor.from_pretrained(folder)
+    tok, model, folder, processor = exported(sized_config(), bpe_tokenizer_folder, tmp_path)
     pictures = [Image.new("RGB", (90, 30), (200, 30, 30)), Image.new("RGB", (30, 60), (20, 30, 200)),
                 Image.new("RGB", (40, 40), (20, 200, 20))]
     texts = ["<image> two red circles", "how many <image> circles? <image>"]
@@ -360,19 +367,10 @@ def test_tiles_layout_forced_boundaries_and_cached_decoding():
 def test_transformers_processor_lays_out_tiles_as_training(bpe_tokenizer_folder, tmp_path):
     transformers = pytest.importorskip("transformers")
     import cmoe_vlm.hf  # noqa: F401
-    from cmoe_vlm.checkpoints.export import save_pretrained
     from cmoe_vlm.inference.generation import generate
     from cmoe_vlm.inference.runner import ModelRunner
-    from data_pipelines.tokenizer import HFTokenizer
 
-    tok = HFTokenizer(bpe_tokenizer_folder)
-    cfg = tiled_config()
-    cfg.model.vocab_size = tok.vocab_size
-    torch.manual_seed(0)
-    model = ConceptMoEVLM(VLMConfig(model=cfg.model, vision=cfg.vision, projector=cfg.projector)).eval()
-    folder = save_pretrained(model, tmp_path / "m", tokenizer=str(bpe_tokenizer_folder))
-    transformers.AutoTokenizer.from_pretrained(bpe_tokenizer_folder).save_pretrained(folder)
-    processor = transformers.AutoProcessor.from_pretrained(folder)
+    tok, model, folder, processor = exported(tiled_config(), bpe_tokenizer_folder, tmp_path)
     pictures = [Image.new("RGB", (64, 32), (200, 30, 30)), Image.new("RGB", (30, 30), (20, 30, 200))]
     inputs = processor(text=["<image> two <image> red"], images=pictures)
     seq = ModelRunner(model, tok).sequence([pictures[0], " two ", pictures[1], " red"])
