@@ -109,6 +109,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of {', '.join(VARIANTS)}")
     ap.add_argument("--limit", type=int, default=None, help="test questions per type (default: the full split)")
     ap.add_argument("--score-only", action="store_true", help="no training: score the runs already in OUT/runs/")
+    ap.add_argument("--tower-epochs", type=int, default=20,
+                    help="stage 0: train the config's vision tower alone on the train split's shape/colour labels "
+                         "(bench/probe_vision.py) for this many epochs, then train every variant with it frozen "
+                         "(0: the tower is trained from scratch with the LM, as in earlier runs)")
     ap.add_argument("overrides", nargs="*", help="key=value overrides for every variant")
     args = ap.parse_args(argv)
     names = args.variants.split(",")
@@ -119,12 +123,24 @@ def main(argv: list[str] | None = None) -> dict:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     report: dict = {"config": args.config, "steps": args.steps, "limit": args.limit, "overrides": args.overrides,
+                    "tower_epochs": args.tower_epochs,
                     "machine": f"{os.cpu_count()} CPUs", "variants": {}}
+    tower = out / "tower.safetensors"
+    if args.tower_epochs and not args.score_only:
+        from easyvqa_data import image_labels
+        from probe_vision import train_probe
+
+        data = {split: image_labels(split) for split in ("train", "test")}
+        report["tower"] = train_probe("tower", args.config, args.overrides, data, args.tower_epochs, save_tower=tower)
+    elif args.score_only and (out / "easyvqa.json").is_file():
+        report["tower"] = json.loads((out / "easyvqa.json").read_text()).get("tower")
+    tower_overrides = (["vision.pretrained=true", f"vision.checkpoint_path={tower}", "vision.freeze=true"]
+                       if args.tower_epochs else [])
     for name in names:
         run_dir = out / "runs" / name
         cmd = [sys.executable, "train_vlm.py", args.config, f"data.shards={paths['train']}",
                f"train.heldout_shards={paths['test']}", f"train.out_dir={run_dir}", "train.resume=false",
-               *([f"train.steps={args.steps}"] if args.steps else []), *args.overrides, *VARIANTS[name]]
+               *([f"train.steps={args.steps}"] if args.steps else []), *args.overrides, *tower_overrides, *VARIANTS[name]]
         if args.score_only:
             seconds = (json.loads((out / "easyvqa.json").read_text())["variants"].get(name, {}).get("train_seconds", 0)
                        if (out / "easyvqa.json").is_file() else 0)

@@ -19,6 +19,7 @@ import shutil
 from pathlib import Path
 
 QUESTION_TYPES = ("yes_no", "colour", "shape")
+SHAPES = ("circle", "rectangle", "triangle")
 
 
 def question_type(answer: str, shapes: set[str]) -> str:
@@ -46,7 +47,7 @@ def write_easyvqa(root: str | Path, force: bool = False) -> dict[str, Path]:
         return paths
     ev = _load()
     answers = ev.get_answers()
-    shapes = {"circle", "rectangle", "triangle"}
+    shapes = set(SHAPES)
     for split, questions, images in (("train", ev.get_train_questions(), ev.get_train_image_paths()),
                                      ("test", ev.get_test_questions(), ev.get_test_image_paths())):
         qs, ans, ids = questions
@@ -78,3 +79,24 @@ def write_easyvqa(root: str | Path, force: bool = False) -> dict[str, Path]:
     done.write_text(json.dumps({"train_questions": len(ev.get_train_questions()[0]), "test_questions": len(qs),
                                 "answers": answers}, indent=1))
     return paths
+
+
+def image_labels(split: str):
+    """(PIL images, {"shape": (N,), "colour": (N,)} class indices) of one split ("train" / "test"),
+    each image's shape and colour read from its own "what shape/colour" questions."""
+    import torch
+    from PIL import Image
+
+    ev = _load()
+    questions, answers, ids = ev.get_train_questions() if split == "train" else ev.get_test_questions()
+    paths = ev.get_train_image_paths() if split == "train" else ev.get_test_image_paths()
+    shapes, colours = sorted(SHAPES), [a for a in ev.get_answers() if a not in SHAPES and a not in ("yes", "no")]
+    labels: dict[str, dict[int, int]] = {"shape": {}, "colour": {}}
+    for a, i in zip(answers, ids):
+        if a in SHAPES:
+            labels["shape"][i] = shapes.index(a)
+        elif a in colours:
+            labels["colour"][i] = sorted(colours).index(a)
+    keep = sorted(set(labels["shape"]) & set(labels["colour"]))
+    images = [Image.open(paths[i]).convert("RGB") for i in keep]
+    return images, {k: torch.tensor([v[i] for i in keep]) for k, v in labels.items()}
