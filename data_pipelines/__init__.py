@@ -5,6 +5,7 @@
     packing.py    RowPacker, collate_rows: the `cmoe_base.Batch` the model consumes
     shards.py     shard format, writer (+ CLI), decode_sample
     builtin.py    built-in PIL-drawn data (+ CLI)
+    builtin_sizes.py  canvases of the built-in images: one square, or several sizes (--sizes)
     loader.py     DataConfig, StreamingLoader with exact resume
     errors.py     SkipCounter: bad input skipped and counted by reason
 

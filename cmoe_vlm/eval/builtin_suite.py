@@ -12,7 +12,8 @@ same bytes `write_builtin_dataset` writes to `heldout/`), so no shards are neede
     mc_count     [image, "Question: How many <shape>s? Answer:"] → 1..8 (chance 1/8).
     mc_position  [image, "Question: Where is the <colour> <shape>? Answer:"] → one of the 16 cells
                  "row r, column c" of the scene grid (an object of a unique colour and shape; chance
-                 1/16). Localisation: only the image token of that cell can decide.
+                 1/16; with `sizes`, every cell of that image's grid). Localisation: only the image
+                 token of that cell can decide.
     vqa          the held-out QA samples as open-ended questions (exact match).
     caption      the held-out caption samples (BLEU, CIDEr, ROUGE-L; one reference each).
     text         the held-out long text documents (bits per byte).
@@ -55,17 +56,16 @@ def recolour(caption: str, groups: list[tuple[int, str, str]], rng: random.Rando
 
 def write_builtin_suite(out_dir: str | Path, num_samples: int = 400, image_size: int = 64, seed: int = 0,
                         text_chars: int = TEXT_CHARS, max_per_task: int = 100,
-                        grounded: bool = GROUNDED) -> Path:
+                        grounded: bool = GROUNDED, sizes: str | None = None) -> Path:
     """Write the suite to `out_dir` (suite.yaml, *.jsonl, images/); returns the suite.yaml path.
 
-    `num_samples`, `image_size`, `seed`, `text_chars`, `grounded` must match `write_builtin_dataset`'s held-out
-    split for the suite to be that split (defaults match)."""
+    `num_samples`, `image_size`, `seed`, `text_chars`, `grounded`, `sizes` must match `write_builtin_dataset`'s
+    held-out split for the suite to be that split (defaults match)."""
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
     rng = random.Random(f"suite-{seed}")
     tasks: dict[str, list[dict[str, Any]]] = {
         k: [] for k in ("mc_caption", "mc_colour", "mc_count", "mc_position", "vqa", "caption", "text")}
-    cells = [cell_name(c) for c in range(16)]
     position_rng = random.Random(f"suite-position-{seed}")  # its own stream: the other tasks stay as they were
 
     def save_png(i: int, data: bytes, k: int | None = None) -> str:
@@ -73,7 +73,7 @@ def write_builtin_suite(out_dir: str | Path, num_samples: int = 400, image_size:
         (out / name).write_bytes(data)
         return name
 
-    docs = builtin_documents(num_samples, image_size, seed + HELDOUT_SEED_OFFSET, text_chars, grounded)
+    docs = builtin_documents(num_samples, image_size, seed + HELDOUT_SEED_OFFSET, text_chars, grounded, sizes)
     for i, (sample, drawings) in enumerate(docs):
         images = [k for k in sample if k.endswith("png")]  # "png", or "0.png", "1.png", ... in order
         for k, drawing in zip(images, drawings):  # every scene image with an object of a unique kind
@@ -82,9 +82,11 @@ def write_builtin_suite(out_dir: str | Path, num_samples: int = 400, image_size:
             if unique:
                 o = position_rng.choice(unique)
                 image = save_png(i, sample[k], None if k == "png" else int(k.split(".")[0]))
+                rows, cols = drawing.grid
                 tasks["mc_position"].append({"id": i, "image": image,
                                              "prompt": f"Question: Where is the {o.colour} {o.shape}? Answer:",
-                                             "choices": cells, "answer": o.cell})
+                                             "choices": [cell_name(c, cols) for c in range(rows * cols)],
+                                             "answer": o.cell})
         if "png" in sample and "txt" in sample:  # caption
             caption = sample["txt"].decode()
             image = save_png(i, sample["png"])
@@ -128,8 +130,9 @@ def write_builtin_suite(out_dir: str | Path, num_samples: int = 400, image_size:
                 f.write(json.dumps(r) + "\n")
         listed.append({"name": name, "type": types[name], "data": f"{name}.jsonl", **extra.get(name, {})})
     suite = out / "suite.yaml"
+    px = f"{image_size} px" if sizes is None else f"{image_size} px scale, sizes {sizes}"
     header = (f"# Built-in suite from the held-out split (seed {seed} + {HELDOUT_SEED_OFFSET}, "
-              f"{num_samples} samples, {image_size} px). Written by cmoe_vlm.eval.builtin_suite.\n")
+              f"{num_samples} samples, {px}). Written by cmoe_vlm.eval.builtin_suite.\n")
     suite.write_text(header + yaml.safe_dump({"tasks": listed}, sort_keys=False))
     return suite
 
@@ -141,8 +144,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--image-size", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--max-per-task", type=int, default=100)
+    ap.add_argument("--sizes", default=None, help="as the data's `python -m data_pipelines.builtin --sizes`")
     args = ap.parse_args(argv)
-    print(write_builtin_suite(args.out, args.num_samples, args.image_size, args.seed, max_per_task=args.max_per_task))
+    print(write_builtin_suite(args.out, args.num_samples, args.image_size, args.seed, max_per_task=args.max_per_task,
+                              sizes=args.sizes))
 
 
 if __name__ == "__main__":

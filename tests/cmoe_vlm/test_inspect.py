@@ -18,6 +18,7 @@ from cmoe_vlm.inference.runner import ModelRunner
 from cmoe_vlm.training.config import load_experiment
 from cmoe_vlm.model.vlm import ConceptMoEVLM
 from data_pipelines.builtin import draw_scene
+from data_pipelines.builtin_sizes import Canvas
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -38,7 +39,7 @@ def files(tmp_path_factory):
     import random
 
     d = tmp_path_factory.mktemp("data")
-    img = draw_scene(random.Random(1), 64).image
+    img = draw_scene(random.Random(1), Canvas(64, 64, 16)).image
     img.save(d / "scene.png")
     (d / "note.txt").write_text("Table of 3:\n3 times 1 is 3.\n3 times 2 is 6.")
     (d / "docs.jsonl").write_text(json.dumps({"pieces": [{"text": "Look:"}, {"image": "scene.png"},
