@@ -31,33 +31,44 @@ from easyvqa_data import image_labels  # noqa: E402
 class TowerProbe(nn.Module):
     """images (N, 3, H, W) -> {label: logits (N, classes)} through the VLM's own tower and projector."""
 
-    def __init__(self, model, classes: dict[str, int]):
+    def __init__(self, model, classes: dict[str, int], pool: str = "meanmax"):
         super().__init__()
-        self.vision, self.projector = model.vision, model.projector
+        self.vision, self.projector, self.pool = model.vision, model.projector, pool
         dim = model.cfg.model.dim
-        self.heads = nn.ModuleDict({k: nn.Linear(2 * dim, n) for k, n in classes.items()})
+        # attention: one learned query per label over the tokens (softmax-weighted mean, as an LM's
+        # answer position reads an image); meanmax: mean and max over tokens (centring zeroes the mean)
+        self.queries = nn.ParameterDict({k: nn.Parameter(torch.zeros(dim)) for k in classes}) if pool == "attention" else None
+        width = dim if pool == "attention" else 2 * dim
+        self.heads = nn.ModuleDict({k: nn.Linear(width, n) for k, n in classes.items()})
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         tokens = self.projector(self.vision(images), self.vision.grid_size)  # (N, T, d)
-        # mean and max over tokens: projector.center makes the mean zero, the max keeps what differs
+        if self.pool == "attention":
+            out = {}
+            for k, head in self.heads.items():
+                weights = (tokens @ self.queries[k] / tokens.shape[-1] ** 0.5).softmax(dim=1)  # (N, T)
+                out[k] = head((weights[..., None] * tokens).sum(1))
+            return out
         pooled = torch.cat([tokens.mean(1), tokens.amax(1)], dim=-1)
         return {k: head(pooled) for k, head in self.heads.items()}
 
 
 def train_probe(name: str, config: str, overrides: list[str], data: dict, epochs: int, batch: int = 64,
-                lr: float = 3e-3, seed: int = 0, save_tower: Path | None = None) -> dict:
+                lr: float = 3e-3, seed: int = 0, save_tower: Path | None = None, model=None,
+                pool: str = "meanmax") -> dict:
     """Train the tower + projector of `config` (+ overrides) with a linear head per label on data["train"],
-    score data["train"] and data["test"]; with `save_tower`, write the trained tower there (timm format)."""
+    score data["train"] and data["test"]; with `save_tower`, write the trained tower there (timm format).
+    `model`: a ConceptMoEVLM whose tower and projector to train in place (default: a new one)."""
     from cmoe_vlm.model.vlm import ConceptMoEVLM
     from cmoe_vlm.training.config import load_experiment
 
-    exp = load_experiment(config, list(overrides))
     torch.manual_seed(seed)
-    model = ConceptMoEVLM(exp.vlm)
+    if model is None:
+        model = ConceptMoEVLM(load_experiment(config, list(overrides)).vlm)
     transform = model.image_transform(train=False)
     tensors = {split: torch.stack([transform(im) for im in imgs]) for split, (imgs, _) in data.items()}
     classes = {k: int(v.max()) + 1 for k, v in data["train"][1].items()}
-    probe = TowerProbe(model, classes)
+    probe = TowerProbe(model, classes, pool)
     opt = torch.optim.AdamW(probe.parameters(), lr=lr, weight_decay=0.01)
     x, labels = tensors["train"], data["train"][1]
     steps = epochs * (len(x) // batch)
@@ -100,6 +111,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--pool", choices=("meanmax", "attention"), default="meanmax",
+                    help="how the head reads an image's tokens: mean and max, or one learned attention query per label")
     ap.add_argument("--out", required=True, type=Path)
     ap.add_argument("--save-towers", type=Path, help="write each variant's trained tower to DIR/<variant>.safetensors "
                     "(a timm checkpoint: vision.pretrained=true vision.checkpoint_path=...)")
@@ -107,7 +120,7 @@ def main() -> None:
     data = {split: image_labels(split) for split in ("train", "test")}
     variants = parse_variants(args.variant or ["shipped="])
     rows = [train_probe(name, args.config, ov, data, args.epochs, args.batch, args.lr, args.seed,
-                        args.save_towers / f"{name}.safetensors" if args.save_towers else None)
+                        args.save_towers / f"{name}.safetensors" if args.save_towers else None, pool=args.pool)
             for name, ov in variants.items()]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"config": args.config, "epochs": args.epochs, "lr": args.lr, "rows": rows},

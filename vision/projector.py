@@ -40,6 +40,9 @@ class ProjectorConfig:
     reduce: Literal["pixel_shuffle", "avg_pool"] = "pixel_shuffle"
     center: bool = False  # [ours] subtract each image's mean token (content-adaptive chunking of images)
     keep_tokens: int = 0  # [ours] keep only the k most attended tokens per image (0 = all; training-free)
+    # [ours] add a projection of the image's max-pooled tokens to its last token: a summary an LM position
+    # reads with one attention lookup (a softmax-weighted mean of centred tokens loses shape; design.md §7b)
+    summary: bool = False
 
     def __post_init__(self) -> None:
         check(self.kind in ("mlp", "linear"), "kind", self.kind, "must be one of 'mlp', 'linear'")
@@ -119,6 +122,10 @@ class Projector(nn.Module):
             self.proj = nn.Sequential(nn.Linear(width, out_dim), nn.GELU(), nn.Linear(out_dim, out_dim))
         else:
             self.proj = nn.Linear(width, out_dim)
+        if cfg.summary:
+            self.summary = nn.Linear(out_dim, out_dim)
+            nn.init.zeros_(self.summary.weight)  # starts as no summary
+            nn.init.zeros_(self.summary.bias)
 
     def output_grid(self, grid: tuple[int, int]) -> tuple[int, int]:
         rows, cols = reduced_grid(grid, self.cfg.block)
@@ -135,4 +142,7 @@ class Projector(nn.Module):
             x = x - x.mean(dim=1, keepdim=True)
         if self.cfg.keep_tokens:
             x = keep_top_k(x, attention_received(x), self.cfg.keep_tokens)
+        if self.cfg.summary:
+            last = x[:, -1] + self.summary(x.amax(dim=1))  # (N, out_dim)
+            x = torch.cat([x[:, :-1], last[:, None]], dim=1)
         return x

@@ -150,3 +150,21 @@ def test_a_pruned_vlm_takes_a_trained_models_weights_and_runs():
     out = pruned(batch)
     assert cfg.tokens_per_image == 6 and int((batch.modality == Modality.IMAGE).sum()) == 6
     assert out.logits.shape[1] == len(seq) and torch.isfinite(out.logits).all()
+
+
+def test_summary_adds_the_images_max_pooled_tokens_to_its_last_token_only():
+    torch.manual_seed(0)
+    x = torch.randn(3, 64, 96)
+    plain = Projector(ProjectorConfig(reduction=2, center=True), 96, 40)
+    summ = Projector(ProjectorConfig(reduction=2, center=True, summary=True), 96, 40)
+    summ.load_state_dict(plain.state_dict(), strict=False)
+    a = plain(x, (8, 8))
+    assert torch.equal(summ(x, (8, 8)), a)  # zero-initialised: starts as no summary
+    torch.nn.init.normal_(summ.summary.weight)
+    b = summ(x, (8, 8))
+    assert torch.equal(b[:, :-1], a[:, :-1])
+    expected = a[:, -1] + a.amax(dim=1) @ summ.summary.weight.T + summ.summary.bias  # per image, slow form
+    assert torch.allclose(b[:, -1], expected, atol=1e-5)
+    assert torch.allclose(summ(x[1:2], (8, 8)), b[1:2], atol=1e-5)  # other images do not matter
+    b[:, -1].sum().backward()
+    assert summ.summary.weight.grad.abs().sum() > 0
