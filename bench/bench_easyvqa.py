@@ -6,15 +6,19 @@ test questions, 13 answers (yes/no, 8 colours, 3 shapes). This script
 
 1. writes the data with our own shard writer (bench/easyvqa_data.py: qa shards, and cmoe-eval
    multiple-choice suites with and without the image);
-2. trains each variant with the real training command (train_vlm.py: DeepSpeed, the streaming
+2. stage 0 (`--tower-epochs`, default 20): trains the config's vision tower alone on the train split's
+   shape and colour labels (bench/probe_vision.py; ~35 s), the stand-in for the pretrained tower a real
+   VLM starts from; every variant then trains with it frozen (docs/design.md §7b: a tower trained with
+   the LM never learned shape);
+3. trains each variant with the real training command (train_vlm.py: DeepSpeed, the streaming
    loader, checkpoints, export), same config, data and steps:
        conceptmoe   the config as it is
        baseline     the same with chunking off (the baseline MoE)
        text_only    the same trained with every image removed (data.drop_images): the floor that
                     the wording of the questions alone reaches
-3. scores the full test split (or --limit questions per type) with `cmoe-eval` as 13-way multiple
+4. scores the full test split (or --limit questions per type) with `cmoe-eval` as 13-way multiple
    choice per question type, with the image and with it removed;
-4. writes OUT/easyvqa.json, OUT/easyvqa.md (the README table) and OUT/easyvqa.png.
+5. writes OUT/easyvqa.json, OUT/easyvqa.md (the README table) and OUT/easyvqa.png.
 
     pip install easy-vqa    # a bench extra, never needed by `make demo`
     python bench/bench_easyvqa.py --out bench/results/easyvqa

@@ -9,7 +9,9 @@ AdamW on the 4,000 easy-VQA train images and scored on the 1,000 test images.
     python bench/probe_vision.py --config configs/easyvqa.yaml --out bench/results/probe_vision.json \
         --variant shipped= --variant conv=vision.stem=conv
 
-Writes OUT (JSON: test accuracy per label and variant, seconds) and prints a table.
+Writes OUT (JSON: test accuracy per label and variant, seconds) and prints a table. Measured (2-core CPU,
+configs/easyvqa.yaml, 20 epochs): shape 0.959 / colour 0.992 read by mean+max pooling; 0.426 / 0.995 by
+one attention query per label (`--pool attention`): docs/design.md §7b.
 """
 from __future__ import annotations
 
