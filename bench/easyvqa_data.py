@@ -90,13 +90,14 @@ def image_labels(split: str):
     ev = _load()
     questions, answers, ids = ev.get_train_questions() if split == "train" else ev.get_test_questions()
     paths = ev.get_train_image_paths() if split == "train" else ev.get_test_image_paths()
-    shapes, colours = sorted(SHAPES), [a for a in ev.get_answers() if a not in SHAPES and a not in ("yes", "no")]
+    shapes = sorted(SHAPES)
+    colours = sorted(a for a in ev.get_answers() if a not in SHAPES and a not in ("yes", "no"))
     labels: dict[str, dict[int, int]] = {"shape": {}, "colour": {}}
     for a, i in zip(answers, ids):
         if a in SHAPES:
             labels["shape"][i] = shapes.index(a)
         elif a in colours:
-            labels["colour"][i] = sorted(colours).index(a)
+            labels["colour"][i] = colours.index(a)
     keep = sorted(set(labels["shape"]) & set(labels["colour"]))
     images = [Image.open(paths[i]).convert("RGB") for i in keep]
     return images, {k: torch.tensor([v[i] for i in keep]) for k, v in labels.items()}

@@ -66,3 +66,16 @@ def trained_tiny_run(tmp_path_factory) -> Path:
                            f"train.out_dir={root / 'run'}"], cwd=ROOT, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return root / "run"
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models: one thread for a module (`pytestmark = pytest.mark.usefixtures("one_thread")`). On a
+    shared 2-core machine OpenMP's spin-waiting made every small op wait for a descheduled second thread
+    (a 24-token generation took 18 s instead of 0.8 s)."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -24,14 +24,7 @@ TOK = ByteTokenizer()
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one thread. On a shared 2-core machine OpenMP's spin-waiting made every small op
-    wait for a descheduled second thread (a 24-token generation took 18 s instead of 0.8 s)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread (tests/conftest.py)
 
 
 def lm_config(enabled=True, **kw) -> ModelConfig:

@@ -28,12 +28,7 @@ from cmoe_vlm.hf.generation import ConceptCache  # noqa: E402
 TOK = ByteTokenizer()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: see tests/cmoe_vlm/test_generation.py
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread (tests/conftest.py)
 
 
 def tiny_vlm(vocab_size: int = TOK.vocab_size) -> ConceptMoEVLM:

@@ -18,12 +18,7 @@ from vision.sizes import fit_size
 TOK = ByteTokenizer()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: see tests/cmoe_vlm/test_generation.py
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread (tests/conftest.py)
 
 
 def sized_config(image_chunking: str = "2d", center: bool = True) -> VLMConfig:
