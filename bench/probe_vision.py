@@ -4,7 +4,8 @@
 Separates "the tower cannot extract shape from these pixels" from "the LM does not use what the tower
 extracts": the configured VisionEncoder and Projector (exactly as the VLM builds them, same image
 transform), mean-pooled, with a linear head per label (shape: 3 classes, colour: 8), trained by
-AdamW on the 4,000 easy-VQA train images and scored on the 1,000 test images.
+AdamW on the easy-VQA train images that have both a shape and a colour question (2,435 of 4,000),
+scored on such test images (603 of 1,000).
 
     python bench/probe_vision.py --config configs/easyvqa.yaml --out bench/results/probe_vision.json \
         --variant shipped= --variant conv=vision.stem=conv
