@@ -3,7 +3,7 @@
 
 Separates "the tower cannot extract shape from these pixels" from "the LM does not use what the tower
 extracts": the configured VisionEncoder and Projector (exactly as the VLM builds them, same image
-transform), mean-pooled, with a linear head per label (shape: 3 classes, colour: 8), trained by
+transform), pooled (mean and max, or --pool attention), with a linear head per label (shape: 3 classes, colour: 8), trained by
 AdamW on the easy-VQA train images that have both a shape and a colour question (2,435 of 4,000),
 scored on such test images (603 of 1,000).
 
