@@ -29,6 +29,10 @@ may miss its target). Writes JSON, a Markdown table (.md) and a PNG.
     python bench/bench_image_reduction.py --out bench/results/image_reduction.json --seeds 3
     python bench/bench_image_reduction.py --dataset easyvqa --config configs/easyvqa.yaml --ratios 4 8 \
         --seeds 3 --out bench/results/image_reduction_easyvqa.json
+
+On easy-VQA a tower trained with the LM never learns shape (docs/design.md §7b): `--tower PATH` freezes
+a stage-0 tower (the `tower.safetensors` bench/bench_easyvqa.py writes) in every variant, as
+bench_easyvqa.py does. Trailing key=value arguments override the config for every variant.
 """
 from __future__ import annotations
 
@@ -203,6 +207,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--seed0", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (the machine is shared)")
     ap.add_argument("--merge", nargs="+", default=None, metavar="JSON", help="no training: merge earlier reports")
+    ap.add_argument("--tower", default=None, metavar="SAFETENSORS",
+                    help="a stage-0 vision tower, frozen in every variant (bench_easyvqa.py's tower.safetensors)")
+    ap.add_argument("overrides", nargs="*", help="key=value overrides of the config for every variant")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     out = Path(args.out)
@@ -220,7 +227,11 @@ def main(argv: list[str] | None = None) -> dict:
     from cmoe_vlm.training.config import load_experiment
     from cmoe_vlm.model.vlm import ConceptMoEVLM
 
-    base = DATASETS[args.dataset]["base"] + PER_MODALITY
+    base = DATASETS[args.dataset]["base"] + PER_MODALITY + args.overrides
+    if args.tower:
+        if not Path(args.tower).is_file():
+            ap.error(f"--tower: no file {args.tower} (bench/bench_easyvqa.py writes OUT/tower.safetensors)")
+        base += ["vision.pretrained=true", f"vision.checkpoint_path={args.tower}", "vision.freeze=true"]
     if args.dataset == "builtin":
         root = Path(args.data or "data/builtin_reduction")
         ensure_builtin_data(root, args.num_train, args.text_chars, grounded=True)
@@ -233,7 +244,7 @@ def main(argv: list[str] | None = None) -> dict:
         suite, train, heldout = paths["suite"], paths["train"], paths["test"]
     steps = args.steps or (400 if args.dataset == "builtin" else None)
     report = {"dataset": args.dataset, "config": args.config, "base": base, "steps": steps, "limit": args.limit,
-              "runs": {}}
+              "tower": args.tower, "runs": {}}
     grid = [v for v in variants(tuple(args.ratios)) if args.only is None or v[0] in args.only
             or (v[0] == "full" and "prune" in args.only)]
     grid = [v for v in grid if f"{v[0]}@R{v[1]}" not in args.skip]
