@@ -20,13 +20,14 @@ from .conftest import overrides
 ROOT = Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.parametrize("dispatch", ["dropless", "capacity"])
 @pytest.mark.parametrize("top_k,shared", [(1, 0), (2, 0), (3, 16)])
-def test_deepspeed_moe_matches_our_moe(top_k, shared):
+def test_deepspeed_moe_matches_our_moe(top_k, shared, dispatch):
     setup_distributed()
     torch.manual_seed(0)
     ours = MoE(16, MoEConfig(num_experts=4, top_k=top_k, expert_hidden=24, shared_expert_hidden=shared,
                              norm_topk_prob=top_k > 1))
-    ds = DeepSpeedMoE(ours, ep_size=1)
+    ds = DeepSpeedMoE(ours, ep_size=1, dispatch=dispatch)
     ds.layer.set_deepspeed_parallelism()
     x = torch.randn(2, 9, 16)
     y_ours, s_ours = ours(x)
@@ -61,6 +62,24 @@ def test_swap_keeps_the_model_state_in_plain_layout():
     assert after.keys() == before.keys()
     for k in before:
         torch.testing.assert_close(after[k], before[k])
+
+
+def test_dropless_exchange_gradients_match_one_process(tmp_path):
+    """Two plain processes (gloo), ep_size 2, uneven tokens per rank (tests/training/ep_grad_ranks.py):
+    outputs and gradients (input rows, own experts, replicated router and shared expert summed over the
+    ranks) equal the one-process MoE's on the same global tokens."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    env.update(WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT="29651", DS_ACCELERATOR="cpu")
+    procs = [subprocess.Popen([sys.executable, str(ROOT / "tests/training/ep_grad_ranks.py"), str(tmp_path)], cwd=ROOT,
+                              env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for r in (0, 1)]
+    logs = [p.communicate(timeout=300)[0] for p in procs]
+    for p, log in zip(procs, logs):
+        assert p.returncode == 0, log[-4000:]
+    for r in (0, 1):
+        for case, diffs in json.loads((tmp_path / f"rank{r}.json").read_text()).items():
+            assert diffs.pop("local expert grad norm (reference)") < 0, (r, case)  # the experts did get tokens
+            assert max(diffs.values()) < 2e-5, (r, case, diffs)
 
 
 def deepspeed_cmd(*args: str) -> list[str]:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Callable, Literal
 
 import torch
 import torch.nn.functional as F
@@ -206,6 +206,38 @@ def count_per_expert(experts_M: torch.Tensor, num_experts: int) -> torch.Tensor:
     return experts_M.new_zeros(num_experts).scatter_add_(0, experts_M, torch.ones_like(experts_M))
 
 
+def route(logits_NE: torch.Tensor, top_k: int, norm_topk_prob: bool
+          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Router logits (N, E) -> softmax probs_NE (N, E) fp32, the top-k weights_NK (N, K) (renormalised
+    to sum to 1 with `norm_topk_prob`) and their experts_NK (N, K)."""
+    probs_NE = logits_NE.float().softmax(-1)
+    weights_NK, experts_NK = probs_NE.topk(top_k, dim=-1)
+    if norm_topk_prob:
+        weights_NK = weights_NK / weights_NK.sum(-1, keepdim=True)
+    return probs_NE, weights_NK, experts_NK
+
+
+def dispatch(x_ND: torch.Tensor, weights_NK: torch.Tensor, experts_NK: torch.Tensor, num_experts: int,
+             experts: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dropless dispatch: sort the M = N·K assignments by expert, run `experts(x_sorted (M, D),
+    tokens_per_expert (E,)) -> (M, D)` on them (our `Experts`, or expert parallelism's exchange with
+    the ranks owning them: cmoe_vlm/training/expert_parallel.py), weight and add back per token.
+    Returns out_ND (N, D) and tokens_per_expert (E,)."""
+    K = experts_NK.shape[1]
+    experts_M = experts_NK.reshape(-1)
+    tokens_per_expert = count_per_expert(experts_M, num_experts)
+    order_M = experts_M.argsort(stable=True)
+    token_M = order_M // K
+    y_M = experts(x_ND.index_select(0, token_M), tokens_per_expert)  # backward: index_add
+    y_M = y_M * weights_NK.reshape(-1)[order_M, None].to(y_M.dtype)
+    return torch.zeros_like(x_ND).index_add_(0, token_M, y_M.to(x_ND.dtype)), tokens_per_expert
+
+
+def mean_router_probs(probs_NE: torch.Tensor) -> torch.Tensor:
+    """(N, E) -> (E,) mean router probability per expert (zeros without tokens)."""
+    return probs_NE.mean(0) if probs_NE.shape[0] > 0 else probs_NE.sum(0)
+
+
 class MoE(nn.Module):
     def __init__(self, dim: int, cfg: MoEConfig):
         super().__init__()
@@ -221,26 +253,14 @@ class MoE(nn.Module):
         shape = x.shape
         x_ND = x.reshape(-1, shape[-1])
         N, E, K = x_ND.shape[0], self.cfg.num_experts, self.cfg.top_k
-        probs_NE = self.router(x_ND).float().softmax(-1)
-        weights_NK, experts_NK = probs_NE.topk(K, dim=-1)
-        if self.cfg.norm_topk_prob:
-            weights_NK = weights_NK / weights_NK.sum(-1, keepdim=True)
-
-        experts_M = experts_NK.reshape(-1)  # M = N*K assignments
+        probs_NE, weights_NK, experts_NK = route(self.router(x_ND), K, self.cfg.norm_topk_prob)
         if N * K <= E and not torch.is_grad_enabled():  # decoding: fewer assignments than experts
             out_ND = self.experts.per_token(x_ND, experts_NK, weights_NK)
-            tokens_per_expert = count_per_expert(experts_M, E) if with_stats else None
+            tokens_per_expert = count_per_expert(experts_NK.reshape(-1), E) if with_stats else None
         else:
-            tokens_per_expert = count_per_expert(experts_M, E)
-            order_M = experts_M.argsort(stable=True)
-            token_M = order_M // K
-            y_M = self.experts(x_ND.index_select(0, token_M), tokens_per_expert)  # backward: index_add
-            y_M = y_M * weights_NK.reshape(-1)[order_M, None].to(y_M.dtype)
-            out_ND = torch.zeros_like(x_ND).index_add_(0, token_M, y_M.to(x_ND.dtype))
+            out_ND, tokens_per_expert = dispatch(x_ND, weights_NK, experts_NK, E, self.experts)
         if self.shared is not None:
             out_ND = out_ND + shared_expert(self.shared, self.shared_gate, x_ND)
         if not with_stats:
             return out_ND.view(shape), None
-
-        router_probs_E = probs_NE.mean(0) if N > 0 else probs_NE.sum(0)
-        return out_ND.view(shape), MoEStats(router_probs_E, tokens_per_expert.detach())
+        return out_ND.view(shape), MoEStats(mean_router_probs(probs_NE), tokens_per_expert.detach())
