@@ -9,7 +9,7 @@ Then, per model, on held-out built-in documents of several sizes (eval mode, p >
   - per tiled image (rows × cols > 1): image concepts of its thumbnail and of its tiles, and its tile
     edges (each tile's last token but the last tile's): how many carry no boundary, i.e. how many a
     concept straddles (always 0 when forced);
-  - the run's end-of-training held-out LM loss (train.heldout_shards, metrics.jsonl; its predicted
+  - the run's end-of-training held-out LM loss (train.heldout_shards, summary.json; its predicted
     tokens include the layout's markers: forced has two per tile and a newline per tile row more);
   - the built-in suite drawn at several sizes (`cmoe_vlm.eval.builtin_suite --sizes mixed`) through
     cmoe-eval: mc accuracies.
@@ -91,14 +91,13 @@ def summarise(records: list[dict]) -> dict:
 
 
 def heldout_loss(run: Path) -> dict:
-    """The end-of-training held-out evaluation logged in run/metrics.jsonl."""
-    evals = [e for e in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "eval/lm_loss" in e]
-    last = evals[-1]
-    return {"lm_loss": last["eval/lm_loss"], "predicted_tokens": last["eval/predicted_tokens"],
-            "ratio_image": last.get("eval/ratio_image"), "ratio_text": last.get("eval/ratio_text")}
+    """The end-of-training held-out evaluation (run/summary.json)."""
+    heldout = json.loads((run / "summary.json").read_text())["heldout"]
+    return {"lm_loss": heldout["lm_loss"], "predicted_tokens": heldout["predicted_tokens"],
+            **{f"ratio_{m}": c["ratio"] for m, c in heldout["compression"].items()}}
 
 
-def train(runs: Path, steps: int) -> dict[str, float]:
+def train(runs: Path, steps: int, overrides: list[str]) -> dict[str, float]:
     """Both trainings at once (one thread each); seconds per run; runs with final/ are left as they are."""
     procs, t0 = {}, time.perf_counter()
     for mode in MODES:
@@ -106,7 +105,7 @@ def train(runs: Path, steps: int) -> dict[str, float]:
             continue
         cmd = [sys.executable, "-m", "cmoe_vlm.cli.train", "configs/tiny_sizes.yaml", "--builtin", *TILED,
                f"vision.tile_boundaries={mode}", f"train.out_dir={runs / mode}", f"train.steps={steps}",
-               "data.num_workers=1"]
+               "data.num_workers=1", *overrides]
         log = open(runs / f"{mode}.log", "w")
         procs[mode] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
     seconds = {}
@@ -122,6 +121,7 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--runs", default="runs/tiles", help="run folders OUT/{forced,learned}")
     parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--override", nargs="*", default=[], help="more key=value overrides for both trainings")
     parser.add_argument("--images", type=int, default=200, help="held-out images (in their documents)")
     parser.add_argument("--suite-limit", type=int, default=100, help="questions per suite task")
     args = parser.parse_args()
@@ -134,10 +134,11 @@ def main() -> None:
     runs, out = Path(args.runs), Path(args.out)
     runs.mkdir(parents=True, exist_ok=True)
     out.mkdir(parents=True, exist_ok=True)
-    seconds = train(runs, args.steps)
+    seconds = train(runs, args.steps, args.override)
     docs = [pieces for pieces, _ in heldout_documents(args.images, 64, sizes="mixed")]
     suite = write_builtin_suite(out / "suite", sizes="mixed")
-    result = {"load_before": os.getloadavg(), "train_seconds": seconds, "documents": len(docs), "modes": {}}
+    result = {"load_before": os.getloadavg(), "train_seconds": seconds, "overrides": args.override,
+              "documents": len(docs), "modes": {}}
     for mode in MODES:
         runner = ModelRunner.load(str(runs / mode / "final"))
         result["modes"][mode] = {"tiled_images": summarise(tile_records(runner, docs)),
