@@ -55,6 +55,7 @@ from cmoe_base import Batch, ConfigError, check
 from data_pipelines.errors import BadSample, SkipCounter, merge_counts
 from data_pipelines.packing import RowPacker, collate_rows
 from data_pipelines.chat import Chat
+from data_pipelines.builtin_sizes import parse_sizes
 from data_pipelines.document import LOSS_ON
 from data_pipelines.sequence import TokenSequence, build_sequence, image_tokens_of
 from data_pipelines.shards import MANIFEST, MAX_IMAGE_PIXELS, decode_sample
@@ -94,6 +95,9 @@ class DataConfig:
                               # (qa, chat), on all text elsewhere; all: every text token (sequence.py). With
                               # "all" the trained VLMs learned no image content (docs/design.md §7b)
     drop_images: bool = False  # ablation: remove every image from the documents (a text-only control)
+    # The canvases `cmoe-train --builtin` draws the built-in data on when it writes it (`python -m
+    # data_pipelines.builtin --sizes`): "mixed" or "WxH,..." px; null: image_size squares (the default data).
+    builtin_sizes: str | None = None
     # Derived from the model (vision input size; image tokens of vision + projector): an experiment
     # fills them in, and a value given here must agree. A loader used on its own sets them.
     image_size: int | None = None
@@ -112,6 +116,11 @@ class DataConfig:
               "must be >= 1")
         check(self.loss_on in LOSS_ON, "loss_on", self.loss_on, f"must be one of {', '.join(LOSS_ON)}")
         check(self.max_image_pixels >= 1, "max_image_pixels", self.max_image_pixels, "must be >= 1")
+        if self.builtin_sizes is not None:
+            try:
+                parse_sizes(self.builtin_sizes, self.image_size or 64)
+            except ValueError as e:
+                check(False, "builtin_sizes", self.builtin_sizes, f"is not a canvas list: {e}")
         if self.tokens_per_image is not None:
             check(self.seq_len >= self.tokens_per_image + 2, "seq_len", self.seq_len,
                   f"must be >= tokens_per_image + 2 = {self.tokens_per_image + 2} (a whole image block per row)")

@@ -94,14 +94,14 @@ def build_sequence(
         seq.input_ids.extend(ids)
         seq.modality.extend([int(modality)] * len(ids))
 
-    def image_block(piece: Any) -> None:
+    def image_block(*images: Any) -> None:  # several: tiles in one image run (Tiles.forced false)
         start = len(seq)
-        seq.images.append(piece)
+        seq.images.extend(images)
         extend([tokenizer.img_start_id], Modality.TEXT)
-        n = tokens_per_image(piece) if callable(tokens_per_image) else tokens_per_image
+        n = sum(tokens_per_image(im) if callable(tokens_per_image) else tokens_per_image for im in images)
         extend([tokenizer.image_id] * n, Modality.IMAGE)
         extend([tokenizer.img_end_id], Modality.TEXT)
-        seq.image_spans.append((start, len(seq)))
+        seq.image_spans.extend([(start, len(seq))] * len(images))  # one span per image: the block's
 
     if add_bos:
         extend([tokenizer.bos_id], Modality.TEXT)
@@ -113,6 +113,9 @@ def build_sequence(
                 seq.answer_spans.append((start, len(seq)))
         elif piece is None:
             raise TypeError(f"pieces[{i}] is None: expected text (str) or an image")
+        elif isinstance(piece, Tiles) and not piece.forced:  # thumbnail, then all tiles as one image run
+            image_block(piece.thumbnail)
+            image_block(*piece.tiles)
         elif isinstance(piece, Tiles):  # thumbnail, then the tiles row by row, a separator between rows
             image_block(piece.thumbnail)
             for r in range(piece.rows):

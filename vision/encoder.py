@@ -41,6 +41,10 @@ class VisionConfig:
     # Tiles (vision/sizes.py, tile_grid): an image larger than img_size becomes up to max_tiles img_size
     # tiles (the grid closest to its aspect ratio) after a global thumbnail; 0 = off. Backend timm.
     max_tiles: int = 0
+    # With tiles, is a tile edge a chunk boundary? forced: each tile its own image block (markers between
+    # tiles, a newline between tile rows: modality switches, so no concept spans two tiles); learned: the
+    # tiles follow each other in one image run and the chunk module decides (docs/design.md §7c, measured).
+    tile_boundaries: Literal["forced", "learned"] = "forced"
     drop_path_rate: float = 0.0
     # Weights: `pretrained: true` loads `checkpoint_path` (.safetensors/.pt/.pth), or with backend
     # transformers the folder's safetensors; never downloads.
@@ -64,6 +68,10 @@ class VisionConfig:
             check(self.max_tiles == 0, "max_tiles", self.max_tiles, "must be 0 with backend transformers (tiles need backend timm)")
             return
         check(self.max_tiles >= 0, "max_tiles", self.max_tiles, "must be >= 0 (0 = no tiles)")
+        check(self.tile_boundaries in ("forced", "learned"), "tile_boundaries", self.tile_boundaries,
+              "must be one of forced, learned")
+        check(self.tile_boundaries == "forced" or self.max_tiles, "tile_boundaries", self.tile_boundaries,
+              "learned needs max_tiles set (it lays out tiles)")
         if self.max_tiles:
             check(self.max_pixels is None, "max_tiles", self.max_tiles,
                   "and max_pixels are exclusive: tiles are img_size squares; set one of them")

@@ -98,11 +98,12 @@ class TileTransform:
     """PIL image -> `cmoe_base.Tiles` (vision.max_tiles): the thumbnail through the encoder's usual
     transform (the image as an untiled model sees it), and the image resized to rows × cols tiles of
     img_size (`vision.sizes.tile_grid`), each tile normalised with the encoder's mean/std. An image that
-    gets one tile stays a plain image (no thumbnail)."""
+    gets one tile stays a plain image (no thumbnail). `forced` (vision.tile_boundaries) picks the layout
+    (`cmoe_base.Tiles`)."""
 
     def __init__(self, base: Callable, tile: tuple[int, int], max_tiles: int, interpolation: str,
-                 mean: tuple[float, ...], std: tuple[float, ...]):
-        self.base, self.tile, self.max_tiles = base, tuple(tile), max_tiles
+                 mean: tuple[float, ...], std: tuple[float, ...], forced: bool = True):
+        self.base, self.tile, self.max_tiles, self.forced = base, tuple(tile), max_tiles, forced
         self.interpolation, self.mean, self.std = interpolation, tuple(mean), tuple(std)
 
     def __call__(self, image: Image.Image):
@@ -118,7 +119,7 @@ class TileTransform:
         big = F.normalize(F.to_tensor(image.resize((cols * tw, rows * th), Image.Resampling[self.interpolation.upper()])),
                           self.mean, self.std)  # (3, rows*th, cols*tw)
         tiles = big.unflatten(1, (rows, th)).unflatten(3, (cols, tw)).permute(1, 3, 0, 2, 4)  # (rows, cols, 3, th, tw)
-        return Tiles(self.base(image), list(tiles.flatten(0, 1).contiguous()), rows, cols)
+        return Tiles(self.base(image), list(tiles.flatten(0, 1).contiguous()), rows, cols, self.forced)
 
 
 def fit_transform(encoder: VisionEncoder, unit: tuple[int, int]) -> FitTransform:
@@ -141,7 +142,8 @@ def build_image_transform(encoder: VisionEncoder, train: bool,
     if encoder.cfg.max_tiles:
         cfg = data_config(encoder)
         base = create_transform(**cfg, is_training=False)
-        return TileTransform(base, encoder.img_size, encoder.cfg.max_tiles, cfg["interpolation"], cfg["mean"], cfg["std"])
+        return TileTransform(base, encoder.img_size, encoder.cfg.max_tiles, cfg["interpolation"], cfg["mean"], cfg["std"],
+                             encoder.cfg.tile_boundaries == "forced")
     if encoder.cfg.backend == "transformers":
         return tower_transform(encoder, train)
     cfg = data_config(encoder)

@@ -189,7 +189,7 @@ def image_processor_fields(encoder, unit: tuple[int, int] | None = None) -> dict
     from vision.transforms import data_config
     out = {k: list(v) if isinstance(v, tuple) else v for k, v in data_config(encoder).items() if k in TIMM_FIELDS}
     if encoder.cfg.max_tiles:
-        out["max_tiles"] = encoder.cfg.max_tiles
+        out.update(max_tiles=encoder.cfg.max_tiles, tile_boundaries=encoder.cfg.tile_boundaries)
     if encoder.cfg.variable_size:
         out.update(token_unit=list(unit), max_pixels=encoder.cfg.max_pixels,
                    min_pixels=encoder.cfg.min_pixels or unit[0] * unit[1])

@@ -8,7 +8,8 @@
 YAML (see cmoe_vlm/eval/tasks.py), a single <type>*.jsonl file, or `none`.
 Long-context probes (passkey, needle; cmoe_vlm/eval/long_context.py) run unless
 --no-long-context. Held-out compression per modality (eval threshold) is measured on
---compression-samples built-in held-out samples (0 = skip).
+--compression-samples built-in held-out samples (0 = skip; images of several sizes for a model with
+vision.max_pixels).
 
 Writes OUT/results.json (everything, per model), OUT/results.md (one column per model), and per
 model OUT/<name>/long_context/{long_context.json,.md,heatmap_*.png} and predictions.
@@ -35,10 +36,14 @@ def model_name(folder: str) -> str:
 
 
 def compression_on_builtin(runner: ModelRunner, n: int) -> dict[str, float]:
+    """Eval-threshold compression per modality on n built-in held-out samples, drawn at several sizes
+    for a model that takes images at their own size (`eval.adaptivity.heldout_sizes`)."""
+    from ..eval.adaptivity import heldout_sizes
     from ..inspection.analysis import analyse, summarise
     from ..inspection.samples import load_samples
 
-    summary = summarise(analyse(runner, load_samples(["builtin"], n)), runner.model.cfg.image_grid)
+    samples = load_samples(["builtin"], n, builtin_sizes=heldout_sizes(runner.model))
+    summary = summarise(analyse(runner, samples), runner.model.cfg.image_grid)
     return {m: summary["modalities"][m]["ratio"] for m in ("all", "text", "image")}
 
 

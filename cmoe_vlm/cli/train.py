@@ -6,7 +6,7 @@
 
 Overrides use dotted keys, e.g. `train.steps=50 model.chunk.target_ratio=3 data.batch_size=4`.
 `--builtin` first writes the built-in synthetic dataset to the paths named by data.shards and
-train.heldout_shards (when missing). Arguments are parsed before torch is imported, so `--help`
+train.heldout_shards (when missing), on the canvases data.builtin_sizes names (null: image_size squares). Arguments are parsed before torch is imported, so `--help`
 is instant.
 """
 from __future__ import annotations
@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
         from data_pipelines.builtin import write_builtin_dataset
         root = Path(exp.data.shards).parent
         if not all((root / split / "manifest.json").exists() for split in ("train", "heldout")):
-            write_builtin_dataset(root, image_size=exp.data.image_size)
+            write_builtin_dataset(root, image_size=exp.data.image_size, sizes=exp.data.builtin_sizes)
 
     from cmoe_vlm.checkpoints.export import NonFiniteWeightsError
     from cmoe_vlm.training.checkpoint import CheckpointError

@@ -19,7 +19,9 @@ measured: images with one chunk or with every token a boundary (`degenerate_frac
 spread of p inside each image (`within_image_p_std`; 0 = every token scored alike, so whole images
 flip between the two degenerate cases), the area under the ROC curve of p separating change from
 repeat tokens (threshold-free; 0.5 = blind), and the evaluation-time (p >= 0.5) compression ratio
-per modality pooled over all held-out documents the images came from.
+per modality pooled over all held-out documents the images came from. A model that takes images at
+their own size (vision.max_pixels) is measured on the built-in images of several sizes (`heldout_sizes`),
+each token grid its own.
 """
 from __future__ import annotations
 
@@ -89,11 +91,21 @@ class ImageRecord:
     kind: str             # "text" for a rendered word or number, "scene" for shapes
 
 
+def heldout_sizes(model) -> str | None:
+    """The built-in canvases held-out measurements draw for `model` (a ConceptMoEVLM): "mixed" when it
+    takes images at their own size (vision.max_pixels), else None: img_size squares (a square model
+    would resize every canvas to its square; a tiled one reads a large canvas as several image blocks)."""
+    return "mixed" if model.cfg.vision.variable_size else None
+
+
 def heldout_documents(num_images: int, image_size: int, seed: int = 0, text_chars: int = TEXT_CHARS,
-                      grounded: bool = GROUNDED, max_docs: int = 10_000) -> list[tuple[list[Any], list[Drawing]]]:
-    """Held-out built-in documents (pieces, drawings) in order until they hold >= num_images images."""
+                      grounded: bool = GROUNDED, max_docs: int = 10_000,
+                      sizes: str | None = None) -> list[tuple[list[Any], list[Drawing]]]:
+    """Held-out built-in documents (pieces, drawings) in order until they hold >= num_images images;
+    `sizes` as `builtin_documents`' (None: image_size squares)."""
     docs, n = [], 0
-    for sample, drawings in builtin_documents(max_docs, image_size, seed + HELDOUT_SEED_OFFSET, text_chars, grounded):
+    for sample, drawings in builtin_documents(max_docs, image_size, seed + HELDOUT_SEED_OFFSET, text_chars, grounded,
+                                              sizes):
         docs.append((decode_sample(sample), drawings))
         n += len(drawings)
         if n >= num_images:
@@ -111,10 +123,8 @@ def chunker_output(runner, seqs: list) -> tuple[np.ndarray, np.ndarray]:
 
 def chunk_documents(runner, docs: list[tuple[list[Any], list[Drawing]]],
                     batch_size: int = 8) -> tuple[list[ImageRecord], dict[str, list[int]]]:
-    """Run each document alone (eval mode: p >= 0.5 boundaries); returns the image records and the
-    pooled (tokens, boundaries) per modality."""
-    grid = runner.model.cfg.image_grid
-    P = grid[0] * grid[1]
+    """Run each document alone (eval mode: p >= 0.5 boundaries); returns the image records (each on
+    its image's own token grid) and the pooled (tokens, boundaries) per modality."""
     seqs, drawings = [], []
     for pieces, drawn in docs:
         seq = runner.sequence(pieces, add_eos=True)
@@ -135,8 +145,9 @@ def chunk_documents(runner, docs: list[tuple[list[Any], list[Drawing]]],
             for m in Modality:
                 pooled[m.label][0] += int((mod == m).sum())
                 pooled[m.label][1] += int(b[mod == m].sum())
-            for (start, _), drawing in zip(seq.image_spans, drawings[i + row]):
-                sl = slice(start + 1, start + 1 + P)  # after <img_start>
+            for image, (start, _), drawing in zip(seq.images, seq.image_spans, drawings[i + row]):
+                grid = runner.model.image_grid_of(image)
+                sl = slice(start + 1, start + 1 + grid[0] * grid[1])  # after <img_start>
                 images.append(ImageRecord(p[sl], b[sl].astype(bool), token_kinds(token_contents(drawing, grid)),
                                           "text" if drawing.objects[0].shape == "text" else "scene"))
     return images, pooled
@@ -164,12 +175,13 @@ def _image_figures(images: list[ImageRecord]) -> dict[str, Any]:
                        "mean_p": float(p[sel].mean()) if sel.any() else None}
     rc, rr = rates["change"]["boundary_rate"], rates["repeat"]["boundary_rate"]
     ratio = None if rc is None or not rr else rc / rr  # None: undefined (no repeat boundaries at all)
-    P = len(images[0].p)
+    P = np.array([len(r.p) for r in images])  # each image's tokens (its own grid)
     per_image = np.array([int(r.boundary.sum()) for r in images])
     p_std = np.array([float(r.p[1:].std()) for r in images])  # the first token is forced (p = 1)
+    ratios = P / np.maximum(per_image, 1)
     return {
         "images": len(images),
-        "tokens_per_image": P,
+        "tokens_per_image": float(P.mean()),
         "kinds": rates,
         "change_over_repeat": ratio,
         "change_beats_repeat_by_1.5": bool(rc is not None and rr is not None and (rc >= 1.5 * rr) and rc > 0),
@@ -179,17 +191,17 @@ def _image_figures(images: list[ImageRecord]) -> dict[str, Any]:
         "images_all_boundaries": int((per_image == P).sum()),
         "within_image_p_std": {"mean": float(p_std.mean()), "median": float(np.median(p_std)),
                                "fraction_below_0.01": float((p_std < 0.01).mean())},
-        "per_image_ratio": {"mean": float((P / np.maximum(per_image, 1)).mean()),
-                            "min": float(P / max(per_image.max(), 1)), "max": float(P / max(per_image.min(), 1))},
+        "per_image_ratio": {"mean": float(ratios.mean()), "min": float(ratios.min()), "max": float(ratios.max())},
     }
 
 
 def measure_adaptivity(runner, num_images: int = 64, seed: int = 0, text_chars: int = TEXT_CHARS,
                        grounded: bool = GROUNDED, batch_size: int = 8) -> dict[str, Any]:
     """Chunk >= `num_images` held-out built-in images (in their documents) and summarise. `seed`,
-    `text_chars`, `grounded` as the built-in data was written with."""
+    `text_chars`, `grounded` as the built-in data was written with; the canvases follow the model
+    (`heldout_sizes`)."""
     image_size = runner.model.vision.img_size[0]
-    docs = heldout_documents(num_images, image_size, seed, text_chars, grounded)
+    docs = heldout_documents(num_images, image_size, seed, text_chars, grounded, sizes=heldout_sizes(runner.model))
     images, pooled = chunk_documents(runner, docs, batch_size)
     report = summarise_adaptivity(images, pooled)
     report["documents"] = len(docs)

@@ -46,7 +46,7 @@ class ConceptMoEImageProcessor(BaseImageProcessor):
                  mean: list[float] | None = None, std: list[float] | None = None, crop_pct: float = 1.0,
                  crop_mode: str = "center", tower: dict[str, Any] | None = None,
                  token_unit: list[int] | None = None, min_pixels: int | None = None, max_pixels: int | None = None,
-                 max_tiles: int = 0, **kwargs: Any):
+                 max_tiles: int = 0, tile_boundaries: str = "forced", **kwargs: Any):
         super().__init__(**kwargs)
         self.tower = tower  # a transformers tower's processor settings (vision.hf_tower.processor_settings)
         self.input_size = list(input_size or (3, 64, 64))
@@ -55,6 +55,7 @@ class ConceptMoEImageProcessor(BaseImageProcessor):
         self.std = list(std or (0.5, 0.5, 0.5))
         self.token_unit, self.min_pixels, self.max_pixels = token_unit, min_pixels, max_pixels  # own sizes
         self.max_tiles = max_tiles  # tiles + thumbnail (vision.max_tiles): transform returns cmoe_base.Tiles
+        self.tile_boundaries = tile_boundaries  # vision.tile_boundaries: the tiles' layout
         self._transform = None
 
     @classmethod
@@ -78,7 +79,8 @@ class ConceptMoEImageProcessor(BaseImageProcessor):
             from vision.transforms import TileTransform
             cfg = {k: tuple(v) if isinstance(v, list) else v for k, v in ((k, getattr(self, k)) for k in TIMM_FIELDS)}
             self._transform = TileTransform(create_transform(**cfg, is_training=False), tuple(self.input_size[1:]),
-                                            self.max_tiles, self.interpolation, self.mean, self.std)
+                                            self.max_tiles, self.interpolation, self.mean, self.std,
+                                            self.tile_boundaries == "forced")
         if self._transform is None and self.tower is not None:
             from vision.transforms import settings_transform
             self._transform = settings_transform(self.tower)

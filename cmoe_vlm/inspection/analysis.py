@@ -35,6 +35,14 @@ class SampleChunks:
         """Image k's token grid (its own with vision.max_pixels), else `default` (the configured grid)."""
         return self.image_grids[k] if k < len(self.image_grids) else default
 
+    def image_starts(self, default: tuple[int, int]) -> np.ndarray:
+        """Position of each image's first token, counting the image positions off image by image (an
+        image run may hold several images: tiles with vision.tile_boundaries learned)."""
+        if not self.images:
+            return image_starts(self.modality)
+        sizes = [rows * cols for rows, cols in (self.grid(k, default) for k in range(len(self.images)))]
+        return np.flatnonzero(self.modality == Modality.IMAGE)[np.cumsum([0] + sizes[:-1])]
+
     @property
     def chunk_id(self) -> np.ndarray:
         """(T,) index of the chunk holding each token (the open tail gets the next index)."""
@@ -105,7 +113,7 @@ def image_records(samples: list[SampleChunks], grid: tuple[int, int]) -> list[di
     the configured grid, for images without their own (`SampleChunks.image_grids`)."""
     out = []
     for i, s in enumerate(samples):
-        for k, start in enumerate(image_starts(s.modality)):
+        for k, start in enumerate(s.image_starts(grid)):
             rows, cols = s.grid(k, grid)
             P = rows * cols
             n = int(s.boundary[start:start + P].sum())
@@ -192,7 +200,7 @@ def summarise(samples: list[SampleChunks], grid: tuple[int, int],
         img["images_all_boundaries"] = sum(r["degenerate"] == "all boundaries" for r in records)
         img["degenerate_fraction"] = (img["images_one_chunk"] + img["images_all_boundaries"]) / n
         with_pixels = [(s.image_diffs[k], s.boundary[st:st + len(s.image_diffs[k])])
-                       for s in samples for k, st in enumerate(image_starts(s.modality)) if k < len(s.image_diffs)]
+                       for s in samples for k, st in enumerate(s.image_starts(grid)) if k < len(s.image_diffs)]
         if with_pixels:
             img["content"] = change_repeat_rates([d for d, _ in with_pixels], [b for _, b in with_pixels], tolerance)
         img["per_image"] = records

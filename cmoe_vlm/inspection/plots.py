@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from .analysis import SampleChunks, image_starts
+from .analysis import SampleChunks
 from .image_content import REPEAT_TOLERANCE, SUBCELLS, model_pixels
 
 DISCRETE_MAX = 12   # at most this many distinct values: a bar per value, not a histogram
@@ -60,7 +60,7 @@ def image_chunk_map(s: SampleChunks, image_index: int, grid: tuple[int, int], me
 
     rows, cols = s.grid(image_index, grid)  # the image's own grid (vision.max_pixels), else `grid`
     P = rows * cols
-    start = int(image_starts(s.modality)[image_index])
+    start = int(s.image_starts(grid)[image_index])
     cid = s.chunk_id[start:start + P].reshape(rows, cols)
     bnd = s.boundary[start:start + P].reshape(rows, cols)
     pgrid = s.p[start:start + P].reshape(rows, cols)

@@ -42,8 +42,9 @@ def _jsonl_pieces(path: Path) -> list[list[Any]]:
     return out
 
 
-def load_samples(specs: list[str], limit: int) -> list[list[Any]]:
-    """Documents (lists of text pieces and PIL images) from shards, `builtin` or files."""
+def load_samples(specs: list[str], limit: int, builtin_sizes: str | None = None) -> list[list[Any]]:
+    """Documents (lists of text pieces and PIL images) from shards, `builtin` (held-out, drawn on the
+    canvases `builtin_sizes` names: `python -m data_pipelines.builtin --sizes`) or files."""
     from data_pipelines.images import open_image
     from data_pipelines.loader import list_shards, read_tar
     from data_pipelines.shards import decode_sample
@@ -53,7 +54,7 @@ def load_samples(specs: list[str], limit: int) -> list[list[Any]]:
         path = Path(spec)
         if spec == "builtin":
             from data_pipelines.builtin import HELDOUT_SEED_OFFSET, builtin_samples
-            docs += [decode_sample(s) for s in builtin_samples(limit, seed=HELDOUT_SEED_OFFSET)]
+            docs += [decode_sample(s) for s in builtin_samples(limit, seed=HELDOUT_SEED_OFFSET, sizes=builtin_sizes)]
         elif path.suffix.lower() in IMAGE_SUFFIXES and path.exists():
             docs.append([open_image(path)])
         elif path.is_file() and path.suffix.lower() == ".txt":

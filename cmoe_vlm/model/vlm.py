@@ -78,13 +78,16 @@ def image_run_index(modality: torch.Tensor) -> torch.Tensor:
     return torch.where(is_img, idx - run_start, -1)
 
 
-def above_patch_index(modality: torch.Tensor, grid_cols: int | torch.Tensor) -> torch.Tensor:
+def above_patch_index(modality: torch.Tensor, grid_cols: int | torch.Tensor, per_image: int | None = None) -> torch.Tensor:
     """(B, T) -> position of the image token directly above each image token, −1 if none (top row,
     or text). Used by 2D image chunking; always an earlier position, so chunking stays causal.
 
     grid_cols: one width for every image, or (N,) int64 each image's own, images in row-major order
-    of their positions (images at their own size)."""
+    of their positions (images at their own size). per_image (with one width): the tokens of one image,
+    when an image run may hold several images back to back (tiles, vision.tile_boundaries: learned)."""
     k = image_run_index(modality)
+    if per_image is not None:
+        k = torch.where(k >= 0, k % per_image, k)
     idx = torch.arange(modality.shape[1], device=modality.device).expand_as(k)
     if isinstance(grid_cols, torch.Tensor):
         if grid_cols.numel() == 0:  # no images
@@ -200,7 +203,7 @@ class ConceptMoEVLM(nn.Module):
         if self.cfg.model.chunk.image_chunking != "2d":
             return None
         if not self.cfg.vision.variable_size:
-            return above_patch_index(batch.modality, self.cfg.image_grid[1])
+            return above_patch_index(batch.modality, self.cfg.image_grid[1], self.cfg.tokens_per_image)
         cols = torch.tensor([c for _, c in self.image_grids(batch)], dtype=torch.long)
         return above_patch_index(batch.modality, cols)
 

@@ -308,11 +308,11 @@ def test_inspection_draws_each_image_on_its_own_grid(model, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- tiles
-def tiled_config(max_tiles: int = 4) -> VLMConfig:
+def tiled_config(max_tiles: int = 4, tile_boundaries: str = "forced") -> VLMConfig:
     cfg = sized_config()
     return VLMConfig(model=cfg.model, projector=ProjectorConfig(reduction=2, center=True),
                      vision=VisionConfig(img_size=32, patch_size=8, embed_dim=48, depth=1, num_heads=3,
-                                         crop_pct=1.0, max_tiles=max_tiles))
+                                         crop_pct=1.0, max_tiles=max_tiles, tile_boundaries=tile_boundaries))
 
 
 def test_tile_grid_follows_the_aspect_ratio():
@@ -357,6 +357,49 @@ def test_tiles_layout_forced_boundaries_and_cached_decoding():
         pre = m.extend(Batch.of(ids[:, :split], modality=mod[:, :split], images=images[:3]), state).logits
         rest = m.extend(Batch.of(ids[:, split:], modality=mod[:, split:], images=images[3:]), state).logits
     torch.testing.assert_close(torch.cat([pre, rest], 1), out.logits, atol=1e-4, rtol=1e-4)
+
+
+def test_learned_tile_boundaries_one_image_run():
+    """vision.tile_boundaries: learned: the tiles are one image run (no marker, no separator), so only the
+    run's end is forced; 2D neighbours stay inside each tile; split decoding equals the full forward."""
+    from cmoe_vlm.model.chunk import forced_boundaries
+    from cmoe_vlm.model.vlm import above_patch_index
+
+    with pytest.raises(ConfigError, match="tile_boundaries.*forced, learned"):
+        VisionConfig(img_size=32, patch_size=8, max_tiles=4, tile_boundaries="soft")
+    with pytest.raises(ConfigError, match="tile_boundaries.*max_tiles"):
+        VisionConfig(img_size=32, patch_size=8, tile_boundaries="learned")
+    torch.manual_seed(0)
+    m = ConceptMoEVLM(tiled_config(tile_boundaries="learned")).eval()
+    big = Image.new("RGB", (64, 64), (200, 30, 30))
+    big.paste((10, 10, 200), (0, 0, 32, 20))
+    seq = build_sequence(["see ", m.image_transform(train=False)(big), " done"], TOK, m.sequence_tokens_per_image(),
+                         add_eos=False)
+    assert len(seq.images) == 5 and len(set(seq.image_spans)) == 2  # thumbnail block, one block of 4 tiles
+    (_, thumb_end), (tiles_start, tiles_end) = seq.image_spans[0], seq.image_spans[1]
+    assert seq.modality[tiles_start + 1:tiles_end - 1] == [int(Modality.IMAGE)] * 16
+    ids, mod = torch.tensor([seq.input_ids]), torch.tensor([seq.modality])
+    forced = forced_boundaries(torch.zeros_like(ids, dtype=torch.bool), mod)[0]
+    tile_ends = [tiles_start + 4 * k for k in range(1, 5)]  # each tile's last image token
+    assert forced[tile_ends].tolist() == [False, False, False, True]  # only the run's end
+    above = above_patch_index(mod, 2, 4)[0, tiles_start + 1:tiles_end - 1]
+    assert above.view(4, 4)[:, :2].eq(-1).all()  # each tile's top row: none above, whatever came before
+    assert (above.view(4, 4)[:, 2:] - torch.arange(tiles_start + 1, tiles_end - 1).view(4, 4)[:, 2:]).eq(-2).all()
+    images = torch.stack(seq.images)
+    with torch.no_grad():
+        out = m(Batch.of(ids, modality=mod, images=images))
+        state = m.new_state(1)
+        pre = m.extend(Batch.of(ids[:, :thumb_end], modality=mod[:, :thumb_end], images=images[:1]), state).logits
+        rest = m.extend(Batch.of(ids[:, thumb_end:], modality=mod[:, thumb_end:], images=images[1:]), state).logits
+    torch.testing.assert_close(torch.cat([pre, rest], 1), out.logits, atol=1e-4, rtol=1e-4)
+    from cmoe_vlm.inference.runner import ModelRunner
+    from cmoe_vlm.inspection.analysis import analyse
+    inspected, = analyse(ModelRunner(m, TOK), [["see ", big, " done"]])  # each tile's chunk map from its own tokens
+    assert inspected.image_starts(m.cfg.image_grid).tolist() == [seq.image_spans[0][0] + 1] + [tiles_start + 1 + 4 * k
+                                                                                                for k in range(4)]
+    pytest.importorskip("transformers")
+    from cmoe_vlm.hf.processing import ConceptMoEImageProcessor
+    assert ConceptMoEImageProcessor.for_encoder(m.vision).transform(big).forced is False  # the export's layout
 
 
 def test_transformers_processor_lays_out_tiles_as_training(bpe_tokenizer_folder, tmp_path):
@@ -444,3 +487,31 @@ def test_bench_image_content_smoke(model, tmp_path, monkeypatch):
     bench.main()
     res = json.loads(out.read_text())["results"]
     assert res["flat@48"]["tokens"] == 9 and 1 <= res["busy@48"]["concepts_mean"] <= 9
+
+
+def test_bench_tile_boundaries_counts_concepts_and_straddled_edges():
+    """bench/bench_tile_boundaries.py's measurement on untrained tiled models: every tile edge a boundary
+    when forced; with learned edges the same images, tiles and grids, edges free to be straddled."""
+    import importlib.util
+    from pathlib import Path
+
+    from cmoe_vlm.inference.runner import ModelRunner
+
+    root = Path(__file__).resolve().parents[2]
+    spec = importlib.util.spec_from_file_location("bench_tile_boundaries", root / "bench/bench_tile_boundaries.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    docs = [["a ", Image.new("RGB", (64, 64), (200, 30, 30)), " b ", Image.new("RGB", (32, 32))],
+            [Image.new("RGB", (128, 32), (20, 30, 200)), " c"]]
+    found = {}
+    for mode in ("forced", "learned"):
+        torch.manual_seed(0)
+        found[mode] = bench.tile_records(ModelRunner(ConceptMoEVLM(tiled_config(tile_boundaries=mode)).eval(), TOK),
+                                         docs, batch_size=1)
+    assert [r["grid"] for r in found["forced"]] == [r["grid"] for r in found["learned"]] == [[2, 2], [1, 4]]
+    assert [r["edges"] for r in found["learned"]] == [3, 3] and [r["tile_tokens"] for r in found["learned"]] == [16, 16]
+    assert all(r["edges_straddled"] == 0 for r in found["forced"])
+    for r in found["forced"] + found["learned"]:
+        assert r["edges"] - r["edges_straddled"] <= r["tile_concepts"] <= r["tile_tokens"]
+    summary = bench.summarise(found["learned"])
+    assert summary["images"] == 2 and summary["by_grid"]["2x2"]["edges"] == 3

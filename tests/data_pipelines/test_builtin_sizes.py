@@ -181,3 +181,21 @@ def test_tiny_sizes_config_streams_the_mixed_data_at_its_own_size(tmp_path):
     with torch.no_grad():
         model(batches[0])
     assert batches[0].image_tokens == sum(r * c for r, c in model.image_grids(batches[0]))
+
+
+def test_cmoe_train_builtin_writes_the_sizes_the_config_names(tmp_path, monkeypatch, capsys):
+    """`cmoe-train configs/tiny_sizes.yaml --builtin` writes mixed-size data (data.builtin_sizes), tiny.yaml
+    the default squares; a bad data.builtin_sizes is one line naming the field."""
+    import data_pipelines.builtin
+    import cmoe_vlm.training.loop
+    from cmoe_vlm.cli.train import main as train_main
+
+    written = []
+    monkeypatch.setattr(data_pipelines.builtin, "write_builtin_dataset",
+                        lambda root, image_size, sizes: written.append((root, image_size, sizes)))
+    monkeypatch.setattr(cmoe_vlm.training.loop, "train", lambda exp: {})
+    for config, sizes in (("configs/tiny_sizes.yaml", "mixed"), ("configs/tiny.yaml", None)):
+        assert train_main([config, "--builtin", f"data.shards={tmp_path / config}/train"]) == 0
+        assert written.pop() == (tmp_path / config, 64, sizes)
+    assert train_main(["configs/tiny_sizes.yaml", "--builtin", "data.builtin_sizes=7x", f"data.shards={tmp_path}/x"]) == 2
+    assert "data.builtin_sizes = '7x'" in capsys.readouterr().err and not written

@@ -11,7 +11,8 @@ import torch
 from PIL import Image
 
 from cmoe_vlm.eval.adaptivity import (CHANGE, REPEAT, SAME, ImageRecord, chunk_documents, heldout_documents,
-                                      measure_adaptivity, roc_auc, summarise_adaptivity, token_contents, token_kinds)
+                                      heldout_sizes, measure_adaptivity, roc_auc, summarise_adaptivity,
+                                      token_contents, token_kinds)
 from cmoe_vlm.inference.runner import ModelRunner
 from cmoe_vlm.training.config import load_experiment
 from cmoe_vlm.model.vlm import ConceptMoEVLM
@@ -103,6 +104,30 @@ def test_measurement_on_a_model_agrees_with_its_own_statistics(random_runner):
     assert rep["images"] >= 12 and rep["tokens_per_image"] == 16
     assert sum(rep["kinds"][k]["tokens"] for k in ("change", "repeat", "same")) == rep["images"] * 15
     json.dumps(rep)  # plain JSON, no NaN or tensors
+
+
+def test_a_model_at_its_own_size_is_measured_on_images_of_several_sizes(random_runner):
+    """Adaptivity and cmoe-eval's held-out compression draw the built-in sizes for a model with
+    vision.max_pixels (each image on its own grid), squares for a square model."""
+    from cmoe_vlm.cli.eval import compression_on_builtin
+    from cmoe_vlm.inspection.samples import load_samples
+
+    small = ["model.dim=32", "model.moe.expert_hidden=32", "model.encoder_layers=1", "model.concept_layers=1",
+             "model.decoder_layers=1", "vision.depth=1"]
+    torch.manual_seed(0)
+    runner = ModelRunner(ConceptMoEVLM(load_experiment(ROOT / "configs/tiny_sizes.yaml", small).vlm), ByteTokenizer())
+    assert heldout_sizes(runner.model) == "mixed" and heldout_sizes(random_runner.model) is None
+    rep = measure_adaptivity(runner, num_images=12, text_chars=400)
+    docs = heldout_documents(12, 64, text_chars=400, sizes="mixed")
+    grids = [runner.model.image_grid_of(runner.transform(im)) for pieces, _ in docs for im in pieces
+             if isinstance(im, Image.Image)]
+    assert len(set(grids)) >= 3 and rep["images"] == len(grids)  # several sizes, each image its own grid
+    assert sum(rep["kinds"][k]["tokens"] for k in ("change", "repeat", "same")) == sum(r * c - 1 for r, c in grids)
+    assert rep["tokens_per_image"] == pytest.approx(np.mean([r * c for r, c in grids]))
+    sizes = {im.size for doc in load_samples(["builtin"], 12, builtin_sizes="mixed") for im in doc
+             if isinstance(im, Image.Image)}
+    assert len(sizes) >= 3
+    assert set(compression_on_builtin(runner, 4)) == {"all", "text", "image"}
 
 
 @pytest.mark.slow
