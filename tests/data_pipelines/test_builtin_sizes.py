@@ -187,6 +187,7 @@ def test_cmoe_train_builtin_writes_the_sizes_the_config_names(tmp_path, monkeypa
     """`cmoe-train configs/tiny_sizes.yaml --builtin` writes mixed-size data (data.builtin_sizes), tiny.yaml
     the default squares; a bad data.builtin_sizes is one line naming the field."""
     import data_pipelines.builtin
+    import cmoe_vlm.training.engine
     import cmoe_vlm.training.loop
     from cmoe_vlm.cli.train import main as train_main
 
@@ -194,6 +195,9 @@ def test_cmoe_train_builtin_writes_the_sizes_the_config_names(tmp_path, monkeypa
     monkeypatch.setattr(data_pipelines.builtin, "write_builtin_dataset",
                         lambda root, image_size, sizes: written.append((root, image_size, sizes)))
     monkeypatch.setattr(cmoe_vlm.training.loop, "train", lambda exp: {})
+    # no training, so no teardown: destroying this pytest process's process group would leave DeepSpeed's
+    # cached groups stale for every later in-process training test
+    monkeypatch.setattr(cmoe_vlm.training.engine, "shutdown_distributed", lambda: None)
     for config, sizes in (("configs/tiny_sizes.yaml", "mixed"), ("configs/tiny.yaml", None)):
         assert train_main([config, "--builtin", f"data.shards={tmp_path / config}/train"]) == 0
         assert written.pop() == (tmp_path / config, 64, sizes)
