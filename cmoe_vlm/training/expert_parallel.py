@@ -132,7 +132,7 @@ class DeepSpeedMoE(nn.Module):
         group = self.layer.deepspeed_moe.ep_group
         P, L = self.ep_size, self.num_local
         recv_PL = exchange(tokens_per_expert, [L] * P, [L] * P, group).view(P, L)  # from rank p, for my expert l
-        send, recv = tokens_per_expert.view(P, L).sum(1).tolist(), recv_PL.sum(1).tolist()  # one host read
+        send, recv = torch.stack([tokens_per_expert.view(P, L).sum(1), recv_PL.sum(1)]).tolist()  # one host read
         x_RD = AllToAll.apply(x_MD, send, recv, group)  # R rows: by source rank, then by local expert
         # Regroup by local expert (stable: source rank order kept inside each expert), run, restore.
         local_R = torch.arange(L).repeat(P).repeat_interleave(recv_PL.reshape(-1))
